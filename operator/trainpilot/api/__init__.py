@@ -1,0 +1,1 @@
+"""API layer: pydantic models and the public contract. Imports nothing heavier than pydantic."""

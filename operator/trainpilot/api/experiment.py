@@ -1,0 +1,445 @@
+"""AgentExperiment: the spec a user writes and the status the operator reports.
+
+These models are the single source of truth: the CRD's OpenAPI schema is generated from them
+(`trainpilot crds`), the operator and the local runner validate with them, and their field
+descriptions are what `kubectl explain aexp.spec` shows. Wire names are camelCase.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from trainpilot.api.trial import Hyperparameters, describe_validation_error, tunable_hyperparameters
+
+Action = Literal["launch", "terminate", "mutate", "scale", "complete"]
+ALL_ACTIONS: tuple[Action, ...] = ("launch", "terminate", "mutate", "scale", "complete")
+DEFAULT_IMAGE = "trainpilot/trainer:0.1.0"
+# Names become Job, Service and pod hostnames: `<experiment>-t<NNN>-<index>` must stay a DNS label.
+MAX_EXPERIMENT_NAME = 40
+
+
+class CamelModel(BaseModel):
+    """Base for wire models: camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=False,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The camelCase dict as stored in Kubernetes, without unset optional fields."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+
+class Objective(CamelModel):
+    metric: str = Field(
+        "val_loss",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Trainer metric to optimise; `val_loss` reads trainpilot_val_loss.",
+    )
+    direction: Literal["minimize", "maximize"] = Field("minimize", description="minimize or maximize.")
+    goal: float | None = Field(None, description="Stop with success once a trial reaches this value.")
+
+    def better(self, a: float, b: float) -> bool:
+        """True when a is strictly better than b in this objective's direction."""
+        return a < b if self.direction == "minimize" else a > b
+
+    def reached(self, value: float) -> bool:
+        if self.goal is None:
+            return False
+        return value <= self.goal if self.direction == "minimize" else value >= self.goal
+
+
+class SearchParameter(CamelModel):
+    """One dimension the agent may move: a numeric range (min/max, optionally log) or a list of values."""
+
+    name: str = Field(description="A hyperparameter name, e.g. lr, weight_decay, micro_batch.")
+    min: float | None = Field(None, description="Lower bound (inclusive) of a range.")
+    max: float | None = Field(None, description="Upper bound (inclusive) of a range.")
+    log: bool = Field(False, description="Sample the range on a log scale (needs min > 0).")
+    values: list[float] | None = Field(None, min_length=1, max_length=64, description="Allowed values.")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "SearchParameter":
+        if self.values is not None:
+            if self.min is not None or self.max is not None:
+                raise ValueError(f"searchSpace[{self.name}]: give either values or min/max, not both")
+            return self
+        if self.min is None or self.max is None:
+            raise ValueError(f"searchSpace[{self.name}]: a range needs both min and max (or give values)")
+        if not self.min < self.max:
+            raise ValueError(f"searchSpace[{self.name}]: min ({self.min}) must be below max ({self.max})")
+        if self.log and self.min <= 0:
+            raise ValueError(f"searchSpace[{self.name}]: log scale needs min > 0 (got {self.min})")
+        return self
+
+    @property
+    def is_integer(self) -> bool:
+        return tunable_hyperparameters().get(self.name) is int
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.values is not None:
+            return any(math.isclose(value, allowed, rel_tol=1e-9, abs_tol=1e-12) for allowed in self.values)
+        assert self.min is not None and self.max is not None
+        tolerance = 1e-9 * max(abs(self.min), abs(self.max), 1.0)
+        return self.min - tolerance <= value <= self.max + tolerance
+
+    def clamp(self, value: float) -> float:
+        """The nearest allowed value: used when a rule (say, lr x 0.1) would step outside."""
+        if self.values is not None:
+            return min(self.values, key=lambda allowed: abs(allowed - value))
+        assert self.min is not None and self.max is not None
+        return min(max(value, self.min), self.max)
+
+    def describe(self) -> str:
+        if self.values is not None:
+            return f"one of {self.values}"
+        return f"in [{self.min}, {self.max}]" + (" (log)" if self.log else "")
+
+
+class CheckpointVolume(CamelModel):
+    claim_name: str = Field(description="A PersistentVolumeClaim for checkpoints (ReadWriteMany for several nodes).")
+    mount_path: str = Field("/checkpoints", description="Where the claim is mounted in trial pods.")
+
+
+class TrialTemplate(CamelModel):
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer image (ignored by `trainpilot run`).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    command: list[str] = Field(
+        default_factory=lambda: ["python", "-m", "trainpilot_trainer"],
+        min_length=1,
+        description="Trainer entry point; torchrun wraps it when a trial has several processes.",
+    )
+    nodes: int = Field(1, ge=1, le=64, description="Pods per trial (Indexed Job completions).")
+    gpus_per_node: int = Field(
+        0, ge=0, le=16, alias="gpusPerNode", description="nvidia.com/gpu per pod; 0 runs on CPU."
+    )
+    processes_per_node: int | None = Field(
+        None, ge=1, le=64, description="Training processes per pod (default: gpusPerNode, or 1 on CPU)."
+    )
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Pod resources: {requests: {...}, limits: {...}}."
+    )
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fixed trainer settings shared by every trial (model shape, dataset, max_steps, ...).",
+    )
+    checkpoints: CheckpointVolume | None = Field(None, description="Checkpoint volume; without it, no resume.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for trial pods.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    service_account_name: str | None = None
+
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        unknown = set(value) - {"requests", "limits"}
+        if unknown:
+            raise ValueError(f"only requests and limits are allowed, not {sorted(unknown)}")
+        return value
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _check_hyperparameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            Hyperparameters.model_validate(value)
+        except ValidationError as error:
+            raise ValueError(describe_validation_error(error)) from None
+        return value
+
+    @property
+    def processes(self) -> int:
+        if self.processes_per_node is not None:
+            return self.processes_per_node
+        return max(self.gpus_per_node, 1)
+
+
+class Budget(CamelModel):
+    max_trials: int = Field(8, ge=1, le=500, description="Trials to launch at most, relaunches included.")
+    parallel_trials: int = Field(2, ge=1, le=64, description="Trials running at once at most.")
+    max_failed_trials: int = Field(3, ge=0, le=500, description="Crashed trials tolerated before failing.")
+    max_gpu_hours: float | None = Field(None, gt=0, description="GPU-hours to spend at most (nodes x GPUs x hours).")
+
+
+class HeuristicSettings(CamelModel):
+    """Thresholds of the built-in policy; every rule is named here, none is hidden in code."""
+
+    divergence_lr_factor: float = Field(0.1, gt=0, lt=1, description="lr multiplier for a relaunch after divergence.")
+    spike_factor: float = Field(3.0, gt=1, description="Terminate when smoothed loss exceeds this x its best.")
+    smoothing: float = Field(0.5, gt=0, le=1, description="EMA weight of the newest loss in spike detection.")
+    oscillation_window: int = Field(6, ge=3, le=50, description="Recent validation points checked for oscillation.")
+    oscillation_reversals: int = Field(4, ge=2, le=49, description="Direction changes in the window that count as oscillating.")
+    oscillation_min_amplitude: float = Field(0.05, ge=0, description="Relative swing below which reversals are noise.")
+    rungs: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5],
+        max_length=8,
+        description="ASHA rungs as fractions of max_steps where losing trials are stopped.",
+    )
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA eta: keep the best 1/eta at each rung.")
+    min_peers_at_rung: int = Field(2, ge=1, description="Trials needed at a rung before anyone is stopped there.")
+    max_relaunches: int = Field(2, ge=0, le=10, description="Relaunches of one lineage after divergence.")
+    seed: int = Field(0, ge=0, description="Seeds the Optuna TPE sampler.")
+    startup_trials: int = Field(4, ge=1, le=100, description="Random suggestions before TPE models the space.")
+
+    @field_validator("rungs")
+    @classmethod
+    def _check_rungs(cls, value: list[float]) -> list[float]:
+        if any(not 0 < fraction < 1 for fraction in value):
+            raise ValueError("each rung is a fraction of max_steps strictly between 0 and 1")
+        if value != sorted(set(value)):
+            raise ValueError("rungs must be strictly increasing")
+        return value
+
+
+class PolicySpec(CamelModel):
+    type: Literal["heuristic", "claude"] = Field("heuristic", description="heuristic (no LLM) or claude.")
+    interval_seconds: int = Field(30, ge=1, le=86_400, description="Seconds between decision cycles.")
+    allowed_actions: list[Action] = Field(
+        default_factory=lambda: list(ALL_ACTIONS),
+        description="Actions the policy may take; anything else is rejected and recorded.",
+    )
+    heuristic: HeuristicSettings = Field(default_factory=HeuristicSettings)
+
+
+class MetricsEndpoint(CamelModel):
+    port: int = Field(9400, ge=1, le=65535, description="Port the trainer serves /metrics on.")
+    path: str = Field("/metrics", pattern=r"^/", description="Path of the metrics endpoint.")
+    scrape_timeout_seconds: float = Field(2.0, gt=0, le=30, description="Give up on a slow scrape after this.")
+
+
+class AgentExperimentSpec(CamelModel):
+    objective: Objective = Field(default_factory=Objective)
+    search_space: list[SearchParameter] = Field(min_length=1, max_length=32, description="Where the agent may move.")
+    initial_trials: list[dict[str, float]] = Field(
+        default_factory=list, max_length=64, description="Hyperparameters to try first, like a researcher would."
+    )
+    trial_template: TrialTemplate = Field(default_factory=TrialTemplate)
+    budget: Budget = Field(default_factory=Budget)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    metrics: MetricsEndpoint = Field(default_factory=MetricsEndpoint)
+    suspend: bool = Field(False, description="Pause: running trials stop, nothing new starts, until false.")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "AgentExperimentSpec":
+        tunable = tunable_hyperparameters()
+        names = [parameter.name for parameter in self.search_space]
+        for parameter in self.search_space:
+            if parameter.name not in tunable:
+                raise ValueError(
+                    f"searchSpace: unknown hyperparameter {parameter.name!r}; tunable ones are "
+                    + ", ".join(sorted(tunable))
+                )
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"searchSpace: {duplicates} listed more than once")
+        if self.budget.parallel_trials > self.budget.max_trials:
+            raise ValueError(
+                f"budget.parallelTrials ({self.budget.parallel_trials}) must not exceed "
+                f"budget.maxTrials ({self.budget.max_trials})"
+            )
+        space = {parameter.name: parameter for parameter in self.search_space}
+        for index, trial in enumerate(self.initial_trials):
+            for name, value in trial.items():
+                if name not in space:
+                    raise ValueError(
+                        f"initialTrials[{index}].{name}: not in searchSpace; add it there or drop it here"
+                    )
+                if not space[name].contains(value):
+                    raise ValueError(
+                        f"initialTrials[{index}].{name}: {value} is outside the search space "
+                        f"({space[name].describe()})"
+                    )
+        fixed = set(self.trial_template.hyperparameters) & set(space)
+        if fixed:
+            raise ValueError(
+                f"trialTemplate.hyperparameters fixes {sorted(fixed)}, which searchSpace also moves; keep one"
+            )
+        # Every combination must make a valid trainer config; check the template with the space's corners.
+        try:
+            Hyperparameters.model_validate(
+                {**self.trial_template.hyperparameters, **self.corner(low=True)}
+            )
+        except ValidationError as error:
+            raise ValueError(
+                "trialTemplate.hyperparameters with the search space's lower corner: "
+                + describe_validation_error(error)
+            ) from None
+        return self
+
+    def corner(self, low: bool) -> dict[str, float]:
+        point: dict[str, float] = {}
+        for parameter in self.search_space:
+            if parameter.values is not None:
+                value = min(parameter.values) if low else max(parameter.values)
+            else:
+                value = parameter.min if low else parameter.max  # type: ignore[assignment]
+            point[parameter.name] = int(value) if parameter.is_integer else value
+        return point
+
+    def parameter(self, name: str) -> SearchParameter | None:
+        return next((parameter for parameter in self.search_space if parameter.name == name), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Status
+# --------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed", "Invalid"]
+TrialState = Literal["Pending", "Running", "Succeeded", "Failed", "Diverged", "Terminated"]
+FINISHED_TRIAL_STATES: frozenset[str] = frozenset({"Succeeded", "Failed", "Diverged", "Terminated"})
+MAX_STATUS_DECISIONS = 20
+MAX_TRIAL_HISTORY = 12
+
+
+class Condition(CamelModel):
+    """metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class TrialStatus(CamelModel):
+    name: str
+    index: int = Field(ge=0, description="Launch order, from 0.")
+    hyperparameters: dict[str, float] = Field(default_factory=dict, description="The searched values.")
+    state: TrialState = "Pending"
+    decision: str = Field("", description="Id of the decision that launched it.")
+    parent: str | None = Field(None, description="Trial it was derived from (mutate, scale, relaunch).")
+    generation: int = Field(0, ge=0, description="Lineage depth: 0 for a fresh trial.")
+    resumed_from_step: int | None = None
+    nodes: int = 1
+    gpus_per_node: int = Field(0, alias="gpusPerNode")
+    step: int = 0
+    max_steps: int | None = None
+    train_loss: float | None = None
+    objective: float | None = Field(None, description="Latest objective value.")
+    best_objective: float | None = None
+    checkpoint_step: int | None = None
+    nonfinite_losses: int = 0
+    control_generation: int = 0
+    loss_floor: float | None = None
+    history: list[list[float]] = Field(
+        default_factory=list, description="Recent [step, objective] points, bounded."
+    )
+    rung_objectives: dict[str, float] = Field(
+        default_factory=dict, description="Objective when each ASHA rung step was passed."
+    )
+    best_train_loss: float | None = None
+    smoothed_train_loss: float | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    gpu_seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_TRIAL_STATES
+
+
+class BestTrial(CamelModel):
+    name: str
+    objective: float
+    step: int = 0
+    hyperparameters: dict[str, float] = Field(default_factory=dict)
+
+
+class DecisionSummary(CamelModel):
+    id: str
+    action: str
+    trial: str | None = None
+    policy: str
+    outcome: Literal["executed", "rejected", "pending-approval"]
+    reason: str
+    time: str
+
+
+class AgentExperimentStatus(CamelModel):
+    phase: Phase = "Pending"
+    message: str = ""
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    trials: list[TrialStatus] = Field(default_factory=list)
+    best_trial: BestTrial | None = None
+    trials_launched: int = 0
+    trials_running: int = 0
+    trials_succeeded: int = 0
+    trials_failed: int = 0
+    trials_terminated: int = 0
+    trials_summary: str = Field("0/0", description="done/total, for kubectl's printer column.")
+    best_objective: float | None = Field(None, description="bestTrial.objective, for kubectl's printer column.")
+    gpu_hours_used: float = 0.0
+    decisions: list[DecisionSummary] = Field(default_factory=list)
+    decisions_made: int = Field(0, description="Decisions recorded so far; the next id's sequence number.")
+    last_cycle_time: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+    def trial(self, name: str) -> TrialStatus | None:
+        return next((trial for trial in self.trials if trial.name == name), None)
+
+    @property
+    def active_trials(self) -> list[TrialStatus]:
+        return [trial for trial in self.trials if not trial.finished]
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+class AgentExperiment(CamelModel):
+    """The whole object, as read from a YAML file or the API server."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    api_version: str = "trainpilot.dev/v1alpha1"
+    kind: Literal["AgentExperiment"] = "AgentExperiment"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: AgentExperimentSpec
+    status: AgentExperimentStatus = Field(default_factory=AgentExperimentStatus)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace", "default"))
+
+
+def parse_spec(spec: dict[str, Any]) -> AgentExperimentSpec:
+    """Validate a raw spec; ValueError carries one line per problem, each naming its field."""
+    try:
+        return AgentExperimentSpec.model_validate(spec)
+    except ValidationError as error:
+        raise ValueError(describe_validation_error(error, prefix="spec")) from None
+
+
+def check_experiment_name(name: str) -> None:
+    if not name or len(name) > MAX_EXPERIMENT_NAME:
+        raise ValueError(
+            f"metadata.name: {name!r} must be 1-{MAX_EXPERIMENT_NAME} characters so trial pod "
+            "hostnames stay valid DNS labels; choose a shorter name"
+        )

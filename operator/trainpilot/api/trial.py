@@ -1,0 +1,181 @@
+"""The trial config: what one training run is told to do.
+
+The operator (or the local runtime) writes it as JSON; the trainer reads and validates it with
+this very model, so both sides agree on every field, default and limit.
+
+`Hyperparameters` is deliberately flat: model shape, data, optimisation and run length are all
+knobs an experiment may fix in its trialTemplate or let the agent search over, and a flat
+namespace is what users write (`{lr: 0.1, n_layer: 4}`) and what a search space names.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Dataset = Literal["synthetic", "text", "tokens"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+TextLevel = Literal["byte", "char"]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+class Hyperparameters(BaseModel):
+    """Every knob of a trial. Unknown names are rejected, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Model: a GPT-style decoder.
+    n_layer: PositiveInt = Field(2, le=256, description="Transformer blocks.")
+    n_head: PositiveInt = Field(2, le=256, description="Attention heads; must divide n_embd.")
+    n_embd: PositiveInt = Field(32, le=65536, description="Embedding width.")
+    block_size: PositiveInt = Field(64, le=131072, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+
+    # Data: train and validation splits are always disjoint.
+    dataset: Dataset = Field("synthetic", description="synthetic | text | tokens.")
+    data_path: list[str] = Field(
+        default_factory=list,
+        description=(
+            "text: files or folders to read (default: the Python standard library's sources); "
+            "tokens: a folder with train.bin and val.bin (uint16, nanoGPT layout)."
+        ),
+    )
+    vocab_size: PositiveInt | None = Field(
+        None,
+        le=1_000_000,
+        description="synthetic: alphabet size (default 32); tokens: required; text: derived.",
+    )
+    text_level: TextLevel = Field("byte", description="text: byte- or char-level tokens.")
+    synthetic_order: int = Field(2, ge=1, le=4, description="synthetic: Markov order k.")
+    synthetic_concentration: float = Field(
+        0.3, gt=0.0, le=100.0, description="synthetic: Dirichlet concentration; lower is more predictable."
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="text: share held out for validation.")
+
+    # Optimisation.
+    lr: float = Field(1e-3, gt=0.0, le=100.0, description="Peak learning rate.")
+    min_lr: float | None = Field(None, ge=0.0, description="Cosine floor (default lr/10).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    weight_decay: NonNegativeFloat = Field(0.0, le=10.0, description="AdamW weight decay.")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: NonNegativeFloat = Field(1.0, description="Gradient clipping norm; 0 disables.")
+    micro_batch: PositiveInt = Field(8, le=65536, description="Sequences per process per micro-step.")
+    grad_accum: PositiveInt = Field(1, le=4096, description="Micro-steps per optimizer step.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    precision: Precision = Field("auto", description="auto = bf16 on GPU, fp32 on CPU. fp16 is GPU-only.")
+
+    # Run length and cadence.
+    max_steps: PositiveInt = Field(300, le=100_000_000, description="Optimizer steps to run.")
+    eval_interval: PositiveInt = Field(50, description="Steps between validation passes.")
+    eval_batches: PositiveInt = Field(8, le=10_000, description="Fixed validation batches per pass.")
+    checkpoint_interval: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only on SIGTERM.")
+    seed: int = Field(0, ge=0, description="Seeds model init and data order.")
+    fail_fast: bool = Field(True, description="Stop at the first non-finite loss, without checkpointing it.")
+    device: Device = Field("auto", description="auto picks CUDA when present.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Hyperparameters":
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "pick n_head among the divisors of n_embd"
+            )
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})"
+            )
+        if self.dataset == "tokens":
+            if not self.data_path:
+                raise ValueError("data_path: the tokens dataset needs a folder with train.bin and val.bin")
+            if self.vocab_size is None:
+                raise ValueError("vocab_size: the tokens dataset needs the tokenizer's vocabulary size")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision: fp16 is GPU-only; use fp32 or bf16 with device cpu")
+        return self
+
+    @property
+    def effective_min_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+class TrialConfig(BaseModel):
+    """What one trial runs: written by the operator, read by the trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field("local", min_length=1, description="Owning experiment's name.")
+    trial: str = Field("trial-0", min_length=1, description="This trial's name.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    checkpoint_dir: str | None = Field(
+        None, description="Where checkpoints go (a PVC in a cluster). None disables checkpoints."
+    )
+    resume_from: str | None = Field(
+        None,
+        description="A checkpoint directory to resume from (its `latest` tag), possibly another trial's.",
+    )
+    control_file: str | None = Field(
+        None, description="JSON file watched for in-place lr/weight_decay changes (overrides the env)."
+    )
+    metrics_linger_seconds: float = Field(
+        3.0, ge=0.0, le=30.0, description="Keep /metrics up this long after the last step."
+    )
+
+
+class ControlFile(BaseModel):
+    """In-place changes a running trial applies at its next step, without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation: int = Field(ge=0, description="Bumped by the writer on every change.")
+    lr: float | None = Field(None, gt=0.0, le=100.0)
+    weight_decay: float | None = Field(None, ge=0.0, le=10.0)
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One readable line per problem: the field's dotted path, what is wrong, what was given."""
+    lines = []
+    for problem in error.errors():
+        location = ".".join(filter(None, [prefix, *(str(part) for part in problem["loc"])]))
+        message = problem["msg"].removeprefix("Value error, ")
+        given = problem.get("input")
+        shown = "" if problem["type"] == "missing" or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{location}: {message}{shown}" if location else f"{message}{shown}")
+    return "; ".join(lines)
+
+
+def load_trial_config(text: str) -> TrialConfig:
+    """Parse JSON text into a TrialConfig; raises ValueError with a one-line, field-naming message."""
+    try:
+        raw: Any = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"trial config is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("trial config must be a JSON object")
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(describe_validation_error(error)) from None
+
+
+def tunable_hyperparameters() -> dict[str, type]:
+    """Names a search space may move, with their Python type (numbers only)."""
+    tunable: dict[str, type] = {}
+    for name, field in Hyperparameters.model_fields.items():
+        annotation = field.annotation
+        for candidate in (int, float):
+            if annotation is candidate or (
+                getattr(annotation, "__args__", None) and candidate in annotation.__args__  # type: ignore[union-attr]
+            ):
+                tunable[name] = candidate
+                break
+    # Booleans are ints to Python; they are switches, not a search dimension.
+    tunable.pop("fail_fast", None)
+    return tunable

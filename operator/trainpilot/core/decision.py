@@ -1,0 +1,123 @@
+"""Decisions: what a policy proposes, and the record of what became of it.
+
+A `Decision` is a proposal and is trusted by nobody: guardrails check it against the search
+space, the budget, the quota and the allowed actions before anything happens. A
+`DecisionRecord` is the durable, auditable outcome (the ledger's line format), written for every
+decision, executed or not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainpilot.api import contract
+from trainpilot.api.experiment import Action
+
+Outcome = Literal["executed", "rejected", "pending-approval"]
+MutateMode = Literal["in-place", "restart"]
+# In-place changes are what the trainer's control file understands; anything else restarts.
+IN_PLACE_HYPERPARAMETERS: frozenset[str] = frozenset({"lr", "weight_decay"})
+
+
+class Decision(BaseModel):
+    """One move a policy proposes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Action
+    policy: str = Field(description="Which policy proposed it: heuristic, claude, ...")
+    reason: str = Field(description="Short kebab-case cause, e.g. nonfinite-loss, asha-rung, goal-reached.")
+    rationale: str = Field("", description="Human-readable why, shown in events and the ledger.")
+    trial: str | None = Field(None, description="Target trial (terminate, mutate, scale).")
+    hyperparameters: dict[str, float] = Field(
+        default_factory=dict, description="launch: the new trial's values; mutate: the changed values."
+    )
+    mode: MutateMode | None = Field(None, description="mutate: in-place (lr, weight_decay) or restart.")
+    parent: str | None = Field(None, description="launch: the trial this one derives from.")
+    resume_from: str | None = Field(None, description="launch: trial whose last checkpoint to start from.")
+    nodes: int | None = Field(None, description="scale: new node count.")
+    gpus_per_node: int | None = Field(None, description="scale: new GPUs per node.")
+    outcome: Literal["succeeded", "failed"] | None = Field(None, description="complete: how it ends.")
+
+
+class DecisionRecord(BaseModel):
+    """A decision with its id, verdict and context: one line of the ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    seq: int = Field(ge=0)
+    time: str
+    experiment: str
+    decision: Decision
+    outcome: Outcome
+    verdict: str = Field("", description="Why it was rejected or held for approval; empty when executed.")
+    new_trial: str | None = Field(None, description="launch/restart: the trial it created.")
+    before: dict[str, Any] = Field(default_factory=dict, description="Target's hyperparameters before.")
+    after: dict[str, Any] = Field(default_factory=dict, description="Target's hyperparameters after.")
+    observation: dict[str, Any] = Field(default_factory=dict, description="What the policy saw, summarised.")
+
+    @property
+    def action(self) -> str:
+        return self.decision.action
+
+    @property
+    def trial(self) -> str | None:
+        return self.new_trial or self.decision.trial
+
+    def event_reason(self) -> str:
+        """The Kubernetes Event reason the contract gives this record."""
+        if self.outcome == "rejected":
+            return contract.REASON_DECISION_REJECTED
+        if self.outcome == "pending-approval":
+            return contract.REASON_DECISION_PENDING_APPROVAL
+        decision = self.decision
+        if decision.action == "launch":
+            return contract.REASON_TRIAL_LAUNCHED
+        if decision.action == "terminate":
+            return contract.REASON_TRIAL_TERMINATED
+        if decision.action == "mutate":
+            return contract.REASON_HYPERPARAMETERS_MUTATED
+        if decision.action == "scale":
+            return contract.REASON_TRIAL_SCALED
+        if decision.outcome == "failed":
+            return contract.REASON_EXPERIMENT_FAILED
+        return contract.REASON_EXPERIMENT_SUCCEEDED
+
+    def message(self) -> str:
+        """One line for an Event or a log: what, to whom, why."""
+        decision = self.decision
+        target = f" {self.trial}" if self.trial else ""
+        values = ""
+        if decision.hyperparameters:
+            values = " " + ", ".join(f"{k}={v:g}" for k, v in sorted(decision.hyperparameters.items()))
+        text = f"[{self.id}] {decision.policy}: {decision.action}{target}{values} ({decision.reason})"
+        if decision.rationale:
+            text += f": {decision.rationale}"
+        if self.verdict:
+            text += f" -- {self.outcome}: {self.verdict}"
+        return text[:1000]
+
+    def compact(self) -> dict[str, Any]:
+        """The `trainpilot.dev/last-decision` annotation payload."""
+        return {
+            "id": self.id,
+            "action": self.decision.action,
+            "trial": self.trial,
+            "policy": self.decision.policy,
+            "reason": self.decision.reason,
+            "outcome": self.outcome,
+            "time": self.time,
+        }
+
+
+def decision_id(experiment: str, seq: int) -> str:
+    """Deterministic, so a retried cycle re-derives the same id (and event name)."""
+    return f"{experiment}-d{seq:05d}"
+
+
+def trial_name(experiment: str, index: int) -> str:
+    """Deterministic and short: `<experiment>-t007`, leaving room for `-<pod index>-<suffix>`."""
+    return f"{experiment}-t{index:03d}"

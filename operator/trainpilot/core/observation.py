@@ -1,0 +1,88 @@
+"""Observations: what a runtime saw of each trial in one cycle, as plain data.
+
+A runtime (Kubernetes or local processes) fills these in; the core folds them into the
+experiment's status and hands them to the policy. Metric values come from trainer output and
+are data only: nothing in them is ever read as an instruction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainpilot.api import contract
+
+# What the workload is doing, independent of where it runs.
+RuntimePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Missing"]
+# Why a finished trainer stopped, from its exit code (see trainpilot_trainer.exitcodes).
+ExitReason = Literal["completed", "diverged", "invalid-config", "crashed", "terminated", "unknown"]
+
+
+class TrialMetrics(BaseModel):
+    """One scrape of a trainer's rank-0 /metrics, reduced to the contract's gauges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    values: dict[str, float] = Field(default_factory=dict, description="trainpilot_* samples by name.")
+
+    def get(self, name: str) -> float | None:
+        value = self.values.get(name)
+        return None if value is None else float(value)
+
+    @property
+    def step(self) -> int:
+        return int(self.get(contract.METRIC_STEP) or 0)
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.get(contract.METRIC_TRAIN_LOSS)
+
+    @property
+    def nonfinite_losses(self) -> int:
+        return int(self.get(contract.METRIC_NONFINITE_LOSS) or 0)
+
+    @property
+    def checkpoint_step(self) -> int | None:
+        value = self.get(contract.METRIC_CHECKPOINT_STEP)
+        return None if value is None or value < 0 else int(value)
+
+    @property
+    def loss_floor(self) -> float | None:
+        return self.get(contract.METRIC_LOSS_FLOOR)
+
+    @property
+    def control_generation(self) -> int:
+        return int(self.get(contract.METRIC_CONTROL_GENERATION) or 0)
+
+    @property
+    def max_steps(self) -> int | None:
+        value = self.get(contract.METRIC_MAX_STEPS)
+        return None if value is None else int(value)
+
+    def objective(self, metric: str) -> float | None:
+        """The objective's latest value; None until the trainer has measured it."""
+        value = self.get(contract.objective_metric(metric))
+        # The trainer reports NaN until its first measurement; divergence is read from the counter.
+        return value if value is not None and math.isfinite(value) else None
+
+
+class TrialObservation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    phase: RuntimePhase
+    exit_reason: ExitReason | None = None
+    exit_code: int | None = None
+    metrics: TrialMetrics | None = Field(None, description="None: no data yet (not a failure).")
+    message: str = ""
+
+
+class Observation(BaseModel):
+    """Everything a runtime saw in one cycle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    time: str = Field(description="RFC 3339, UTC.")
+    trials: dict[str, TrialObservation] = Field(default_factory=dict)
