@@ -8,7 +8,7 @@ descriptions are what `kubectl explain aexp.spec` shows. Wire names are camelCas
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -71,7 +71,9 @@ class Objective(CamelModel):
 class SearchParameter(CamelModel):
     """One dimension the agent may move: a numeric range (min/max, optionally log) or a list of values."""
 
-    name: str = Field(description="A hyperparameter name, e.g. lr, weight_decay, micro_batch.")
+    name: str = Field(
+        max_length=64, description="A hyperparameter name, e.g. lr, weight_decay, micro_batch."
+    )
     min: float | None = Field(None, description="Lower bound (inclusive) of a range.")
     max: float | None = Field(None, description="Upper bound (inclusive) of a range.")
     log: bool = Field(False, description="Sample the range on a log scale (needs min > 0).")
@@ -176,7 +178,9 @@ class TrialTemplate(CamelModel):
 class Budget(CamelModel):
     max_trials: int = Field(8, ge=1, le=500, description="Trials to launch at most, relaunches included.")
     parallel_trials: int = Field(2, ge=1, le=64, description="Trials running at once at most.")
-    max_failed_trials: int = Field(3, ge=0, le=500, description="Crashed trials tolerated before failing.")
+    max_failed_trials: int = Field(
+        3, ge=0, le=500, description="Crashed trials tolerated; one more fails the experiment. Diverged trials do not count."
+    )
     max_gpu_hours: float | None = Field(None, gt=0, description="GPU-hours to spend at most (nodes x GPUs x hours).")
 
 
@@ -229,14 +233,17 @@ class MetricsEndpoint(CamelModel):
 class AgentExperimentSpec(CamelModel):
     objective: Objective = Field(default_factory=Objective)
     search_space: list[SearchParameter] = Field(min_length=1, max_length=32, description="Where the agent may move.")
-    initial_trials: list[dict[str, float]] = Field(
+    # Bounded per trial (at most one value per searchSpace entry) so the CRD's CEL rules stay cheap.
+    initial_trials: list[Annotated[dict[str, float], Field(max_length=32)]] = Field(
         default_factory=list, max_length=64, description="Hyperparameters to try first, like a researcher would."
     )
     trial_template: TrialTemplate = Field(default_factory=TrialTemplate)
     budget: Budget = Field(default_factory=Budget)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     metrics: MetricsEndpoint = Field(default_factory=MetricsEndpoint)
-    suspend: bool = Field(False, description="Pause: running trials stop, nothing new starts, until false.")
+    suspend: bool = Field(
+        False, description="Pause the agent: no decisions and no new trials until false; running trials go on."
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "AgentExperimentSpec":
@@ -386,7 +393,8 @@ class AgentExperimentStatus(CamelModel):
     trials_launched: int = 0
     trials_running: int = 0
     trials_succeeded: int = 0
-    trials_failed: int = 0
+    trials_failed: int = Field(0, description="Trials that crashed (not diverged ones).")
+    trials_diverged: int = Field(0, description="Trials stopped for non-finite loss.")
     trials_terminated: int = 0
     trials_summary: str = Field("0/0", description="done/total, for kubectl's printer column.")
     best_objective: float | None = Field(None, description="bestTrial.objective, for kubectl's printer column.")

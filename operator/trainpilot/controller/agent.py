@@ -1,0 +1,118 @@
+"""One experiment's life inside the operator: validate the live spec, run a cycle, wait, repeat.
+
+Started by a kopf daemon per AgentExperiment. Invalid input never crashes or spins: it becomes a
+`Valid=False` condition with the message, and the daemon waits for the user to fix the spec.
+Failures talking to the cluster are logged and retried on the next cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from trainpilot.api.experiment import (
+    AgentExperimentSpec,
+    AgentExperimentStatus,
+    check_experiment_name,
+    parse_spec,
+)
+from trainpilot.core.conditions import set_condition
+from trainpilot.core.policy import make_policy
+from trainpilot.loop import run_cycle
+from trainpilot.runtime.base import RuntimeFailure
+from trainpilot.runtime.kubernetes.api import KubeApi
+from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
+
+logger = logging.getLogger(__name__)
+
+INVALID_RECHECK_SECONDS = 5.0
+FINISHED_RECHECK_SECONDS = 60.0
+FAILURE_BACKOFF_SECONDS = 5.0
+
+
+class Stopped(Protocol):
+    def __bool__(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> Any: ...
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def restore_status(raw: Any) -> AgentExperimentStatus:
+    """Status as the operator last saved it; kopf's own keys and unknown fields are ignored."""
+    fields = set(AgentExperimentStatus.model_fields) | {
+        field.alias for field in AgentExperimentStatus.model_fields.values() if field.alias
+    }
+    known = {key: value for key, value in dict(raw or {}).items() if key in fields}
+    try:
+        return AgentExperimentStatus.model_validate(known)
+    except ValidationError as error:
+        logger.warning("status could not be restored (%s); starting from the ledger", error.error_count())
+        return AgentExperimentStatus()
+
+
+async def mark_invalid(
+    api: KubeApi, namespace: str, name: str, status: AgentExperimentStatus, message: str, generation: int | None
+) -> AgentExperimentStatus:
+    status = set_condition(
+        status, type="Valid", value="False", reason="InvalidSpec", message=message, now=utc_now(), generation=generation
+    )
+    status = status.model_copy(update={"phase": "Invalid", "message": message[:1000], "observed_generation": generation})
+    await api.patch_experiment_status(namespace, name, status.wire())
+    return status
+
+
+async def drive(body: Any, stopped: Stopped, api: KubeApi, limits: object | None = None) -> None:
+    """Run one experiment's agent loop until kopf stops the daemon (deletion or shutdown)."""
+    name: str = body["metadata"]["name"]
+    namespace: str = body["metadata"]["namespace"]
+    status = restore_status(body.get("status"))
+    runtime: KubernetesRuntime | None = None
+    reported_invalid: str | None = None
+
+    while not stopped:
+        generation = body["metadata"].get("generation")
+        try:
+            check_experiment_name(name)
+            spec: AgentExperimentSpec = parse_spec(dict(body.get("spec") or {}))
+            policy = make_policy(spec)
+        except ValueError as error:
+            message = str(error)
+            if message != reported_invalid:
+                logger.warning("%s/%s is invalid: %s", namespace, name, message)
+                try:
+                    status = await mark_invalid(api, namespace, name, status, message, generation)
+                    reported_invalid = message
+                except RuntimeFailure as failure:
+                    logger.warning("could not report invalid spec of %s/%s: %s", namespace, name, failure)
+            await stopped.wait(INVALID_RECHECK_SECONDS)
+            continue
+        reported_invalid = None
+        if status.phase == "Invalid":
+            status = status.model_copy(update={"phase": "Running" if status.active_trials else "Pending", "message": ""})
+
+        owner = {"metadata": dict(body["metadata"])}
+        if runtime is None:
+            runtime = KubernetesRuntime(api, owner, spec)
+        else:
+            runtime.update(owner, spec)
+
+        wait = float(spec.policy.interval_seconds)
+        try:
+            result = await run_cycle(
+                name, spec, status, runtime, policy, utc_now(), generation=generation, limits=limits
+            )
+            status = result.status
+        except RuntimeFailure as failure:
+            logger.warning("cycle of %s/%s failed, retrying: %s", namespace, name, failure)
+            wait = min(wait, FAILURE_BACKOFF_SECONDS)
+        except Exception:  # a bug must not kill the daemon for good; it is logged in full
+            logger.exception("cycle of %s/%s crashed, retrying", namespace, name)
+            wait = max(wait, FAILURE_BACKOFF_SECONDS)
+        if status.finished:
+            wait = max(wait, FINISHED_RECHECK_SECONDS)
+        await stopped.wait(wait)

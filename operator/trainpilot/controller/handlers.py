@@ -1,0 +1,33 @@
+"""kopf handlers. Each one translates a kopf callback into one call; the logic lives elsewhere."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from trainpilot.api import contract
+from trainpilot.controller import agent
+from trainpilot.runtime.kubernetes.api import KubeApi, load_credentials
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf's own bookkeeping goes to annotations, never into the user's spec or our status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.trainpilot.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.trainpilot.dev")
+    settings.persistence.finalizer = "trainpilot.dev/daemons"
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    memo.api = KubeApi(load_credentials())
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.daemon(contract.GROUP, contract.VERSION, contract.EXPERIMENT_PLURAL, id="agent", cancellation_timeout=10.0)
+async def run_agent(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    await agent.drive(body, stopped, memo.api)

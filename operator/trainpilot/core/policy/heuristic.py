@@ -1,0 +1,339 @@
+"""The built-in policy: the rules a careful researcher applies, with no LLM.
+
+Per cycle, in this order: stop what diverged (and relaunch it with a lower learning rate), stop
+loss spikes, stop oscillating validation curves, stop losers at ASHA rungs, finish when the goal
+is reached or the budget is spent, and otherwise fill free slots (relaunches first, then the
+spec's initial trials, then Optuna's suggestions). Every threshold comes from HeuristicSettings;
+every decision's rationale quotes the numbers that drove it.
+
+It keeps no memory between cycles: what it did is visible in status (a terminated trial is
+Terminated, a relaunched one has a child), which is what keeps it from repeating itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from trainpilot.api.contract import objective_metric
+from trainpilot.api.experiment import MAX_TRIAL_HISTORY, HeuristicSettings, TrialStatus
+from trainpilot.core import guardrails
+from trainpilot.core.decision import Decision
+from trainpilot.core.policy.base import PolicyContext
+from trainpilot.core.state import COMPLETE_REASON, DIVERGED_REASON, is_diverged, rung_step
+
+
+class HeuristicPolicy:
+    name = "heuristic"
+
+    def __init__(self, settings: HeuristicSettings | None = None) -> None:
+        # None: read spec.policy.heuristic every cycle, so a spec edit takes effect at once.
+        self.settings = settings
+
+    async def decide(self, context: PolicyContext) -> list[Decision]:
+        return _Cycle(context, self.settings or context.spec.policy.heuristic).decide()
+
+
+@dataclass(frozen=True)
+class _Relaunch:
+    parent: TrialStatus
+    hyperparameters: dict[str, float] | None  # None: the lr cannot go lower; take a suggestion
+    resume_from: str | None
+    rationale: str
+
+
+class _Cycle:
+    """One cycle's reasoning: the decisions so far and the trials they stop."""
+
+    def __init__(self, context: PolicyContext, settings: HeuristicSettings) -> None:
+        self.context = context
+        self.spec = context.spec
+        self.status = context.status
+        self.settings = settings
+        self.metric = context.spec.objective.metric
+        self.decisions: list[Decision] = []
+        self.stopping: set[str] = set()
+        self.relaunches: list[_Relaunch] = []
+
+    def decide(self) -> list[Decision]:
+        self.stop_divergent()
+        for trial in self.running():
+            self.stop_spike(trial)
+        for trial in self.running():
+            self.stop_oscillating(trial)
+        for trial in self.running():
+            self.stop_asha_loser(trial)
+        if not self.finish():
+            self.launch()
+        return self.decisions
+
+    def running(self) -> list[TrialStatus]:
+        """Active trials not being stopped in this cycle."""
+        return [trial for trial in self.status.active_trials if trial.name not in self.stopping]
+
+    # ---- 1. divergence ------------------------------------------------------------------------
+
+    def stop_divergent(self) -> None:
+        for trial in self.status.trials:
+            symptom = self.divergence(trial)
+            if symptom is None:
+                continue
+            if not trial.finished:
+                self.terminate(trial, DIVERGED_REASON, f"{symptom} at step {trial.step}")
+                if trial.name not in self.stopping:
+                    continue  # not stopped (not allowed, or awaiting approval): no second copy yet
+            self.plan_relaunch(trial, symptom)
+
+    def divergence(self, trial: TrialStatus) -> str | None:
+        if trial.finished:
+            return "stopped on a non-finite loss" if is_diverged(trial) else None
+        if trial.nonfinite_losses > 0:
+            return f"{trial.nonfinite_losses} non-finite training loss(es)"
+        raw = self.observed_objective(trial)
+        # The trainer reports NaN until its first evaluation; NaN after one, or infinity, is divergence.
+        if raw is not None and not math.isfinite(raw) and (math.isinf(raw) or trial.history):
+            return f"{self.metric} is {raw}"
+        return None
+
+    def observed_objective(self, trial: TrialStatus) -> float | None:
+        seen = self.context.observation.trials.get(trial.name)
+        if seen is None or seen.metrics is None:
+            return None
+        return seen.metrics.get(objective_metric(self.metric))
+
+    def plan_relaunch(self, trial: TrialStatus, symptom: str) -> None:
+        if any(other.parent == trial.name for other in self.status.trials):
+            return  # it already has a successor
+        done = self.lineage_relaunches(trial)
+        limit = self.settings.max_relaunches
+        if done >= limit:
+            return
+        which = f"relaunch {done + 1} of {limit} (maxRelaunches)"
+        factor = self.settings.divergence_lr_factor
+        space = self.spec.parameter("lr")
+        lr = trial.hyperparameters.get("lr")
+        if space is not None and lr is not None and (lower := space.clamp(lr * factor)) < lr:
+            resume = trial.name if trial.checkpoint_step is not None else None
+            start = f"resuming from its checkpoint at step {trial.checkpoint_step}" if resume else "from scratch (no checkpoint)"
+            rationale = (
+                f"{trial.name}: {symptom}; {which} with lr {lr:g} x {factor:g} = {lower:g} "
+                f"(clamped into lr {space.describe()}), {start}"
+            )
+            self.relaunches.append(_Relaunch(trial, {**trial.hyperparameters, "lr": lower}, resume, rationale))
+        else:
+            why = "lr is not in the search space" if space is None or lr is None else f"lr {lr:g} is already the lowest allowed"
+            rationale = f"{trial.name}: {symptom}; {why}, so {which} takes the next suggestion"
+            self.relaunches.append(_Relaunch(trial, None, None, rationale))
+
+    def lineage_relaunches(self, trial: TrialStatus) -> int:
+        """Relaunches so far in this trial's lineage: each diverged ancestor was relaunched once."""
+        count, seen = 0, {trial.name}
+        ancestor = self.status.trial(trial.parent) if trial.parent else None
+        while ancestor is not None and ancestor.name not in seen:
+            seen.add(ancestor.name)
+            count += is_diverged(ancestor)
+            ancestor = self.status.trial(ancestor.parent) if ancestor.parent else None
+        return count
+
+    # ---- 2. loss spike ----------------------------------------------------------------------
+
+    def stop_spike(self, trial: TrialStatus) -> None:
+        smoothed, best = trial.smoothed_train_loss, trial.best_train_loss
+        if smoothed is None or best is None or best <= 0:
+            return
+        factor = self.settings.spike_factor
+        if smoothed > factor * best:
+            self.terminate(
+                trial,
+                "loss-spike",
+                f"smoothed train loss {smoothed:.4g} is {smoothed / best:.2f}x its best {best:.4g} "
+                f"(spikeFactor {factor:g}) at step {trial.step}",
+            )
+
+    # ---- 3. oscillation ---------------------------------------------------------------------
+
+    def stop_oscillating(self, trial: TrialStatus) -> None:
+        # Status keeps MAX_TRIAL_HISTORY points; a longer window is read as "all of them".
+        window = min(self.settings.oscillation_window, MAX_TRIAL_HISTORY)
+        values = [point[1] for point in trial.history[-window:]]
+        if len(values) < window:
+            return
+        amplitude = self.settings.oscillation_min_amplitude
+        reversals, swing = count_reversals(values, amplitude)
+        if reversals >= self.settings.oscillation_reversals:
+            self.terminate(
+                trial,
+                "oscillating-val-loss",
+                f"{self.metric} changed direction {reversals} times in its last {window} evaluations "
+                f"(oscillationReversals {self.settings.oscillation_reversals}), with swings up to "
+                f"{swing:.1%} (oscillationMinAmplitude {amplitude:.1%})",
+            )
+
+    # ---- 4. ASHA rungs ----------------------------------------------------------------------
+
+    def stop_asha_loser(self, trial: TrialStatus) -> None:
+        reached = [
+            (fraction, key)
+            for fraction in self.settings.rungs
+            if (key := str(rung_step(self.spec, trial, fraction))) in trial.rung_objectives
+        ]
+        if not reached:
+            return
+        # Judged at its latest rung only: ASHA never demotes a trial already promoted past a rung.
+        fraction, key = reached[-1]
+        value = trial.rung_objectives[key]
+        peers = [
+            peer_value
+            for peer in self.status.trials
+            if (peer_value := peer.rung_objectives.get(str(rung_step(self.spec, peer, fraction)))) is not None
+        ]
+        if len(peers) < self.settings.min_peers_at_rung:
+            return
+        eta = self.settings.reduction_factor
+        keep = math.ceil(len(peers) / eta)
+        ranked = sorted(peers, reverse=self.spec.objective.direction == "maximize")
+        cutoff = ranked[keep - 1]
+        if self.spec.objective.better(cutoff, value):
+            self.terminate(
+                trial,
+                "asha-rung",
+                f"{self.metric} {value:.4g} at rung {fraction:g} (step {key}) is not among the best {keep} "
+                f"of {len(peers)} trials there (cutoff {cutoff:.4g}, reductionFactor {eta:g})",
+            )
+
+    # ---- 5. finish --------------------------------------------------------------------------
+
+    def finish(self) -> bool:
+        status, budget, objective = self.status, self.spec.budget, self.spec.objective
+        best = status.best_trial
+        best_text = f"best {self.metric} {best.objective:.4g} by {best.name}" if best else "no trial was scored"
+        budget_outcome = "succeeded" if best else "failed"
+        if best is not None and objective.reached(best.objective):
+            outcome, reason = "succeeded", "goal-reached"
+            rationale = f"{best.name} reached {self.metric} {best.objective:.4g} (goal {objective.goal:g})"
+        elif status.trials_failed > budget.max_failed_trials:
+            outcome, reason = "failed", "too-many-failures"
+            rationale = f"{status.trials_failed} trials crashed (maxFailedTrials {budget.max_failed_trials} tolerated)"
+        elif budget.max_gpu_hours is not None and status.gpu_hours_used >= budget.max_gpu_hours:
+            # Running trials keep spending GPU hours, so this budget stops them rather than waits.
+            outcome, reason = budget_outcome, "budget-spent"
+            rationale = f"{status.gpu_hours_used:.3g} GPU-hours used (maxGpuHours {budget.max_gpu_hours:g}); {best_text}"
+        elif status.trials_launched >= budget.max_trials and not self.running():
+            outcome, reason = budget_outcome, "budget-spent"
+            rationale = f"all {status.trials_launched} trials launched (maxTrials {budget.max_trials}) and none is running; {best_text}"
+        else:
+            return False
+        if not self.may_propose("complete", None, reason):
+            return False
+        for trial in self.running():
+            self.terminate(trial, COMPLETE_REASON, f"the experiment is completing ({reason})")
+        self.decisions.append(
+            Decision(action="complete", policy=HeuristicPolicy.name, reason=reason, rationale=rationale, outcome=outcome)
+        )
+        return True
+
+    # ---- 6. launch --------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        capacity = guardrails.launch_capacity(self.spec, self.status, self.context.limits, releasing=self.stopping)
+        if capacity <= 0:
+            return
+        relaunches = self.relaunches[:capacity]
+        fresh = capacity - len(relaunches)
+        suggester = self.context.suggester
+        initial = suggester.initial_remaining
+        suggestions = suggester.suggest(fresh + sum(r.hyperparameters is None for r in relaunches))
+        fresh_points, spare = suggestions[:fresh], suggestions[fresh:]
+        slots = (
+            f"{capacity} launch slot(s) free (parallelTrials {self.spec.budget.parallel_trials}, "
+            f"{len(self.running())} running, {self.status.trials_launched} of maxTrials "
+            f"{self.spec.budget.max_trials} launched)"
+        )
+        for relaunch in relaunches:
+            self.propose_launch(
+                "relaunch-after-divergence",
+                relaunch.rationale,
+                relaunch.hyperparameters or spare.pop(0),
+                parent=relaunch.parent.name,
+                resume_from=relaunch.resume_from,
+            )
+        first_initial = len(self.spec.initial_trials) - len(initial)
+        scored = suggester.state_summary()["complete"] if len(fresh_points) > len(initial) else 0
+        best = self.status.best_trial
+        best_text = f"best so far {self.metric} {best.objective:.4g} by {best.name}" if best else "nothing measured yet"
+        for number, point in enumerate(fresh_points):
+            if number < len(initial):
+                reason = "initial-trial"
+                rationale = f"spec.initialTrials[{first_initial + number}] {_values(initial[number])}; {slots}"
+            else:
+                reason = "suggested"
+                rationale = (
+                    f"Optuna TPE suggestion {_values(point)} from {scored} finished, scored trials "
+                    f"(random for the first {self.settings.startup_trials}; {best_text}); {slots}"
+                )
+            self.propose_launch(reason, rationale, point)
+
+    # ---- proposing --------------------------------------------------------------------------
+
+    def terminate(self, trial: TrialStatus, reason: str, rationale: str) -> None:
+        if trial.name in self.stopping or not self.may_propose("terminate", trial.name, reason):
+            return
+        self.stopping.add(trial.name)
+        self.decisions.append(
+            Decision(action="terminate", policy=HeuristicPolicy.name, trial=trial.name, reason=reason, rationale=rationale)
+        )
+
+    def propose_launch(
+        self,
+        reason: str,
+        rationale: str,
+        hyperparameters: dict[str, float],
+        parent: str | None = None,
+        resume_from: str | None = None,
+    ) -> None:
+        if not self.may_propose("launch", None, reason):
+            return
+        self.decisions.append(
+            Decision(
+                action="launch",
+                policy=HeuristicPolicy.name,
+                reason=reason,
+                rationale=rationale,
+                hyperparameters=hyperparameters,
+                parent=parent,
+                resume_from=resume_from,
+            )
+        )
+
+    def may_propose(self, action: str, trial: str | None, reason: str) -> bool:
+        """Not an action the spec or quota forbids, nor one already awaiting approval.
+
+        Guardrails would reject or hold these anyway; proposing them every cycle would only flood
+        the ledger with the same record.
+        """
+        if action not in self.spec.policy.allowed_actions:
+            return False
+        limits = self.context.limits
+        allowed = getattr(limits, "allowed_actions", None) if limits is not None else None
+        if allowed is not None and action not in allowed:
+            return False
+        return not any(
+            summary.outcome == "pending-approval"
+            and (summary.action, summary.trial, summary.reason) == (action, trial, reason)
+            for summary in self.status.decisions
+        )
+
+
+def count_reversals(values: list[float], min_amplitude: float) -> tuple[int, float]:
+    """Direction changes between moves of at least `min_amplitude` (relative), and the largest move."""
+    moves = []
+    for before, after in zip(values, values[1:]):
+        change = (after - before) / abs(before) if before else after - before
+        if change and abs(change) >= min_amplitude:
+            moves.append(change)
+    reversals = sum((a > 0) != (b > 0) for a, b in zip(moves, moves[1:]))
+    return reversals, max((abs(move) for move in moves), default=0.0)
+
+
+def _values(point: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name}={value:g}" for name, value in sorted(point.items())) + "}"

@@ -1,0 +1,329 @@
+"""The experiment's state machine: fold what the runtime saw, and what was decided, into status.
+
+Two pure functions move status forward, both returning a new copy:
+- `fold_observation`: one cycle's observation (trial phases and metrics) in,
+- `apply_record`: one decision record's effect in (idempotent by the record's sequence number).
+Everything derived (counters, best trial, phase) is recomputed from the trials after either.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from trainpilot.api import contract
+from trainpilot.api.experiment import (
+    MAX_STATUS_DECISIONS,
+    MAX_TRIAL_HISTORY,
+    AgentExperimentSpec,
+    AgentExperimentStatus,
+    BestTrial,
+    DecisionSummary,
+    TrialState,
+    TrialStatus,
+)
+from trainpilot.api.trial import Hyperparameters
+from trainpilot.core.decision import DecisionRecord
+from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation
+
+# A terminate with this reason means "it diverged": the heuristic uses it, and the suggester tells
+# such a trial to Optuna as failed even though it was stopped before the trainer gave up.
+DIVERGED_REASON = "nonfinite-loss"
+COMPLETE_REASON = "experiment-complete"
+DEFAULT_MAX_STEPS: int = Hyperparameters.model_fields["max_steps"].default
+
+
+def is_diverged(trial: TrialStatus) -> bool:
+    """The trainer exited on a non-finite loss, or a policy stopped it for one."""
+    return trial.state == "Diverged" or (trial.state == "Terminated" and trial.message == DIVERGED_REASON)
+
+
+def max_steps(spec: AgentExperimentSpec, trial: TrialStatus) -> int:
+    """What the trial will run: reported by the trainer, else searched, else the template's."""
+    for candidate in (
+        trial.max_steps,
+        trial.hyperparameters.get("max_steps"),
+        spec.trial_template.hyperparameters.get("max_steps"),
+    ):
+        if isinstance(candidate, (int, float)) and math.isfinite(candidate) and candidate > 0:
+            return int(candidate)
+    return DEFAULT_MAX_STEPS
+
+
+def rung_step(spec: AgentExperimentSpec, trial: TrialStatus, fraction: float) -> int:
+    return max(1, round(fraction * max_steps(spec, trial)))
+
+
+# --------------------------------------------------------------------------------------------
+# Observations
+# --------------------------------------------------------------------------------------------
+
+
+def fold_observation(
+    spec: AgentExperimentSpec,
+    status: AgentExperimentStatus,
+    observation: Observation,
+    now: str,
+) -> AgentExperimentStatus:
+    status = status.model_copy(deep=True)
+    elapsed = _seconds_between(status.last_cycle_time, now)
+    for trial in status.trials:
+        if not trial.finished:
+            _fold_trial(spec, trial, observation.trials.get(trial.name), now, elapsed)
+    status.last_cycle_time = now
+    return _recount(spec, status)
+
+
+def _fold_trial(
+    spec: AgentExperimentSpec,
+    trial: TrialStatus,
+    seen: TrialObservation | None,
+    now: str,
+    elapsed: float,
+) -> None:
+    was_running = trial.state == "Running"
+    if seen is not None:
+        # Metrics first: a trial that just finished still reports its last step and losses.
+        if seen.metrics is not None:
+            _fold_metrics(spec, trial, seen.metrics)
+        trial.state, message = _next_state(seen)
+        if message:
+            trial.message = message
+    # Conservative: a trial that started or stopped during the interval is charged all of it,
+    # so a GPU-hour budget errs on the side of stopping early.
+    if was_running or trial.state == "Running":
+        trial.gpu_seconds += trial.nodes * trial.gpus_per_node * elapsed
+    if trial.state == "Running" and trial.started_at is None:
+        trial.started_at = now
+    if trial.finished:
+        trial.started_at = trial.started_at or now
+        trial.finished_at = now
+
+
+def _next_state(seen: TrialObservation) -> tuple[TrialState, str]:
+    if seen.phase in ("Pending", "Running", "Succeeded"):
+        return seen.phase, ""
+    if seen.phase == "Missing":
+        return "Failed", "its workload disappeared" + (f": {seen.message}" if seen.message else "")
+    reason = seen.exit_reason or "unknown"
+    detail = seen.message or f"trainer exited ({reason}, code {seen.exit_code})"
+    return ("Diverged" if reason == "diverged" else "Failed"), detail
+
+
+def _fold_metrics(spec: AgentExperimentSpec, trial: TrialStatus, metrics: TrialMetrics) -> None:
+    # Metrics are untrusted trainer output: anything non-finite or missing leaves the field as it was.
+    previous_step = trial.step
+    step = _number(metrics, contract.METRIC_STEP)
+    if step is not None and step >= 0:
+        trial.step = int(step)
+    reported_max = _number(metrics, contract.METRIC_MAX_STEPS)
+    if reported_max is not None and reported_max > 0:
+        trial.max_steps = int(reported_max)
+    checkpoint = _number(metrics, contract.METRIC_CHECKPOINT_STEP)
+    if checkpoint is not None and checkpoint >= 0:  # the trainer reports -1 before its first save
+        trial.checkpoint_step = int(checkpoint)
+    floor = _number(metrics, contract.METRIC_LOSS_FLOOR)
+    if floor is not None:
+        trial.loss_floor = floor
+    # Counters never go backwards; the control generation in status is the one *requested*, which
+    # may run ahead of what the trainer reports having applied.
+    nonfinite = _number(metrics, contract.METRIC_NONFINITE_LOSS)
+    if nonfinite is not None:
+        trial.nonfinite_losses = max(trial.nonfinite_losses, int(nonfinite))
+    generation = _number(metrics, contract.METRIC_CONTROL_GENERATION)
+    if generation is not None:
+        trial.control_generation = max(trial.control_generation, int(generation))
+
+    loss = _number(metrics, contract.METRIC_TRAIN_LOSS)
+    if loss is not None:
+        trial.train_loss = loss
+        trial.best_train_loss = loss if trial.best_train_loss is None else min(trial.best_train_loss, loss)
+        # Only a new step is a new sample: re-reading the same gauge would drag the EMA toward it.
+        if trial.smoothed_train_loss is None:
+            trial.smoothed_train_loss = loss
+        elif trial.step > previous_step:
+            weight = spec.policy.heuristic.smoothing
+            trial.smoothed_train_loss = weight * loss + (1 - weight) * trial.smoothed_train_loss
+
+    objective = metrics.objective(spec.objective.metric)
+    if objective is not None:
+        trial.objective = objective
+        if trial.best_objective is None or spec.objective.better(objective, trial.best_objective):
+            trial.best_objective = objective
+        # The gauge holds the last evaluation; a changed value is a new evaluation.
+        if not trial.history or trial.history[-1][1] != objective:
+            trial.history = [*trial.history, [float(trial.step), objective]][-MAX_TRIAL_HISTORY:]
+    if trial.objective is not None:
+        for fraction in spec.policy.heuristic.rungs:
+            rung = rung_step(spec, trial, fraction)
+            if trial.step >= rung:
+                trial.rung_objectives.setdefault(str(rung), trial.objective)
+
+
+def _number(metrics: TrialMetrics, name: str) -> float | None:
+    value = metrics.values.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _seconds_between(earlier: str | None, later: str) -> float:
+    if earlier is None:
+        return 0.0
+    try:
+        seconds = (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+    except (TypeError, ValueError):
+        return 0.0
+    return max(seconds, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Decision records
+# --------------------------------------------------------------------------------------------
+
+
+def apply_record(
+    spec: AgentExperimentSpec,
+    status: AgentExperimentStatus,
+    record: DecisionRecord,
+    now: str,
+) -> AgentExperimentStatus:
+    status = status.model_copy(deep=True)
+    # Records are applied in sequence; one below the count has already been applied (a retried cycle).
+    if record.seq < status.decisions_made:
+        return status
+    status.decisions_made = record.seq + 1
+    summary = DecisionSummary(
+        id=record.id,
+        action=record.decision.action,
+        trial=record.trial,
+        policy=record.decision.policy,
+        outcome=record.outcome,
+        reason=record.decision.reason,
+        time=record.time,
+    )
+    status.decisions = [*status.decisions, summary][-MAX_STATUS_DECISIONS:]
+    if record.outcome == "executed":
+        _apply_effect(spec, status, record, now)
+    return _recount(spec, status)
+
+
+def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, record: DecisionRecord, now: str) -> None:
+    decision = record.decision
+    target = status.trial(decision.trial) if decision.trial else None
+    if decision.action == "launch":
+        template = spec.trial_template
+        _add_trial(
+            status,
+            record,
+            hyperparameters=dict(decision.hyperparameters),
+            parent=decision.parent,
+            resume_from=decision.resume_from,
+            nodes=decision.nodes if decision.nodes is not None else template.nodes,
+            gpus_per_node=decision.gpus_per_node if decision.gpus_per_node is not None else template.gpus_per_node,
+        )
+    elif decision.action == "terminate":
+        _stop(target, decision.reason, now)
+    elif decision.action == "mutate" and decision.mode == "in-place":
+        if target is not None and not target.finished:
+            target.hyperparameters = {**target.hyperparameters, **decision.hyperparameters}
+            target.control_generation += 1
+    elif decision.action in ("mutate", "scale") and target is not None:
+        # A restart: the old trial stops (checkpointing on SIGTERM) and a child resumes from it.
+        _stop(target, decision.reason, now)
+        _add_trial(
+            status,
+            record,
+            hyperparameters={**target.hyperparameters, **decision.hyperparameters},
+            parent=target.name,
+            resume_from=target.name,
+            nodes=decision.nodes if decision.nodes is not None else target.nodes,
+            gpus_per_node=decision.gpus_per_node if decision.gpus_per_node is not None else target.gpus_per_node,
+        )
+    elif decision.action == "complete":
+        for trial in status.trials:
+            _stop(trial, COMPLETE_REASON, now)
+        status.phase = "Failed" if decision.outcome == "failed" else "Succeeded"
+        status.message = decision.rationale or decision.reason
+        status.finished_at = now
+
+
+def _add_trial(
+    status: AgentExperimentStatus,
+    record: DecisionRecord,
+    *,
+    hyperparameters: dict[str, float],
+    parent: str | None,
+    resume_from: str | None,
+    nodes: int,
+    gpus_per_node: int,
+) -> None:
+    if record.new_trial is None or status.trial(record.new_trial) is not None:
+        return
+    parent_trial = status.trial(parent) if parent else None
+    source = status.trial(resume_from) if resume_from else None
+    status.trials.append(
+        TrialStatus(
+            name=record.new_trial,
+            index=len(status.trials),
+            hyperparameters=hyperparameters,
+            state="Pending",
+            decision=record.id,
+            parent=parent,
+            generation=parent_trial.generation + 1 if parent_trial else 0,
+            resumed_from_step=source.checkpoint_step if source else None,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+        )
+    )
+
+
+def _stop(trial: TrialStatus | None, reason: str, now: str) -> None:
+    if trial is None or trial.finished:
+        return
+    trial.state = "Terminated"
+    trial.message = reason
+    trial.finished_at = now
+    trial.started_at = trial.started_at or now
+
+
+# --------------------------------------------------------------------------------------------
+# Derived fields
+# --------------------------------------------------------------------------------------------
+
+
+def _recount(spec: AgentExperimentSpec, status: AgentExperimentStatus) -> AgentExperimentStatus:
+    trials = status.trials
+    status.trials_launched = len(trials)
+    status.trials_running = sum(not trial.finished for trial in trials)
+    status.trials_succeeded = sum(trial.state == "Succeeded" for trial in trials)
+    status.trials_failed = sum(trial.state == "Failed" for trial in trials)
+    status.trials_diverged = sum(trial.state == "Diverged" or is_diverged(trial) for trial in trials)
+    status.trials_terminated = sum(trial.state == "Terminated" for trial in trials)
+    status.trials_summary = f"{len(trials) - status.trials_running}/{spec.budget.max_trials}"
+    status.gpu_hours_used = sum(trial.gpu_seconds for trial in trials) / 3600
+    status.best_trial = best_trial(spec, trials)
+    status.best_objective = status.best_trial.objective if status.best_trial else None
+    # Suspended is the loop's to set and clear; final phases never go back.
+    if status.trials_running and status.phase not in ("Succeeded", "Failed", "Suspended"):
+        status.phase = "Running"
+    return status
+
+
+def best_trial(spec: AgentExperimentSpec, trials: list[TrialStatus]) -> BestTrial | None:
+    best: TrialStatus | None = None
+    for trial in trials:
+        if trial.best_objective is None:
+            continue
+        if best is None or spec.objective.better(trial.best_objective, best.best_objective):  # type: ignore[arg-type]
+            best = trial
+    if best is None or best.best_objective is None:
+        return None
+    step = next((int(point[0]) for point in best.history if point[1] == best.best_objective), best.step)
+    return BestTrial(
+        name=best.name,
+        objective=best.best_objective,
+        step=step,
+        hyperparameters=dict(best.hyperparameters),
+    )
+

@@ -1,0 +1,62 @@
+"""Reading AgentExperiment manifests from files, with errors a person can act on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from trainpilot.api import contract
+from trainpilot.api.experiment import AgentExperiment, check_experiment_name
+from trainpilot.api.trial import describe_validation_error
+
+
+class ManifestError(ValueError):
+    """The file is not a usable AgentExperiment; the message says where and how to fix it."""
+
+
+def load_experiment(path: str | Path) -> AgentExperiment:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ManifestError(f"{path}: cannot read it ({error.strerror or error})") from None
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as error:
+        raise ManifestError(f"{path}: not valid YAML: {error}") from None
+    experiments = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == contract.EXPERIMENT_KIND]
+    if len(experiments) != 1:
+        raise ManifestError(
+            f"{path}: expected exactly one document with kind: {contract.EXPERIMENT_KIND}, found {len(experiments)}"
+        )
+    raw = experiments[0]
+    if raw.get("apiVersion") != contract.API_VERSION:
+        raise ManifestError(f"{path}: apiVersion must be {contract.API_VERSION} (got {raw.get('apiVersion')!r})")
+    if not isinstance(raw.get("spec"), dict):
+        raise ManifestError(f"{path}: spec is missing or not a mapping")
+    try:
+        experiment = AgentExperiment.model_validate(raw)
+        check_experiment_name(experiment.name)
+    except ValidationError as error:
+        raise ManifestError(f"{path}: {describe_validation_error(error)}") from None
+    except ValueError as error:
+        raise ManifestError(f"{path}: {error}") from None
+    return experiment
+
+
+def main_validate(args: argparse.Namespace) -> int:
+    try:
+        experiment = load_experiment(args.experiment)
+    except ManifestError as error:
+        print(f"invalid: {error}", file=sys.stderr)
+        return 2
+    spec = experiment.spec
+    print(
+        f"valid: {experiment.name}: {len(spec.search_space)} searched hyperparameters, "
+        f"up to {spec.budget.max_trials} trials ({spec.budget.parallel_trials} at a time), policy {spec.policy.type}"
+    )
+    return 0

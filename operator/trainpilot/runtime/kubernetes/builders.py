@@ -1,0 +1,276 @@
+"""Pure functions from an experiment and a trial to the Kubernetes objects that run it.
+
+No API calls here: each function returns a plain dict manifest, so what the operator creates can
+be read, diffed and tested without a cluster.
+
+A trial is an Indexed batch/v1 Job (one pod per node; Kueue and kubectl understand it) plus a
+headless Service that gives pod `<job>-0` a stable DNS name for torchrun's rendezvous, a
+ConfigMap with the trial config and a ConfigMap with the control file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from trainpilot.api import contract
+from trainpilot.api.experiment import AgentExperimentSpec, TrialStatus
+from trainpilot.api.trial import ControlFile, TrialConfig
+
+CONFIG_MOUNT = "/etc/trainpilot/trial"
+CONFIG_KEY = "trial.json"
+CONTROL_MOUNT = "/etc/trainpilot/control"
+CONTROL_KEY = "control.json"
+RENDEZVOUS_PORT = 29500
+# Enough for the trainer to finish a step, checkpoint and exit (it aims for well under this).
+TERMINATION_GRACE_SECONDS = 30
+CONTAINER_NAME = "trainer"
+
+
+def owner_reference(experiment: dict[str, Any]) -> dict[str, Any]:
+    """Children point at the experiment, so deleting it garbage-collects them."""
+    metadata = experiment["metadata"]
+    return {
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.EXPERIMENT_KIND,
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_labels(experiment: str, trial: str | None = None) -> dict[str, str]:
+    labels = {contract.LABEL_EXPERIMENT: experiment}
+    if trial is not None:
+        labels[contract.LABEL_TRIAL] = trial
+    return labels
+
+
+def config_map_name(trial: str) -> str:
+    return f"{trial}-config"
+
+
+def control_map_name(trial: str) -> str:
+    return f"{trial}-control"
+
+
+def checkpoint_dir(spec: AgentExperimentSpec, experiment: str, trial: str) -> str | None:
+    volume = spec.trial_template.checkpoints
+    if volume is None:
+        return None
+    return f"{volume.mount_path.rstrip('/')}/{experiment}/{trial}"
+
+
+def build_config_map(owner: dict[str, Any], trial: str, config: TrialConfig) -> dict[str, Any]:
+    experiment = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(trial),
+            "namespace": owner["metadata"]["namespace"],
+            "labels": child_labels(experiment, trial),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "data": {CONFIG_KEY: config.model_dump_json(indent=2)},
+    }
+
+
+def build_control_map(owner: dict[str, Any], trial: str, control: ControlFile) -> dict[str, Any]:
+    experiment = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": control_map_name(trial),
+            "namespace": owner["metadata"]["namespace"],
+            "labels": child_labels(experiment, trial),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "data": {CONTROL_KEY: control.model_dump_json(exclude_none=True)},
+    }
+
+
+def build_service(owner: dict[str, Any], trial: str) -> dict[str, Any]:
+    """Headless, and publishing not-ready pods: rendezvous happens before readiness."""
+    experiment = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": trial,
+            "namespace": owner["metadata"]["namespace"],
+            "labels": child_labels(experiment, trial),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": child_labels(experiment, trial),
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def trainer_command(command: list[str], nodes: int, processes: int) -> list[str]:
+    """The template's command, wrapped in torchrun when a trial has more than one process.
+
+    torchrun reads its node rank and rendezvous settings from PET_* variables (set in the pod's
+    environment), so the command itself needs no shell and no variable expansion.
+    """
+    if nodes * processes == 1:
+        return list(command)
+    launcher = [command[0], "-m", "torch.distributed.run"]
+    if len(command) >= 3 and command[1] == "-m":
+        return [*launcher, "-m", *command[2:]]
+    return [*launcher, *command[1:]]
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def build_job(
+    owner: dict[str, Any],
+    spec: AgentExperimentSpec,
+    trial: TrialStatus,
+    decision_id: str,
+) -> dict[str, Any]:
+    experiment = owner["metadata"]["name"]
+    namespace = owner["metadata"]["namespace"]
+    template = spec.trial_template
+    nodes, gpus = trial.nodes, trial.gpus_per_node
+    processes = template.processes_per_node or max(gpus, 1)
+    labels = child_labels(experiment, trial.name)
+
+    env: list[dict[str, Any]] = [
+        {"name": contract.ENV_TRIAL_CONFIG, "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
+        {"name": contract.ENV_CONTROL_FILE, "value": f"{CONTROL_MOUNT}/{CONTROL_KEY}"},
+        {"name": contract.ENV_METRICS_PORT, "value": str(spec.metrics.port)},
+        # Bind to the pod's own address: the same in a real pod, and it keeps trials on a
+        # shared host network (or a test's fake node) from fighting over one port.
+        _field_env(contract.ENV_METRICS_ADDR, "status.podIP"),
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if nodes * processes > 1:
+        index_path = f"metadata.annotations['{contract.LABEL_COMPLETION_INDEX}']"
+        env += [
+            _field_env("PET_NODE_RANK", index_path),
+            {"name": "PET_NNODES", "value": str(nodes)},
+            {"name": "PET_NPROC_PER_NODE", "value": str(processes)},
+            {"name": "PET_MASTER_ADDR", "value": f"{trial.name}-0.{trial.name}"},
+            {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
+    if gpus == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    env += [{"name": key, "value": value} for key, value in sorted(template.env.items())]
+
+    resources = {kind: dict(values) for kind, values in template.resources.items()}
+    if gpus:
+        # The kubernetes client validates quantities as strings.
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "trial-config", "configMap": {"name": config_map_name(trial.name)}},
+        {"name": "control", "configMap": {"name": control_map_name(trial.name)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "trial-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "control", "mountPath": CONTROL_MOUNT, "readOnly": True},
+    ]
+    if template.checkpoints is not None:
+        volumes.append(
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": template.checkpoints.claim_name}}
+        )
+        mounts.append({"name": "checkpoints", "mountPath": template.checkpoints.mount_path})
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": template.image,
+        "imagePullPolicy": template.image_pull_policy,
+        "command": trainer_command(template.command, nodes, processes),
+        "env": env,
+        "ports": [
+            {"name": "metrics", "containerPort": spec.metrics.port},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+        ],
+        "volumeMounts": mounts,
+        # The trainer writes its final result here; the kubelet copies it into the pod status,
+        # so the last metrics survive even when no scrape caught them.
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+    }
+    if resources:
+        container["resources"] = resources
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": trial.name,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.service_account_name:
+        pod_spec["serviceAccountName"] = template.service_account_name
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": trial.name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {
+                contract.ANNOTATION_HYPERPARAMETERS: json.dumps(trial.hyperparameters, sort_keys=True),
+                contract.ANNOTATION_DECISION: decision_id,
+            },
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            # A failed trial is a fact for the policy to weigh, not something to retry blindly.
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(spec.metrics.port),
+                        "prometheus.io/path": spec.metrics.path,
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_event(owner: dict[str, Any], name: str, reason: str, message: str, warning: bool, now: str) -> dict[str, Any]:
+    """A core/v1 Event with a deterministic name, so a retried post is a conflict, not a duplicate."""
+    metadata = owner["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": metadata["namespace"], "labels": child_labels(metadata["name"])},
+        "involvedObject": {
+            "apiVersion": contract.API_VERSION,
+            "kind": contract.EXPERIMENT_KIND,
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "uid": metadata.get("uid"),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
+        "source": {"component": "trainpilot-operator"},
+        "reportingComponent": "trainpilot.dev/operator",
+        "reportingInstance": "trainpilot-operator",
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }

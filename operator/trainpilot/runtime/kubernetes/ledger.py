@@ -1,0 +1,170 @@
+"""The durable decision ledger in a cluster: JSON lines in ConfigMaps owned by the experiment.
+
+Events expire after about an hour; this does not. The newest lines live in `<experiment>-ledger`;
+when that segment would pass SEGMENT_BYTES it is copied to `<experiment>-ledger-<n>` (n = 1, 2, ...)
+and started afresh, so no single object outgrows etcd's limit and nothing is ever dropped.
+Writes use resourceVersion (optimistic concurrency), so two writers cannot silently interleave.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from trainpilot.core import ledger as ledger_format
+from trainpilot.core.decision import DecisionRecord
+from trainpilot.runtime.kubernetes.api import Conflict, KubeApi, NotFound
+from trainpilot.runtime.kubernetes.builders import child_labels, owner_reference
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_BYTES = 256 * 1024
+KEY_LINES = "ledger.jsonl"
+KEY_ARCHIVED = "archived-segments"
+
+
+def ledger_name(experiment: str, segment: int | None = None) -> str:
+    return f"{experiment}-ledger" if segment is None else f"{experiment}-ledger-{segment}"
+
+
+class ConfigMapLedger:
+    def __init__(self, api: KubeApi, owner: dict[str, Any]) -> None:
+        self.api = api
+        self.owner = owner
+        self.namespace = owner["metadata"]["namespace"]
+        self.experiment = owner["metadata"]["name"]
+        self._text: str | None = None  # the current segment, cached after the first read
+        self._archived = 0
+        self._version: str | None = None
+        self._ids: set[str] = set()
+
+    async def _load(self) -> None:
+        try:
+            config_map = await self.api.call(
+                f"ledger of {self.experiment}",
+                self.api.core.read_namespaced_config_map,
+                ledger_name(self.experiment),
+                self.namespace,
+            )
+        except NotFound:
+            self._text, self._archived, self._version = "", 0, None
+        else:
+            data = config_map.data or {}
+            self._text = data.get(KEY_LINES, "")
+            self._archived = int(data.get(KEY_ARCHIVED, "0"))
+            self._version = config_map.metadata.resource_version
+        records, problems = ledger_format.decode(self._text)
+        for problem in problems:
+            logger.warning("ledger %s: %s", ledger_name(self.experiment), problem)
+        self._ids = {record.id for record in records}
+
+    async def recent(self) -> list[DecisionRecord]:
+        """The current segment: it always holds every record newer than the last saved status."""
+        if self._text is None:
+            await self._load()
+        records, _ = ledger_format.decode(self._text or "")
+        return records
+
+    async def append(self, record: DecisionRecord) -> None:
+        for _attempt in range(5):
+            if self._text is None:
+                await self._load()
+            if record.id in self._ids:
+                return
+            try:
+                await self._write(ledger_format.encode(record))
+            except Conflict:
+                self._text = None  # someone else wrote: re-read and try again
+                continue
+            self._ids.add(record.id)
+            return
+        raise Conflict(f"ledger of {self.experiment}: kept conflicting, giving up this cycle")
+
+    async def _write(self, line: str) -> None:
+        text = self._text or ""
+        archived = self._archived
+        if text and len(text.encode()) + len(line.encode()) > SEGMENT_BYTES:
+            archived += 1
+            await self.api.create_if_absent(
+                f"ledger segment {archived} of {self.experiment}",
+                self.api.core.create_namespaced_config_map,
+                self.namespace,
+                self._manifest(ledger_name(self.experiment, archived), text, None),
+            )
+            text = ""
+        manifest = self._manifest(ledger_name(self.experiment), text + line, archived)
+        if self._version is None:
+            created = await self.api.create_if_absent(
+                f"ledger of {self.experiment}", self.api.core.create_namespaced_config_map, self.namespace, manifest
+            )
+            if not created:
+                raise Conflict("ledger created concurrently")
+            result = None
+        else:
+            manifest["metadata"]["resourceVersion"] = self._version
+            result = await self.api.call(
+                f"ledger of {self.experiment}",
+                self.api.core.replace_namespaced_config_map,
+                ledger_name(self.experiment),
+                self.namespace,
+                manifest,
+            )
+        self._text, self._archived = text + line, archived
+        self._version = getattr(getattr(result, "metadata", None), "resource_version", None)
+        if self._version is None:
+            self._text = None  # version unknown: re-read before the next write
+
+    def _manifest(self, name: str, text: str, archived: int | None) -> dict[str, Any]:
+        data = {KEY_LINES: text}
+        if archived is not None:
+            data[KEY_ARCHIVED] = str(archived)
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {**child_labels(self.experiment), "trainpilot.dev/ledger": "true"},
+                "ownerReferences": [owner_reference(self.owner)],
+            },
+            "data": data,
+        }
+
+
+async def read_all(api: KubeApi, experiment: str, namespace: str) -> list[DecisionRecord]:
+    """Every record, archived segments first."""
+    try:
+        current = await api.call("ledger", api.core.read_namespaced_config_map, ledger_name(experiment), namespace)
+    except NotFound:
+        return []
+    data = current.data or {}
+    texts = []
+    for segment in range(1, int(data.get(KEY_ARCHIVED, "0")) + 1):
+        try:
+            archived = await api.call(
+                "ledger segment", api.core.read_namespaced_config_map, ledger_name(experiment, segment), namespace
+            )
+            texts.append((archived.data or {}).get(KEY_LINES, ""))
+        except NotFound:
+            logger.warning("ledger segment %s of %s is missing", segment, experiment)
+    texts.append(data.get(KEY_LINES, ""))
+    records, _ = ledger_format.decode("".join(texts))
+    return records
+
+
+def read_ledger(name: str, namespace: str | None) -> list[DecisionRecord]:
+    """For `trainpilot history <experiment>`: log in like kubectl and read every segment."""
+    import asyncio
+
+    from kubernetes import config
+
+    from trainpilot.runtime.kubernetes.api import load_credentials
+
+    api_client = load_credentials()
+    if namespace is None:
+        try:
+            _, context = config.list_kube_config_contexts()
+            namespace = context.get("context", {}).get("namespace") or "default"
+        except config.ConfigException:
+            namespace = "default"
+    return asyncio.run(read_all(KubeApi(api_client), name, namespace))

@@ -1,0 +1,69 @@
+"""Scraping trainer /metrics endpoints: concurrent, quick to give up, and distrustful.
+
+A trainer that is not serving yet, or has gone, is "no data yet" (None), never an error. What a
+trainer serves is data: only unlabelled `trainpilot_*` samples are kept, the body size and the
+sample count are bounded, and nothing in it is interpreted beyond a float.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from trainpilot.core.observation import TrialMetrics
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+MAX_SAMPLES = 256
+PREFIX = "trainpilot_"
+# Histogram internals are not gauges a policy reasons about.
+SKIPPED_SUFFIXES = ("_bucket", "_created")
+
+
+def parse_metrics(text: str) -> TrialMetrics:
+    """Keep unlabelled trainpilot_* samples; malformed exposition yields whatever parsed before it."""
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if len(values) >= MAX_SAMPLES:
+                    break
+                if not sample.name.startswith(PREFIX) or sample.labels:
+                    continue
+                if sample.name.endswith(SKIPPED_SUFFIXES):
+                    continue
+                value = float(sample.value)
+                if math.isnan(value) or math.isinf(value) or -1e300 < value < 1e300:
+                    values[sample.name] = value
+    except (ValueError, TypeError, IndexError) as error:
+        logger.debug("malformed metrics exposition: %s", error)
+    return TrialMetrics(values=values)
+
+
+async def scrape(session: aiohttp.ClientSession, url: str, timeout: float) -> TrialMetrics | None:
+    try:
+        async with asyncio.timeout(timeout):
+            async with session.get(url) as response:
+                if response.status != 200:
+                    return None
+                body = await response.content.read(MAX_BODY_BYTES)
+    except (aiohttp.ClientError, TimeoutError, OSError) as error:
+        logger.debug("scrape of %s gave no data: %s", url, type(error).__name__)
+        return None
+    return parse_metrics(body.decode("utf-8", errors="replace"))
+
+
+async def scrape_all(urls: Mapping[str, str], timeout: float) -> dict[str, TrialMetrics | None]:
+    """Scrape every trial's endpoint at once; one slow or dead trainer costs at most `timeout`."""
+    if not urls:
+        return {}
+    client_timeout = aiohttp.ClientTimeout(total=timeout, connect=timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+        results = await asyncio.gather(*(scrape(session, url, timeout) for url in urls.values()))
+    return dict(zip(urls.keys(), results))

@@ -1,0 +1,313 @@
+"""The heuristic policy: each rule fires on the data it is for, and stays quiet on healthy runs."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from trainpilot.api.experiment import DecisionSummary
+from trainpilot.core.policy import HeuristicPolicy, make_policy
+from trainpilot.core.policy.heuristic import count_reversals
+
+from tests.core.builders import NOW, context, heuristic, make_spec, observation, seen, status_of, trial
+
+HP = {"lr": 0.01, "weight_decay": 0.0}
+
+
+def healthy(name: str, index: int = 0, **fields) -> object:
+    """A running trial whose loss falls steadily."""
+    values = dict(
+        hyperparameters=dict(HP),
+        step=40,
+        train_loss=2.0,
+        smoothed_train_loss=2.1,
+        best_train_loss=2.0,
+        objective=2.2,
+        best_objective=2.2,
+        history=[[10.0, 3.0], [20.0, 2.7], [30.0, 2.5], [40.0, 2.3], [45.0, 2.25], [50.0, 2.2]],
+    )
+    values.update(fields)
+    return trial(name, index, "Running", **values)
+
+
+def by(decisions, action=None, reason=None):
+    return [d for d in decisions if (action is None or d.action == action) and (reason is None or d.reason == reason)]
+
+
+async def test_healthy_trials_are_left_alone_and_free_slots_filled():
+    spec = make_spec(budget={"parallelTrials": 3})
+    decisions = await heuristic(spec, status_of(spec, healthy("a", 0), healthy("b", 1)))
+    assert by(decisions, "terminate") == [] and by(decisions, "complete") == []
+    [launch] = by(decisions, "launch")
+    assert launch.reason == "suggested" and "1 launch slot(s) free" in launch.rationale
+    assert all(d.rationale and d.policy == "heuristic" for d in decisions)
+
+
+async def test_initial_trials_are_launched_first():
+    spec = make_spec(initialTrials=[{"lr": 0.5, "weight_decay": 0.0}, {"lr": 0.003, "weight_decay": 0.01}])
+    decisions = await heuristic(spec, status_of(spec))
+    assert [d.reason for d in decisions] == ["initial-trial", "initial-trial"]
+    assert [d.hyperparameters for d in decisions] == [{"lr": 0.5, "weight_decay": 0.0}, {"lr": 0.003, "weight_decay": 0.01}]
+    assert "spec.initialTrials[1]" in decisions[1].rationale
+
+
+# ---- 1. divergence --------------------------------------------------------------------------
+
+
+async def test_divergence_terminates_and_relaunches_with_lower_lr_from_the_checkpoint():
+    spec = make_spec()
+    status = status_of(spec, healthy("a", 0, hyperparameters={"lr": 0.5, "weight_decay": 0.02}, nonfinite_losses=1,
+                                     checkpoint_step=100))
+    decisions = await heuristic(spec, status)
+    [stop] = by(decisions, "terminate")
+    assert (stop.trial, stop.reason) == ("a", "nonfinite-loss")
+    [relaunch] = by(decisions, "launch", "relaunch-after-divergence")
+    assert relaunch.hyperparameters == {"lr": pytest.approx(0.05), "weight_decay": 0.02}
+    assert (relaunch.parent, relaunch.resume_from) == ("a", "a")
+    assert "0.5 x 0.1" in relaunch.rationale and "step 100" in relaunch.rationale
+
+
+async def test_finished_diverged_trial_is_relaunched_once_from_scratch_without_checkpoint():
+    spec = make_spec()
+    diverged = trial("a", 0, "Diverged", hyperparameters={"lr": 0.3, "weight_decay": 0.0})
+    [relaunch, *_] = by(await heuristic(spec, status_of(spec, diverged)), "launch")
+    assert relaunch.reason == "relaunch-after-divergence" and relaunch.resume_from is None
+    assert relaunch.hyperparameters["lr"] == pytest.approx(0.03)
+    # Once its child exists, nothing more.
+    child = trial("b", 1, "Running", parent="a", hyperparameters={"lr": 0.03, "weight_decay": 0.0})
+    decisions = await heuristic(spec, status_of(spec, diverged, child))
+    assert by(decisions, reason="relaunch-after-divergence") == []
+
+
+async def test_relaunch_lr_is_clamped_into_the_space():
+    spec = make_spec()  # lr in [1e-4, 1]
+    diverged = trial("a", 0, "Diverged", hyperparameters={"lr": 3e-4, "weight_decay": 0.0})
+    [relaunch, *_] = by(await heuristic(spec, status_of(spec, diverged)), "launch")
+    assert relaunch.hyperparameters["lr"] == pytest.approx(1e-4)
+    # At the floor already: a lower lr is impossible, so the relaunch takes a fresh suggestion.
+    floor = trial("a", 0, "Diverged", hyperparameters={"lr": 1e-4, "weight_decay": 0.0})
+    [relaunch, *_] = by(await heuristic(spec, status_of(spec, floor)), "launch")
+    assert relaunch.parent == "a" and "lowest allowed" in relaunch.rationale
+    assert spec.parameter("lr").contains(relaunch.hyperparameters["lr"])
+
+
+async def test_relaunches_per_lineage_are_limited():
+    spec = make_spec(policy={"heuristic": {"maxRelaunches": 2}}, budget={"maxFailedTrials": 0})
+    chain = [
+        trial("a", 0, "Diverged", hyperparameters={"lr": 0.9, "weight_decay": 0.0}),
+        trial("b", 1, "Diverged", parent="a", hyperparameters={"lr": 0.09, "weight_decay": 0.0}),
+    ]
+    [relaunch, *_] = by(await heuristic(spec, status_of(spec, *chain)), "launch")
+    assert relaunch.parent == "b" and "relaunch 2 of 2" in relaunch.rationale
+    chain.append(trial("c", 2, "Diverged", parent="b", hyperparameters={"lr": 0.009, "weight_decay": 0.0}))
+    decisions = await heuristic(spec, status_of(spec, *chain))
+    assert by(decisions, reason="relaunch-after-divergence") == []
+
+
+async def test_nan_objective_counts_as_divergence_only_after_a_first_evaluation():
+    spec = make_spec()
+    before_eval = trial("a", 0, "Running", step=5)
+    nan_seen = observation(seen("a", step=5, val_loss=math.nan))
+    assert by(await heuristic(spec, status_of(spec, before_eval), nan_seen), "terminate") == []
+    after_eval = healthy("a", 0)
+    [stop] = by(await heuristic(spec, status_of(spec, after_eval), nan_seen), "terminate")
+    assert stop.reason == "nonfinite-loss" and "val_loss is nan" in stop.rationale
+    inf_seen = observation(seen("a", step=5, val_loss=math.inf))
+    assert by(await heuristic(spec, status_of(spec, before_eval), inf_seen), "terminate", "nonfinite-loss")
+
+
+# ---- 2. loss spike --------------------------------------------------------------------------
+
+
+async def test_loss_spike_is_terminated():
+    spec = make_spec()  # spikeFactor 3
+    status = status_of(spec, healthy("a", smoothed_train_loss=6.5, best_train_loss=2.0))
+    [stop] = by(await heuristic(spec, status), "terminate")
+    assert stop.reason == "loss-spike" and "6.5" in stop.rationale and "3.25x" in stop.rationale
+
+
+async def test_loss_below_the_spike_factor_is_fine():
+    spec = make_spec()
+    status = status_of(spec, healthy("a", smoothed_train_loss=5.9, best_train_loss=2.0))
+    assert by(await heuristic(spec, status), "terminate") == []
+
+
+# ---- 3. oscillation -------------------------------------------------------------------------
+
+
+def points(*values: float) -> list[list[float]]:
+    return [[float(10 * i), value] for i, value in enumerate(values)]
+
+
+async def test_oscillating_validation_loss_is_terminated():
+    spec = make_spec()  # window 6, 4 reversals, 5% amplitude
+    status = status_of(spec, healthy("a", history=points(2.0, 2.4, 1.9, 2.5, 1.8, 2.6)))
+    [stop] = by(await heuristic(spec, status), "terminate")
+    assert stop.reason == "oscillating-val-loss" and "4 times" in stop.rationale
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        (2.0, 2.01, 1.99, 2.0, 1.98, 2.0),  # noise below the amplitude
+        (3.0, 2.6, 2.7, 2.3, 2.2, 2.0),  # one bump on the way down
+        (2.0, 2.4, 1.9, 2.5),  # too few points
+    ],
+)
+async def test_noise_and_bumps_are_not_oscillation(values):
+    spec = make_spec()
+    status = status_of(spec, healthy("a", history=points(*values)))
+    assert by(await heuristic(spec, status), "terminate") == []
+
+
+def test_count_reversals():
+    assert count_reversals([1.0, 2.0, 1.0, 2.0], 0.05) == (2, 1.0)
+    assert count_reversals([1.0, 0.9, 0.8], 0.05)[0] == 0
+
+
+# ---- 4. ASHA rungs --------------------------------------------------------------------------
+
+
+async def test_asha_stops_running_trials_outside_the_top_fraction():
+    spec = make_spec(budget={"parallelTrials": 4})  # max_steps 200, rung 0.25 -> step 50, eta 3
+    status = status_of(
+        spec,
+        trial("best", 0, "Succeeded", step=200, rung_objectives={"50": 2.0}, best_objective=1.5),
+        healthy("mid", 1, step=60, rung_objectives={"50": 2.5}),
+        healthy("bad", 2, step=60, rung_objectives={"50": 3.0}),
+        healthy("fresh", 3, step=20),
+    )
+    stops = by(await heuristic(spec, status), "terminate", "asha-rung")
+    assert [stop.trial for stop in stops] == ["mid", "bad"]
+    assert "3 at rung 0.25 (step 50)" in stops[1].rationale and "best 1 of 3" in stops[1].rationale
+    assert "cutoff 2" in stops[1].rationale
+
+
+async def test_asha_waits_for_enough_peers_and_keeps_the_leader():
+    spec = make_spec()
+    alone = status_of(spec, healthy("a", 0, step=60, rung_objectives={"50": 9.0}), healthy("b", 1, step=20))
+    assert by(await heuristic(spec, alone), "terminate") == []
+    pair = status_of(spec, healthy("a", 0, step=60, rung_objectives={"50": 2.0}),
+                     healthy("b", 1, step=60, rung_objectives={"50": 2.0}))
+    assert by(await heuristic(spec, pair), "terminate") == []  # a tie at the cutoff survives
+
+
+async def test_asha_judges_a_trial_at_its_latest_rung_only():
+    spec = make_spec(budget={"parallelTrials": 3})
+    status = status_of(
+        spec,
+        # Promoted past rung 100 before better peers arrived at rung 50: not demoted.
+        healthy("early", 0, step=120, rung_objectives={"50": 2.6, "100": 2.1}),
+        trial("b", 1, "Terminated", rung_objectives={"50": 2.0}),
+        trial("c", 2, "Terminated", rung_objectives={"50": 2.1}),
+    )
+    assert by(await heuristic(spec, status), "terminate") == []
+
+
+# ---- 5. finish ------------------------------------------------------------------------------
+
+
+async def test_goal_reached_completes_and_stops_the_rest():
+    spec = make_spec(objective={"goal": 1.6})
+    status = status_of(spec, trial("a", 0, "Succeeded", best_objective=1.55), healthy("b", 1))
+    decisions = await heuristic(spec, status)
+    assert [(d.action, d.trial, d.reason) for d in decisions] == [
+        ("terminate", "b", "experiment-complete"),
+        ("complete", None, "goal-reached"),
+    ]
+    assert decisions[-1].outcome == "succeeded" and "1.55" in decisions[-1].rationale
+
+
+async def test_goal_not_reached_does_not_complete():
+    spec = make_spec(objective={"goal": 1.0})
+    status = status_of(spec, trial("a", 0, "Succeeded", best_objective=1.55))
+    assert by(await heuristic(spec, status), "complete") == []
+
+
+async def test_too_many_failures_fails_the_experiment():
+    spec = make_spec(budget={"maxFailedTrials": 1})
+    tolerated = status_of(spec, trial("a", 0, "Failed"), trial("b", 1, "Diverged"), healthy("c", 2))
+    assert not [d for d in await heuristic(spec, tolerated) if d.action == "complete"]  # 1 crash, diverged ones don't count
+    status = status_of(spec, trial("a", 0, "Failed"), trial("b", 1, "Failed"), healthy("c", 2))
+    decisions = await heuristic(spec, status)
+    assert decisions[-1].action == "complete" and decisions[-1].outcome == "failed"
+    assert decisions[-1].reason == "too-many-failures" and "maxFailedTrials 1" in decisions[-1].rationale
+    assert by(decisions, "launch") == []
+
+
+async def test_budget_spent_completes_once_nothing_runs():
+    spec = make_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    running = status_of(spec, trial("a", 0, "Succeeded", best_objective=2.0), healthy("b", 1))
+    assert await heuristic(spec, running) == []  # waits for b; no launch either
+    done = status_of(spec, trial("a", 0, "Succeeded", best_objective=2.0), trial("b", 1, "Terminated"))
+    [complete] = await heuristic(spec, done)
+    assert (complete.reason, complete.outcome) == ("budget-spent", "succeeded")
+    nothing = status_of(spec, trial("a", 0, "Failed"), trial("b", 1, "Terminated"))
+    assert (await heuristic(spec, nothing))[0].outcome == "failed"
+
+
+async def test_gpu_hours_spent_stops_running_trials_too():
+    spec = make_spec(budget={"maxGpuHours": 1.0})
+    status = status_of(spec, healthy("a", 0, gpu_seconds=3700.0, best_objective=2.0))
+    decisions = await heuristic(spec, status)
+    assert [(d.action, d.reason) for d in decisions] == [("terminate", "experiment-complete"), ("complete", "budget-spent")]
+
+
+# ---- 6. launch ------------------------------------------------------------------------------
+
+
+async def test_a_slot_freed_this_cycle_is_refilled_relaunches_first():
+    spec = make_spec(budget={"parallelTrials": 2})
+    status = status_of(
+        spec,
+        healthy("a", 0, hyperparameters={"lr": 0.5, "weight_decay": 0.0}, nonfinite_losses=3),
+        healthy("b", 1, smoothed_train_loss=9.0, best_train_loss=2.0),
+    )
+    decisions = await heuristic(spec, status)
+    assert [(d.action, d.reason) for d in decisions] == [
+        ("terminate", "nonfinite-loss"),
+        ("terminate", "loss-spike"),
+        ("launch", "relaunch-after-divergence"),
+        ("launch", "suggested"),
+    ]
+
+
+async def test_launches_respect_the_quota():
+    spec = make_spec(budget={"parallelTrials": 4}, trialTemplate={"gpusPerNode": 1})
+    decisions = await heuristic(spec, status_of(spec), limits=SimpleNamespace(max_gpus=1))
+    assert len(by(decisions, "launch")) == 1
+
+
+# ---- never proposing what cannot happen -----------------------------------------------------
+
+
+async def test_disallowed_actions_are_not_proposed():
+    spec = make_spec(policy={"allowedActions": ["launch"]})
+    status = status_of(spec, healthy("a", 0, nonfinite_losses=2, hyperparameters={"lr": 0.5, "weight_decay": 0.0}))
+    decisions = await heuristic(spec, status)
+    # No terminate, and no relaunch while the diverging trial still runs.
+    assert [d.reason for d in decisions] == ["suggested"]
+
+
+async def test_a_decision_awaiting_approval_is_not_proposed_again():
+    spec = make_spec()
+    pending = DecisionSummary(id="exp-d00000", action="terminate", trial="a", policy="heuristic",
+                              outcome="pending-approval", reason="loss-spike", time=NOW)
+    status = status_of(spec, healthy("a", 0, smoothed_train_loss=9.0, best_train_loss=2.0), decisions=[pending])
+    assert by(await heuristic(spec, status), "terminate") == []
+
+
+async def test_explicit_settings_override_the_spec():
+    spec = make_spec()
+    status = status_of(spec, healthy("a", smoothed_train_loss=2.5, best_train_loss=2.0))
+    settings = spec.policy.heuristic.model_copy(update={"spike_factor": 1.1})
+    decisions = await HeuristicPolicy(settings).decide(context(spec, status))
+    assert by(decisions, "terminate", "loss-spike")
+
+
+def test_make_policy():
+    assert make_policy(make_spec()).name == "heuristic"
+    with pytest.raises(ValueError, match="claude"):
+        make_policy(make_spec(policy={"type": "claude"}))
