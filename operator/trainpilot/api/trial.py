@@ -23,6 +23,10 @@ TextLevel = Literal["byte", "char"]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
+# The synthetic chain keeps a vocab**(order+1) table of transition probabilities in memory.
+SYNTHETIC_MAX_TRANSITIONS = 2**22
+SYNTHETIC_DEFAULT_VOCAB = 32
+
 
 class Hyperparameters(BaseModel):
     """Every knob of a trial. Unknown names are rejected, so a typo never passes silently."""
@@ -97,6 +101,14 @@ class Hyperparameters(BaseModel):
                 raise ValueError("data_path: the tokens dataset needs a folder with train.bin and val.bin")
             if self.vocab_size is None:
                 raise ValueError("vocab_size: the tokens dataset needs the tokenizer's vocabulary size")
+        if self.dataset == "synthetic":
+            transitions = (self.vocab_size or SYNTHETIC_DEFAULT_VOCAB) ** (self.synthetic_order + 1)
+            if transitions > SYNTHETIC_MAX_TRANSITIONS:
+                raise ValueError(
+                    f"vocab_size: synthetic data with vocab_size {self.vocab_size or SYNTHETIC_DEFAULT_VOCAB} "
+                    f"and synthetic_order {self.synthetic_order} needs {transitions} transition probabilities, "
+                    f"more than the {SYNTHETIC_MAX_TRANSITIONS} allowed; lower vocab_size or synthetic_order"
+                )
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("precision: fp16 is GPU-only; use fp32 or bf16 with device cpu")
         return self
@@ -127,6 +139,7 @@ class TrialConfig(BaseModel):
     metrics_linger_seconds: float = Field(
         3.0, ge=0.0, le=30.0, description="Keep /metrics up this long after the last step."
     )
+    log_interval: int = Field(10, ge=1, description="Steps between the trainer's progress lines on stdout.")
 
 
 class ControlFile(BaseModel):

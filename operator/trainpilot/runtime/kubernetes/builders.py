@@ -62,34 +62,28 @@ def checkpoint_dir(spec: AgentExperimentSpec, experiment: str, trial: str) -> st
     return f"{volume.mount_path.rstrip('/')}/{experiment}/{trial}"
 
 
-def build_config_map(owner: dict[str, Any], trial: str, config: TrialConfig) -> dict[str, Any]:
+def _config_map(owner: dict[str, Any], trial: str, name: str, data: dict[str, str]) -> dict[str, Any]:
     experiment = owner["metadata"]["name"]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": config_map_name(trial),
+            "name": name,
             "namespace": owner["metadata"]["namespace"],
             "labels": child_labels(experiment, trial),
             "ownerReferences": [owner_reference(owner)],
         },
-        "data": {CONFIG_KEY: config.model_dump_json(indent=2)},
+        "data": data,
     }
+
+
+def build_config_map(owner: dict[str, Any], trial: str, config: TrialConfig) -> dict[str, Any]:
+    return _config_map(owner, trial, config_map_name(trial), {CONFIG_KEY: config.model_dump_json(indent=2)})
 
 
 def build_control_map(owner: dict[str, Any], trial: str, control: ControlFile) -> dict[str, Any]:
-    experiment = owner["metadata"]["name"]
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": control_map_name(trial),
-            "namespace": owner["metadata"]["namespace"],
-            "labels": child_labels(experiment, trial),
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "data": {CONTROL_KEY: control.model_dump_json(exclude_none=True)},
-    }
+    data = {CONTROL_KEY: control.model_dump_json(exclude_none=True)}
+    return _config_map(owner, trial, control_map_name(trial), data)
 
 
 def build_service(owner: dict[str, Any], trial: str) -> dict[str, Any]:
