@@ -76,9 +76,9 @@ def test_launch_after_too_many_failures_is_rejected():
 
 
 def test_launch_over_gpu_hours_is_rejected():
-    spec = make_spec(budget={"maxGpuHours": 1.0})
+    spec = make_spec(budget={"maxGPUHours": 1.0})
     status = status_of(spec, trial("a", 0, "Succeeded", gpu_seconds=3600.0))
-    assert rejected(check(launch(), spec, status), "spec.budget.maxGpuHours is 1")
+    assert rejected(check(launch(), spec, status), "spec.budget.maxGPUHours is 1")
 
 
 def test_launch_references_must_exist_and_resume_needs_a_checkpoint():

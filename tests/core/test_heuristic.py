@@ -249,7 +249,7 @@ async def test_budget_spent_completes_once_nothing_runs():
 
 
 async def test_gpu_hours_spent_stops_running_trials_too():
-    spec = make_spec(budget={"maxGpuHours": 1.0})
+    spec = make_spec(budget={"maxGPUHours": 1.0})
     status = status_of(spec, healthy("a", 0, gpu_seconds=3700.0, best_objective=2.0))
     decisions = await heuristic(spec, status)
     assert [(d.action, d.reason) for d in decisions] == [("terminate", "experiment-complete"), ("complete", "budget-spent")]

@@ -181,7 +181,9 @@ class Budget(CamelModel):
     max_failed_trials: int = Field(
         3, ge=0, le=500, description="Crashed trials tolerated; one more fails the experiment. Diverged trials do not count."
     )
-    max_gpu_hours: float | None = Field(None, gt=0, description="GPU-hours to spend at most (nodes x GPUs x hours).")
+    max_gpu_hours: float | None = Field(
+        None, gt=0, alias="maxGPUHours", description="GPU-hours to spend at most (nodes x GPUs x hours)."
+    )
 
 
 class HeuristicSettings(CamelModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -66,8 +67,13 @@ async def mark_invalid(
     return status
 
 
-async def drive(body: Any, stopped: Stopped, api: KubeApi, limits: object | None = None) -> None:
-    """Run one experiment's agent loop until kopf stops the daemon (deletion or shutdown)."""
+async def drive(
+    body: Any, stopped: Stopped, api: KubeApi, quota_limits: Callable[[str], object | None] | None = None
+) -> None:
+    """Run one experiment's agent loop until kopf stops the daemon (deletion or shutdown).
+
+    `quota_limits(namespace)` gives the admins' current QuotaPolicy limits, read fresh each cycle.
+    """
     name: str = body["metadata"]["name"]
     namespace: str = body["metadata"]["namespace"]
     status = restore_status(body.get("status"))
@@ -102,6 +108,13 @@ async def drive(body: Any, stopped: Stopped, api: KubeApi, limits: object | None
             runtime.update(owner, spec)
 
         wait = float(spec.policy.interval_seconds)
+        try:
+            limits = quota_limits(namespace) if quota_limits is not None else None
+        except ValueError as error:
+            # Fail closed: a broken QuotaPolicy must not lift a limit, so hold all decisions.
+            logger.warning("holding %s/%s: %s", namespace, name, error)
+            await stopped.wait(wait)
+            continue
         try:
             result = await run_cycle(
                 name, spec, status, runtime, policy, utc_now(), generation=generation, limits=limits

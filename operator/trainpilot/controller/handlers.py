@@ -8,6 +8,7 @@ from typing import Any
 import kopf
 
 from trainpilot.api import contract
+from trainpilot.api.quota import QuotaLimits, effective_limits
 from trainpilot.controller import agent
 from trainpilot.runtime.kubernetes.api import KubeApi, load_credentials
 
@@ -28,6 +29,16 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
+@kopf.index(contract.GROUP, contract.VERSION, contract.QUOTA_PLURAL)
+def quota_policies(body: kopf.Body, **_: Any) -> dict[None, dict[str, Any]]:
+    return {None: {"metadata": dict(body.metadata), "spec": dict(body.spec)}}
+
+
 @kopf.daemon(contract.GROUP, contract.VERSION, contract.EXPERIMENT_PLURAL, id="agent", cancellation_timeout=10.0)
-async def run_agent(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
-    await agent.drive(body, stopped, memo.api)
+async def run_agent(
+    body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, quota_policies: kopf.Index, **_: Any
+) -> None:
+    def limits(namespace: str) -> QuotaLimits:
+        return effective_limits(list(quota_policies.get(None, [])), namespace)
+
+    await agent.drive(body, stopped, memo.api, limits)

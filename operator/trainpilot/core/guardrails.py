@@ -280,7 +280,7 @@ def _allowances(
         )
     )
     if budget.max_gpu_hours is not None:
-        lines.append(_Allowance("spec.budget.maxGpuHours", budget.max_gpu_hours, status.gpu_hours_used, "GPU-hours used", spend=True))
+        lines.append(_Allowance("spec.budget.maxGPUHours", budget.max_gpu_hours, status.gpu_hours_used, "GPU-hours used", spend=True))
     quota_lines = (
         ("max_trials_per_experiment", launched, "trials launched", 1, False),
         ("max_parallel_trials", running, "trials running", 1, False),

@@ -217,7 +217,7 @@ class _Cycle:
         elif budget.max_gpu_hours is not None and status.gpu_hours_used >= budget.max_gpu_hours:
             # Running trials keep spending GPU hours, so this budget stops them rather than waits.
             outcome, reason = budget_outcome, "budget-spent"
-            rationale = f"{status.gpu_hours_used:.3g} GPU-hours used (maxGpuHours {budget.max_gpu_hours:g}); {best_text}"
+            rationale = f"{status.gpu_hours_used:.3g} GPU-hours used (maxGPUHours {budget.max_gpu_hours:g}); {best_text}"
         elif status.trials_launched >= budget.max_trials and not self.running():
             outcome, reason = budget_outcome, "budget-spent"
             rationale = f"all {status.trials_launched} trials launched (maxTrials {budget.max_trials}) and none is running; {best_text}"
