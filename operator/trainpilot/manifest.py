@@ -27,7 +27,10 @@ def load_experiment(path: str | Path) -> AgentExperiment:
     try:
         documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as error:
-        raise ManifestError(f"{path}: not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ManifestError(f"{path}{where}: not valid YAML: {problem}") from None
     experiments = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == contract.EXPERIMENT_KIND]
     if len(experiments) != 1:
         raise ManifestError(
