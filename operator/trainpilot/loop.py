@@ -50,6 +50,7 @@ async def run_cycle(
     for record in await runtime.ledger():
         if record.seq >= status.decisions_made:
             logger.info("recovering decision %s recorded before a restart", record.id)
+            await runtime.record(record)  # idempotent: re-posts an Event or annotation that was lost
             status = await _act(experiment, spec, status, runtime, record, now)
             result.recovered.append(record)
 

@@ -28,6 +28,7 @@ class MemoryRuntime:
         self.metrics: dict[str, dict[str, float]] = {}
         self.exits: dict[str, int] = {}
         self.crash_on_launch = False
+        self.announced: list[str] = []
 
     def checkpoint_dir(self, trial):
         return f"/ckpt/{trial}"
@@ -55,6 +56,7 @@ class MemoryRuntime:
         self.calls.append(("control", trial))
 
     async def record(self, record):
+        self.announced.append(record.id)
         if record.id not in {r.id for r in self.records}:
             self.records.append(record)
 
@@ -118,6 +120,7 @@ async def test_a_crash_between_record_and_save_is_recovered_without_repeats():
     runtime.crash_on_launch = False  # "restart": status as last saved (nothing), ledger intact
     result = await cycle(runtime, AgentExperimentStatus())
     assert [r.id for r in result.recovered] == ["exp-d00000"]
+    assert runtime.announced.count("exp-d00000") == 2  # the lost announcement is made again
     launched = [name for call, name in runtime.calls if call == "launch"]
     assert launched == sorted(set(launched))  # no trial launched twice
     assert [r.seq for r in runtime.records] == list(range(len(runtime.records)))

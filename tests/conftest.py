@@ -1,0 +1,4 @@
+"""Shared pytest configuration."""
+
+# The emulated Kubernetes API server, the fake node and the kopf runner (tests/kube/).
+pytest_plugins = ["tests.kube.fixtures"]
