@@ -230,3 +230,26 @@ async def test_a_failing_job_and_a_hanging_scrape_are_survived(kube: Kube, fake_
     failed_event = [e for e in events_of(kube, "crashing") if e.reason == contract.REASON_EXPERIMENT_FAILED]
     assert len(failed_event) == 1 and failed_event[0].type == "Warning"
     assert all(trial["state"] == "Failed" for trial in status["trials"])
+
+
+async def test_a_vanished_pod_fails_its_trial_and_the_experiment_goes_on(kube: Kube, fake_node) -> None:
+    def running_pod(trial: str):
+        selector = f"{contract.LABEL_TRIAL}={trial}"
+        pods = kube.core_v1().list_namespaced_pod("default", label_selector=selector).items
+        return next((p for p in pods if p.status.phase == "Running"), None)
+
+    def step_of(trial: str) -> int:
+        status = experiment(kube, "quickstart").get("status") or {}
+        return next((t.get("step", 0) for t in status.get("trials", []) if t["name"] == trial), 0)
+
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(manifest(budget={"maxTrials": 4, "parallelTrials": 2, "maxFailedTrials": 2}))
+        await aeventually(lambda: step_of("quickstart-t001") > 0, timeout=120, interval=0.5)
+        pod = await aeventually(lambda: running_pod("quickstart-t001"), timeout=30)
+        kube.core_v1().delete_namespaced_pod(pod.metadata.name, "default", grace_period_seconds=0)
+        status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
+
+    vanished = next(t for t in status["trials"] if t["name"] == "quickstart-t001")
+    assert vanished["state"] == "Failed", vanished
+    assert status["trialsFailed"] >= 1
+    assert status["phase"] == "Succeeded" and status["bestTrial"]["name"] != "quickstart-t001"
