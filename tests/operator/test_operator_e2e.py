@@ -122,6 +122,10 @@ async def test_quickstart_runs_to_success_and_records_every_decision(kube: Kube,
     assert hyperparameters == launch.decision.hyperparameters
     assert job.metadata.annotations[contract.ANNOTATION_DECISION] == launch.id
     assert job.metadata.owner_references[0].name == "quickstart"
+    # Its pod's termination message carries the trainer's final gauges into the pod status.
+    pods = kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={best}").items
+    message = json.loads(pods[0].status.container_statuses[0].state.terminated.message)
+    assert message["trainpilot_step"] == 300 and message["trainpilot_val_loss"] == pytest.approx(status["bestTrial"]["objective"])
     terminated = {r.decision.trial for r in records if r.decision.action == "terminate"}
     remaining = {j.metadata.name for j in kube.batch_v1().list_namespaced_job("default").items}
     assert not terminated & remaining

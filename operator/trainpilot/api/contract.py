@@ -28,6 +28,9 @@ ENV_TRIAL_CONFIG = "TRAINPILOT_TRIAL_CONFIG"
 ENV_METRICS_PORT = "TRAINPILOT_METRICS_PORT"
 ENV_METRICS_ADDR = "TRAINPILOT_METRICS_ADDR"
 ENV_CONTROL_FILE = "TRAINPILOT_CONTROL_FILE"
+# Where the trainer writes its final gauges as a JSON object (the container's terminationMessagePath,
+# so the last values reach the pod status even when no scrape caught them).
+ENV_TERMINATION_LOG = "TRAINPILOT_TERMINATION_LOG"
 DEFAULT_METRICS_PORT = 9400
 DEFAULT_METRICS_ADDR = "0.0.0.0"
 DEFAULT_METRICS_PATH = "/metrics"

@@ -25,6 +25,7 @@ RENDEZVOUS_PORT = 29500
 # Enough for the trainer to finish a step, checkpoint and exit (it aims for well under this).
 TERMINATION_GRACE_SECONDS = 30
 CONTAINER_NAME = "trainer"
+TERMINATION_LOG = "/dev/termination-log"
 
 
 def owner_reference(experiment: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +146,7 @@ def build_job(
         # Bind to the pod's own address: the same in a real pod, and it keeps trials on a
         # shared host network (or a test's fake node) from fighting over one port.
         _field_env(contract.ENV_METRICS_ADDR, "status.podIP"),
+        {"name": contract.ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if nodes * processes > 1:
@@ -192,7 +194,7 @@ def build_job(
         "volumeMounts": mounts,
         # The trainer writes its final result here; the kubelet copies it into the pod status,
         # so the last metrics survive even when no scrape caught them.
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
     }
     if resources:

@@ -1,0 +1,370 @@
+"""The trainer's pure parts, without DeepSpeed: data, loss floor, schedule, config mapping,
+control file, metrics exposition, result line. Milliseconds each."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trainpilot.api.trial import ControlFile, Hyperparameters, TrialConfig
+from trainpilot_trainer.config import (
+    check_resume,
+    control_file_path,
+    deepspeed_config,
+    metrics_endpoint,
+    resolve_device,
+    resolve_precision,
+)
+from trainpilot_trainer.control import ControlWatcher
+from trainpilot_trainer.data import MarkovChain, build_dataset, default_text_root, entropy, text_files
+from trainpilot_trainer.errors import ConfigError
+from trainpilot_trainer.exitcodes import EXIT_DIVERGED
+from trainpilot_trainer.metrics import Metrics
+from trainpilot_trainer.outcome import RunResult, is_nonfinite, loss_ceiling
+from trainpilot_trainer.schedule import Schedule
+
+
+def binary_entropy(p: float) -> float:
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+# ------------------------------------------------------------------ the synthetic chain and its floor
+
+
+def test_entropy_rate_of_a_two_state_chain_matches_the_hand_computation():
+    # P(next | current): from 0 stay with 0.9, from 1 go to 0 with 0.4.
+    chain = MarkovChain(np.array([[0.9, 0.1], [0.4, 0.6]]), order=1)
+    # Stationary: pi0 * 0.1 = pi1 * 0.4  ->  pi = (0.8, 0.2).
+    assert chain.stationary == pytest.approx([0.8, 0.2], abs=1e-12)
+    expected = 0.8 * binary_entropy(0.1) + 0.2 * binary_entropy(0.4)
+    assert chain.entropy_rate == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx(0.394669, abs=1e-6)
+    # Order 1: every prediction in a window has its full context.
+    assert chain.window_floor(32) == pytest.approx(expected, abs=1e-12)
+
+
+def test_order_two_floor_and_window_floor_by_hand():
+    # Next symbol copies the one two back, flipped with probability 0.1: every row has entropy
+    # H(0.1), and by symmetry the four pair states are equally likely.
+    flip = 0.1
+    rows = []
+    for state in range(4):  # state = 2 * older + newer
+        older = state // 2
+        rows.append([1 - flip, flip] if older == 0 else [flip, 1 - flip])
+    chain = MarkovChain(np.array(rows), order=2)
+    assert chain.stationary == pytest.approx([0.25] * 4, abs=1e-12)
+    assert chain.entropy_rate == pytest.approx(binary_entropy(flip), abs=1e-12)
+    # The first prediction of a window sees one symbol: it costs H(X1|X0) = ln 2 (the pair is
+    # uniform), the other T-1 cost the entropy rate.
+    block = 8
+    assert chain.window_floor(block) == pytest.approx((math.log(2) + (block - 1) * binary_entropy(flip)) / block)
+
+
+def test_sampled_stream_has_the_computed_entropy_rate():
+    chain = MarkovChain.random(vocab_size=8, order=2, concentration=0.3)
+    stream = chain.sample(np.random.default_rng(0), 64, 4096).astype(np.int64)
+    context = stream[:, :-2] * 8 + stream[:, 1:-1]
+    counts = np.bincount((context * 8 + stream[:, 2:]).ravel(), minlength=8**3).reshape(64, 8).astype(float)
+    conditional = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    empirical = float((counts.sum(axis=1) * entropy(conditional)).sum() / counts.sum())
+    assert empirical == pytest.approx(chain.entropy_rate, abs=0.01)
+    # Started at stationarity, the pair frequencies match the stationary distribution.
+    frequencies = np.bincount(context.ravel(), minlength=64) / context.size
+    assert np.abs(frequencies - chain.stationary).sum() < 0.02
+
+
+def test_synthetic_dataset_is_fixed_and_its_splits_differ():
+    hp = Hyperparameters(vocab_size=16, synthetic_order=1, block_size=16, micro_batch=4, eval_batches=3)
+    first, second = build_dataset(hp), build_dataset(hp)
+    assert first.loss_floor == second.loss_floor == pytest.approx(MarkovChain.random(16, 1, 0.3).entropy_rate)
+    for index in range(3):  # the same validation batches every time
+        assert np.array_equal(first.val_batch(index)[0], second.val_batch(index)[0])
+    x, y = first.train_batch(rank=0, position=7)
+    assert x.shape == y.shape == (4, 16) and np.array_equal(x[:, 1:], y[:, :-1])
+    assert np.array_equal(x, second.train_batch(0, 7)[0])  # a pure function of (seed, rank, position)
+    assert not np.array_equal(x, first.train_batch(1, 7)[0])  # ranks draw different batches
+    assert not np.array_equal(first.val.tokens[:1000], first.train.tokens[:1000])  # separate streams
+
+
+def test_a_different_seed_changes_the_training_order_but_not_the_data():
+    base = build_dataset(Hyperparameters(synthetic_order=1, block_size=16, seed=0))
+    other = build_dataset(Hyperparameters(synthetic_order=1, block_size=16, seed=1))
+    assert base.loss_floor == other.loss_floor
+    assert np.array_equal(base.val_batch(0)[0], other.val_batch(0)[0])
+    assert not np.array_equal(base.train_batch(0, 0)[0], other.train_batch(0, 0)[0])
+
+
+# ------------------------------------------------------------------ text and tokens
+
+
+def test_text_split_is_the_contiguous_tail(tmp_path):
+    (tmp_path / "b.txt").write_bytes(b"0123456789" * 30)
+    (tmp_path / "a.txt").write_bytes(b"abcdefghij" * 30)
+    (tmp_path / ".hidden").write_bytes(b"never read")
+    hp = Hyperparameters(dataset="text", data_path=[str(tmp_path)], block_size=8, micro_batch=2, eval_batches=2, val_fraction=0.2)
+    data = build_dataset(hp)
+    corpus = b"abcdefghij" * 30 + b"0123456789" * 30  # sorted file order
+    assert data.vocab_size == 256 and data.loss_floor is None
+    assert bytes(data.train.tokens) == corpus[:480] and bytes(data.val.tokens) == corpus[480:]
+    for index in range(2):
+        x, y = data.val_batch(index)
+        assert all(bytes(row.astype(np.uint8)) in corpus[480:] for row in x)
+
+
+def test_char_level_text_derives_its_vocabulary(tmp_path):
+    (tmp_path / "poem.txt").write_text("héllo wörld " * 20, encoding="utf-8")
+    hp = Hyperparameters(dataset="text", text_level="char", data_path=[str(tmp_path / "poem.txt")], block_size=8)
+    data = build_dataset(hp)
+    assert data.vocab_size == len(set("héllo wörld "))
+    assert int(data.train.tokens.max()) == data.vocab_size - 1
+    with pytest.raises(ConfigError, match="hyperparameters.vocab_size"):
+        build_dataset(hp.model_copy(update={"vocab_size": 3}))
+
+
+def test_default_text_is_the_standard_library():
+    files = text_files([])
+    names = {path.name for path in files}
+    assert "os.py" in names and "argparse.py" in names
+    root = default_text_root()
+    assert all("site-packages" not in path.relative_to(root).parts for path in files)
+    assert files == sorted(files)
+
+
+def test_text_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="hyperparameters.data_path: no such file"):
+        build_dataset(Hyperparameters(dataset="text", data_path=[str(tmp_path / "missing")]))
+    (tmp_path / "tiny.txt").write_text("short")
+    with pytest.raises(ConfigError, match="hyperparameters.block_size"):
+        build_dataset(Hyperparameters(dataset="text", data_path=[str(tmp_path / "tiny.txt")], block_size=64))
+
+
+def test_tokens_dataset_reads_nanogpt_bins(tmp_path):
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    (np.arange(200, dtype=np.uint16) + 5000).tofile(tmp_path / "val.bin")
+    hp = Hyperparameters(dataset="tokens", data_path=[str(tmp_path)], vocab_size=6000, block_size=16, micro_batch=4)
+    data = build_dataset(hp)
+    x, y = data.train_batch(0, 0)
+    assert np.array_equal(y, x + 1) and x.max() < 1000  # windows of the train file only
+    vx, _ = data.val_batch(0)
+    assert vx.min() >= 5000
+    (tmp_path / "val.bin").unlink()
+    with pytest.raises(ConfigError, match="hyperparameters.data_path: .*val.bin"):
+        build_dataset(hp)
+
+
+# ------------------------------------------------------------------ schedule
+
+
+def test_schedule_warmup_then_cosine_to_the_floor():
+    schedule = Schedule(peak=1e-2, floor=1e-3, warmup_steps=10, max_steps=110)
+    assert schedule.lr(0) == pytest.approx(1e-3)  # 1/10 of the way up: the first step already moves
+    assert schedule.lr(9) == pytest.approx(1e-2)
+    assert schedule.lr(10) == pytest.approx(1e-2)
+    assert schedule.lr(60) == pytest.approx(1e-3 + 0.5 * 9e-3)  # half way down the cosine
+    assert schedule.lr(110) == pytest.approx(1e-3)
+    decay = [schedule.lr(step) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert Schedule(peak=1.0, floor=0.1, warmup_steps=0, max_steps=10).lr(0) == 1.0
+
+
+def test_new_peak_rescales_the_whole_curve():
+    schedule = Schedule.from_hyperparameters(Hyperparameters(lr=1e-2, min_lr=2e-3, warmup_steps=5, max_steps=50))
+    rescaled = schedule.with_peak(4e-2)
+    for step in (0, 3, 5, 20, 49, 50):
+        assert rescaled.lr(step) == pytest.approx(4 * schedule.lr(step))
+    assert rescaled.floor == pytest.approx(8e-3)
+
+
+# ------------------------------------------------------------------ config mapping
+
+
+def test_deepspeed_config_from_hyperparameters():
+    hp = Hyperparameters(
+        lr=3e-3, beta1=0.8, beta2=0.99, weight_decay=0.1, grad_clip=0.5, micro_batch=4, grad_accum=3, zero_stage=2
+    )
+    config = deepspeed_config(hp, "fp32")
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"] == {"stage": 2}
+    assert config["optimizer"]["type"] == "AdamW"
+    params = config["optimizer"]["params"]
+    assert params["torch_adam"] is True
+    assert params["lr"] == 3e-3 and params["betas"] == [0.8, 0.99] and params["weight_decay"] == 0.1
+    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert "scheduler" not in config  # the trainer owns the schedule
+    assert deepspeed_config(hp, "bf16")["bf16"]["enabled"]
+    assert deepspeed_config(hp, "fp16")["fp16"]["enabled"]
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "cuda", "expected"),
+    [
+        ("auto", "auto", False, ("cpu", "fp32")),
+        ("auto", "auto", True, ("cuda", "bf16")),
+        ("cpu", "bf16", True, ("cpu", "bf16")),
+        ("auto", "fp16", True, ("cuda", "fp16")),
+        ("cuda", "fp32", True, ("cuda", "fp32")),
+    ],
+)
+def test_device_and_precision_resolution(device, precision, cuda, expected):
+    hp = Hyperparameters(device=device, precision=precision)
+    resolved = resolve_device(hp, cuda)
+    assert (resolved, resolve_precision(hp, resolved)) == expected
+
+
+def test_impossible_device_or_precision_names_the_field():
+    with pytest.raises(ConfigError, match="hyperparameters.precision: fp16 is GPU-only"):
+        resolve_precision(Hyperparameters(precision="fp16"), "cpu")
+    with pytest.raises(ConfigError, match="hyperparameters.device"):
+        resolve_device(Hyperparameters(device="cuda"), cuda_available=False)
+    assert resolve_precision(Hyperparameters(), "cuda", bf16_supported=False) == "fp16"
+
+
+def test_metrics_endpoint_and_control_path_from_the_environment():
+    assert metrics_endpoint({}) == metrics_endpoint({"TRAINPILOT_METRICS_PORT": "9400"})
+    assert metrics_endpoint({"TRAINPILOT_METRICS_PORT": "0", "TRAINPILOT_METRICS_ADDR": "127.0.0.1"}).port == 0
+    with pytest.raises(ConfigError, match="TRAINPILOT_METRICS_PORT"):
+        metrics_endpoint({"TRAINPILOT_METRICS_PORT": "http"})
+    config = TrialConfig()
+    assert control_file_path(config, {"TRAINPILOT_CONTROL_FILE": "/env"}) == "/env"
+    assert control_file_path(config.model_copy(update={"control_file": "/own"}), {"TRAINPILOT_CONTROL_FILE": "/env"}) == "/own"
+    assert control_file_path(config, {}) is None
+
+
+def _fake_checkpoint(root, zero_ranks=0, zero3=False, tag="step40"):
+    """The file names DeepSpeed writes for each ZeRO stage (contents do not matter here)."""
+    folder = root / tag
+    folder.mkdir(parents=True)
+    if not zero3:
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for rank in range(zero_ranks):
+        (folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+        if zero3:
+            (folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"")
+    (root / "latest").write_text(tag)
+    return str(root)
+
+
+def test_resume_world_size_rules(tmp_path):
+    zero0 = _fake_checkpoint(tmp_path / "zero0")
+    assert check_resume(zero0, zero_stage=0, world_size=3) == "step40"  # ZeRO-0: any world size
+    zero2 = _fake_checkpoint(tmp_path / "zero2", zero_ranks=2)
+    assert check_resume(zero2, zero_stage=2, world_size=2) == "step40"
+    assert check_resume(zero2, zero_stage=1, world_size=2) == "step40"  # stage 1 and 2 share a layout
+    with pytest.raises(ConfigError, match="resume_from: .*saved by 2 ranks with ZeRO-1-2.*same world size"):
+        check_resume(zero2, zero_stage=2, world_size=1)
+    with pytest.raises(ConfigError, match="resume_from: .*saved with ZeRO-1-2; this run has zero_stage 0"):
+        check_resume(zero2, zero_stage=0, world_size=2)
+    zero3 = _fake_checkpoint(tmp_path / "zero3", zero_ranks=2, zero3=True)
+    assert check_resume(zero3, zero_stage=3, world_size=2) == "step40"
+    with pytest.raises(ConfigError, match="resume_from: .*saved with ZeRO-3"):
+        check_resume(zero3, zero_stage=2, world_size=2)
+    with pytest.raises(ConfigError, match="resume_from: no checkpoint"):
+        check_resume(str(tmp_path / "empty"), zero_stage=0, world_size=1)
+
+
+# ------------------------------------------------------------------ control file
+
+
+def _write(path, payload):
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    os.replace(temporary, path)
+
+
+def test_control_watcher_returns_each_new_generation_once(tmp_path, capsys):
+    path = tmp_path / "control.json"
+    watcher = ControlWatcher(str(path))
+    assert watcher.poll() is None  # no file yet
+    _write(path, {"generation": 0})
+    assert watcher.poll() is None  # generation 0 is the initial, empty state
+    _write(path, {"generation": 1, "lr": 0.02})
+    assert watcher.poll() == ControlFile(generation=1, lr=0.02)
+    assert watcher.poll() is None  # unchanged file: one stat, no read
+    _write(path, {"generation": 1, "lr": 0.5})
+    assert watcher.poll() is None  # same generation again: already applied
+    _write(path, "{not json")
+    assert watcher.poll() is None
+    _write(path, {"generation": 2, "lr": -1})
+    assert watcher.poll() is None
+    assert capsys.readouterr().err.count("ignoring invalid control file") == 2
+    _write(path, {"generation": 3, "weight_decay": 0.05})
+    assert watcher.poll() == ControlFile(generation=3, weight_decay=0.05)
+
+
+def test_control_watcher_sees_a_configmap_style_symlink_swap(tmp_path):
+    # Kubernetes mounts ConfigMap keys as key -> ..data/key, and swaps the ..data symlink.
+    for version, generation in (("v1", 1), ("v2", 2)):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "control.json").write_text(json.dumps({"generation": generation, "lr": 0.01 * generation}))
+    os.symlink("v1", tmp_path / "..data")
+    os.symlink("..data/control.json", tmp_path / "control.json")
+    watcher = ControlWatcher(str(tmp_path / "control.json"))
+    assert watcher.poll().generation == 1
+    os.symlink("v2", tmp_path / "..data_tmp")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")  # same size, maybe same mtime: new inode
+    assert watcher.poll() == ControlFile(generation=2, lr=0.02)
+
+
+# ------------------------------------------------------------------ metrics and the result line
+
+
+def test_exporter_serves_the_contract_names():
+    metrics = Metrics(max_steps=300, loss_floor=None)
+    port = metrics.serve("127.0.0.1", 0)
+    try:
+        metrics.step.set(12)
+        metrics.nonfinite_loss.inc()
+        metrics.step_seconds.observe(0.004)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        metrics.close()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["trainpilot_step"] == 12 and samples["trainpilot_max_steps"] == 300
+    assert samples["trainpilot_nonfinite_loss_total"] == 1
+    assert samples["trainpilot_checkpoint_step"] == -1 and samples["trainpilot_control_generation"] == 0
+    assert math.isnan(samples["trainpilot_val_loss"])
+    assert samples["trainpilot_step_seconds_count"] == 1
+    assert "trainpilot_loss_floor" not in samples  # unknown floor: absent, not a made-up value
+    assert "trainpilot_gpu_memory_allocated_bytes" not in samples
+    assert not [name for name in samples if not name.startswith("trainpilot_")]
+
+
+def test_divergence_ceiling():
+    ceiling = loss_ceiling(16)
+    assert ceiling == pytest.approx(10 * math.log(16))
+    assert is_nonfinite(math.nan, ceiling) and is_nonfinite(math.inf, ceiling)
+    assert is_nonfinite(ceiling + 1, ceiling) and not is_nonfinite(math.log(16) * 2, ceiling)
+
+
+def test_result_line_is_strict_json():
+    result = RunResult(
+        exit_code=EXIT_DIVERGED, step=7, max_steps=300, train_loss=math.nan, val_loss=math.nan, loss_floor=1.25,
+        checkpoint_step=-1, learning_rate=0.1, weight_decay=0.0, grad_norm=math.inf, tokens_per_second=1e5,
+        nonfinite_loss_total=1, control_generation=0, tokens=1792, seconds=0.5,
+    )
+    fields = json.loads(json.dumps(result.as_dict(), allow_nan=False))
+    assert fields["exit_reason"] == "diverged" and fields["train_loss"] is None and fields["grad_norm"] is None
+    assert fields["step"] == 7 and fields["loss_floor"] == 1.25
+
+
+def test_termination_message_holds_the_final_gauges(tmp_path):
+    from trainpilot.runtime.kubernetes.runtime import final_metrics
+    from trainpilot_trainer.main import write_termination_message
+
+    path = tmp_path / "termination-log"
+    summary = {"experiment": "e", "step": 300, "val_loss": 1.26, "train_loss": None, "nonfinite_loss_total": 0, "exit_reason": "completed"}
+    write_termination_message(summary, str(path))
+    metrics = final_metrics(path.read_text())
+    assert metrics.values == {"trainpilot_step": 300.0, "trainpilot_val_loss": 1.26, "trainpilot_nonfinite_loss_total": 0.0}
+    assert metrics.objective("val_loss") == 1.26
+    write_termination_message(summary, str(tmp_path / "missing-dir" / "log"))  # logged, not raised
+    assert final_metrics("not json") is None and final_metrics("[1, 2]") is None

@@ -1,0 +1,337 @@
+"""Training and validation data: synthetic Markov chains, text files, or pre-tokenized bins.
+
+Everything here is numpy only (no torch), so bad data settings fail fast, before DeepSpeed starts.
+
+Three rules hold for every dataset:
+- train and validation never share tokens (separate streams, or a held-out tail);
+- validation is a FIXED list of `eval_batches` windows, identical at every evaluation, in every
+  trial with the same data settings, whatever the world size;
+- training batch number `position` of rank `rank` is a pure function of (seed, rank, position),
+  so a resumed run draws exactly the batches it would have drawn had it never stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainpilot.api.trial import SYNTHETIC_DEFAULT_VOCAB, Hyperparameters
+
+from .errors import ConfigError
+
+# Fixed, so every trial of every experiment sees the same chain, train stream and validation set:
+# the loss floor and the validation losses of different trials are then directly comparable.
+DATA_SEED = 1_234_567
+TRAIN_STREAM = 1
+VAL_STREAM = 2
+# Synthetic training text, generated once at start-up: large enough that a small model cannot
+# memorise it, small enough to generate in a fraction of a second.
+SYNTHETIC_TRAIN_TOKENS = 2**22
+SYNTHETIC_CHAIN_LENGTH = 4096
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats along the last axis; 0 log 0 counts as 0."""
+    logs = np.log(probabilities, where=probabilities > 0, out=np.zeros_like(probabilities))
+    return -(probabilities * logs).sum(axis=-1)
+
+
+class MarkovChain:
+    """An order-k chain over `vocab_size` symbols with Dirichlet-drawn transition rows.
+
+    A state is the last k symbols, numbered in base `vocab_size` with the oldest symbol most
+    significant; row `state` of `transitions` is the distribution of the next symbol.
+    """
+
+    def __init__(self, transitions: np.ndarray, order: int):
+        self.vocab_size = transitions.shape[1]
+        self.order = order
+        self.n_states = self.vocab_size**order
+        if transitions.shape != (self.n_states, self.vocab_size):
+            raise ValueError(f"an order-{order} chain needs a ({self.n_states}, {self.vocab_size}) transition table")
+        self.transitions = transitions
+        self.stationary = self._stationary_distribution()
+        # Inverse-CDF sampling for all states at once: row r's cumulative sums shifted by r form
+        # one increasing array, so one searchsorted samples every sequence's next symbol.
+        cumulative = np.cumsum(self.transitions, axis=1)
+        cumulative[:, -1] = 1.0  # rounding must never leave a gap at the top of a row
+        self._shifted_cdf = (cumulative + np.arange(self.n_states)[:, None]).ravel()
+
+    @classmethod
+    def random(cls, vocab_size: int, order: int, concentration: float, seed: int = DATA_SEED) -> "MarkovChain":
+        """Rows drawn from a symmetric Dirichlet: the lower the concentration, the peakier each row."""
+        rng = np.random.default_rng((seed, vocab_size, order))
+        return cls(rng.dirichlet(np.full(vocab_size, concentration), size=vocab_size**order), order)
+
+    def _step_distribution(self, state_probabilities: np.ndarray) -> np.ndarray:
+        """One step of the chain on a distribution over states: (a, rest) -> (rest, next)."""
+        flow = state_probabilities[:, None] * self.transitions  # (n_states, V)
+        return flow.reshape(self.vocab_size, -1).sum(axis=0)  # drop the oldest symbol
+
+    def _stationary_distribution(self, tolerance: float = 1e-13, max_iterations: int = 100_000) -> np.ndarray:
+        # Power iteration on the lazy chain (half stay, half step): same stationary distribution,
+        # and it converges even if the chain happens to be periodic.
+        probabilities = np.full(self.n_states, 1.0 / self.n_states)
+        for _ in range(max_iterations):
+            updated = 0.5 * (probabilities + self._step_distribution(probabilities))
+            if np.abs(updated - probabilities).sum() < tolerance:
+                return updated / updated.sum()
+            probabilities = updated
+        raise ConfigError(
+            "hyperparameters.synthetic_concentration: this chain mixes too slowly for its stationary "
+            "distribution (and so its loss floor) to be computed; use a larger synthetic_concentration"
+        )
+
+    @property
+    def entropy_rate(self) -> float:
+        """Nats per symbol given the full past: the best loss any model can reach on this data."""
+        return float(self.stationary @ entropy(self.transitions))
+
+    def window_floor(self, block_size: int) -> float:
+        """The best mean loss over a training window of `block_size` predictions.
+
+        The first k-1 predictions of a window lack a full context, so they cost more than the
+        entropy rate: H(X_1..X_k | X_0) more in total, from the stationary k-symbol marginals.
+        """
+        if block_size < self.order - 1:
+            raise ValueError("block_size must be at least synthetic_order - 1")
+        first_symbol = self.stationary.reshape(self.vocab_size, -1).sum(axis=1)
+        warm_up = float(entropy(self.stationary)) - float(entropy(first_symbol))
+        return (warm_up + (block_size - self.order + 1) * self.entropy_rate) / block_size
+
+    def sample(self, rng: np.random.Generator, n_sequences: int, length: int) -> np.ndarray:
+        """`n_sequences` independent stationary runs of the chain, `length` symbols each."""
+        dtype = np.uint8 if self.vocab_size <= 256 else np.uint16
+        out = np.empty((n_sequences, max(length, self.order)), dtype=dtype)
+        state = rng.choice(self.n_states, size=n_sequences, p=self.stationary)
+        for position in range(self.order):  # the start state's symbols, oldest first
+            out[:, position] = (state // self.vocab_size ** (self.order - 1 - position)) % self.vocab_size
+        for position in range(self.order, length):
+            flat = np.searchsorted(self._shifted_cdf, state + rng.random(n_sequences), side="right")
+            symbol = flat - state * self.vocab_size
+            out[:, position] = symbol
+            state = (state * self.vocab_size + symbol) % self.n_states
+        return out[:, :length]
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """A 1-D token array cut into equal, independent segments; windows never cross a segment."""
+
+    tokens: np.ndarray
+    segment: int
+
+    @classmethod
+    def whole(cls, tokens: np.ndarray) -> "TokenStore":
+        return cls(tokens, len(tokens))
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.tokens) // self.segment
+
+    def windows(self, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and next-token targets for windows of `length` + 1 tokens at `starts`."""
+        block = np.asarray(self.tokens[starts[:, None] + np.arange(length + 1)], dtype=np.int64)
+        return block[:, :-1], block[:, 1:]
+
+
+@dataclass
+class Dataset:
+    """Batches for one trial; shared by every rank (each draws its own training batches)."""
+
+    name: str
+    vocab_size: int
+    block_size: int
+    micro_batch: int
+    seed: int
+    train: TokenStore
+    val: TokenStore
+    val_starts: np.ndarray  # (eval_batches, micro_batch) window starts, fixed for the whole run
+    loss_floor: float | None = None  # entropy rate, when known
+    window_floor: float | None = None  # the floor averaged over a window's positions
+    description: str = ""
+
+    @property
+    def eval_batches(self) -> int:
+        return len(self.val_starts)
+
+    def train_batch(self, rank: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Micro-batch number `position` of `rank`: random windows, reproducible from the numbers alone."""
+        rng = np.random.default_rng((self.seed, rank, position))
+        window = self.block_size + 1
+        segments = rng.integers(0, self.train.n_segments, self.micro_batch)
+        offsets = rng.integers(0, self.train.segment - window + 1, self.micro_batch)
+        return self.train.windows(segments * self.train.segment + offsets, self.block_size)
+
+    def val_batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.val.windows(self.val_starts[index], self.block_size)
+
+
+def build_dataset(hp: Hyperparameters) -> Dataset:
+    """The dataset `hp` asks for; ConfigError (naming the field) when the data cannot serve it."""
+    builders = {"synthetic": _synthetic, "text": _text, "tokens": _tokens}
+    return builders[hp.dataset](hp)
+
+
+def _synthetic(hp: Hyperparameters) -> Dataset:
+    vocab_size = hp.vocab_size or SYNTHETIC_DEFAULT_VOCAB
+    chain = MarkovChain.random(vocab_size, hp.synthetic_order, hp.synthetic_concentration)
+    window = hp.block_size + 1
+    # Train: long independent chains started at stationarity, so every window is stationary.
+    chain_length = max(SYNTHETIC_CHAIN_LENGTH, 2 * window)
+    n_chains = max(1, SYNTHETIC_TRAIN_TOKENS // chain_length)
+    train = chain.sample(np.random.default_rng((DATA_SEED, TRAIN_STREAM)), n_chains, chain_length)
+    # Validation: one fresh chain per window, from a different stream than training.
+    count = hp.eval_batches * hp.micro_batch
+    val = chain.sample(np.random.default_rng((DATA_SEED, VAL_STREAM)), count, window)
+    floor = chain.entropy_rate
+    return Dataset(
+        name="synthetic",
+        vocab_size=vocab_size,
+        block_size=hp.block_size,
+        micro_batch=hp.micro_batch,
+        seed=hp.seed,
+        train=TokenStore(train.ravel(), chain_length),
+        val=TokenStore(val.ravel(), window),
+        val_starts=(np.arange(count) * window).reshape(hp.eval_batches, hp.micro_batch),
+        loss_floor=floor,
+        window_floor=chain.window_floor(hp.block_size),
+        description=(
+            f"synthetic order-{hp.synthetic_order} Markov chain over {vocab_size} symbols "
+            f"(concentration {hp.synthetic_concentration}), entropy rate {floor:.4f} nats"
+        ),
+    )
+
+
+def default_text_root() -> Path:
+    """The Python standard library's own sources: real text that every machine has."""
+    return Path(sysconfig.get_paths().get("stdlib") or os.path.dirname(os.__file__))
+
+
+def text_files(paths: list[str]) -> list[Path]:
+    """The files to read, in a deterministic order (sorted within each folder, folders in order given).
+
+    With no paths: every .py file under the standard library, minus installed packages (which
+    differ between machines). A folder given by the user contributes every file below it except
+    hidden ones and __pycache__.
+    """
+    if not paths:
+        root = default_text_root()
+        return sorted(
+            path
+            for path in root.rglob("*.py")
+            if not {"site-packages", "dist-packages"} & set(path.relative_to(root).parts) and path.is_file()
+        )
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(
+                sorted(
+                    found
+                    for found in path.rglob("*")
+                    if found.is_file()
+                    and not any(part.startswith(".") or part == "__pycache__" for part in found.relative_to(path).parts)
+                )
+            )
+        else:
+            raise ConfigError(f"hyperparameters.data_path: no such file or folder: {name!r}")
+    return files
+
+
+def _text(hp: Hyperparameters) -> Dataset:
+    files = text_files(hp.data_path)
+    if not files:
+        raise ConfigError(f"hyperparameters.data_path: no files found in {hp.data_path or [str(default_text_root())]}")
+    try:
+        raw = b"".join(path.read_bytes() for path in files)
+    except OSError as error:
+        raise ConfigError(f"hyperparameters.data_path: cannot read {error.filename!r}: {error.strerror}") from None
+    if hp.text_level == "byte":
+        tokens, needed = np.frombuffer(raw, dtype=np.uint8), 256
+    else:
+        # Characters numbered by code point order; the alphabet is taken from the whole corpus
+        # (validation included) so every validation character has a token.
+        codepoints = np.frombuffer(raw.decode("utf-8", errors="replace").encode("utf-32-le"), dtype=np.uint32)
+        alphabet = np.flatnonzero(np.bincount(codepoints)) if len(codepoints) else np.zeros(0, np.int64)
+        lookup = np.zeros(int(alphabet.max()) + 1 if len(alphabet) else 1, dtype=np.int32)
+        lookup[alphabet] = np.arange(len(alphabet))
+        needed = len(alphabet)
+        tokens = lookup[codepoints].astype(np.uint16 if needed <= 65536 else np.int32)
+    vocab_size = hp.vocab_size or needed
+    if vocab_size < needed:
+        raise ConfigError(
+            f"hyperparameters.vocab_size: {hp.text_level}-level text needs at least {needed} tokens "
+            f"(got {hp.vocab_size}); leave vocab_size unset to derive it"
+        )
+    # Validation is the contiguous tail of the corpus (files concatenated in sorted order).
+    n_val = int(len(tokens) * hp.val_fraction)
+    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    _check_long_enough("text corpus", len(train), len(val), hp.block_size)
+    return _dataset_from_arrays(
+        hp,
+        "text",
+        vocab_size,
+        train,
+        val,
+        f"{len(files)} text files, {len(tokens):,} {hp.text_level} tokens "
+        f"(vocab {vocab_size}), last {hp.val_fraction:.0%} held out for validation",
+    )
+
+
+def _tokens(hp: Hyperparameters) -> Dataset:
+    if len(hp.data_path) != 1:
+        raise ConfigError(
+            f"hyperparameters.data_path: the tokens dataset takes exactly one folder (got {len(hp.data_path)})"
+        )
+    folder = Path(hp.data_path[0])
+    arrays = {}
+    for split in ("train", "val"):
+        path = folder / f"{split}.bin"
+        if not path.is_file():
+            raise ConfigError(f"hyperparameters.data_path: {str(path)!r} not found (tokens needs train.bin and val.bin)")
+        # memmap: the corpus may be far larger than memory; windows are read on demand.
+        arrays[split] = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, np.uint16)
+    _check_long_enough(str(folder), len(arrays["train"]), len(arrays["val"]), hp.block_size)
+    assert hp.vocab_size is not None  # the config model requires it for tokens
+    return _dataset_from_arrays(
+        hp,
+        "tokens",
+        hp.vocab_size,
+        arrays["train"],
+        arrays["val"],
+        f"tokens from {folder}: {len(arrays['train']):,} train, {len(arrays['val']):,} val (uint16)",
+    )
+
+
+def _check_long_enough(what: str, n_train: int, n_val: int, block_size: int) -> None:
+    if min(n_train, n_val) < block_size + 1:
+        raise ConfigError(
+            f"hyperparameters.block_size: {what} has {n_train} train and {n_val} validation tokens; "
+            f"each split needs at least block_size + 1 = {block_size + 1}"
+        )
+
+
+def _dataset_from_arrays(
+    hp: Hyperparameters, name: str, vocab_size: int, train: np.ndarray, val: np.ndarray, description: str
+) -> Dataset:
+    # Fixed validation windows spread evenly over the held-out tokens (overlapping if it is short).
+    count = hp.eval_batches * hp.micro_batch
+    starts = np.linspace(0, len(val) - hp.block_size - 1, count).round().astype(np.int64)
+    return Dataset(
+        name=name,
+        vocab_size=vocab_size,
+        block_size=hp.block_size,
+        micro_batch=hp.micro_batch,
+        seed=hp.seed,
+        train=TokenStore.whole(train),
+        val=TokenStore.whole(val),
+        val_starts=starts.reshape(hp.eval_batches, hp.micro_batch),
+        description=description,
+    )

@@ -1,0 +1,409 @@
+"""The training loop: DeepSpeed engine, schedule, evaluation, checkpoints, control file, metrics.
+
+`Trainer.run()` is what a trial does; `Trainer.train(until_step)` is the bare step loop, which the
+overhead benchmark drives in-process. All ranks execute the same sequence of collectives: every
+decision that could differ between ranks (stop on a signal, a new control file, a non-finite
+loss) is agreed on in one small all-reduce after each step, so no rank is ever left waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+
+import torch
+
+from .distributed import set_accelerator_env
+
+set_accelerator_env(torch.cuda.is_available())  # must precede the first import of deepspeed
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+# DeepSpeed's ZeRO still calls collectives that torch has renamed; torch warns on every call
+# (once per step at ZeRO-3), about code the user cannot change.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+from trainpilot.api.trial import ControlFile, TrialConfig  # noqa: E402
+
+from .config import checkpoint_tag, deepspeed_config  # noqa: E402
+from .control import ControlWatcher  # noqa: E402
+from .data import Dataset  # noqa: E402
+from .distributed import DistEnv  # noqa: E402
+from .errors import ConfigError  # noqa: E402
+from .exitcodes import EXIT_COMPLETED, EXIT_DIVERGED, EXIT_STOPPED  # noqa: E402
+from .metrics import Metrics  # noqa: E402
+from .model import GPT, GPTShape  # noqa: E402
+from .outcome import RunResult, is_nonfinite, loss_ceiling  # noqa: E402
+from .schedule import Schedule  # noqa: E402
+
+# Weight of the newest step in the smoothed step time behind trainpilot_tokens_per_second.
+THROUGHPUT_SMOOTHING = 0.1
+
+
+class StopRequest:
+    """Set from a signal handler; read by the loop between steps (a handler must not do the work)."""
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+        self._seen = 0
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.signals.append(signal.Signals(signum).name)
+
+    def check(self) -> bool:
+        """Whether a stop was asked for; the signals so far count as handled by the loop."""
+        self._seen = len(self.signals)
+        return self._seen > 0
+
+    @property
+    def unhandled(self) -> bool:
+        """A signal arrived after the loop last looked: nobody acted on it (it cuts the linger)."""
+        return len(self.signals) > self._seen
+
+
+def quiet_stdout():
+    """DeepSpeed prints a few start-up lines with print(); stdout is for our progress lines and
+    the TRAINPILOT_RESULT line, so send them to stderr instead."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def init_distributed(device: str) -> None:
+    if not dist.is_initialized():
+        with quiet_stdout():
+            deepspeed.init_distributed(
+                dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
+            )
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrialConfig,
+        dataset: Dataset,
+        dist_env: DistEnv,
+        device: str,
+        precision: str,
+        metrics: Metrics,
+        control: ControlWatcher | None = None,
+        stop: StopRequest | None = None,
+        log=print,
+    ):
+        self.config = config
+        self.hp = hp = config.hyperparameters
+        self.dataset = dataset
+        self.dist = dist_env
+        self.precision = precision
+        self.metrics = metrics
+        self.control = control or ControlWatcher(None)
+        self.stop = stop or StopRequest()
+        self.log = log if dist_env.is_main else (lambda *args, **kwargs: None)
+
+        if device == "cuda":
+            torch.cuda.set_device(dist_env.local_rank)
+            self.device = torch.device("cuda", dist_env.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        init_distributed(device)
+
+        torch.manual_seed(hp.seed)  # identical initial weights on every rank
+        shape = GPTShape(hp.n_layer, hp.n_head, hp.n_embd, hp.block_size, dataset.vocab_size, hp.dropout)
+        self.model = GPT(shape)
+        self.num_parameters = self.model.num_parameters()  # before ZeRO-3 partitions them away
+        with quiet_stdout():
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=self.model,
+                model_parameters=self.model.parameter_groups(hp.weight_decay),
+                config=deepspeed_config(hp, precision),
+            )
+
+        self.schedule = Schedule.from_hyperparameters(hp)
+        self.weight_decay = hp.weight_decay
+        self.step = 0  # optimizer steps completed
+        self.data_position = 0  # micro-batches this rank has drawn
+        self.loss_ceiling = loss_ceiling(dataset.vocab_size)
+        self.tokens_per_step = hp.micro_batch * hp.grad_accum * hp.block_size * dist_env.world_size
+        self.tokens_seen = 0
+        self.train_loss = math.nan
+        self.val_loss = math.nan
+        self.val_step = -1
+        self.checkpoint_step = -1
+        self.grad_norm = math.nan
+        self.lr = math.nan
+        self.nonfinite_losses = 0
+        self._step_seconds_ema: float | None = None
+        # DeepSpeed returns the gradient norm from its ZeRO and mixed-precision optimizers, but with
+        # plain fp32 at ZeRO-0 it clips without reporting it; then we compute it on log steps only.
+        self._own_grad_norm = hp.zero_stage == 0 and precision == "fp32"
+        self._parameters = list(self.engine.module.parameters())  # walking the module tree costs ~100 us
+        # Our own collectives (agreement, validation totals) need tensors where the backend
+        # lives: on the GPU for nccl, in host memory for gloo.
+        self._sync_device = self.device if device == "cuda" else torch.device("cpu")
+        self._started = time.perf_counter()
+        self._apply_optimizer_settings()
+
+    # ---------------------------------------------------------------- optimizer settings
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.engine.optimizer.param_groups
+
+    def _apply_optimizer_settings(self) -> None:
+        """Write this run's weight decay and betas into the optimizer (a loaded checkpoint brings
+        the old run's values with its optimizer state; the current config wins)."""
+        for group in self.param_groups:
+            group["weight_decay"] = self.weight_decay if group.get("name") == "decay" else 0.0
+            group["betas"] = (self.hp.beta1, self.hp.beta2)
+        self.metrics.weight_decay.set(self.weight_decay)
+
+    def apply_control(self, control: ControlFile) -> None:
+        """New lr: the schedule is rescaled so its peak is the new lr (see schedule.py), from the
+        next step on. New weight_decay: applied to the decayed groups at once."""
+        changes = []
+        if control.lr is not None:
+            self.schedule = self.schedule.with_peak(control.lr)
+            changes.append(f"lr peak {control.lr:g}")
+        if control.weight_decay is not None:
+            self.weight_decay = control.weight_decay
+            self._apply_optimizer_settings()
+            changes.append(f"weight_decay {control.weight_decay:g}")
+        self.control.applied_generation = control.generation
+        self.metrics.control_generation.set(control.generation)
+        self.log(f"control generation {control.generation} applied at step {self.step}: {', '.join(changes) or 'no changes'}", flush=True)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> None:
+        directory = self.config.checkpoint_dir
+        assert directory is not None
+        state = {
+            "step": self.step,
+            "data_position": self.data_position,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.dist.world_size,
+            "experiment": self.config.experiment,
+            "trial": self.config.trial,
+        }
+        self.engine.save_checkpoint(directory, tag=checkpoint_tag(self.step), client_state={"trainpilot": state})
+        self.checkpoint_step = self.step
+        self.metrics.checkpoint_step.set(self.step)
+        self.log(f"checkpoint step {self.step} saved to {directory}/{checkpoint_tag(self.step)}", flush=True)
+
+    def resume(self, directory: str, tag: str) -> None:
+        """Continue from a checkpoint: weights, optimizer moments, step and data position. The
+        schedule is this run's (possibly changed) one, evaluated from the loaded step on."""
+        try:
+            with quiet_stdout():
+                path, client_state = self.engine.load_checkpoint(
+                    directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+                )
+        except (RuntimeError, KeyError, ValueError) as error:
+            # torch's load_state_dict error starts with a header line; the first detail says what differs.
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+            raise ConfigError(f"resume_from: {directory}/{tag} does not fit this model: {detail[:300]}") from None
+        state = (client_state or {}).get("trainpilot")
+        if path is None or not state:
+            raise ConfigError(f"resume_from: {directory}/{tag} is not a TrainPilot checkpoint")
+        self.step = int(state["step"])
+        self.data_position = int(state["data_position"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if self.config.checkpoint_dir is not None and _same_path(self.config.checkpoint_dir, directory):
+            self.checkpoint_step = self.step
+            self.metrics.checkpoint_step.set(self.step)
+        self._apply_optimizer_settings()
+        self.metrics.step.set(self.step)
+        saved_world = state.get("world_size")
+        self.log(
+            f"resumed from {directory}/{tag} at step {self.step} (saved by {saved_world} rank(s), "
+            f"now {self.dist.world_size})",
+            flush=True,
+        )
+
+    # ---------------------------------------------------------------- one step
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.dataset.train_batch(self.dist.rank, self.data_position)
+        self.data_position += 1
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def _train_step(self) -> float:
+        """One optimizer step (grad_accum micro-steps); returns this rank's mean loss."""
+        self.lr = self.schedule.lr(self.step)
+        for group in self.param_groups:
+            group["lr"] = self.lr
+        accum = self.hp.grad_accum
+        want_own_norm = self._own_grad_norm and (self.step + 1) % self.config.log_interval == 0
+        total = None
+        for micro in range(accum):
+            x, y = self._batch()
+            loss = self.engine(x, y)
+            self.engine.backward(loss)
+            if want_own_norm and micro == accum - 1:
+                # After the boundary backward the gradients are averaged over ranks, not yet clipped.
+                grads = [p.grad for p in self._parameters if p.grad is not None]
+                self.grad_norm = float(torch.nn.utils.get_total_norm(grads))
+            self.engine.step()
+            total = loss.detach() if total is None else total + loss.detach()
+        if not self._own_grad_norm:
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = math.nan if norm is None else float(norm)
+        return float(total) / accum  # the one host sync per step
+
+    def _agree(self, local_loss: float) -> tuple[float, bool, ControlFile | None]:
+        """Mean loss over ranks, whether any rank was asked to stop, and rank 0's new control file
+        if any: one all-reduce, so every rank takes the same decision at the same step."""
+        control = self.control.poll() if self.dist.is_main else None
+        stop = self.stop.check()
+        if self.dist.world_size == 1:
+            return local_loss, stop, control
+        values = [local_loss, float(stop), 0.0, 0.0, 0.0]
+        if control is not None:  # only rank 0 contributes these, so the sum is rank 0's value
+            values[2:] = [control.generation, control.lr or 0.0, -1.0 if control.weight_decay is None else control.weight_decay]
+        summed = torch.tensor(values, dtype=torch.float64, device=self._sync_device)
+        dist.all_reduce(summed)
+        total_loss, stops, generation, lr, weight_decay = summed.tolist()
+        agreed = None
+        if generation > 0:
+            agreed = ControlFile(
+                generation=int(generation), lr=lr or None, weight_decay=None if weight_decay < 0 else weight_decay
+            )
+        return total_loss / self.dist.world_size, stops > 0, agreed
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 0.0 if self._step_seconds_ema is None else self.tokens_per_step / self._step_seconds_ema
+
+    def _record_step(self, seconds: float) -> None:
+        self.tokens_seen += self.tokens_per_step
+        ema = self._step_seconds_ema
+        self._step_seconds_ema = seconds if ema is None else ema + THROUGHPUT_SMOOTHING * (seconds - ema)
+        metrics = self.metrics
+        metrics.step.set(self.step)
+        metrics.train_loss.set(self.train_loss)
+        metrics.learning_rate.set(self.lr)
+        metrics.grad_norm.set(self.grad_norm)
+        metrics.tokens_per_second.set(self.tokens_per_second)
+        metrics.step_seconds.observe(seconds)
+        if metrics.gpu_memory is not None:
+            metrics.gpu_memory.set(torch.cuda.memory_allocated(self.device))
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self, until_step: int) -> int | None:
+        """Run steps until `until_step`. Returns an exit code when the run must end early
+        (diverged, stopped), None when `until_step` was reached."""
+        hp, config = self.hp, self.config
+        while self.step < until_step:
+            started = time.perf_counter()
+            local_loss = self._train_step()
+            self.step += 1
+            self.train_loss, stop, control = self._agree(local_loss)
+            seconds = time.perf_counter() - started
+            self._record_step(seconds)
+
+            if is_nonfinite(self.train_loss, self.loss_ceiling):
+                self.nonfinite_losses += 1
+                self.metrics.nonfinite_loss.inc()
+                if hp.fail_fast:
+                    self.log(
+                        f"step {self.step}: loss {self.train_loss:.4g} is not finite or above the divergence "
+                        f"ceiling {self.loss_ceiling:.4g}; stopping (fail_fast) without a checkpoint",
+                        flush=True,
+                    )
+                    return EXIT_DIVERGED
+            if self.step % config.log_interval == 0:
+                self.log(
+                    f"step {self.step}/{hp.max_steps} | loss {self.train_loss:.4f} | lr {self.lr:.3e} | "
+                    f"grad {self.grad_norm:.3f} | {self.tokens_per_second:,.0f} tok/s | "
+                    f"{1000 * self._step_seconds_ema:.1f} ms/step",
+                    flush=True,
+                )
+            if self.step % hp.eval_interval == 0 or self.step == hp.max_steps:
+                self.evaluate()
+            if config.checkpoint_dir and hp.checkpoint_interval and self.step % hp.checkpoint_interval == 0:
+                self.save_checkpoint()
+            if stop:
+                return self._stop()
+            if control is not None:
+                self.apply_control(control)
+        return None
+
+    def _stop(self) -> int:
+        self.log(f"stop requested ({', '.join(self.stop.signals) or 'by another rank'}) at step {self.step}", flush=True)
+        if self.config.checkpoint_dir and self.checkpoint_step != self.step:
+            self.save_checkpoint()
+        return EXIT_STOPPED
+
+    def run(self) -> RunResult:
+        """The whole trial: train to max_steps (or until stopped or diverged), evaluate at the end."""
+        self._started = time.perf_counter()
+        _, stop, control = self._agree(0.0)  # a signal or control file may have arrived during start-up
+        if control is not None:
+            self.apply_control(control)
+        if stop:
+            return self.result(self._stop())
+        code = self.train(self.hp.max_steps)
+        if code is None:
+            code = EXIT_COMPLETED
+            if self.val_step != self.step:  # a resumed run that had nothing left to do
+                self.evaluate()
+            if self.config.checkpoint_dir and self.hp.checkpoint_interval and self.checkpoint_step != self.step:
+                self.save_checkpoint()
+        return self.result(code)
+
+    def result(self, exit_code: int) -> RunResult:
+        return RunResult(
+            exit_code=exit_code,
+            step=self.step,
+            max_steps=self.hp.max_steps,
+            train_loss=self.train_loss,
+            val_loss=self.val_loss,
+            loss_floor=self.dataset.loss_floor,
+            checkpoint_step=self.checkpoint_step,
+            learning_rate=self.lr,
+            weight_decay=self.weight_decay,
+            grad_norm=self.grad_norm,
+            tokens_per_second=self.tokens_per_second,
+            nonfinite_loss_total=self.nonfinite_losses,
+            control_generation=self.control.applied_generation,
+            tokens=self.tokens_seen,
+            seconds=time.perf_counter() - self._started,
+        )
+
+    # ---------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches. Batches are dealt round-robin to ranks;
+        every rank runs the same number of forwards (padding with a zero-weight repeat) because
+        ZeRO-3 gathers parameters collectively inside forward."""
+        world, rank = self.dist.world_size, self.dist.rank
+        n_batches = self.dataset.eval_batches
+        total = torch.zeros((), dtype=torch.float64, device=self._sync_device)
+        self.engine.eval()
+        for round_start in range(0, n_batches, world):
+            index = round_start + rank
+            x, y = self.dataset.val_batch(min(index, n_batches - 1))
+            loss = self.engine(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
+            if index < n_batches:
+                total += loss.double().to(self._sync_device)
+        self.engine.train()
+        if world > 1:
+            dist.all_reduce(total)
+        self.val_loss = float(total) / n_batches
+        self.val_step = self.step
+        self.metrics.val_loss.set(self.val_loss)
+        floor = self.dataset.loss_floor
+        above = "" if floor is None else f" ({self.val_loss - floor:+.4f} vs floor {floor:.4f})"
+        self.log(f"eval step {self.step} | val_loss {self.val_loss:.4f}{above}", flush=True)
+        return self.val_loss
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
