@@ -257,3 +257,50 @@ async def test_a_vanished_pod_fails_its_trial_and_the_experiment_goes_on(kube: K
     assert vanished["state"] == "Failed", vanished
     assert status["trialsFailed"] >= 1
     assert status["phase"] == "Succeeded" and status["bestTrial"]["name"] != "quickstart-t001"
+
+
+async def test_deleting_an_experiment_removes_its_children_without_hanging(kube: Kube, fake_node) -> None:
+    selector = f"{contract.LABEL_EXPERIMENT}=quickstart"
+
+    def children() -> list[str]:
+        core, batch = kube.core_v1(), kube.batch_v1()
+        found = [j.metadata.name for j in batch.list_namespaced_job("default", label_selector=selector).items]
+        found += [s.metadata.name for s in core.list_namespaced_service("default", label_selector=selector).items]
+        found += [c.metadata.name for c in core.list_namespaced_config_map("default", label_selector=selector).items]
+        found += [p.metadata.name for p in core.list_namespaced_pod("default", label_selector=selector).items]
+        return found
+
+    def gone() -> bool:
+        try:
+            experiment(kube, "quickstart")
+        except Exception as error:  # ApiException 404
+            return getattr(error, "status", None) == 404
+        return False
+
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(manifest())
+        await aeventually(lambda: len([c for c in children() if c.endswith("-config")]) >= 2, timeout=60)
+        kube.custom().delete_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, "quickstart"
+        )
+        await aeventually(gone, timeout=30, message="the daemon's finalizer is released")
+        await aeventually(lambda: children() == [], timeout=60, message="children garbage-collected")
+
+
+async def test_spec_changes_are_honoured_on_the_next_cycle(kube: Kube, fake_node) -> None:
+    def status_of() -> dict:
+        return experiment(kube, "quickstart").get("status") or {}
+
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(manifest(suspend=True, budget={"maxTrials": 2, "parallelTrials": 2}))
+        await aeventually(lambda: status_of().get("phase") == "Suspended", timeout=30)
+        assert kube.batch_v1().list_namespaced_job("default").items == []
+        generation = experiment(kube, "quickstart")["metadata"]["generation"]
+        patch = {"spec": {"suspend": False, "budget": {"maxTrials": 3, "parallelTrials": 2}}}
+        kube.custom().patch_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, "quickstart", patch
+        )
+        status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
+    assert status["phase"] == "Succeeded"
+    assert status["trialsLaunched"] == 3  # the raised budget, not the original 2
+    assert status["observedGeneration"] == generation + 1
