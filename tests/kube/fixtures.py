@@ -56,37 +56,43 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Waiting
 # ---------------------------------------------------------------------------------------------
 
+_RETRIED = (AssertionError, kubernetes.client.ApiException, LookupError, TypeError, ValueError, AttributeError)
+
+
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    """One try of a polled condition: its value, or the error that means "not yet"."""
+    try:
+        return fn(), None
+    except _RETRIED as e:
+        return None, e
+
+
+def _timed_out(timeout: float, message: str, last_error: BaseException | None) -> AssertionError:
+    return AssertionError(f'Condition not met in {timeout}s{": " + message if message else ""}'
+                          + (f' (last error: {last_error!r})' if last_error else ''))
+
+
 def eventually(fn: Callable[[], T], timeout: float = 10, interval: float = 0.05, message: str = '') -> T:
     """Call ``fn`` until it returns a truthy value (which is returned) or the time is out."""
     deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
     while True:
-        try:
-            result = fn()
-            if result:
-                return result
-        except (AssertionError, kubernetes.client.ApiException, LookupError, TypeError, ValueError, AttributeError) as e:
-            last_error = e
+        result, error = _attempt(fn)
+        if result:
+            return result
         if time.monotonic() >= deadline:
-            raise AssertionError(f'Condition not met in {timeout}s{": " + message if message else ""}'
-                                 + (f' (last error: {last_error!r})' if last_error else ''))
+            raise _timed_out(timeout, message, error)
         time.sleep(interval)
 
 
 async def aeventually(fn: Callable[[], T], timeout: float = 10, interval: float = 0.05, message: str = '') -> T:
     """Like :func:`eventually`, for async tests (``fn`` is sync; the loop is not blocked between calls)."""
     deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
     while True:
-        try:
-            result = fn()
-            if result:
-                return result
-        except (AssertionError, kubernetes.client.ApiException, LookupError, TypeError, ValueError, AttributeError) as e:
-            last_error = e
+        result, error = _attempt(fn)
+        if result:
+            return result
         if time.monotonic() >= deadline:
-            raise AssertionError(f'Condition not met in {timeout}s{": " + message if message else ""}'
-                                 + (f' (last error: {last_error!r})' if last_error else ''))
+            raise _timed_out(timeout, message, error)
         await asyncio.sleep(interval)
 
 
