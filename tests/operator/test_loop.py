@@ -148,3 +148,13 @@ async def test_a_failing_policy_costs_a_cycle_not_the_loop(caplog):
     result = await run_cycle("exp", SPEC, AgentExperimentStatus(), runtime, Broken(), "2026-11-22T06:00:00Z")
     assert runtime.calls == [] and runtime.saved == result.status
     assert "policy broken failed" in caplog.text
+
+
+def test_daemons_spread_over_the_interval():
+    from trainpilot.controller.agent import slot_wait
+
+    waits = [slot_wait("default", f"exp-{i}", 30.0, now=1000.0) for i in range(200)]
+    assert all(15.0 <= wait < 45.0 for wait in waits)
+    assert slot_wait("default", "exp-1", 30.0, 1000.0) == slot_wait("default", "exp-1", 30.0, 1000.0)
+    slots = {round((1000.0 + wait) % 30.0) for wait in waits}
+    assert len(slots) > 20  # not one burst: the phases cover the interval

@@ -8,8 +8,10 @@ Failures talking to the cluster are logged and retried on the next cycle.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+import time
+import zlib
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -41,6 +43,17 @@ class Stopped(Protocol):
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def slot_wait(namespace: str, name: str, interval: float, now: float) -> float:
+    """Seconds until this experiment's own slot in the interval (at least half an interval away).
+
+    Spreading experiments over the interval by a hash of their name keeps hundreds of daemons
+    from cycling in lockstep after an operator restart and hitting the API server all at once.
+    """
+    phase = zlib.crc32(f"{namespace}/{name}".encode()) / 2**32 * interval
+    wait = (phase - now) % interval
+    return wait + interval if wait < interval / 2 else wait
 
 
 def restore_status(raw: Any) -> AgentExperimentStatus:
@@ -120,6 +133,7 @@ async def drive(
                 name, spec, status, runtime, policy, utc_now(), generation=generation, limits=limits
             )
             status = result.status
+            wait = slot_wait(namespace, name, wait, time.time())
         except RuntimeFailure as failure:
             logger.warning("cycle of %s/%s failed, retrying: %s", namespace, name, failure)
             wait = min(wait, FAILURE_BACKOFF_SECONDS)

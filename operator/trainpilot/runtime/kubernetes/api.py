@@ -20,7 +20,8 @@ from trainpilot.api import contract
 from trainpilot.runtime.base import RuntimeFailure
 
 T = TypeVar("T")
-_EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kube-api")
+_EXECUTOR_WORKERS = 16
+_EXECUTOR = ThreadPoolExecutor(max_workers=_EXECUTOR_WORKERS, thread_name_prefix="kube-api")
 
 
 class NotFound(RuntimeFailure):
@@ -37,7 +38,10 @@ def load_credentials() -> client.ApiClient:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # One connection per worker thread, so bursts reuse connections instead of opening more.
+    configuration.connection_pool_maxsize = _EXECUTOR_WORKERS
+    return client.ApiClient(configuration)
 
 
 def _translate(error: ApiException, what: str) -> RuntimeFailure:
