@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainpilot.api.contract import RESULT_PREFIX
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-RESULT_PREFIX = "TRAINPILOT_RESULT "
 
 # A model that trains in milliseconds per step on one CPU core.
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "micro_batch": 8}

@@ -31,29 +31,20 @@ from .errors import ConfigError
 from .exitcodes import EXIT_CRASHED, EXIT_INVALID_CONFIG, EXIT_REASONS
 from .metrics import Metrics
 
-RESULT_PREFIX = "TRAINPILOT_RESULT "
 
 
 def print_result(fields: dict) -> None:
     """The final summary, one JSON object on one stdout line, for runtimes that read our output."""
-    print(RESULT_PREFIX + json.dumps(fields, separators=(",", ":")), flush=True)
-
-
-# Result fields that are gauges of the contract (`step` -> `trainpilot_step`, ...).
-TERMINATION_GAUGES = (
-    "step", "max_steps", "train_loss", "val_loss", "loss_floor", "checkpoint_step", "learning_rate",
-    "weight_decay", "grad_norm", "tokens_per_second", "nonfinite_loss_total", "control_generation",
-)
+    print(contract.RESULT_PREFIX + json.dumps(fields, separators=(",", ":")), flush=True)
 
 
 def write_termination_message(summary: dict, path: str | None) -> None:
-    """The final gauges as one JSON object, for the pod status (the kubelet keeps up to 4 KiB)."""
+    """The final summary, as on the result line, for the pod status (the kubelet keeps 4 KiB)."""
     if not path:
         return
-    gauges = {f"trainpilot_{key}": summary[key] for key in TERMINATION_GAUGES if isinstance(summary.get(key), (int, float))}
     try:
         with open(path, "w") as handle:
-            handle.write(json.dumps(gauges, separators=(",", ":"))[:4096])
+            handle.write(json.dumps(summary, separators=(",", ":"))[:4096])
     except OSError as error:  # a read-only or absent path must not turn a finished run into a crash
         print(f"trainpilot: could not write the termination message to {path}: {error}", file=sys.stderr)
 

@@ -28,7 +28,10 @@ ENV_TRIAL_CONFIG = "TRAINPILOT_TRIAL_CONFIG"
 ENV_METRICS_PORT = "TRAINPILOT_METRICS_PORT"
 ENV_METRICS_ADDR = "TRAINPILOT_METRICS_ADDR"
 ENV_CONTROL_FILE = "TRAINPILOT_CONTROL_FILE"
-# Where the trainer writes its final gauges as a JSON object (the container's terminationMessagePath,
+# The trainer's final summary: one stdout line `TRAINPILOT_RESULT {json}`; the same JSON object
+# goes to its termination message.
+RESULT_PREFIX = "TRAINPILOT_RESULT "
+# Where the trainer writes its final summary as a JSON object (the container's terminationMessagePath,
 # so the last values reach the pod status even when no scrape caught them).
 ENV_TERMINATION_LOG = "TRAINPILOT_TERMINATION_LOG"
 DEFAULT_METRICS_PORT = 9400

@@ -8,7 +8,8 @@ are data only: nothing in them is ever read as an instruction.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,12 +21,45 @@ RuntimePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Missing"]
 ExitReason = Literal["completed", "diverged", "invalid-config", "crashed", "terminated", "unknown"]
 
 
+# Short names the trainer's final summary uses for the contract's gauges.
+RESULT_ALIASES = {
+    "step": contract.METRIC_STEP,
+    "train_loss": contract.METRIC_TRAIN_LOSS,
+    "val_loss": contract.METRIC_VAL_LOSS,
+    "learning_rate": contract.METRIC_LEARNING_RATE,
+    "lr": contract.METRIC_LEARNING_RATE,
+    "grad_norm": contract.METRIC_GRAD_NORM,
+    "tokens_per_second": contract.METRIC_TOKENS_PER_SECOND,
+    "nonfinite_loss_total": contract.METRIC_NONFINITE_LOSS,
+    "nonfinite_losses": contract.METRIC_NONFINITE_LOSS,
+    "checkpoint_step": contract.METRIC_CHECKPOINT_STEP,
+    "loss_floor": contract.METRIC_LOSS_FLOOR,
+    "max_steps": contract.METRIC_MAX_STEPS,
+    "control_generation": contract.METRIC_CONTROL_GENERATION,
+    "weight_decay": contract.METRIC_WEIGHT_DECAY,
+}
+
+
 class TrialMetrics(BaseModel):
     """One scrape of a trainer's rank-0 /metrics, reduced to the contract's gauges."""
 
     model_config = ConfigDict(extra="forbid")
 
     values: dict[str, float] = Field(default_factory=dict, description="trainpilot_* samples by name.")
+
+    @classmethod
+    def from_result(cls, fields: Any) -> "TrialMetrics | None":
+        """The gauges in a trainer's final summary (result line or termination message); None if none."""
+        if not isinstance(fields, Mapping):
+            return None
+        values: dict[str, float] = {}
+        for key, value in fields.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # null (JSON has no NaN), text, nested data: not a gauge
+            name = key if str(key).startswith("trainpilot_") else RESULT_ALIASES.get(key)
+            if name:
+                values[name] = float(value)
+        return cls(values=values) if values else None
 
     def get(self, name: str) -> float | None:
         value = self.values.get(name)

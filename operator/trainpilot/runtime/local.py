@@ -47,25 +47,7 @@ from trainpilot.runtime.scrape import scrape_all
 logger = logging.getLogger(__name__)
 
 TRAINER_MODULE = "trainpilot_trainer"
-RESULT_PREFIX = "TRAINPILOT_RESULT "
 KILL_AFTER_SECONDS = 30.0
-# Short names a TRAINPILOT_RESULT line may use for the contract's gauges.
-_RESULT_ALIASES = {
-    "step": contract.METRIC_STEP,
-    "train_loss": contract.METRIC_TRAIN_LOSS,
-    "val_loss": contract.METRIC_VAL_LOSS,
-    "learning_rate": contract.METRIC_LEARNING_RATE,
-    "lr": contract.METRIC_LEARNING_RATE,
-    "grad_norm": contract.METRIC_GRAD_NORM,
-    "tokens_per_second": contract.METRIC_TOKENS_PER_SECOND,
-    "nonfinite_loss_total": contract.METRIC_NONFINITE_LOSS,
-    "nonfinite_losses": contract.METRIC_NONFINITE_LOSS,
-    "checkpoint_step": contract.METRIC_CHECKPOINT_STEP,
-    "loss_floor": contract.METRIC_LOSS_FLOOR,
-    "max_steps": contract.METRIC_MAX_STEPS,
-    "control_generation": contract.METRIC_CONTROL_GENERATION,
-    "weight_decay": contract.METRIC_WEIGHT_DECAY,
-}
 # torchrun's failure summary names each failed rank's exit code.
 _TORCHRUN_EXITCODE = re.compile(r"rank\s*:\s*0\b.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 
@@ -121,11 +103,11 @@ def _fsync_dir(folder: Path) -> None:
 def result_fields(text: str) -> dict[str, Any] | None:
     """The JSON object of the last `TRAINPILOT_RESULT {json}` line of a trainer log."""
     for line in reversed(text.splitlines()):
-        position = line.find(RESULT_PREFIX)
+        position = line.find(contract.RESULT_PREFIX)
         if position < 0:
             continue
         try:
-            raw = json.loads(line[position + len(RESULT_PREFIX) :])
+            raw = json.loads(line[position + len(contract.RESULT_PREFIX) :])
         except json.JSONDecodeError:
             continue
         if isinstance(raw, dict):
@@ -135,17 +117,7 @@ def result_fields(text: str) -> dict[str, Any] | None:
 
 def parse_result_line(text: str) -> TrialMetrics | None:
     """The last `TRAINPILOT_RESULT {json}` line of a trainer log, as metrics; None without one."""
-    raw = result_fields(text)
-    if raw is None:
-        return None
-    values: dict[str, float] = {}
-    for key, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # null (JSON has no NaN), text, nested data: not a gauge
-        name = key if key.startswith("trainpilot_") else _RESULT_ALIASES.get(key)
-        if name:
-            values[name] = float(value)
-    return TrialMetrics(values=values) if values else None
+    return TrialMetrics.from_result(result_fields(text))
 
 
 def _tail(path: Path, limit: int = 64 * 1024) -> str:

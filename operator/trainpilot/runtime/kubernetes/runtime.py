@@ -44,21 +44,11 @@ def _exit_reason(code: int | None) -> str:
 
 
 def final_metrics(termination_message: str | None) -> TrialMetrics | None:
-    """The trainer's last values from the pod's termination message (a JSON object of gauges)."""
-    if not termination_message:
-        return None
+    """The trainer's last values from the pod's termination message (its final summary, as JSON)."""
     try:
-        payload = json.loads(termination_message)
+        return TrialMetrics.from_result(json.loads(termination_message or ""))
     except ValueError:
         return None
-    if not isinstance(payload, dict):
-        return None
-    values = {
-        key: float(value)
-        for key, value in payload.items()
-        if isinstance(key, str) and key.startswith("trainpilot_") and isinstance(value, (int, float))
-    }
-    return TrialMetrics(values=values) if values else None
 
 
 class KubernetesRuntime:
