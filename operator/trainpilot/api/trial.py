@@ -10,7 +10,10 @@ namespace is what users write (`{lr: 0.1, n_layer: 4}`) and what a search space 
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -178,8 +181,10 @@ def load_trial_config(text: str) -> TrialConfig:
         raise ValueError(describe_validation_error(error)) from None
 
 
-def tunable_hyperparameters() -> dict[str, type]:
-    """Names a search space may move, with their Python type (numbers only)."""
+@functools.cache
+def tunable_hyperparameters() -> Mapping[str, type]:
+    """Names a search space may move, with their Python type (numbers only). Computed once:
+    guardrails and suggesters ask for it on every check."""
     tunable: dict[str, type] = {}
     for name, field in Hyperparameters.model_fields.items():
         annotation = field.annotation
@@ -191,4 +196,4 @@ def tunable_hyperparameters() -> dict[str, type]:
                 break
     # Booleans are ints to Python; they are switches, not a search dimension.
     tunable.pop("fail_fast", None)
-    return tunable
+    return MappingProxyType(tunable)
