@@ -15,6 +15,7 @@ import sys
 import time
 
 from trainpilot.api import contract
+from trainpilot.core.observation import TrialMetrics
 
 from .config import (
     check_resume,
@@ -39,12 +40,13 @@ def print_result(fields: dict) -> None:
 
 
 def write_termination_message(summary: dict, path: str | None) -> None:
-    """The final summary, as on the result line, for the pod status (the kubelet keeps 4 KiB)."""
+    """The final gauges under their contract names, for the pod status (the kubelet keeps 4 KiB)."""
     if not path:
         return
+    metrics = TrialMetrics.from_result(summary)
     try:
         with open(path, "w") as handle:
-            handle.write(json.dumps(summary, separators=(",", ":"))[:4096])
+            handle.write(json.dumps(metrics.values if metrics else {}, separators=(",", ":"))[:4096])
     except OSError as error:  # a read-only or absent path must not turn a finished run into a crash
         print(f"trainpilot: could not write the termination message to {path}: {error}", file=sys.stderr)
 
