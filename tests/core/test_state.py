@@ -190,6 +190,21 @@ def test_counters_summary_and_best_trial_over_all_trials():
     assert status.phase == "Running"
 
 
+def test_crashed_and_diverged_trials_are_never_the_best():
+    spec = make_spec()
+    status = status_of(
+        spec,
+        trial("crashed", 0, "Failed", best_objective=1.0),
+        trial("diverged", 1, "Diverged", best_objective=1.1),
+        trial("stopped-diverging", 2, "Terminated", best_objective=1.2, message="nonfinite-loss"),
+        trial("pruned", 3, "Terminated", best_objective=2.5),
+        trial("running", 4, "Running", best_objective=2.2),
+    )
+    assert status.best_trial.name == "running" and status.best_objective == 2.2
+    only_crashed = status_of(spec, trial("crashed", 0, "Failed", best_objective=1.0))
+    assert only_crashed.best_trial is None and only_crashed.best_objective is None
+
+
 def test_gpu_hours_accrue_for_running_trials_only():
     spec = make_spec()
     status = status_of(

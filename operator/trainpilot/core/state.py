@@ -38,6 +38,15 @@ def is_diverged(trial: TrialStatus) -> bool:
     return trial.state == "Diverged" or (trial.state == "Terminated" and trial.message == DIVERGED_REASON)
 
 
+def is_scored(trial: TrialStatus) -> bool:
+    """Its objective counts: measured, and the trial neither crashed nor diverged.
+
+    Crashed and diverged trials never finished what their settings asked for, so, like
+    Optuna's FAIL trials, they are never the best and never guide the search.
+    """
+    return trial.best_objective is not None and trial.state != "Failed" and not is_diverged(trial)
+
+
 def max_steps(spec: AgentExperimentSpec, trial: TrialStatus) -> int:
     """What the trial will run: reported by the trainer, else searched, else the template's."""
     for candidate in (
@@ -313,7 +322,7 @@ def _recount(spec: AgentExperimentSpec, status: AgentExperimentStatus) -> AgentE
 def best_trial(spec: AgentExperimentSpec, trials: list[TrialStatus]) -> BestTrial | None:
     best: TrialStatus | None = None
     for trial in trials:
-        if trial.best_objective is None:
+        if not is_scored(trial):
             continue
         if best is None or spec.objective.better(trial.best_objective, best.best_objective):  # type: ignore[arg-type]
             best = trial

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, SearchParameter, TrialStatus
-from trainpilot.core.state import is_diverged
+from trainpilot.core.state import is_diverged, is_scored
 
 SAMPLER = "TPESampler"
 TOP_CONFIGS = 5
@@ -56,7 +56,7 @@ class Suggester:
         scored = [
             trial
             for trial in self.status.trials
-            if trial.finished and not is_diverged(trial) and trial.best_objective is not None
+            if trial.finished and is_scored(trial)
         ]
         scored.sort(key=lambda trial: trial.best_objective, reverse=self.spec.objective.direction == "maximize")  # type: ignore[arg-type,return-value]
         top = [
@@ -88,7 +88,7 @@ class Suggester:
         state = optuna.trial.TrialState
         if not trial.finished:
             return optuna.trial.create_trial(state=state.RUNNING, params=params, distributions=distributions)
-        if is_diverged(trial) or trial.state == "Failed" or trial.best_objective is None:
+        if not is_scored(trial):
             return optuna.trial.create_trial(state=state.FAIL, params=params, distributions=distributions)
         return optuna.trial.create_trial(params=params, distributions=distributions, value=trial.best_objective)
 
