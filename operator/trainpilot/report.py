@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
+from trainpilot.core.observation import evaluation_step
 
 TRAIN = "trainpilot_train_loss"
 FLOOR = "trainpilot_loss_floor"
@@ -55,19 +57,33 @@ class Series:
     # Every scrape's (time, step), restarts included: where a trial was when a decision was taken.
     timeline: list[tuple[str, int]] = field(default_factory=list)
 
-    def curve(self, metric: str, changes_only: bool = False, finite: bool = True) -> tuple[list[int], list[float]]:
-        """(steps, values) of one metric; non-finite values (not measured yet, or diverged) left out."""
+    def curve(self, metric: str, finite: bool = True) -> tuple[list[int], list[float]]:
+        """(steps, values) of one metric as scraped; non-finite values (not measured yet, or diverged) left out."""
         steps: list[int] = []
         values: list[float] = []
-        previous: float | None = None
         for point in self.points:
             value = point.values.get(metric)
             if value is None or (finite and not math.isfinite(value)):
                 continue
-            if changes_only and previous is not None and _same(value, previous):
-                continue  # the gauge still shows the last evaluation
-            previous = value
             steps.append(point.step)
+            values.append(value)
+        return steps, values
+
+    def evaluations(self, objective: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of the objective, one point per evaluation: at the step the trainer
+        measured it (trainpilot_eval_step), or else at the first scrape that showed a new value."""
+        steps: list[int] = []
+        values: list[float] = []
+        measured: list[int | None] = []
+        for point in self.points:
+            value = point.values.get(contract.objective_metric(objective))
+            if value is None or not math.isfinite(value):
+                continue
+            at = evaluation_step(point.values, objective)
+            if measured and (measured[-1] == at if at is not None else _same(value, values[-1])):
+                continue  # the gauge still shows the last evaluation
+            measured.append(at)
+            steps.append(point.step if at is None else at)
             values.append(value)
         return steps, values
 
@@ -139,7 +155,7 @@ class RunData:
 
     @property
     def objective_metric(self) -> str:
-        return f"trainpilot_{self.metric}"
+        return contract.objective_metric(self.metric)
 
     def loss_floor(self) -> float | None:
         for trial in self.status.trials:
@@ -270,7 +286,7 @@ def plot(data: RunData, path: Path) -> Path:
                 alpha=0.35,
                 zorder=2,
             )
-        steps, values = series.curve(metric, changes_only=True)
+        steps, values = series.evaluations(data.metric)
         trial = by_name.get(name)
         label = name
         if trial is not None and trial.hyperparameters:
@@ -294,10 +310,16 @@ def plot(data: RunData, path: Path) -> Path:
             )
             handles.append(line)
             if is_best and status.best_trial is not None:
+                at = status.best_trial.step if status.best_trial.step in steps else steps[-1]
+                value = shown[steps.index(at)]
+                # Beside the best point, on the side away from the rest of the curve where the
+                # axes leave room for two lines of text, else on the other side.
                 below = data.spec is None or data.spec.objective.direction == "minimize"
+                room = (value - y_low if below else y_high - value) / (y_high - y_low)
+                below = below if room > 0.2 else not below
                 ax.annotate(
                     f"best {name}\n{data.metric} {status.best_trial.objective:.4g}",
-                    xy=(steps[-1], shown[-1]),
+                    xy=(at, value),
                     xytext=(-12, -40 if below else 28),
                     textcoords="offset points",
                     ha="right",
@@ -315,6 +337,9 @@ def plot(data: RunData, path: Path) -> Path:
     used_actions: set[str] = set()
     executed = [record for record in data.records if record.outcome == "executed"]
     label_marks = sum(len(_marker_targets(record)) for record in executed) <= 30
+    # Labels of marks that (nearly) coincide are stacked downwards instead of printed over each other.
+    x_span = max((s.points[-1].step for s in data.series.values() if s.points), default=1) or 1
+    placed: list[tuple[float, float]] = []
     for record in executed:
         for action, trial, at_start in _marker_targets(record):
             series = data.series.get(trial)
@@ -324,7 +349,7 @@ def plot(data: RunData, path: Path) -> Path:
             if step is None:
                 step = series.first_step()
             assert step is not None
-            value = _value_at(series, metric, step)
+            value = _value_at(series, data.metric, step)
             marker = MARKERS[action][0]
             ax.scatter(
                 [step],
@@ -340,10 +365,13 @@ def plot(data: RunData, path: Path) -> Path:
             used_actions.add(action)
             note = _mark_label(record, action, at_start)
             if label_marks and note:
+                where = (step / x_span, (clamp(value) - y_low) / (y_high - y_low))
+                stacked = sum(abs(where[0] - x) < 0.08 and abs(where[1] - y) < 0.03 for x, y in placed)
+                placed.append(where)
                 ax.annotate(
                     note,
                     xy=(step, clamp(value)),
-                    xytext=(7, -11 if at_start or clamp(value) >= y_high else 7),
+                    xytext=(7, (-11 if at_start or clamp(value) >= y_high else 7) - 9 * stacked),
                     textcoords="offset points",
                     fontsize=7.5,
                     color="0.25",
@@ -419,18 +447,17 @@ def plot(data: RunData, path: Path) -> Path:
     return path
 
 
-def _value_at(series: Series, metric: str, step: int) -> float | None:
+def _value_at(series: Series, objective: str, step: int) -> float | None:
     """Where a mark at `step` sits: on the objective curve once it has a value, else on train loss.
 
     A diverged curve ends in non-finite values; the mark goes where it was last finite (which the
     plot clamps to the top edge when it had already shot up).
     """
-    for key in (metric, TRAIN):
-        steps, values = series.curve(key, changes_only=key == metric)
+    for steps, values in (series.evaluations(objective), series.curve(TRAIN)):
         earlier = [v for s, v in zip(steps, values) if s <= step]
         if earlier:
             return earlier[-1]
-    for key in (TRAIN, metric):
+    for key in (TRAIN, contract.objective_metric(objective)):
         _, values = series.curve(key)
         if values:
             return values[0]

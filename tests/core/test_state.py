@@ -163,6 +163,29 @@ def test_rung_objective_recorded_the_first_time_the_rung_is_passed():
     assert status.trials[0].rung_objectives == {"50": 2.8, "100": 2.4}
 
 
+def test_evaluations_sit_at_the_step_the_trainer_measured_them():
+    spec = make_spec(policy={"heuristic": {"rungs": [0.25, 0.5]}})  # max_steps 200: rungs at 50, 100
+    status = status_of(spec, trial("t0"))
+    status = fold(spec, status, seen("t0", step=30, val_loss=math.nan, eval_step=-1))
+    assert status.trials[0].history == [] and status.trials[0].rung_objectives == {}
+    status = fold(spec, status, seen("t0", step=63, val_loss=2.8, eval_step=40))
+    # Scraped past rung 50, but measured before it: the rung waits for the next evaluation.
+    assert status.trials[0].history == [[40.0, 2.8]] and status.trials[0].rung_objectives == {}
+    status = fold(spec, status, seen("t0", step=71, val_loss=2.8, eval_step=40))
+    status = fold(spec, status, seen("t0", step=85, val_loss=2.8, eval_step=80))  # same value, new evaluation
+    assert status.trials[0].history == [[40.0, 2.8], [80.0, 2.8]]
+    assert status.trials[0].rung_objectives == {"50": 2.8}
+    status = fold(spec, status, seen("t0", step=130, val_loss=2.5, eval_step=120))
+    assert status.trials[0].rung_objectives == {"50": 2.8, "100": 2.5}
+    assert status.best_trial.step == 120
+
+
+def test_a_per_step_objective_ignores_the_evaluation_step():
+    spec = make_spec(objective={"metric": "train_loss"})
+    status = fold(spec, status_of(spec, trial("t0")), seen("t0", step=63, train_loss=2.8, eval_step=40))
+    assert status.trials[0].history == [[63.0, 2.8]]
+
+
 def test_rungs_use_the_max_steps_the_trainer_reports():
     spec = make_spec(policy={"heuristic": {"rungs": [0.5]}})
     status = fold(spec, status_of(spec, trial("t0")), seen("t0", step=60, val_loss=2.0, max_steps=100))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from argparse import Namespace
 
@@ -74,6 +75,21 @@ def test_restarted_trial_keeps_the_surviving_timeline(tmp_path):
     assert [p.step for p in series.points] == [10, 20, 40]
     assert series.curve("trainpilot_val_loss") == ([10, 20], [3.0, 2.4])
     assert series.step_at("c") == 30 and series.step_at("d") == 20 and series.step_at("0") is None
+
+
+def test_evaluations_are_plotted_where_they_were_measured(tmp_path):
+    def scrape(step, val, eval_step=None):
+        values = {"trainpilot_val_loss": val} | ({} if eval_step is None else {"trainpilot_eval_step": eval_step})
+        return json.dumps({"time": str(step), "step": step, "values": values})
+
+    with_steps = tmp_path / "with.jsonl"
+    scrapes = [scrape(5, "nan", -1), scrape(63, 2.8, 50), scrape(71, 2.8, 50), scrape(104, 2.8, 100), scrape(160, 2.5, 150)]
+    with_steps.write_text("\n".join(scrapes))
+    assert read_series(with_steps).evaluations("val_loss") == ([50, 100, 150], [2.8, 2.8, 2.5])
+    # An exporter without trainpilot_eval_step: each new value at the scrape that first showed it.
+    without = tmp_path / "without.jsonl"
+    without.write_text("\n".join([scrape(63, 2.8), scrape(71, 2.8), scrape(104, 2.6)]))
+    assert read_series(without).evaluations("val_loss") == ([63, 104], [2.8, 2.6])
 
 
 def test_load_run_reads_everything(tmp_path):

@@ -42,6 +42,8 @@ def test_example_run_reaches_the_loss_floor_and_exports_metrics(tmp_path, start_
     assert early["trainpilot_max_steps"] == max_steps
     assert early["trainpilot_step"] >= config["hyperparameters"]["eval_interval"] or math.isnan(early["trainpilot_val_loss"])
     assert early["trainpilot_checkpoint_step"] == -1 or early["trainpilot_step"] >= 100
+    eval_interval = config["hyperparameters"]["eval_interval"]
+    assert early["trainpilot_eval_step"] == -1 or early["trainpilot_eval_step"] % eval_interval == 0
     final = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] == max_steps and m["trainpilot_checkpoint_step"] == max_steps)
     trainer.signal(signal.SIGTERM)
     finished = trainer.wait(timeout=30)
@@ -49,13 +51,13 @@ def test_example_run_reaches_the_loss_floor_and_exports_metrics(tmp_path, start_
     assert finished.returncode == 0, trainer.output()
     floor = final["trainpilot_loss_floor"]
     assert final["trainpilot_val_loss"] <= floor + FLOOR_MARGIN
-    assert final["trainpilot_nonfinite_loss_total"] == 0
+    assert final["trainpilot_nonfinite_loss_total"] == 0 and final["trainpilot_eval_step"] == max_steps
     assert final["trainpilot_step_seconds_count"] == max_steps
     assert final["trainpilot_tokens_per_second"] > 0 and final["trainpilot_grad_norm"] > 0
     hp = Hyperparameters.model_validate(config["hyperparameters"])
     assert final["trainpilot_learning_rate"] == pytest.approx(Schedule.from_hyperparameters(hp).lr(max_steps - 1))
     result = finished.result
-    assert result["exit_reason"] == "completed" and result["step"] == max_steps
+    assert result["exit_reason"] == "completed" and result["step"] == result["eval_step"] == max_steps
     assert result["val_loss"] == pytest.approx(final["trainpilot_val_loss"]) and result["loss_floor"] == pytest.approx(floor)
     # The loss fell: the first evaluation is well above the last.
     evals = [float(line.split("val_loss ")[1].split()[0]) for line in _lines(finished.stdout, "eval step")]

@@ -331,7 +331,7 @@ def test_exporter_serves_the_contract_names():
     assert samples["trainpilot_step"] == 12 and samples["trainpilot_max_steps"] == 300
     assert samples["trainpilot_nonfinite_loss_total"] == 1
     assert samples["trainpilot_checkpoint_step"] == -1 and samples["trainpilot_control_generation"] == 0
-    assert math.isnan(samples["trainpilot_val_loss"])
+    assert math.isnan(samples["trainpilot_val_loss"]) and samples["trainpilot_eval_step"] == -1
     assert samples["trainpilot_step_seconds_count"] == 1
     assert "trainpilot_loss_floor" not in samples  # unknown floor: absent, not a made-up value
     assert "trainpilot_gpu_memory_allocated_bytes" not in samples
@@ -347,7 +347,7 @@ def test_divergence_ceiling():
 
 def test_result_line_is_strict_json():
     result = RunResult(
-        exit_code=EXIT_DIVERGED, step=7, max_steps=300, train_loss=math.nan, val_loss=math.nan, loss_floor=1.25,
+        exit_code=EXIT_DIVERGED, step=7, max_steps=300, train_loss=math.nan, val_loss=math.nan, eval_step=-1, loss_floor=1.25,
         checkpoint_step=-1, learning_rate=0.1, weight_decay=0.0, grad_norm=math.inf, tokens_per_second=1e5,
         nonfinite_loss_total=1, control_generation=0, tokens=1792, seconds=0.5,
     )

@@ -34,6 +34,7 @@ class RunResult:
     max_steps: int
     train_loss: float
     val_loss: float
+    eval_step: int
     loss_floor: float | None
     checkpoint_step: int
     learning_rate: float
@@ -56,6 +57,7 @@ class RunResult:
             "max_steps": self.max_steps,
             "train_loss": number(self.train_loss),
             "val_loss": number(self.val_loss),
+            "eval_step": self.eval_step,
             "loss_floor": number(self.loss_floor),
             "checkpoint_step": self.checkpoint_step,
             "learning_rate": number(self.learning_rate),

@@ -364,6 +364,7 @@ class Trainer:
             max_steps=self.hp.max_steps,
             train_loss=self.train_loss,
             val_loss=self.val_loss,
+            eval_step=self.val_step,
             loss_floor=self.dataset.loss_floor,
             checkpoint_step=self.checkpoint_step,
             learning_rate=self.lr,
@@ -399,6 +400,7 @@ class Trainer:
         self.val_loss = float(total) / n_batches
         self.val_step = self.step
         self.metrics.val_loss.set(self.val_loss)
+        self.metrics.eval_step.set(self.val_step)
         floor = self.dataset.loss_floor
         above = "" if floor is None else f" ({self.val_loss - floor:+.4f} vs floor {floor:.4f})"
         self.log(f"eval step {self.step} | val_loss {self.val_loss:.4f}{above}", flush=True)

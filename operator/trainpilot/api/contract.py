@@ -42,6 +42,9 @@ DEFAULT_METRICS_PATH = "/metrics"
 METRIC_STEP = "trainpilot_step"
 METRIC_TRAIN_LOSS = "trainpilot_train_loss"
 METRIC_VAL_LOSS = "trainpilot_val_loss"
+# The step the objective gauge was measured at (-1 before the first evaluation): a scrape comes
+# later than the evaluation, and the history and ASHA rungs want the evaluation's own step.
+METRIC_EVAL_STEP = "trainpilot_eval_step"
 METRIC_LEARNING_RATE = "trainpilot_learning_rate"
 METRIC_GRAD_NORM = "trainpilot_grad_norm"
 METRIC_TOKENS_PER_SECOND = "trainpilot_tokens_per_second"
@@ -53,6 +56,11 @@ METRIC_WEIGHT_DECAY = "trainpilot_weight_decay"
 METRIC_STEP_SECONDS = "trainpilot_step_seconds"
 METRIC_GPU_MEMORY = "trainpilot_gpu_memory_allocated_bytes"
 METRIC_MAX_STEPS = "trainpilot_max_steps"
+# Gauges the trainer sets on every step. Any other objective is an evaluation result, measured
+# at METRIC_EVAL_STEP when the trainer exports it.
+PER_STEP_METRICS = frozenset(
+    {METRIC_STEP, METRIC_TRAIN_LOSS, METRIC_LEARNING_RATE, METRIC_WEIGHT_DECAY, METRIC_GRAD_NORM, METRIC_TOKENS_PER_SECOND}
+)
 
 
 def objective_metric(objective: str) -> str:

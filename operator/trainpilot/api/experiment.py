@@ -391,7 +391,9 @@ class AgentExperimentStatus(CamelModel):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     trials: list[TrialStatus] = Field(default_factory=list)
-    best_trial: BestTrial | None = None
+    best_trial: BestTrial | None = Field(
+        None, description="The best objective among trials that neither crashed nor diverged."
+    )
     trials_launched: int = 0
     trials_running: int = 0
     trials_succeeded: int = 0

@@ -26,6 +26,7 @@ RESULT_ALIASES = {
     "step": contract.METRIC_STEP,
     "train_loss": contract.METRIC_TRAIN_LOSS,
     "val_loss": contract.METRIC_VAL_LOSS,
+    "eval_step": contract.METRIC_EVAL_STEP,
     "learning_rate": contract.METRIC_LEARNING_RATE,
     "lr": contract.METRIC_LEARNING_RATE,
     "grad_norm": contract.METRIC_GRAD_NORM,
@@ -38,6 +39,20 @@ RESULT_ALIASES = {
     "control_generation": contract.METRIC_CONTROL_GENERATION,
     "weight_decay": contract.METRIC_WEIGHT_DECAY,
 }
+
+
+def evaluation_step(values: Mapping[str, float], objective: str) -> int | None:
+    """The step an objective's current value was measured at, when the trainer says.
+
+    None for per-step gauges and for exporters without trainpilot_eval_step: the step of the
+    scrape then stands in for it.
+    """
+    if contract.objective_metric(objective) in contract.PER_STEP_METRICS:
+        return None
+    value = values.get(contract.METRIC_EVAL_STEP)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None
+    return int(value)
 
 
 class TrialMetrics(BaseModel):
