@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--interval", type=float, default=5.0, help="seconds between one daemon's staggered cycles (default spec: 30)"
     )
     parser.add_argument(
-        "--pool-maxsize", type=int, default=0, help="urllib3 pool size (0: the client's default, as the operator has it)"
+        "--pool-maxsize", type=int, default=0, help="urllib3 pool size (0: as the operator sets it)"
     )
     parser.add_argument("--executor-workers", type=int, default=0, help="KubeApi thread pool size (0: as the operator)")
     parser.add_argument(
@@ -658,8 +658,7 @@ async def run_scale(args: argparse.Namespace, n: int) -> dict[str, Any]:
             )
         figures["seed_experiments_s"] = time.perf_counter() - started
 
-        configuration = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(config_file=emulator.info["kubeconfig"], client_configuration=configuration)
+        configuration = api_module.client_configuration(config_file=emulator.info["kubeconfig"])
         if args.pool_maxsize:
             configuration.connection_pool_maxsize = args.pool_maxsize
         api = CountingKubeApi(kubernetes.client.ApiClient(configuration))

@@ -220,7 +220,8 @@ async def test_a_failing_job_and_a_hanging_scrape_are_survived(kube: Kube, fake_
     crashing = manifest(
         "crashing",
         initialTrials=[],
-        budget={"maxTrials": 4, "parallelTrials": 2, "maxFailedTrials": 1},
+        # Two trials and no third: both crash, whichever cycle sees them go, and 2 > maxFailedTrials.
+        budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 1},
         trialTemplate={**QUICKSTART["spec"]["trialTemplate"], "command": ["python", "-c", hang]},
         metrics={"port": 9400, "path": "/metrics", "scrapeTimeoutSeconds": 0.5},
     )

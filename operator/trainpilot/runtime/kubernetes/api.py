@@ -32,16 +32,24 @@ class Conflict(RuntimeFailure):
     """AlreadyExists on create, or a stale resourceVersion on replace."""
 
 
-def load_credentials() -> client.ApiClient:
-    """Log in like kubectl: in-cluster service account first, else KUBECONFIG / ~/.kube/config."""
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    configuration = client.Configuration.get_default_copy()
+def client_configuration(config_file: str | None = None) -> client.Configuration:
+    """Log in like kubectl: in-cluster service account first, else KUBECONFIG / ~/.kube/config;
+    or exactly `config_file` when given."""
+    configuration = client.Configuration()
+    if config_file is not None:
+        config.load_kube_config(config_file=config_file, client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
     # One connection per worker thread, so bursts reuse connections instead of opening more.
     configuration.connection_pool_maxsize = _EXECUTOR_WORKERS
-    return client.ApiClient(configuration)
+    return configuration
+
+
+def load_credentials() -> client.ApiClient:
+    return client.ApiClient(client_configuration())
 
 
 def _translate(error: ApiException, what: str) -> RuntimeFailure:
