@@ -9,7 +9,7 @@ Example::
     from tests.kube.fixtures import Kube, aeventually, run_kopf_operator
 
     async def test_experiment(kube: Kube, fake_node: FakeNode) -> None:
-        async with run_kopf_operator('trainpilot.operator.handlers', namespace='default'):
+        async with run_kopf_operator('trainpilot.controller.handlers', namespace='default'):
             custom = kube.custom()
             custom.create_namespaced_custom_object('trainpilot.dev', 'v1alpha1', 'default',
                                                    'agentexperiments', {...})
