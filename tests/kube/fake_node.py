@@ -26,7 +26,8 @@ What it does, following the real components' semantics:
 * **kubelet**: runs the pods bound to this node as local processes (only ``containers[0]``
   and the ``initContainers`` before it; ``command`` + ``args``, or ``image_commands[image]``
   for images with an entrypoint), each in its own process group and working directory under a
-  per-pod root; gives each pod its own loopback address 127.0.0.N as ``status.podIP``; writes
+  per-pod root; gives each pod its own loopback address 127.A.B.C as ``status.podIP`` (counting
+  up from a random start, so that two test sessions on one machine do not collide); writes
   the pod phases Pending → Running → Succeeded/Failed with containerStatuses (running,
   terminated with exitCode and reason Completed/Error; 128+signal when killed), conditions
   PodScheduled/Initialized/ContainersReady/Ready (readiness probes: httpGet, tcpSocket, exec);
@@ -290,7 +291,8 @@ class FakeNode:
         self.pods: dict[str, PodRuntime] = {}  # by uid; also kept after the pod is gone (logs)
         self._by_name: dict[tuple[str, str], PodRuntime] = {}
         self._ips: dict[tuple[str, str, str], str] = {}  # (ns, hostname, subdomain) -> reserved IP
-        self._ip_counter = 1
+        # A random start: pods of concurrent test sessions bind the same ports on the same host.
+        self._ip_counter = random.randrange(1 << 8, 1 << 23)
         self._jobs: dict[str, _JobTracking] = {}
 
         self._thread: threading.Thread | None = None

@@ -1,6 +1,9 @@
-"""An in-place mutate on the cluster, end to end: the agent loop (driven by a scripted policy,
-since the heuristic never mutates) patches the trial's control ConfigMap, the fake node refreshes
-the mounted file as a kubelet does, and the real trainer applies the new values without a restart."""
+"""Mutate and scale on the cluster, end to end, with real trainers on the fake node.
+
+The agent loop is driven by scripted policies (the heuristic never mutates or scales): an
+in-place mutate patches the trial's control ConfigMap, which the fake node swaps into the mounted
+file as a kubelet does; a scale stops the trial and launches a two-pod child that resumes its
+checkpoint under torchrun, with rendezvous at the rank-0 pod's DNS name."""
 
 from __future__ import annotations
 
@@ -114,3 +117,65 @@ async def test_an_in_place_mutate_reaches_the_running_trainer(kube: Kube, fake_n
 async def _later(runtime: KubernetesRuntime, status: AgentExperimentStatus, step: int):
     metrics = (await runtime.observe(status)).trials[status.trials[0].name].metrics
     return metrics if metrics is not None and metrics.step > step else None
+
+
+class ScaleOnce:
+    """Launches one single-node trial and, once it has a checkpoint, scales it to two nodes."""
+
+    name = "scripted"
+
+    async def decide(self, context: PolicyContext) -> list[Decision]:
+        trials = context.status.trials
+        if not trials:
+            return [Decision(action="launch", policy=self.name, reason="test", hyperparameters={"lr": 0.01, "weight_decay": 0.0})]
+        first = trials[0]
+        if len(trials) == 1 and first.state == "Running" and (first.checkpoint_step or 0) >= 20:
+            return [Decision(action="scale", policy=self.name, reason="test", trial=first.name, nodes=2)]
+        return []
+
+
+async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_path) -> None:
+    kube.core_v1().create_namespaced_persistent_volume_claim(
+        "default",
+        {"metadata": {"name": "scaling-ckpt"}, "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}},
+    )
+    body = copy.deepcopy(QUICKSTART)
+    body["metadata"] = {"name": "scaling", "namespace": "default"}
+    body["spec"]["initialTrials"] = []
+    template = body["spec"]["trialTemplate"]
+    template["hyperparameters"].update(max_steps=200, eval_interval=50, checkpoint_interval=20)
+    # The trial config names checkpoint paths inside a file, which the fake node cannot rewrite
+    # the way it rewrites env values: mount the claim at a real host path instead.
+    template["checkpoints"] = {"claimName": "scaling-ckpt", "mountPath": str(tmp_path / "ckpt")}
+    kube.apply(body)
+    stored = kube.custom().get_namespaced_custom_object(contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, "scaling")
+    spec = parse_spec(stored["spec"])
+    runtime = KubernetesRuntime(KubeApi(kube.api_client()), {"metadata": stored["metadata"]}, spec)
+    policy = ScaleOnce()
+    state = {"status": AgentExperimentStatus()}
+
+    async def child_finished():
+        result = await run_cycle("scaling", spec, state["status"], runtime, policy, now())
+        state["status"] = result.status
+        child = state["status"].trials[1] if len(state["status"].trials) > 1 else None
+        return child if child is not None and child.finished else None
+
+    try:
+        child = await until(child_finished, timeout=240, interval=0.5)
+        job = kube.batch_v1().read_namespaced_job(child.name, "default")
+        pods = kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={child.name}").items
+    finally:
+        for trial in state["status"].trials:
+            await runtime.stop(trial.name, "test over")
+
+    parent = state["status"].trials[0]
+    assert [d.action for d in state["status"].decisions] == ["launch", "scale"]
+    assert (parent.state, child.parent, child.nodes) == ("Terminated", parent.name, 2)
+    assert child.state == "Succeeded" and child.step == 200, fake_node.logs()
+    assert (job.spec.completions, job.spec.parallelism, job.spec.completion_mode) == (2, 2, "Indexed")
+    assert sorted(p.status.phase for p in pods) == ["Succeeded", "Succeeded"]
+    rank0 = next(p for p in pods if p.metadata.labels.get(contract.LABEL_COMPLETION_INDEX) == "0")
+    log = fake_node.read_log(rank0.metadata.name)
+    resumed = next(line for line in log.splitlines() if "resumed from" in line)
+    assert "saved by 1 rank(s)" in resumed, resumed
+    assert int(resumed.split(" at step ")[1].split()[0]) >= 20
