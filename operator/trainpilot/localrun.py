@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from trainpilot.api.experiment import AgentExperiment, AgentExperimentSpec, Agen
 from trainpilot.manifest import ManifestError, load_experiment
 from trainpilot.progress import Progress, fmt
 from trainpilot.runtime.local import LocalRuntime, TRAINER_MODULE, count_gpus
+from trainpilot.timestamps import local_now
 
 logger = logging.getLogger("trainpilot.localrun")
 
@@ -67,10 +67,6 @@ class Prepared:
     cores: int
     lock_fd: int
     notes: list[str] = field(default_factory=list)
-
-
-def now_utc() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def trainer_command() -> list[str]:
@@ -410,7 +406,7 @@ async def drive(prepared: Prepared, *, live: bool, write_report: bool, out: Any 
         while True:
             started = time.monotonic()
             try:
-                result = await run_cycle(name, spec, status, runtime, policy, now_utc(), limits=limits)
+                result = await run_cycle(name, spec, status, runtime, policy, local_now(), limits=limits)
                 status = result.status
                 failures = 0
             except RuntimeFailure as error:

@@ -23,7 +23,7 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.observation import evaluation_step
+from trainpilot.core.observation import new_evaluation
 
 TRAIN = "trainpilot_train_loss"
 FLOOR = "trainpilot_loss_floor"
@@ -74,17 +74,12 @@ class Series:
         measured it (trainpilot_eval_step), or else at the first scrape that showed a new value."""
         steps: list[int] = []
         values: list[float] = []
-        measured: list[int | None] = []
         for point in self.points:
-            value = point.values.get(contract.objective_metric(objective))
-            if value is None or not math.isfinite(value):
-                continue
-            at = evaluation_step(point.values, objective)
-            if measured and (measured[-1] == at if at is not None else _same(value, values[-1])):
-                continue  # the gauge still shows the last evaluation
-            measured.append(at)
-            steps.append(point.step if at is None else at)
-            values.append(value)
+            last = (steps[-1], values[-1]) if steps else None
+            evaluation = new_evaluation(point.values, objective, point.step, last)
+            if evaluation is not None:
+                steps.append(evaluation[0])
+                values.append(evaluation[1])
         return steps, values
 
     def step_at(self, time: str) -> int | None:
@@ -105,10 +100,6 @@ class Series:
             if metric in point.values:
                 return point.values[metric]
         return None
-
-
-def _same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == b
 
 
 def _number(value: Any) -> float | None:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,11 +85,18 @@ def eventually(fn: Callable[[], T], timeout: float = 10, interval: float = 0.05,
         time.sleep(interval)
 
 
-async def aeventually(fn: Callable[[], T], timeout: float = 10, interval: float = 0.05, message: str = '') -> T:
-    """Like :func:`eventually`, for async tests (``fn`` is sync; the loop is not blocked between calls)."""
+async def aeventually(fn: Callable[[], T | Awaitable[T]], timeout: float = 10, interval: float = 0.05,
+                      message: str = '') -> T:
+    """Like :func:`eventually`, for async tests: ``fn`` may also be async (a coroutine function);
+    the loop is not blocked between calls."""
     deadline = time.monotonic() + timeout
     while True:
         result, error = _attempt(fn)
+        if inspect.isawaitable(result):
+            try:
+                result = await result
+            except _RETRIED as e:
+                result, error = None, e
         if result:
             return result
         if time.monotonic() >= deadline:

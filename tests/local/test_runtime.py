@@ -49,6 +49,21 @@ async def launch(runtime: LocalRuntime, trial: TrialStatus, seq: int = 0) -> Non
     await runtime.launch(trial, config, record(seq, "launch", trial.name))
 
 
+def long_runtime(tmp_path: Path, fake_command, env=None, **kwargs) -> LocalRuntime:
+    """A trainer that steps every 50 ms and would run for minutes: it is stopped, not finished."""
+    env = {"FAKE_STEP_SECONDS": "0.05", **(env or {})}
+    return make_runtime(tmp_path, fake_command, env=env, max_steps=10_000, **kwargs)
+
+
+async def start_running(runtime: LocalRuntime) -> tuple[TrialStatus, AgentExperimentStatus]:
+    """Launch one trial and wait until it serves metrics."""
+    trial = trial_status("quickstart-t000")
+    status = AgentExperimentStatus(trials=[trial])
+    await launch(runtime, trial)
+    await observe_until(runtime, status, trial.name, {"Running"}, with_metrics=True)
+    return trial, status
+
+
 async def observe_until(
     runtime: LocalRuntime, status: AgentExperimentStatus, name: str, phases, timeout=20.0, with_metrics=False
 ):
@@ -155,11 +170,8 @@ async def test_launch_is_idempotent(tmp_path, fake_command):
 
 
 async def test_stop_sends_sigterm_and_trial_checkpoints(tmp_path, fake_command):
-    runtime = make_runtime(tmp_path, fake_command, env={"FAKE_STEP_SECONDS": "0.05"}, max_steps=10_000)
-    trial = trial_status("quickstart-t000")
-    status = AgentExperimentStatus(trials=[trial])
-    await launch(runtime, trial)
-    await observe_until(runtime, status, trial.name, {"Running"}, with_metrics=True)
+    runtime = long_runtime(tmp_path, fake_command)
+    trial, status = await start_running(runtime)
     await asyncio.sleep(0.3)
     await runtime.stop(trial.name, "asha-rung")
     await runtime.stop(trial.name, "asha-rung")  # a second stop is a no-op
@@ -170,14 +182,10 @@ async def test_stop_sends_sigterm_and_trial_checkpoints(tmp_path, fake_command):
 
 
 async def test_sigkill_escalation_after_grace(tmp_path, fake_command):
-    runtime = make_runtime(tmp_path, fake_command, env={"FAKE_IGNORE_TERM": "1", "FAKE_STEP_SECONDS": "0.05"},
-                           max_steps=10_000, kill_after=0.5)
+    runtime = long_runtime(tmp_path, fake_command, env={"FAKE_IGNORE_TERM": "1"}, kill_after=0.5)
     messages: list[str] = []
     runtime.on_message = messages.append
-    trial = trial_status("quickstart-t000")
-    status = AgentExperimentStatus(trials=[trial])
-    await launch(runtime, trial)
-    await observe_until(runtime, status, trial.name, {"Running"}, with_metrics=True)
+    trial, status = await start_running(runtime)
     await runtime.stop(trial.name, "terminate")
     await asyncio.sleep(0.7)
     assert runtime.running()
@@ -205,10 +213,8 @@ async def test_set_control_is_atomic_json(tmp_path, fake_command):
 
 
 async def test_in_place_control_reaches_the_trainer(tmp_path, fake_command):
-    runtime = make_runtime(tmp_path, fake_command, env={"FAKE_STEP_SECONDS": "0.05"}, max_steps=10_000)
-    trial = trial_status("quickstart-t000")
-    status = AgentExperimentStatus(trials=[trial])
-    await launch(runtime, trial)
+    runtime = long_runtime(tmp_path, fake_command)
+    trial, status = await start_running(runtime)
     await runtime.set_control(trial.name, ControlFile(generation=1, lr=0.0005))
     deadline = time.monotonic() + 10
     while True:
@@ -296,17 +302,14 @@ async def test_cpu_only_runs_gpu_trials_without_gpus(tmp_path, fake_command):
 
 
 async def test_resume_trial_restarts_from_own_checkpoint(tmp_path, fake_command):
-    runtime = make_runtime(tmp_path, fake_command, env={"FAKE_STEP_SECONDS": "0.05"}, max_steps=10_000)
-    trial = trial_status("quickstart-t000")
-    status = AgentExperimentStatus(trials=[trial])
-    await launch(runtime, trial)
-    await observe_until(runtime, status, trial.name, {"Running"}, with_metrics=True)
+    runtime = long_runtime(tmp_path, fake_command)
+    trial, status = await start_running(runtime)
     await asyncio.sleep(0.3)
     await runtime.close(grace=10)  # what Ctrl-C does: SIGTERM, checkpoint, exit
     assert runtime.has_checkpoint(trial.name)
     step = int((runtime.run_dir / "checkpoints" / trial.name / "latest").read_text())
 
-    later = make_runtime(tmp_path, fake_command, env={"FAKE_STEP_SECONDS": "0.05"}, max_steps=10_000)
+    later = long_runtime(tmp_path, fake_command)
     notes: list[str] = []
     later.on_message = notes.append
     assert await later.resume_trial(trial)

@@ -7,16 +7,13 @@ checkpoint under torchrun, with rendezvous at the rank-0 pod's DNS name."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.kube.fixtures import Kube
+from tests.kube.fixtures import Kube, aeventually
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentStatus, parse_spec
 from trainpilot.core.decision import Decision
@@ -25,6 +22,7 @@ from trainpilot.core.policy.base import PolicyContext
 from trainpilot.loop import run_cycle
 from trainpilot.runtime.kubernetes.api import KubeApi
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
+from trainpilot.timestamps import cluster_now
 
 QUICKSTART = yaml.safe_load((Path(__file__).parents[2] / "examples" / "quickstart.yaml").read_text())
 NEW_LR, NEW_WEIGHT_DECAY = 0.002, 0.05
@@ -55,7 +53,7 @@ class Driven:
         self.status = AgentExperimentStatus()
 
     async def cycle(self) -> AgentExperimentStatus:
-        self.status = (await run_cycle(self.name, self.spec, self.status, self.runtime, self.policy, now())).status
+        self.status = (await run_cycle(self.name, self.spec, self.status, self.runtime, self.policy, cluster_now())).status
         return self.status
 
     async def metrics(self, index: int = 0) -> TrialMetrics | None:
@@ -64,18 +62,6 @@ class Driven:
     async def stop_all(self) -> None:
         for trial in self.status.trials:
             await self.runtime.stop(trial.name, "test over")
-
-
-async def until(poll, timeout: float, interval: float):
-    deadline = time.monotonic() + timeout
-    while (result := await poll()) is None:
-        assert time.monotonic() < deadline, f"nothing after {timeout} s"
-        await asyncio.sleep(interval)
-    return result
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class MutateOnce:
@@ -106,9 +92,9 @@ async def test_an_in_place_mutate_reaches_the_running_trainer(kube: Kube, fake_n
         return metrics if metrics is not None and metrics.step > step else None
 
     try:
-        metrics = await until(applied, timeout=120, interval=0.5)
+        metrics = await aeventually(applied, timeout=120, interval=0.5)
         # One step later, the new peak lr is in effect (the cosine has barely moved at step ~100 of 100k).
-        metrics = await until(lambda: a_step_later(metrics.step), timeout=30, interval=0.3)
+        metrics = await aeventually(lambda: a_step_later(metrics.step), timeout=30, interval=0.3)
     finally:
         await experiment.stop_all()
 
@@ -152,7 +138,7 @@ async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_pat
         return trials[1] if len(trials) > 1 and trials[1].finished else None
 
     try:
-        child = await until(child_finished, timeout=240, interval=0.5)
+        child = await aeventually(child_finished, timeout=240, interval=0.5)
         job = kube.batch_v1().read_namespaced_job(child.name, "default")
         pods = kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={child.name}").items
     finally:

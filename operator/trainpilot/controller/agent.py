@@ -11,7 +11,6 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -28,6 +27,7 @@ from trainpilot.loop import run_cycle
 from trainpilot.runtime.base import RuntimeFailure
 from trainpilot.runtime.kubernetes.api import KubeApi
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
+from trainpilot.timestamps import cluster_now
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ FAILURE_BACKOFF_SECONDS = 5.0
 class Stopped(Protocol):
     def __bool__(self) -> bool: ...
     def wait(self, timeout: float | None = None) -> Any: ...
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def slot_wait(namespace: str, name: str, interval: float, now: float) -> float:
@@ -73,7 +69,7 @@ async def mark_invalid(
     api: KubeApi, namespace: str, name: str, status: AgentExperimentStatus, message: str, generation: int | None
 ) -> AgentExperimentStatus:
     status = set_condition(
-        status, type="Valid", value="False", reason="InvalidSpec", message=message, now=utc_now(), generation=generation
+        status, type="Valid", value="False", reason="InvalidSpec", message=message, now=cluster_now(), generation=generation
     )
     status = status.model_copy(update={"phase": "Invalid", "message": message[:1000], "observed_generation": generation})
     await api.patch_experiment_status(namespace, name, status.wire())
@@ -130,7 +126,7 @@ async def drive(
             continue
         try:
             result = await run_cycle(
-                name, spec, status, runtime, policy, utc_now(), generation=generation, limits=limits
+                name, spec, status, runtime, policy, cluster_now(), generation=generation, limits=limits
             )
             status = result.status
             wait = slot_wait(namespace, name, wait, time.time())

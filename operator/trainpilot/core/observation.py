@@ -8,7 +8,7 @@ are data only: nothing in them is ever read as an instruction.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +53,24 @@ def evaluation_step(values: Mapping[str, float], objective: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         return None
     return int(value)
+
+
+def new_evaluation(
+    values: Mapping[str, float], objective: str, scrape_step: int, last: Sequence[float] | None
+) -> tuple[int, float] | None:
+    """(step, value) of the objective in one scrape when it is an evaluation not seen before.
+
+    The gauge keeps showing the last evaluation. Where the trainer says at which step it measured,
+    a new step is a new evaluation; otherwise a changed value is, placed at the scrape's step.
+    `last` is the previous evaluation's (step, value).
+    """
+    value = values.get(contract.objective_metric(objective))
+    if value is None or not math.isfinite(value):
+        return None  # NaN until the trainer's first measurement
+    measured_at = evaluation_step(values, objective)
+    if last is not None and (last[0] == measured_at if measured_at is not None else last[1] == value):
+        return None
+    return (scrape_step if measured_at is None else measured_at), float(value)
 
 
 class TrialMetrics(BaseModel):

@@ -24,7 +24,7 @@ from trainpilot.api.experiment import (
 )
 from trainpilot.api.trial import Hyperparameters
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation, evaluation_step
+from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation, new_evaluation
 
 # A terminate with this reason means "it diverged": the heuristic uses it, and the suggester tells
 # such a trial to Optuna as failed even though it was stopped before the trainer gave up.
@@ -159,16 +159,10 @@ def _fold_metrics(spec: AgentExperimentSpec, trial: TrialStatus, metrics: TrialM
         trial.objective = objective
         if trial.best_objective is None or spec.objective.better(objective, trial.best_objective):
             trial.best_objective = objective
-        # The gauge holds the last evaluation. Where the trainer says at which step it measured, a
-        # new step is a new evaluation; otherwise a changed value is, seen at the scrape's step.
-        measured_at = evaluation_step(metrics.values, spec.objective.metric)
-        if measured_at is not None:
-            is_new = not trial.history or trial.history[-1][0] != measured_at
-        else:
-            is_new = not trial.history or trial.history[-1][1] != objective
-            measured_at = trial.step
-        if is_new:
-            trial.history = [*trial.history, [float(measured_at), objective]][-MAX_TRIAL_HISTORY:]
+        last = trial.history[-1] if trial.history else None
+        evaluation = new_evaluation(metrics.values, spec.objective.metric, trial.step, last)
+        if evaluation is not None:
+            trial.history = [*trial.history, [float(evaluation[0]), evaluation[1]]][-MAX_TRIAL_HISTORY:]
     if trial.history:
         # ASHA compares trials by what they measured at (or after) the rung's step.
         evaluated_at, value = trial.history[-1]

@@ -43,6 +43,7 @@ from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation
 from trainpilot.runtime.base import RuntimeFailure
 from trainpilot.runtime.scrape import scrape_all
+from trainpilot.timestamps import local_now
 
 logger = logging.getLogger(__name__)
 
@@ -505,7 +506,7 @@ class LocalRuntime:
                 self._kill(local)
 
     async def observe(self, status: AgentExperimentStatus) -> Observation:
-        now = _utc_now()
+        now = local_now()
         self._escalate()
         for local in self.trials.values():
             if local.poll() is not None:
@@ -569,7 +570,7 @@ class LocalRuntime:
         }
         if not urls:
             return
-        now = _utc_now()
+        now = local_now()
         scraped = await scrape_all(urls, min(self.spec.metrics.scrape_timeout_seconds, 1.0))
         for name, metrics in scraped.items():
             if metrics is not None and metrics.values:
@@ -695,9 +696,3 @@ class LocalRuntime:
         """No more waiting: SIGKILL every trial now (a second Ctrl-C)."""
         for local in self.running():
             self._kill(local)
-
-
-def _utc_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat()

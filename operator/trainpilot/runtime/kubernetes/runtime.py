@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
 from typing import Any
 
 from trainpilot.api import contract
@@ -21,6 +20,7 @@ from trainpilot.runtime import scrape
 from trainpilot.runtime.kubernetes import builders
 from trainpilot.runtime.kubernetes.api import KubeApi, NotFound
 from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
+from trainpilot.timestamps import cluster_now
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,6 @@ WARNING_REASONS = {
     contract.REASON_TRIAL_TERMINATED,
     contract.REASON_EXPERIMENT_FAILED,
 }
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _exit_reason(code: int | None) -> str:
@@ -77,7 +73,7 @@ class KubernetesRuntime:
 
     async def observe(self, status: AgentExperimentStatus) -> Observation:
         active = [trial.name for trial in status.active_trials]
-        observation = Observation(time=_now())
+        observation = Observation(time=cluster_now())
         if not active:
             return observation
         jobs = await self.api.call(
