@@ -5,7 +5,7 @@ decision cycle per experiment under 50 ms at p95 (the metrics scrape excluded), 
 under 300 MB.
 
 Three processes, so that the operator's CPU and memory are its own:
-- child 1: the emulated API server (tests.kube.fixtures.emulated_cluster, the repository's CRDs);
+- child 1: the emulated API server (tests.support.kube.emulated_cluster, the repository's CRDs);
   it counts the requests it serves. Two costs of the test emulator that a real API server does not
   have are removed in that child, at run time (the emulator's files are not touched; pass
   --emulator-as-is and --emulator-request-log 5000 to keep them): kmock scans its whole request log
@@ -136,7 +136,7 @@ def child_emulator(workdir: str, request_log: int, as_is: bool) -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     from tests.kube import emulator as emulator_module
-    from tests.kube.fixtures import emulated_cluster
+    from tests.support.kube import emulated_cluster
 
     counters = {"requests": 0, "busy_s": 0.0}
     original = emulator_module.Emulator.__call__

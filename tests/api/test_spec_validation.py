@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support.paths import REPO
 from trainpilot.api import contract
 from trainpilot.api.crd import build_crds
 from trainpilot.api.experiment import check_experiment_name, parse_spec
 from trainpilot.api.quota import parse_quota_policy
 
-from tests.api.k8s_openapi import admit
+from tests.support.openapi import admit
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 
 GOOD: dict[str, Any] = {
     "apiVersion": "trainpilot.dev/v1alpha1",

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from trainpilot.core.decision import Decision
 from trainpilot.core.engine import MAX_DECISIONS_PER_CYCLE, MAX_SUMMARY_TRIALS, plan
 
-from tests.core.builders import EXPERIMENT, NOW, make_spec, observation, status_of, trial
+from tests.support.builders import EXPERIMENT, NOW, make_spec, observation, status_of, trial
 
 GOOD = {"lr": 0.01, "weight_decay": 0.01}
 

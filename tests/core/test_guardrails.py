@@ -10,7 +10,7 @@ import pytest
 from trainpilot.core.decision import Decision
 from trainpilot.core.guardrails import check, launch_capacity
 
-from tests.core.builders import make_spec, status_of, trial
+from tests.support.builders import make_spec, status_of, trial
 
 GOOD = {"lr": 0.01, "weight_decay": 0.01}
 

@@ -11,7 +11,7 @@ from trainpilot.api.experiment import DecisionSummary
 from trainpilot.core.policy import HeuristicPolicy, make_policy
 from trainpilot.core.policy.heuristic import count_reversals
 
-from tests.core.builders import NOW, context, heuristic, make_spec, observation, seen, status_of, trial
+from tests.support.builders import NOW, context, heuristic, make_spec, observation, seen, status_of, trial
 
 HP = {"lr": 0.01, "weight_decay": 0.0}
 

@@ -18,11 +18,12 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.engine import plan
-from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation
+from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.core.policy import make_policy
 from trainpilot.core.state import apply_record, fold_observation
 
-from tests.core.builders import EXPERIMENT, at, make_spec
+from tests.support.builders import EXPERIMENT, at, make_spec
 
 DIVERGENT_LR = 0.2
 DIVERGES_AT = 30

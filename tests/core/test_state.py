@@ -10,7 +10,7 @@ from trainpilot.api.experiment import MAX_STATUS_DECISIONS, MAX_TRIAL_HISTORY, A
 from trainpilot.core.decision import Decision, DecisionRecord, decision_id
 from trainpilot.core.state import apply_record, fold_observation
 
-from tests.core.builders import EXPERIMENT, NOW, at, make_spec, observation, seen, status_of, trial
+from tests.support.builders import EXPERIMENT, NOW, at, make_spec, observation, seen, status_of, trial
 
 
 def fold(spec, status, *observed, time=NOW):

@@ -7,7 +7,7 @@ import statistics
 
 from trainpilot.core.suggest import Suggester
 
-from tests.core.builders import make_spec, status_of, trial
+from tests.support.builders import make_spec, status_of, trial
 
 MIXED_SPACE = [
     {"name": "lr", "min": 1e-5, "max": 1.0, "log": True},

@@ -15,7 +15,7 @@ import sys
 import time
 
 from trainpilot.api import contract
-from trainpilot.core.observation import TrialMetrics
+from trainpilot.api.metrics import TrialMetrics
 
 from .config import (
     check_resume,

@@ -228,10 +228,10 @@ class _Converter:
             concrete = [v for v in variants if v.get("type") != "null"]
             if len(concrete) != 1:
                 raise SchemaError(f"{path}: a union of {len(concrete)} types has no structural schema")
-            out = self.node(concrete[0], path)
+            variant = self.node(concrete[0], path)
             if len(concrete) < len(variants):
-                out["nullable"] = True
-            return _ordered({**out, **self.annotations(node, path)})
+                variant["nullable"] = True
+            return _ordered({**variant, **self.annotations(node, path)})
 
         out: dict[str, Any] = {}
         for key, value in node.items():

@@ -169,7 +169,8 @@ def effective_limits(policies: Iterable[QuotaPolicy | Mapping[str, Any]], namesp
                 limits[name] = value
                 sources[name] = policy.name
         if spec.allowed_actions is not None:
-            narrowed = set(spec.allowed_actions) if allowed is None else allowed & set(spec.allowed_actions)
+            actions: set[str] = set(spec.allowed_actions)
+            narrowed = actions if allowed is None else allowed & actions
             if narrowed != allowed:
                 sources["allowed_actions"] = policy.name
             allowed = narrowed

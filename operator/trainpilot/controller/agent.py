@@ -27,7 +27,7 @@ from trainpilot.loop import run_cycle
 from trainpilot.runtime.base import RuntimeFailure
 from trainpilot.runtime.kubernetes.api import KubeApi
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
-from trainpilot.timestamps import cluster_now
+from trainpilot.runtime.clock import cluster_now
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,8 @@ async def plan(
         limits=_copy(limits),
     )
     try:
-        proposed = await policy.decide(context)
+        # Typed as object: a policy (an LLM's, above all) is not trusted to return what it declares.
+        proposed: object = await policy.decide(context)
     except Exception as error:  # a broken policy must not stop the loop
         if on_policy_error is not None:
             on_policy_error(error)

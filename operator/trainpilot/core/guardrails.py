@@ -86,9 +86,9 @@ def _check_numbers(decision: Decision) -> None:
     for name, value in decision.hyperparameters.items():
         if not _is_finite_number(value):
             raise _Rejected(f"hyperparameters.{_key(name)}: {_show(value)} is not a finite number")
-    for field, value in (("nodes", decision.nodes), ("gpusPerNode", decision.gpus_per_node)):
-        if value is not None and not (_is_finite_number(value) and float(value).is_integer()):
-            raise _Rejected(f"{field}: {_show(value)} is not a whole number")
+    for field, count in (("nodes", decision.nodes), ("gpusPerNode", decision.gpus_per_node)):
+        if count is not None and not (_is_finite_number(count) and float(count).is_integer()):
+            raise _Rejected(f"{field}: {_show(count)} is not a whole number")
 
 
 def _check_action_allowed(action: str, spec: AgentExperimentSpec, limits: Any) -> None:

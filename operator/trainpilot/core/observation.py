@@ -14,31 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainpilot.api import contract
+from trainpilot.api.metrics import TrialMetrics
 
 # What the workload is doing, independent of where it runs.
 RuntimePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Missing"]
 # Why a finished trainer stopped, from its exit code (see trainpilot_trainer.exitcodes).
 ExitReason = Literal["completed", "diverged", "invalid-config", "crashed", "terminated", "unknown"]
-
-
-# Short names the trainer's final summary uses for the contract's gauges.
-RESULT_ALIASES = {
-    "step": contract.METRIC_STEP,
-    "train_loss": contract.METRIC_TRAIN_LOSS,
-    "val_loss": contract.METRIC_VAL_LOSS,
-    "eval_step": contract.METRIC_EVAL_STEP,
-    "learning_rate": contract.METRIC_LEARNING_RATE,
-    "lr": contract.METRIC_LEARNING_RATE,
-    "grad_norm": contract.METRIC_GRAD_NORM,
-    "tokens_per_second": contract.METRIC_TOKENS_PER_SECOND,
-    "nonfinite_loss_total": contract.METRIC_NONFINITE_LOSS,
-    "nonfinite_losses": contract.METRIC_NONFINITE_LOSS,
-    "checkpoint_step": contract.METRIC_CHECKPOINT_STEP,
-    "loss_floor": contract.METRIC_LOSS_FLOOR,
-    "max_steps": contract.METRIC_MAX_STEPS,
-    "control_generation": contract.METRIC_CONTROL_GENERATION,
-    "weight_decay": contract.METRIC_WEIGHT_DECAY,
-}
 
 
 def evaluation_step(values: Mapping[str, float], objective: str) -> int | None:
@@ -71,68 +52,6 @@ def new_evaluation(
     if last is not None and (last[0] == measured_at if measured_at is not None else last[1] == value):
         return None
     return (scrape_step if measured_at is None else measured_at), float(value)
-
-
-class TrialMetrics(BaseModel):
-    """One scrape of a trainer's rank-0 /metrics, reduced to the contract's gauges."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    values: dict[str, float] = Field(default_factory=dict, description="trainpilot_* samples by name.")
-
-    @classmethod
-    def from_result(cls, fields: Any) -> "TrialMetrics | None":
-        """The gauges in a trainer's final summary (result line or termination message); None if none."""
-        if not isinstance(fields, Mapping):
-            return None
-        values: dict[str, float] = {}
-        for key, value in fields.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue  # null (JSON has no NaN), text, nested data: not a gauge
-            name = key if str(key).startswith("trainpilot_") else RESULT_ALIASES.get(key)
-            if name:
-                values[name] = float(value)
-        return cls(values=values) if values else None
-
-    def get(self, name: str) -> float | None:
-        value = self.values.get(name)
-        return None if value is None else float(value)
-
-    @property
-    def step(self) -> int:
-        return int(self.get(contract.METRIC_STEP) or 0)
-
-    @property
-    def train_loss(self) -> float | None:
-        return self.get(contract.METRIC_TRAIN_LOSS)
-
-    @property
-    def nonfinite_losses(self) -> int:
-        return int(self.get(contract.METRIC_NONFINITE_LOSS) or 0)
-
-    @property
-    def checkpoint_step(self) -> int | None:
-        value = self.get(contract.METRIC_CHECKPOINT_STEP)
-        return None if value is None or value < 0 else int(value)
-
-    @property
-    def loss_floor(self) -> float | None:
-        return self.get(contract.METRIC_LOSS_FLOOR)
-
-    @property
-    def control_generation(self) -> int:
-        return int(self.get(contract.METRIC_CONTROL_GENERATION) or 0)
-
-    @property
-    def max_steps(self) -> int | None:
-        value = self.get(contract.METRIC_MAX_STEPS)
-        return None if value is None else int(value)
-
-    def objective(self, metric: str) -> float | None:
-        """The objective's latest value; None until the trainer has measured it."""
-        value = self.get(contract.objective_metric(metric))
-        # The trainer reports NaN until its first measurement; divergence is read from the counter.
-        return value if value is not None and math.isfinite(value) else None
 
 
 class TrialObservation(BaseModel):

@@ -24,7 +24,8 @@ from trainpilot.api.experiment import (
 )
 from trainpilot.api.trial import Hyperparameters
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation, new_evaluation
+from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.observation import Observation, TrialObservation, new_evaluation
 
 # A terminate with this reason means "it diverged": the heuristic uses it, and the suggester tells
 # such a trial to Optuna as failed even though it was stopped before the trainer gave up.

@@ -40,10 +40,11 @@ from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation
+from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime.base import RuntimeFailure
 from trainpilot.runtime.scrape import scrape_all
-from trainpilot.timestamps import local_now
+from trainpilot.runtime.clock import local_now
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainpilot.core.observation import TrialMetrics
+from trainpilot.api.metrics import TrialMetrics
 
 logger = logging.getLogger(__name__)
 

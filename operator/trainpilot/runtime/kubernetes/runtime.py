@@ -15,12 +15,13 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.observation import Observation, TrialMetrics, TrialObservation
+from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime import scrape
 from trainpilot.runtime.kubernetes import builders
 from trainpilot.runtime.kubernetes.api import KubeApi, NotFound
 from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
-from trainpilot.timestamps import cluster_now
+from trainpilot.runtime.clock import cluster_now
 
 logger = logging.getLogger(__name__)
 

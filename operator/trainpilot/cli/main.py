@@ -1,0 +1,97 @@
+"""The `trainpilot` command. Each subcommand parses its arguments and hands off to one function.
+
+Imports are deferred into the subcommands so that `trainpilot crds` needs neither kopf nor
+torch, and a missing optional dependency produces a clear message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainpilot",
+        description="An AI agent that runs training experiments, on Kubernetes or on one machine.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    operator = commands.add_parser("operator", help="run the Kubernetes operator (logs in like kubectl)")
+    scope = operator.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    operator.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="liveness endpoint URL, or '' to disable (default: %(default)s)",
+    )
+    operator.add_argument("--standalone", action="store_true", help="skip peering with other operator replicas")
+    operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
+
+    run = commands.add_parser("run", help="run an experiment on this machine, no cluster needed")
+    run.add_argument("experiment", nargs="?", help="AgentExperiment YAML (omit with --resume)")
+    run.add_argument("--run-dir", help="where the record goes (default ./trainpilot-runs/<experiment>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its directory")
+    run.add_argument("--cpu", action="store_true", help="run trials that ask for GPUs on the CPU instead")
+    run.add_argument("--plain", action="store_true", help="plain log lines instead of the live table")
+    run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+
+    report = commands.add_parser("report", help="write report.png and report.html for a run directory")
+    report.add_argument("run_dir", help="a run directory from `trainpilot run`")
+    report.add_argument("--out", help="output folder (default: the run directory)")
+
+    history = commands.add_parser("history", help="print an experiment's decision ledger")
+    history.add_argument("target", help="a run directory, or an AgentExperiment name in the cluster")
+    history.add_argument("-n", "--namespace", default=None, help="namespace of a cluster experiment")
+    history.add_argument("--json", action="store_true", help="raw JSON lines instead of a table")
+
+    validate = commands.add_parser("validate", help="check an AgentExperiment YAML without running it")
+    validate.add_argument("experiment", help="AgentExperiment YAML")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "operator":
+            from trainpilot.controller.main import run_operator
+
+            return run_operator(args)
+        if args.command == "crds":
+            from trainpilot.api.crd import render_crds
+
+            sys.stdout.write(render_crds())
+            return 0
+        if args.command == "run":
+            from trainpilot.cli.run import main_run
+
+            return main_run(args)
+        if args.command == "report":
+            from trainpilot.cli.report import main_report
+
+            return main_report(args)
+        if args.command == "history":
+            from trainpilot.cli.history import main_history
+
+            return main_history(args)
+        if args.command == "validate":
+            from trainpilot.cli.manifest import main_validate
+
+            return main_validate(args)
+    except ModuleNotFoundError as error:
+        if (error.name or "").startswith("trainpilot"):
+            raise
+        print(
+            f"trainpilot {args.command}: needs the Python package {error.name!r}; "
+            "install it with: pip install 'trainpilot[operator]' (and torch first for local runs)",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+

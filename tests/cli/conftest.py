@@ -1,0 +1,12 @@
+"""Fixtures for the one-machine path (`trainpilot run`, report, history)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.localkit import fake_command, make_spec, no_gpus, quickstart_doc, spec_factory  # noqa: F401 - fixtures
+
+
+@pytest.fixture(autouse=True)
+def _no_gpus(no_gpus):
+    pass

@@ -1,0 +1,308 @@
+"""The real operator (kopf) against the emulated API server, with real DeepSpeed trainers.
+
+The fake node under tests/support runs each trial pod's command as a local process, so these
+tests exercise the whole path: Job -> pod -> trainer -> /metrics -> scrape -> policy -> guardrails
+-> Events, annotation, status and ledger.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.kube import Kube, aeventually, run_kopf_operator
+from tests.support.paths import QUICKSTART_PATH
+from trainpilot.api import contract
+from trainpilot.core import ledger as ledger_format
+
+pytestmark = pytest.mark.slow
+
+HANDLERS = "trainpilot.controller.handlers"
+QUICKSTART = yaml.safe_load(QUICKSTART_PATH.read_text())
+
+
+@pytest.fixture
+def kube_crd_paths() -> list[str]:
+    return ["crds/"]  # the real CRDs: schema pruning and defaults as a real API server applies them
+
+
+def experiment(kube: Kube, name: str) -> dict:
+    return kube.custom().get_namespaced_custom_object(
+        contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, name
+    )
+
+
+def finished(kube: Kube, name: str) -> dict | None:
+    status = experiment(kube, name).get("status") or {}
+    return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+
+def events_of(kube: Kube, name: str) -> list:
+    return [
+        event
+        for event in kube.core_v1().list_namespaced_event("default").items
+        if event.involved_object.name == name and event.reason in REASONS
+    ]
+
+
+REASONS = {
+    contract.REASON_TRIAL_LAUNCHED,
+    contract.REASON_TRIAL_TERMINATED,
+    contract.REASON_HYPERPARAMETERS_MUTATED,
+    contract.REASON_TRIAL_SCALED,
+    contract.REASON_EXPERIMENT_SUCCEEDED,
+    contract.REASON_EXPERIMENT_FAILED,
+    contract.REASON_DECISION_REJECTED,
+    contract.REASON_DECISION_PENDING_APPROVAL,
+}
+
+
+def ledger_of(kube: Kube, name: str):
+    config_map = kube.core_v1().read_namespaced_config_map(f"{name}-ledger", "default")
+    records, problems = ledger_format.decode(config_map.data["ledger.jsonl"])
+    assert problems == []
+    return records
+
+
+def manifest(name: str = "quickstart", **spec_changes) -> dict:
+    body = copy.deepcopy(QUICKSTART)
+    body["metadata"] = {"name": name, "namespace": "default"}
+    body["spec"].update(spec_changes)
+    return body
+
+
+async def test_quickstart_runs_to_success_and_records_every_decision(kube: Kube, fake_node) -> None:
+    applied = manifest()
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(applied)
+        status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
+
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert status["bestTrial"]["objective"] < 2.0
+    assert status["observedGeneration"] == experiment(kube, "quickstart")["metadata"]["generation"]
+
+    records = ledger_of(kube, "quickstart")
+    assert [r.seq for r in records] == list(range(len(records))) == list(range(status["decisionsMade"]))
+    diverging = next(r for r in records if r.decision.action == "terminate" and r.decision.trial == "quickstart-t000")
+    assert diverging.decision.reason == "nonfinite-loss"
+    relaunch = next(r for r in records if r.decision.parent == "quickstart-t000")
+    assert relaunch.decision.hyperparameters["lr"] == pytest.approx(0.5)  # 5.0 x 0.1
+    assert records[-1].decision.action == "complete"
+
+    # Every record is announced once, under the contract's reasons, with a deterministic name.
+    events = events_of(kube, "quickstart")
+    assert sorted(event.metadata.name for event in events) == sorted(r.id for r in records)
+    by_name = {event.metadata.name: event for event in events}
+    assert by_name[diverging.id].reason == contract.REASON_TRIAL_TERMINATED
+    assert by_name[relaunch.id].reason == contract.REASON_TRIAL_LAUNCHED
+    assert by_name[records[-1].id].reason == contract.REASON_EXPERIMENT_SUCCEEDED
+
+    live = experiment(kube, "quickstart")
+    last = json.loads(live["metadata"]["annotations"][contract.ANNOTATION_LAST_DECISION])
+    assert last["id"] == records[-1].id and last["action"] == "complete"
+    assert [d["id"] for d in status["decisions"]] == [r.id for r in records][-20:]
+
+    # The user's spec is never rewritten: every field they wrote is still exactly what they wrote.
+    for key, value in applied["spec"].items():
+        if isinstance(value, dict):
+            for inner, inner_value in value.items():
+                assert live["spec"][key][inner] == inner_value, f"spec.{key}.{inner} changed"
+        elif key != "searchSpace":  # the schema default log: false is added to each item
+            assert live["spec"][key] == value, f"spec.{key} changed"
+
+    # The best trial's Job (terminated trials' Jobs are deleted) carries the contract's metadata.
+    best = status["bestTrial"]["name"]
+    launch = next(r for r in records if r.new_trial == best)
+    job = kube.batch_v1().read_namespaced_job(best, "default")
+    assert job.metadata.labels == {contract.LABEL_EXPERIMENT: "quickstart", contract.LABEL_TRIAL: best}
+    hyperparameters = json.loads(job.metadata.annotations[contract.ANNOTATION_HYPERPARAMETERS])
+    assert hyperparameters == launch.decision.hyperparameters
+    assert job.metadata.annotations[contract.ANNOTATION_DECISION] == launch.id
+    assert job.metadata.owner_references[0].name == "quickstart"
+    # Its pod's termination message carries the trainer's final gauges into the pod status.
+    pods = kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={best}").items
+    message = json.loads(pods[0].status.container_statuses[0].state.terminated.message)
+    assert message["trainpilot_step"] == 300 and message["trainpilot_val_loss"] == pytest.approx(status["bestTrial"]["objective"])
+    terminated = {r.decision.trial for r in records if r.decision.action == "terminate"}
+    remaining = {j.metadata.name for j in kube.batch_v1().list_namespaced_job("default").items}
+    assert not terminated & remaining
+
+
+async def test_operator_restarts_mid_run_without_duplicates(kube: Kube, fake_node) -> None:
+    kube.apply(manifest())
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        await aeventually(lambda: len(ledger_of(kube, "quickstart")) >= 3, timeout=120, interval=0.5)
+    # The operator is gone; trials kept running. Start a new one from the same status and ledger.
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
+
+    assert status["phase"] == "Succeeded"
+    records = ledger_of(kube, "quickstart")
+    assert [r.seq for r in records] == list(range(len(records)))
+    launched = [r.new_trial for r in records if r.outcome == "executed" and r.new_trial]
+    assert len(launched) == len(set(launched)) == len(status["trials"])
+    assert len(events_of(kube, "quickstart")) == len(records)
+
+
+INVALID_SPECS = {
+    "min above max": ({"searchSpace": [{"name": "lr", "min": 1.0, "max": 0.1}]}, "must be below max"),
+    "unknown hyperparameter": ({"searchSpace": [{"name": "learning_rate", "min": 0.1, "max": 1.0}]}, "unknown hyperparameter"),
+    "initial trial outside": ({"initialTrials": [{"lr": 50.0}]}, "initialTrials[0].lr"),
+    "parallel over max": ({"budget": {"maxTrials": 1, "parallelTrials": 2}}, "budget.parallelTrials"),
+    "bad template value": (
+        {"trialTemplate": {"hyperparameters": {"n_embd": 30, "n_head": 4}}},
+        "n_embd (30) must be divisible by n_head (4)",
+    ),
+    "fp16 on cpu": ({"trialTemplate": {"hyperparameters": {"precision": "fp16", "device": "cpu"}}}, "fp16"),
+    "log with zero min": ({"searchSpace": [{"name": "lr", "min": 0.0, "max": 1.0, "log": True}]}, "log scale needs min > 0"),
+    "range and values": ({"searchSpace": [{"name": "lr", "min": 0.1, "max": 1.0, "values": [0.5]}]}, "not both"),
+    "fixed and searched": ({"trialTemplate": {"hyperparameters": {"lr": 0.1}}}, "which searchSpace also moves"),
+    "claude not available": ({"policy": {"type": "claude"}}, "spec.policy.type"),
+    "typo in template field": ({"trialTemplate": {"hyperparameters": {"n_layers": 2}}}, "n_layers"),
+    "duplicate parameter": (
+        {"searchSpace": [{"name": "lr", "min": 0.1, "max": 1.0}, {"name": "lr", "min": 0.2, "max": 0.3}]},
+        "more than once",
+    ),
+}
+
+
+async def test_invalid_experiments_are_reported_and_the_operator_stays_up(kube: Kube, fake_node) -> None:
+    """What the CRD schema can express, the API server refuses; the rest becomes Valid=False."""
+    base = {"searchSpace": [{"name": "lr", "min": 1e-4, "max": 1.0, "log": True}], "budget": {"maxTrials": 1, "parallelTrials": 1}}
+    reached_operator: dict[str, tuple[str, str]] = {}
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        for index, (label, (spec_change, expected)) in enumerate(INVALID_SPECS.items()):
+            body = {"apiVersion": contract.API_VERSION, "kind": contract.EXPERIMENT_KIND}
+            body["metadata"] = {"name": f"bad-{index}", "namespace": "default"}
+            body["spec"] = {**base, **spec_change}
+            try:
+                kube.apply(body)
+            except RuntimeError as refused:  # 422 from the schema, naming the field
+                assert "is invalid: spec." in str(refused), (label, refused)
+                continue
+            reached_operator[label] = (f"bad-{index}", expected)
+        # A valid experiment next to them still runs to the end.
+        good = manifest("still-works", budget={"maxTrials": 1, "parallelTrials": 1}, initialTrials=[{"lr": 0.01}])
+        kube.apply(good)
+        # CEL rules are not run by the emulator, so these are the operator's own checks.
+        assert len(reached_operator) >= 8, sorted(reached_operator)
+        for label, (name, expected) in reached_operator.items():
+            status = await aeventually(
+                lambda: (experiment(kube, name).get("status") or {}).get("phase") == "Invalid"
+                and experiment(kube, name)["status"],
+                timeout=60,
+                message=label,
+            )
+            condition = next(c for c in status["conditions"] if c["type"] == "Valid")
+            assert condition["status"] == "False" and expected in condition["message"], (label, condition)
+            selector = f"{contract.LABEL_EXPERIMENT}={name}"
+            assert kube.batch_v1().list_namespaced_job("default", label_selector=selector).items == []
+        done = await aeventually(lambda: finished(kube, "still-works"), timeout=180, interval=1)
+        assert done["phase"] == "Succeeded"
+
+
+async def test_a_failing_job_and_a_hanging_scrape_are_survived(kube: Kube, fake_node) -> None:
+    hang = (
+        "import socket, time\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "import os; s.bind((os.environ['TRAINPILOT_METRICS_ADDR'], int(os.environ['TRAINPILOT_METRICS_PORT'])))\n"
+        "s.listen(); conns = []\n"
+        "end = time.time() + 6\n"
+        "s.settimeout(0.2)\n"
+        "while time.time() < end:\n"
+        "    try: conns.append(s.accept())\n"  # accept, never answer: the scrape must time out
+        "    except OSError: pass\n"
+        "raise SystemExit(1)\n"
+    )
+    crashing = manifest(
+        "crashing",
+        initialTrials=[],
+        # Two trials and no third: both crash, whichever cycle sees them go, and 2 > maxFailedTrials.
+        budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 1},
+        trialTemplate={**QUICKSTART["spec"]["trialTemplate"], "command": ["python", "-c", hang]},
+        metrics={"port": 9400, "path": "/metrics", "scrapeTimeoutSeconds": 0.5},
+    )
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(crashing)
+        status = await aeventually(lambda: finished(kube, "crashing"), timeout=120, interval=1)
+    assert status["phase"] == "Failed"
+    assert status["trialsFailed"] == 2
+    records = ledger_of(kube, "crashing")
+    assert records[-1].decision.reason == "too-many-failures"
+    failed_event = [e for e in events_of(kube, "crashing") if e.reason == contract.REASON_EXPERIMENT_FAILED]
+    assert len(failed_event) == 1 and failed_event[0].type == "Warning"
+    assert all(trial["state"] == "Failed" for trial in status["trials"])
+
+
+async def test_a_vanished_pod_fails_its_trial_and_the_experiment_goes_on(kube: Kube, fake_node) -> None:
+    def running_pod(trial: str):
+        selector = f"{contract.LABEL_TRIAL}={trial}"
+        pods = kube.core_v1().list_namespaced_pod("default", label_selector=selector).items
+        return next((p for p in pods if p.status.phase == "Running"), None)
+
+    def step_of(trial: str) -> int:
+        status = experiment(kube, "quickstart").get("status") or {}
+        return next((t.get("step", 0) for t in status.get("trials", []) if t["name"] == trial), 0)
+
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(manifest(budget={"maxTrials": 4, "parallelTrials": 2, "maxFailedTrials": 2}))
+        await aeventually(lambda: step_of("quickstart-t001") > 0, timeout=120, interval=0.5)
+        pod = await aeventually(lambda: running_pod("quickstart-t001"), timeout=30)
+        kube.core_v1().delete_namespaced_pod(pod.metadata.name, "default", grace_period_seconds=0)
+        status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
+
+    vanished = next(t for t in status["trials"] if t["name"] == "quickstart-t001")
+    assert vanished["state"] == "Failed", vanished
+    assert status["trialsFailed"] >= 1
+    assert status["phase"] == "Succeeded" and status["bestTrial"]["name"] != "quickstart-t001"
+
+
+async def test_deleting_an_experiment_removes_its_children_without_hanging(kube: Kube, fake_node) -> None:
+    selector = f"{contract.LABEL_EXPERIMENT}=quickstart"
+
+    def children() -> list[str]:
+        core, batch = kube.core_v1(), kube.batch_v1()
+        found = [j.metadata.name for j in batch.list_namespaced_job("default", label_selector=selector).items]
+        found += [s.metadata.name for s in core.list_namespaced_service("default", label_selector=selector).items]
+        found += [c.metadata.name for c in core.list_namespaced_config_map("default", label_selector=selector).items]
+        found += [p.metadata.name for p in core.list_namespaced_pod("default", label_selector=selector).items]
+        return found
+
+    def gone() -> bool:
+        try:
+            experiment(kube, "quickstart")
+        except Exception as error:  # ApiException 404
+            return getattr(error, "status", None) == 404
+        return False
+
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(manifest())
+        await aeventually(lambda: len([c for c in children() if c.endswith("-config")]) >= 2, timeout=60)
+        kube.custom().delete_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, "quickstart"
+        )
+        await aeventually(gone, timeout=30, message="the daemon's finalizer is released")
+        await aeventually(lambda: children() == [], timeout=60, message="children garbage-collected")
+
+
+async def test_spec_changes_are_honoured_on_the_next_cycle(kube: Kube, fake_node) -> None:
+    def status_of() -> dict:
+        return experiment(kube, "quickstart").get("status") or {}
+
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(manifest(suspend=True, budget={"maxTrials": 2, "parallelTrials": 2}))
+        await aeventually(lambda: status_of().get("phase") == "Suspended", timeout=30)
+        assert kube.batch_v1().list_namespaced_job("default").items == []
+        generation = experiment(kube, "quickstart")["metadata"]["generation"]
+        patch = {"spec": {"suspend": False, "budget": {"maxTrials": 3, "parallelTrials": 2}}}
+        kube.custom().patch_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, "quickstart", patch
+        )
+        status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
+    assert status["phase"] == "Succeeded"
+    assert status["trialsLaunched"] == 3  # the raised budget, not the original 2
+    assert status["observedGeneration"] == generation + 1

@@ -1,0 +1,208 @@
+"""The Helm chart, rendered and linted for real (helm-python embeds Helm's Go SDK)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.support.paths import CHART
+from trainpilot.api import crd
+
+from tests.support.openapi import admit
+
+helm = pytest.importorskip("helm_python")
+
+RELEASE_NAMESPACE = "trainpilot-system"
+
+# What the operator does, per API group and resource: kopf's watches and patches, trial Jobs,
+# rendezvous Services, ledger ConfigMaps, metric scraping from pods, decision Events.
+NAMESPACED_NEEDS: list[tuple[str, str, set[str]]] = [
+    ("trainpilot.dev", "agentexperiments", {"get", "list", "watch", "patch", "update"}),
+    ("trainpilot.dev", "agentexperiments/status", {"get", "patch", "update"}),
+    ("batch", "jobs", {"create", "get", "list", "watch", "patch", "delete"}),
+    ("", "services", {"create", "get", "list", "watch", "patch", "delete"}),
+    ("", "configmaps", {"create", "get", "list", "watch", "patch", "delete"}),
+    ("", "pods", {"get", "list", "watch"}),
+    ("", "events", {"create", "patch"}),
+]
+CLUSTER_NEEDS: list[tuple[str, str, set[str]]] = [
+    ("trainpilot.dev", "quotapolicies", {"get", "list", "watch"}),
+    ("apiextensions.k8s.io", "customresourcedefinitions", {"get", "list", "watch"}),
+    ("", "namespaces", {"get", "list", "watch"}),
+]
+
+
+def render(values: dict[str, Any] | None = None, namespace: str = RELEASE_NAMESPACE) -> list[dict[str, Any]]:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values=values or {}, name="tp", namespace=namespace, is_install=True)
+    documents = []
+    for name, text in sorted(manifests.items()):
+        if name.endswith(".yaml"):
+            documents.extend(d for d in yaml.safe_load_all(text) if d)
+    return documents
+
+
+def one(documents: list[dict], kind: str) -> dict:
+    (found,) = [d for d in documents if d["kind"] == kind]
+    return found
+
+
+def grants(rules: list[dict], group: str, resource: str, verbs: set[str]) -> bool:
+    granted: set[str] = set()
+    for rule in rules:
+        if group in rule.get("apiGroups", []) and resource in rule.get("resources", []):
+            granted |= set(rule["verbs"])
+    return verbs <= granted
+
+
+@pytest.mark.parametrize(
+    "values", [{}, {"watchAllNamespaces": True}, {"quotaPolicies": [{"name": "q", "spec": {"maxGPUs": 2}}]}]
+)
+def test_chart_lints_clean(values: dict) -> None:
+    report = helm.lint(str(CHART), values, strict=True, kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_chart_ships_the_generated_crds() -> None:
+    with helm.Chart.load(CHART) as chart:
+        shipped = {Path(c["filename"]).name: c["data"] for c in chart.crds}
+        assert chart.metadata["name"] == "trainpilot"
+    assert shipped == crd.crd_files()
+
+
+def check_deployment(documents: list[dict]) -> dict:
+    deployment = one(documents, "Deployment")
+    assert deployment["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["command"] == ["trainpilot"]
+    assert container["args"][0] == "operator"
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["runAsNonRoot"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    (port,) = [p for p in container["ports"] if p["name"] == probe["port"]]
+    assert port["containerPort"] == 8080
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    # The service account the pod runs as is the one the bindings name.
+    account = one(documents, "ServiceAccount")
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    for binding in (d for d in documents if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": RELEASE_NAMESPACE}
+        ]
+    return container
+
+
+def test_single_namespace_mode() -> None:
+    documents = render()
+    container = check_deployment(documents)
+    assert f"--namespace={RELEASE_NAMESPACE}" in container["args"]
+    assert "--all-namespaces" not in container["args"]
+    role = one(documents, "Role")
+    assert role["metadata"]["namespace"] == RELEASE_NAMESPACE
+    for group, resource, verbs in NAMESPACED_NEEDS:
+        assert grants(role["rules"], group, resource, verbs), (group, resource)
+    cluster_role = one(documents, "ClusterRole")
+    for group, resource, verbs in CLUSTER_NEEDS:
+        assert grants(cluster_role["rules"], group, resource, verbs), (group, resource)
+    # Nothing namespaced is granted cluster-wide in this mode.
+    for group, resource, _ in NAMESPACED_NEEDS:
+        assert not grants(cluster_role["rules"], group, resource, {"get"}), resource
+    binding = one(documents, "RoleBinding")
+    assert binding["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+
+
+def test_single_namespace_mode_elsewhere() -> None:
+    documents = render({"watchNamespace": "ml-team"})
+    container = check_deployment(documents)
+    assert "--namespace=ml-team" in container["args"]
+    assert one(documents, "Role")["metadata"]["namespace"] == "ml-team"
+    assert one(documents, "RoleBinding")["metadata"]["namespace"] == "ml-team"
+
+
+def test_all_namespaces_mode() -> None:
+    documents = render({"watchAllNamespaces": True})
+    container = check_deployment(documents)
+    assert "--all-namespaces" in container["args"]
+    assert not any(arg.startswith("--namespace") for arg in container["args"])
+    assert not [d for d in documents if d["kind"] in ("Role", "RoleBinding")]
+    cluster_role = one(documents, "ClusterRole")
+    for group, resource, verbs in NAMESPACED_NEEDS + CLUSTER_NEEDS:
+        assert grants(cluster_role["rules"], group, resource, verbs), (group, resource)
+    binding = one(documents, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    "values", [{}, {"watchAllNamespaces": True}, {"watchNamespace": "x", "logLevel": "debug"}]
+)
+def test_operator_cli_accepts_the_chart_arguments(values: dict) -> None:
+    cli = pytest.importorskip("trainpilot.cli.main")
+    (container,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"]
+    args = cli.build_parser().parse_args(container["args"])
+    assert args.command == "operator"
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    assert args.standalone is True
+    assert args.all_namespaces == bool(values.get("watchAllNamespaces"))
+    assert args.verbose == (values.get("logLevel") == "debug")
+
+
+def test_anthropic_secret_and_log_level() -> None:
+    (container,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "ANTHROPIC_API_KEY" not in {e["name"] for e in container["env"]}
+    assert "--verbose" not in container["args"]
+    values = {"anthropic": {"secretName": "anthropic"}, "logLevel": "debug"}
+    (container,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"]
+    (key,) = [e for e in container["env"] if e["name"] == "ANTHROPIC_API_KEY"]
+    assert key["valueFrom"] == {"secretKeyRef": {"name": "anthropic", "key": "ANTHROPIC_API_KEY"}}
+    assert "--verbose" in container["args"]
+    with pytest.raises(helm.HelmError, match="logLevel must be info or debug"):
+        render({"logLevel": "loud"})
+
+
+def test_quota_policies_from_values_are_valid_objects() -> None:
+    assert not [d for d in render() if d["kind"] == "QuotaPolicy"]
+    values = {
+        "quotaPolicies": [
+            {"name": "cluster-default", "spec": {"maxGPUs": 32, "requireApprovalFor": ["scale"]}},
+            {"name": "team-ml", "spec": {"namespaceSelector": {"matchNames": ["ml"]}, "maxParallelTrials": 2}},
+        ]
+    }
+    policies = [d for d in render(values) if d["kind"] == "QuotaPolicy"]
+    assert [p["metadata"]["name"] for p in policies] == ["cluster-default", "team-ml"]
+    quota_crd = next(c for c in crd.build_crds() if c["spec"]["names"]["kind"] == "QuotaPolicy")
+    for policy in policies:
+        assert "namespace" not in policy["metadata"]  # cluster-scoped
+        assert admit(quota_crd, policy)[1] == []
+    with pytest.raises(helm.HelmError, match="needs a name"):
+        render({"quotaPolicies": [{"spec": {"maxGPUs": 1}}]})
+
+
+@pytest.mark.parametrize("values", [{}, {"watchAllNamespaces": True, "anthropic": {"secretName": "a"}}])
+def test_rendered_objects_survive_the_official_kubernetes_models(values: dict) -> None:
+    """The kubernetes client's models drop fields they do not know: a round trip catches typos
+    (readOnlyRootFileSystem, serviceAcountName, ...) that Helm itself renders without a word."""
+    kubernetes = pytest.importorskip("kubernetes")
+    api = kubernetes.client.ApiClient()
+    for document in render(values):
+        if document["apiVersion"].startswith("trainpilot.dev/"):
+            continue
+        model = api.deserialize(json.dumps(document), f"V1{document['kind']}", "application/json")
+        assert api.sanitize_for_serialization(model) == document, document["kind"]

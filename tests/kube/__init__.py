@@ -1,1 +1,0 @@
-"""Test infrastructure: an emulated Kubernetes API server and a fake node (test-only)."""

@@ -1,0 +1,206 @@
+"""The real trainer on real DeepSpeed (CPU, gloo), run as a subprocess like the runtimes run it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+
+from tests.support.trainerkit import EXAMPLES, write_config
+from trainpilot.api.trial import Hyperparameters
+from trainpilot_trainer.schedule import Schedule
+
+pytestmark = pytest.mark.slow
+
+# Stated margin: the tiny example run ends within 0.15 nats of the entropy rate (it typically
+# lands within 0.01; an untrained model sits about 1.5 nats above).
+FLOOR_MARGIN = 0.15
+
+
+def _example(name: str, tmp_path, **changes):
+    config = json.loads((EXAMPLES / name).read_text())
+    config.update(checkpoint_dir=str(tmp_path / "checkpoints"), **changes)
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return path, config
+
+
+def _lines(stdout: str, prefix: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def test_example_run_reaches_the_loss_floor_and_exports_metrics(tmp_path, start_trainer):
+    # Linger long enough to scrape the final values; a signal during the linger ends it early.
+    path, config = _example("trial-cpu.json", tmp_path, metrics_linger_seconds=30)
+    max_steps = config["hyperparameters"]["max_steps"]
+    trainer = start_trainer(path)
+    # While running: the floor is known from the start, val_loss is NaN until the first eval.
+    early = trainer.wait_for_metrics(lambda m: "trainpilot_step" in m)
+    assert early["trainpilot_max_steps"] == max_steps
+    assert early["trainpilot_step"] >= config["hyperparameters"]["eval_interval"] or math.isnan(early["trainpilot_val_loss"])
+    assert early["trainpilot_checkpoint_step"] == -1 or early["trainpilot_step"] >= 100
+    eval_interval = config["hyperparameters"]["eval_interval"]
+    assert early["trainpilot_eval_step"] == -1 or early["trainpilot_eval_step"] % eval_interval == 0
+    final = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] == max_steps and m["trainpilot_checkpoint_step"] == max_steps)
+    trainer.signal(signal.SIGTERM)
+    finished = trainer.wait(timeout=30)
+
+    assert finished.returncode == 0, trainer.output()
+    floor = final["trainpilot_loss_floor"]
+    assert final["trainpilot_val_loss"] <= floor + FLOOR_MARGIN
+    assert final["trainpilot_nonfinite_loss_total"] == 0 and final["trainpilot_eval_step"] == max_steps
+    assert final["trainpilot_step_seconds_count"] == max_steps
+    assert final["trainpilot_tokens_per_second"] > 0 and final["trainpilot_grad_norm"] > 0
+    hp = Hyperparameters.model_validate(config["hyperparameters"])
+    assert final["trainpilot_learning_rate"] == pytest.approx(Schedule.from_hyperparameters(hp).lr(max_steps - 1))
+    result = finished.result
+    assert result["exit_reason"] == "completed" and result["step"] == result["eval_step"] == max_steps
+    assert result["val_loss"] == pytest.approx(final["trainpilot_val_loss"]) and result["loss_floor"] == pytest.approx(floor)
+    # The loss fell: the first evaluation is well above the last.
+    evals = [float(line.split("val_loss ")[1].split()[0]) for line in _lines(finished.stdout, "eval step")]
+    assert evals[0] > evals[-1] + 0.05
+    # Checkpoints every checkpoint_interval steps, `latest` naming the newest.
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step{max_steps}"
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step100", "step200", "step300"]
+
+
+@pytest.mark.parametrize("fail_fast", [True, False])
+def test_diverging_lr_counts_nonfinite_losses(tmp_path, start_trainer, fail_fast):
+    changes = {"metrics_linger_seconds": 30}
+    path, config = _example("trial-diverge.json", tmp_path, **changes)
+    assert config["hyperparameters"]["lr"] == 10.0
+    config["hyperparameters"].update(fail_fast=fail_fast, max_steps=40, checkpoint_interval=20)
+    path.write_text(json.dumps(config))
+    trainer = start_trainer(path)
+    if fail_fast:
+        final = trainer.wait_for_metrics(lambda m: m["trainpilot_nonfinite_loss_total"] >= 1)
+    else:
+        final = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] == 40 and m["trainpilot_checkpoint_step"] == 40)
+    trainer.signal(signal.SIGTERM)  # ends the linger
+    finished = trainer.wait(timeout=30)
+    if fail_fast:
+        assert finished.returncode == 3, trainer.output()
+        assert finished.result["exit_reason"] == "diverged"
+        assert final["trainpilot_nonfinite_loss_total"] == 1 and final["trainpilot_checkpoint_step"] == -1
+        assert finished.result["step"] < 20
+        assert not (tmp_path / "checkpoints" / "latest").exists()  # the diverged state was not saved
+    else:
+        assert finished.returncode == 0, trainer.output()
+        assert final["trainpilot_nonfinite_loss_total"] > 1  # counted every time, kept going
+
+
+def test_sigterm_checkpoints_and_a_resume_continues_with_new_hyperparameters(tmp_path, start_trainer):
+    checkpoints = tmp_path / "checkpoints"
+    first = write_config(tmp_path / "first.json", {"max_steps": 100_000, "eval_interval": 100_000}, checkpoint_dir=str(checkpoints))
+    trainer = start_trainer(first)
+    trainer.wait_for_metrics(lambda m: m["trainpilot_step"] >= 30)
+    trainer.signal(signal.SIGTERM)
+    stopped = trainer.wait(timeout=30)  # well within Kubernetes' default 30 s grace period
+    assert stopped.returncode == 4, trainer.output()
+    step = stopped.result["step"]
+    assert stopped.result["exit_reason"] == "terminated" and stopped.result["checkpoint_step"] == step >= 30
+    assert (checkpoints / "latest").read_text().strip() == f"step{step}"
+
+    # Resume with a changed lr and schedule: the new values apply from the loaded step on.
+    changed = {"max_steps": step + 20, "lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0, "eval_interval": 10}
+    second = write_config(
+        tmp_path / "second.json", changed, resume_from=str(checkpoints), checkpoint_dir=str(checkpoints), metrics_linger_seconds=30
+    )
+    resumed = start_trainer(second)
+    final = resumed.wait_for_metrics(lambda m: m["trainpilot_step"] == step + 20 and not math.isnan(m["trainpilot_val_loss"]))
+    resumed.signal(signal.SIGTERM)
+    finished = resumed.wait(timeout=30)
+    assert finished.returncode == 0, resumed.output()
+    assert f"resumed from {checkpoints}/step{step} at step {step}" in finished.stdout
+    assert final["trainpilot_learning_rate"] == pytest.approx(3e-3)
+    assert finished.result["step"] == step + 20
+    assert finished.result["tokens"] == (step + 20) * 8 * 32  # the data position came back too
+
+
+def test_control_file_changes_lr_and_weight_decay_without_restart(tmp_path, start_trainer):
+    control = tmp_path / "control.json"
+    path = write_config(
+        tmp_path / "trial.json",
+        {"max_steps": 100_000, "eval_interval": 100_000, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.0},
+    )
+    # Through the environment, as the local runtime and the pod spec pass it.
+    trainer = start_trainer(path, TRAINPILOT_CONTROL_FILE=str(control))
+    before = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] >= 10)
+    assert before["trainpilot_learning_rate"] == pytest.approx(1e-3) and before["trainpilot_control_generation"] == 0
+
+    def publish(payload) -> None:  # atomic replace, like the runtimes write it
+        temporary = tmp_path / "control.tmp"
+        temporary.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+        os.replace(temporary, control)
+
+    publish({"generation": 1, "lr": 2.5e-3, "weight_decay": 0.05})
+    after = trainer.wait_for_metrics(lambda m: m["trainpilot_control_generation"] == 1)
+    after = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] > after["trainpilot_step"])  # a step at the new lr
+    assert after["trainpilot_learning_rate"] == pytest.approx(2.5e-3)
+    assert after["trainpilot_weight_decay"] == pytest.approx(0.05)
+
+    publish("{ half written")  # logged and ignored; training goes on with the last good values
+    step = after["trainpilot_step"]
+    later = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] > step + 20)
+    assert later["trainpilot_control_generation"] == 1 and later["trainpilot_learning_rate"] == pytest.approx(2.5e-3)
+
+    trainer.signal(signal.SIGINT)
+    finished = trainer.wait(timeout=30)
+    assert finished.returncode == 4  # stopped by a signal (no checkpoint_dir: nothing saved)
+    assert "ignoring invalid control file" in finished.stderr
+    assert finished.result["control_generation"] == 1 and finished.result["checkpoint_step"] == -1
+
+
+def test_two_processes_under_torchrun_stop_together_and_resume_across_world_sizes(tmp_path, start_trainer):
+    """1 rank -> 2 ranks (stopped by SIGTERM, as a pod is) -> 1 rank, each leg resuming the
+    previous one's ZeRO-0 checkpoint."""
+    checkpoints = tmp_path / "checkpoints"
+
+    def config(name: str, until: int, resume: bool):
+        return write_config(
+            tmp_path / f"{name}.json",
+            {"max_steps": until, "eval_interval": 10, "checkpoint_interval": 10},
+            checkpoint_dir=str(checkpoints),
+            resume_from=str(checkpoints) if resume else None,
+        )
+
+    alone = start_trainer(config("alone", 20, resume=False)).wait(timeout=180)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+
+    pair = start_trainer(config("pair", 100_000, resume=True), nproc=2)
+    pair.wait_for_metrics(lambda m: m["trainpilot_step"] >= 45)  # rank 0 serves the metrics
+    pair.signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    stopped = pair.wait(timeout=60)
+    assert "saved by 1 rank(s), now 2" in stopped.stdout
+    result = stopped.result  # rank 0 alone prints progress and the result line
+    step = result["step"]
+    # Both ranks agreed on the step to stop at: the checkpoint (a collective save) completed.
+    assert result["exit_reason"] == "terminated" and result["checkpoint_step"] == step >= 45, pair.output()
+    assert (checkpoints / "latest").read_text().strip() == f"step{step}"
+    assert result["tokens"] == 20 * 8 * 32 + (step - 20) * 2 * 8 * 32  # two ranks: twice the tokens per step
+    assert math.isfinite(result["val_loss"])
+
+    again = start_trainer(config("alone-again", step + 10, resume=True)).wait(timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "saved by 2 rank(s), now 1" in again.stdout and again.result["step"] == step + 10
+
+
+def test_bf16_zero2_grad_accum_and_text_data(tmp_path, start_trainer):
+    """The other paths in one short run: bf16 on a CPU, ZeRO-2, gradient accumulation, and the
+    default text dataset (the standard library's sources), where no loss floor is known."""
+    path = write_config(
+        tmp_path / "trial.json",
+        {"dataset": "text", "vocab_size": None, "precision": "bf16", "zero_stage": 2, "grad_accum": 2, "max_steps": 20,
+         "eval_interval": 10, "eval_batches": 2, "lr": 3e-3},
+    )
+    finished = start_trainer(path).wait(timeout=180)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    result = finished.result
+    assert result["loss_floor"] is None and result["step"] == 20
+    assert result["val_loss"] < math.log(256)  # better than uniform over bytes
+    assert result["grad_norm"] is not None  # reported by DeepSpeed's ZeRO optimizer
+    assert "device cpu bf16" in finished.stdout
