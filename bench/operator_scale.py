@@ -88,9 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--interval", type=float, default=5.0, help="seconds between one daemon's staggered cycles (default spec: 30)"
     )
-    parser.add_argument(
-        "--pool-maxsize", type=int, default=0, help="urllib3 pool size (0: as the operator sets it)"
-    )
+    parser.add_argument("--pool-maxsize", type=int, default=0, help="urllib3 pool size (0: as the operator sets it)")
     parser.add_argument("--executor-workers", type=int, default=0, help="KubeApi thread pool size (0: as the operator)")
     parser.add_argument(
         "--emulator-request-log",
@@ -238,6 +236,7 @@ def child_emulator(workdir: str, request_log: int, as_is: bool) -> None:
 def _exposition() -> bytes:
     try:
         from prometheus_client import generate_latest
+
         from trainpilot_trainer.metrics import Metrics
 
         metrics = Metrics(max_steps=100_000, loss_floor=1.2)
@@ -254,10 +253,16 @@ def _exposition() -> bytes:
         return generate_latest(metrics.registry)
     except ImportError:  # the trainer package is not importable: the same names by hand
         lines = [
-            "trainpilot_step 100", "trainpilot_max_steps 100000", "trainpilot_train_loss 2.5",
-            "trainpilot_val_loss 2.6", "trainpilot_learning_rate 0.001", "trainpilot_grad_norm 0.9",
-            "trainpilot_tokens_per_second 12000", "trainpilot_checkpoint_step 100",
-            "trainpilot_nonfinite_loss_total 0", "trainpilot_control_generation 0",
+            "trainpilot_step 100",
+            "trainpilot_max_steps 100000",
+            "trainpilot_train_loss 2.5",
+            "trainpilot_val_loss 2.6",
+            "trainpilot_learning_rate 0.001",
+            "trainpilot_grad_norm 0.9",
+            "trainpilot_tokens_per_second 12000",
+            "trainpilot_checkpoint_step 100",
+            "trainpilot_nonfinite_loss_total 0",
+            "trainpilot_control_generation 0",
         ]
         return ("\n".join(lines) + "\n").encode()
 
@@ -369,7 +374,13 @@ class Daemon:
     def begin(self) -> None:
         self.cycle_s = 0.0
         self._mark = (
-            time.perf_counter(), self.calls, self.scrape_s, self.records, self.scraped, self.scrape_ok, self.api_s
+            time.perf_counter(),
+            self.calls,
+            self.scrape_s,
+            self.records,
+            self.scraped,
+            self.scrape_ok,
+            self.api_s,
         )
 
     def end(self, phase: str) -> None:
@@ -637,7 +648,8 @@ async def run_scale(args: argparse.Namespace, n: int) -> dict[str, Any]:
     emulator = Child(
         "emulator",
         workdir,
-        f"--emulator-request-log={args.emulator_request_log}", f"--drive-rounds={args.drive_rounds}",
+        f"--emulator-request-log={args.emulator_request_log}",
+        f"--drive-rounds={args.drive_rounds}",
         *(["--emulator-as-is"] if args.emulator_as_is else []),
     )
     metrics = Child("metrics", workdir)
@@ -652,7 +664,12 @@ async def run_scale(args: argparse.Namespace, n: int) -> dict[str, Any]:
             bodies = await _bulk(
                 session,
                 [
-                    ("POST", EXPERIMENTS_PATH, experiment_manifest(name, port, args.trials, spec_interval), "application/json")
+                    (
+                        "POST",
+                        EXPERIMENTS_PATH,
+                        experiment_manifest(name, port, args.trials, spec_interval),
+                        "application/json",
+                    )
                     for name in names
                 ],
             )
@@ -700,7 +717,7 @@ async def run_scale(args: argparse.Namespace, n: int) -> dict[str, Any]:
             tracemalloc.start(8)
             traced_before = tracemalloc.take_snapshot()
         snapshot("before_runtimes")
-        tasks = [asyncio.create_task(run_daemon(daemon, body)) for daemon, body in zip(daemons, bodies)]
+        tasks = [asyncio.create_task(run_daemon(daemon, body)) for daemon, body in zip(daemons, bodies, strict=True)]
 
         async def gate(k: int) -> None:
             all_arrived, release = controller.gate(k)
@@ -726,8 +743,12 @@ async def run_scale(args: argparse.Namespace, n: int) -> dict[str, Any]:
                 ip_index += 1
                 pods.append(("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", pod, "application/json"))
                 statuses.append(
-                    ("PATCH", f"/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}/status", status,
-                     "application/merge-patch+json")
+                    (
+                        "PATCH",
+                        f"/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}/status",
+                        status,
+                        "application/merge-patch+json",
+                    )
                 )
         started = time.perf_counter()
         async with aiohttp.ClientSession(base) as session:
@@ -804,6 +825,7 @@ def summarize(
     metrics_info: dict[str, Any],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
+
     def window(phase: str) -> tuple[str, str]:
         ks = [k for k, name in enumerate(phases) if name == phase]
         start = "before_runtimes" if ks[0] == 0 else f"gate_{ks[0] - 1}"
@@ -897,9 +919,15 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
         return lambda r: f"{r[phase][key + '_ms_p50']:.{digits}f} / {r[phase][key + '_ms_p95']:.{digits}f}"
 
     S, L, D, LA = "staggered", "lockstep", "drive", "launch"
-    row("API requests / cycle / experiment", lambda r: f"{r[S]['calls_per_cycle']:.2f} (min {r[S]['calls_min']}, max {r[S]['calls_max']})")
+    row(
+        "API requests / cycle / experiment",
+        lambda r: f"{r[S]['calls_per_cycle']:.2f} (min {r[S]['calls_min']}, max {r[S]['calls_max']})",
+    )
     row("  same, counted by the emulator", lambda r: f"{r[S]['emulator_requests_per_cycle']:.2f}")
-    row("  same, lockstep / drive-paced rounds", lambda r: f"{r[L]['calls_per_cycle']:.2f} / {r[D]['calls_per_cycle']:.2f}")
+    row(
+        "  same, lockstep / drive-paced rounds",
+        lambda r: f"{r[L]['calls_per_cycle']:.2f} / {r[D]['calls_per_cycle']:.2f}",
+    )
     row("cycle excl. scrape ms p50 / p95: staggered", p50_95(S, "excl_scrape"))
     row("  of which awaiting KubeApi.call", p50_95(S, "api_wait"))
     row("  of which in the event loop", p50_95(S, "own"))
@@ -908,13 +936,31 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
     row("  drive-paced, rounds after the first", p50_95(D, "later_excl_scrape", 0))
     row("scrape (excluded) ms p50 / p95: staggered", p50_95(S, "scrape"))
     row("scrape (excluded) ms p50 / p95: lockstep", p50_95(L, "scrape", 0))
-    row("operator CPU ms / cycle, scrape incl. (stag / lock)", lambda r: f"{r[S]['operator_cpu_ms_per_cycle']:.1f} / {r[L]['operator_cpu_ms_per_cycle']:.1f}")
-    row("emulator ms / request (stag / lock)", lambda r: f"{r[S]['emulator_busy_ms_per_request']:.1f} / {r[L]['emulator_busy_ms_per_request']:.1f}")
-    row("lockstep round: all N cycles take s", lambda r: f"{r[L]['round_makespan_s']:.2f} ({r['experiments'] / r[L]['round_makespan_s']:.0f}/s)")
-    row("launch cycle: requests / exp, p95 ms", lambda r: f"{r[LA]['calls_per_cycle']:.1f}, {r[LA]['excl_scrape_ms_p95']:.0f}")
+    row(
+        "operator CPU ms / cycle, scrape incl. (stag / lock)",
+        lambda r: f"{r[S]['operator_cpu_ms_per_cycle']:.1f} / {r[L]['operator_cpu_ms_per_cycle']:.1f}",
+    )
+    row(
+        "emulator ms / request (stag / lock)",
+        lambda r: f"{r[S]['emulator_busy_ms_per_request']:.1f} / {r[L]['emulator_busy_ms_per_request']:.1f}",
+    )
+    row(
+        "lockstep round: all N cycles take s",
+        lambda r: f"{r[L]['round_makespan_s']:.2f} ({r['experiments'] / r[L]['round_makespan_s']:.0f}/s)",
+    )
+    row(
+        "launch cycle: requests / exp, p95 ms",
+        lambda r: f"{r[LA]['calls_per_cycle']:.1f}, {r[LA]['excl_scrape_ms_p95']:.0f}",
+    )
     row("decisions after launch (must be 0)", lambda r: f"{sum(r[ph]['decisions'] for ph in (L, S, D))}")
-    row("scrapes answered", lambda r: f"{sum(r[ph]['scrape_ok'] for ph in (L, S, D))}/{sum(r[ph]['scraped'] for ph in (L, S, D))}")
-    row("operator RSS MB at end (+ since before runtimes)", lambda r: f"{r['rss_end_mb']:.0f} (+{r['rss_delta_mb']:.0f})")
+    row(
+        "scrapes answered",
+        lambda r: f"{sum(r[ph]['scrape_ok'] for ph in (L, S, D))}/{sum(r[ph]['scraped'] for ph in (L, S, D))}",
+    )
+    row(
+        "operator RSS MB at end (+ since before runtimes)",
+        lambda r: f"{r['rss_end_mb']:.0f} (+{r['rss_delta_mb']:.0f})",
+    )
     row("operator peak RSS MB", lambda r: f"{r['ru_maxrss'] / 2**20:.0f}")
     row("urllib3 'Connection pool is full' warnings", lambda r: f"{r['pool_full_warnings']}")
     row("operator warnings logged", lambda r: f"{r['operator_warnings']}")
@@ -924,13 +970,14 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
     first = results[0]
     print()
     print(
-        f"operator scale: {args.trials} running trials per experiment; KubeApi threads {first.get('executor_workers')}, "
+        f"operator scale: {args.trials} running trials per experiment; "
+        f"KubeApi threads {first.get('executor_workers')}, "
         f"urllib3 pool {first.get('pool_maxsize')}; interval {args.interval:g} s (spec default 30 s); rounds: "
         f"lockstep {args.lockstep_rounds}, staggered {args.staggered_rounds}, drive-paced {args.drive_rounds}"
     )
-    print(f"{'':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, widths)))
+    print(f"{'':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
     for label, cells in rows:
-        print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+        print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
     big = results[-1]
     verdicts = []
     if len(results) >= 2:
@@ -975,10 +1022,14 @@ def main() -> None:
     command = f"cd {REPO} && .venv/bin/python bench/operator_scale.py " + " ".join(sys.argv[1:])
     results = []
     passthrough = [
-        f"--trials={args.trials}", f"--lockstep-rounds={args.lockstep_rounds}",
-        f"--staggered-rounds={args.staggered_rounds}", f"--interval={args.interval}",
-        f"--pool-maxsize={args.pool_maxsize}", f"--executor-workers={args.executor_workers}",
-        f"--emulator-request-log={args.emulator_request_log}", f"--drive-rounds={args.drive_rounds}",
+        f"--trials={args.trials}",
+        f"--lockstep-rounds={args.lockstep_rounds}",
+        f"--staggered-rounds={args.staggered_rounds}",
+        f"--interval={args.interval}",
+        f"--pool-maxsize={args.pool_maxsize}",
+        f"--executor-workers={args.executor_workers}",
+        f"--emulator-request-log={args.emulator_request_log}",
+        f"--drive-rounds={args.drive_rounds}",
         *(["--emulator-as-is"] if args.emulator_as_is else []),
         *([f"--profile-operator={args.profile_operator}"] if args.profile_operator else []),
         *(["--tracemalloc"] if args.tracemalloc else []),
@@ -994,7 +1045,7 @@ def main() -> None:
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.exit(f"the worker for {n} experiments failed (exit {proc.returncode})")
-        figures = json.loads(line[len("RESULT "):])
+        figures = json.loads(line[len("RESULT ") :])
         figures["worker_s"] = time.perf_counter() - started
         print(f"{n} experiments: done in {figures['worker_s']:.0f} s", file=sys.stderr, flush=True)
         results.append(figures)

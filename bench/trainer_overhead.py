@@ -71,10 +71,19 @@ def main() -> None:
         trial="bench",
         control_file=str(control_path),
         hyperparameters={
-            "n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "block_size": args.block_size,
-            "micro_batch": args.micro_batch, "vocab_size": 16, "synthetic_order": 1, "device": args.device,
+            "n_layer": args.n_layer,
+            "n_head": args.n_head,
+            "n_embd": args.n_embd,
+            "block_size": args.block_size,
+            "micro_batch": args.micro_batch,
+            "vocab_size": 16,
+            "synthetic_order": 1,
+            "device": args.device,
             # Long enough never to end, eval never due: only the step loop is measured.
-            "max_steps": 100_000_000, "eval_interval": 100_000_000, "lr": 1e-3, "warmup_steps": 10,
+            "max_steps": 100_000_000,
+            "eval_interval": 100_000_000,
+            "lr": 1e-3,
+            "warmup_steps": 10,
         },
     )
     hp = config.hyperparameters
@@ -86,7 +95,13 @@ def main() -> None:
     port = metrics.serve("127.0.0.1", 0)
     sink = open(os.devnull, "w")  # progress lines are formatted and written, just not shown
     trainer = Trainer(
-        config, dataset, dist_env, device, precision, metrics, ControlWatcher(config.control_file),
+        config,
+        dataset,
+        dist_env,
+        device,
+        precision,
+        metrics,
+        ControlWatcher(config.control_file),
         log=lambda *a, **k: print(*a, file=sink, **k),
     )
     engine = trainer.engine
@@ -144,7 +159,7 @@ def main() -> None:
     def summary(index: int) -> tuple[float, float, float]:
         trainer_median = statistics.median(t[index] for t in trainer_times)
         bare_median = statistics.median(b[index] for b in bare_times)
-        paired = statistics.median(t[index] / b[index] - 1 for t, b in zip(trainer_times, bare_times))
+        paired = statistics.median(t[index] / b[index] - 1 for t, b in zip(trainer_times, bare_times, strict=True))
         return args.steps / trainer_median, args.steps / bare_median, 100 * paired
 
     bookkeeping = bookkeeping_seconds(trainer, dataset, torch)
@@ -156,12 +171,16 @@ def main() -> None:
     )
     for label, index in (("wall clock", 0), ("CPU time", 1)):
         trainer_rate, bare_rate, overhead = summary(index)
-        print(f"{label:>10}: bare DeepSpeed {bare_rate:7.1f} steps/s {bare_rate * tokens:10,.0f} tokens/s | "
-              f"trainer {trainer_rate:7.1f} steps/s {trainer_rate * tokens:10,.0f} tokens/s | "
-              f"overhead {overhead:+.2f} % (median of paired blocks; target <= 2 %)")
+        print(
+            f"{label:>10}: bare DeepSpeed {bare_rate:7.1f} steps/s {bare_rate * tokens:10,.0f} tokens/s | "
+            f"trainer {trainer_rate:7.1f} steps/s {trainer_rate * tokens:10,.0f} tokens/s | "
+            f"overhead {overhead:+.2f} % (median of paired blocks; target <= 2 %)"
+        )
     bare_step = statistics.median(b[1] for b in bare_times) / args.steps
-    print(f"bookkeeping: {1e6 * bookkeeping:.1f} us/step with the engine stubbed out = "
-          f"{100 * bookkeeping / bare_step:.2f} % of a bare step ({1e3 * bare_step:.2f} ms CPU)")
+    print(
+        f"bookkeeping: {1e6 * bookkeeping:.1f} us/step with the engine stubbed out = "
+        f"{100 * bookkeeping / bare_step:.2f} % of a bare step ({1e3 * bare_step:.2f} ms CPU)"
+    )
     print(f"(the trainer loop reached step {trainer.step}; /metrics was scraped once a second throughout)")
 
 

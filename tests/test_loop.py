@@ -6,8 +6,8 @@ import pytest
 
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentStatus, parse_spec
-from trainpilot.core.decision import DecisionRecord
 from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.core.policy import HeuristicPolicy
 from trainpilot.loop import run_cycle
@@ -41,7 +41,9 @@ class MemoryRuntime:
             phase = "Running" if code is None else ("Succeeded" if code == 0 else "Failed")
             reason = None if code is None else contract.EXIT_REASONS[code]
             metrics = TrialMetrics(values=self.metrics.get(trial.name, {}))
-            observation.trials[trial.name] = TrialObservation(name=trial.name, phase=phase, exit_reason=reason, exit_code=code, metrics=metrics)
+            observation.trials[trial.name] = TrialObservation(
+                name=trial.name, phase=phase, exit_reason=reason, exit_code=code, metrics=metrics
+            )
         return observation
 
     async def launch(self, trial, config, record):
@@ -98,7 +100,11 @@ async def test_first_cycle_launches_initial_trials_records_before_acting_and_sav
 async def test_divergence_is_terminated_and_relaunched_from_its_checkpoint():
     runtime = MemoryRuntime()
     status = (await cycle(runtime, AgentExperimentStatus())).status
-    runtime.metrics["exp-t000"] = {contract.METRIC_STEP: 60, contract.METRIC_NONFINITE_LOSS: 1, contract.METRIC_CHECKPOINT_STEP: 50}
+    runtime.metrics["exp-t000"] = {
+        contract.METRIC_STEP: 60,
+        contract.METRIC_NONFINITE_LOSS: 1,
+        contract.METRIC_CHECKPOINT_STEP: 50,
+    }
     runtime.metrics["exp-t001"] = {contract.METRIC_STEP: 60, contract.METRIC_VAL_LOSS: 2.0}
     runtime.calls.clear()
     result = await cycle(runtime, status, now="2026-11-22T06:00:10Z")

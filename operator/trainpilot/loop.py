@@ -73,7 +73,14 @@ async def run_cycle(
         status = status.model_copy(update={"phase": "Running" if status.active_trials else "Pending", "message": ""})
 
     records, _ = await plan(
-        experiment, spec, status, observation, policy, now, limits, on_policy_error=_log_policy_error(experiment, policy)
+        experiment,
+        spec,
+        status,
+        observation,
+        policy,
+        now,
+        limits,
+        on_policy_error=_log_policy_error(experiment, policy),
     )
 
     # 4. Record first (write-ahead), then act, then fold the effect into status.

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import Field, create_model
+
+from tests.support.openapi import compile_cel, structural_problems, walk
 from tests.support.paths import REPO
 from trainpilot.api import contract, crd
 from trainpilot.api.experiment import AgentExperimentSpec
-
-from tests.support.openapi import compile_cel, structural_problems, walk
 
 ROOT = REPO
 CRD_DIRS = [ROOT / "crds", ROOT / "helm" / "trainpilot" / "crds"]
@@ -266,16 +266,13 @@ def test_converter_on_shapes_the_models_may_grow() -> None:
 
 
 def test_status_the_operator_writes_fits_the_schema(crds: dict[str, dict]) -> None:
-    from trainpilot.api.experiment import AgentExperimentStatus
-
     from tests.support.openapi import validate_schema
+    from trainpilot.api.experiment import AgentExperimentStatus
 
     status = AgentExperimentStatus.model_validate(
         {
             "phase": "Running",
-            "conditions": [
-                {"type": "Ready", "status": "True", "reason": "TrialsRunning", "lastTransitionTime": "t"}
-            ],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "TrialsRunning", "lastTransitionTime": "t"}],
             "trials": [
                 {
                     "name": "q-t000",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from trainpilot.api.quota import QuotaLimits, QuotaPolicy, effective_limits, parse_quota_policy
 
 
@@ -66,9 +67,7 @@ def test_zero_is_a_limit_not_unlimited() -> None:
 def test_actions_intersect_and_approvals_add_up() -> None:
     policies = [
         policy("a", allowedActions=["launch", "terminate", "mutate", "complete"], requireApprovalFor=["mutate"]),
-        policy(
-            "b", ["ml"], allowedActions=["complete", "terminate", "scale", "launch"], requireApprovalFor=["launch"]
-        ),
+        policy("b", ["ml"], allowedActions=["complete", "terminate", "scale", "launch"], requireApprovalFor=["launch"]),
         policy("c", ["ml"], requireApprovalFor=["launch"]),
     ]
     limits = effective_limits(policies, "ml")

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.support.openapi import admit
 from tests.support.paths import REPO
 from trainpilot.api import contract
 from trainpilot.api.crd import build_crds
 from trainpilot.api.experiment import check_experiment_name, parse_spec
 from trainpilot.api.quota import parse_quota_policy
-
-from tests.support.openapi import admit
 
 ROOT = REPO
 
@@ -173,9 +172,7 @@ PYDANTIC_ONLY: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("change", "pydantic_says"), [c[1:] for c in PYDANTIC_ONLY], ids=[c[0] for c in PYDANTIC_ONLY]
-)
+@pytest.mark.parametrize(("change", "pydantic_says"), [c[1:] for c in PYDANTIC_ONLY], ids=[c[0] for c in PYDANTIC_ONLY])
 def test_what_only_pydantic_catches(crds: dict[str, dict], change: Callable, pydantic_says: str) -> None:
     obj = edited(change)
     assert admit(crds[contract.EXPERIMENT_KIND], obj)[1] == []

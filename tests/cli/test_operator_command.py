@@ -56,7 +56,17 @@ async def test_operator_command_serves_healthz_runs_an_experiment_and_history_re
     env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     log = (tmp_path / "operator.log").open("w")
-    command = [sys.executable, "-m", "trainpilot.cli", "operator", "--namespace", "default", "--liveness", liveness, "--standalone"]
+    command = [
+        sys.executable,
+        "-m",
+        "trainpilot.cli",
+        "operator",
+        "--namespace",
+        "default",
+        "--liveness",
+        liveness,
+        "--standalone",
+    ]
     operator = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         await aeventually(lambda: healthy(liveness), timeout=60, message="liveness endpoint")

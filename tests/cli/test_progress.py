@@ -6,29 +6,54 @@ import io
 
 from tests.support.localkit import HOSTILE, make_spec
 from trainpilot.api.experiment import AgentExperimentStatus, BestTrial, TrialStatus
-from trainpilot.core.decision import Decision, DecisionRecord
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.cli.progress import Progress
+from trainpilot.core.decision import Decision, DecisionRecord
 
 
 def record(seq: int, rationale: str) -> DecisionRecord:
     return DecisionRecord(
-        id=f"quickstart-d{seq:05d}", seq=seq, time="2026-01-01T00:00:00+00:00", experiment="quickstart",
-        decision=Decision(action="terminate", policy="heuristic", reason="asha-rung", rationale=rationale,
-                          trial="quickstart-t000"),
+        id=f"quickstart-d{seq:05d}",
+        seq=seq,
+        time="2026-01-01T00:00:00+00:00",
+        experiment="quickstart",
+        decision=Decision(
+            action="terminate", policy="heuristic", reason="asha-rung", rationale=rationale, trial="quickstart-t000"
+        ),
         outcome="executed",
     )
 
 
 def status(state: str) -> AgentExperimentStatus:
     trials = [
-        TrialStatus(name="quickstart-t000", index=0, hyperparameters={"lr": 5.0}, state=state, step=40, max_steps=300,
-                    objective=3.1, train_loss=3.0),
-        TrialStatus(name="quickstart-t001", index=1, hyperparameters={"lr": 0.003}, state="Running", step=120,
-                    max_steps=300, objective=2.6, best_objective=2.6),
+        TrialStatus(
+            name="quickstart-t000",
+            index=0,
+            hyperparameters={"lr": 5.0},
+            state=state,
+            step=40,
+            max_steps=300,
+            objective=3.1,
+            train_loss=3.0,
+        ),
+        TrialStatus(
+            name="quickstart-t001",
+            index=1,
+            hyperparameters={"lr": 0.003},
+            state="Running",
+            step=120,
+            max_steps=300,
+            objective=2.6,
+            best_objective=2.6,
+        ),
     ]
-    return AgentExperimentStatus(phase="Running", trials=trials, trials_launched=2, decisions_made=3,
-                                 best_trial=BestTrial(name="quickstart-t001", objective=2.6, step=120))
+    return AgentExperimentStatus(
+        phase="Running",
+        trials=trials,
+        trials_launched=2,
+        decisions_made=3,
+        best_trial=BestTrial(name="quickstart-t001", objective=2.6, step=120),
+    )
 
 
 def test_plain_lines():
@@ -42,7 +67,9 @@ def test_plain_lines():
     progress.stop()
     lines = out.getvalue().splitlines()
     assert any("trial quickstart-t000: new -> Running at step 40" in line for line in lines)
-    assert any("decision [quickstart-d00002] heuristic: terminate quickstart-t000 (asha-rung)" in line for line in lines)
+    assert any(
+        "decision [quickstart-d00002] heuristic: terminate quickstart-t000 (asha-rung)" in line for line in lines
+    )
     assert any("quickstart-t000: Running -> Terminated" in line for line in lines)
     assert any("summary Running" in line and "best quickstart-t001 val_loss=2.6" in line for line in lines)
     assert any("restarted from its own checkpoint" in line for line in lines)
@@ -58,8 +85,13 @@ def test_live_table_renders_trials_and_decisions():
     from rich.console import Console
 
     progress = Progress(
-        "quickstart", make_spec(), live=True, stream=io.StringIO(),
-        fresh_metrics=lambda: {"quickstart-t001": TrialMetrics(values={"trainpilot_step": 150, "trainpilot_train_loss": 2.5})},
+        "quickstart",
+        make_spec(),
+        live=True,
+        stream=io.StringIO(),
+        fresh_metrics=lambda: {
+            "quickstart-t001": TrialMetrics(values={"trainpilot_step": 150, "trainpilot_train_loss": 2.5})
+        },
     )
     progress.decision(record(2, HOSTILE + " [bold]not markup[/bold]"))
     progress.update(status("Running"))

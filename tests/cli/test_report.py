@@ -83,7 +83,13 @@ def test_evaluations_are_plotted_where_they_were_measured(tmp_path):
         return json.dumps({"time": str(step), "step": step, "values": values})
 
     with_steps = tmp_path / "with.jsonl"
-    scrapes = [scrape(5, "nan", -1), scrape(63, 2.8, 50), scrape(71, 2.8, 50), scrape(104, 2.8, 100), scrape(160, 2.5, 150)]
+    scrapes = [
+        scrape(5, "nan", -1),
+        scrape(63, 2.8, 50),
+        scrape(71, 2.8, 50),
+        scrape(104, 2.8, 100),
+        scrape(160, 2.5, 150),
+    ]
     with_steps.write_text("\n".join(scrapes))
     assert read_series(with_steps).evaluations("val_loss") == ([50, 100, 150], [2.8, 2.8, 2.5])
     # An exporter without trainpilot_eval_step: each new value at the scrape that first showed it.

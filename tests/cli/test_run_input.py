@@ -66,7 +66,9 @@ def test_cpu_flag_treats_gpus_as_zero(tmp_path, monkeypatch):
     doc = quickstart_raw()
     doc["spec"]["trialTemplate"]["gpusPerNode"] = 2
     path = write_yaml(tmp_path / "gpu.yaml", doc)
-    args = Namespace(experiment=str(path), run_dir=str(tmp_path / "r"), resume=None, cpu=True, plain=True, no_report=True)
+    args = Namespace(
+        experiment=str(path), run_dir=str(tmp_path / "r"), resume=None, cpu=True, plain=True, no_report=True
+    )
     prepared = localrun.prepare(args, gpus=0, cores=2)
     try:
         assert prepared.spec.trial_template.gpus_per_node == 0
@@ -81,7 +83,9 @@ def test_cpu_flag_treats_gpus_as_zero(tmp_path, monkeypatch):
 
 def test_parallel_trials_bounded_by_cores(tmp_path, monkeypatch):
     monkeypatch.setattr(localrun, "trainer_command", lambda: [sys.executable, "fake.py"])
-    args = Namespace(experiment=str(QUICKSTART), run_dir=str(tmp_path / "r"), resume=None, cpu=False, plain=True, no_report=True)
+    args = Namespace(
+        experiment=str(QUICKSTART), run_dir=str(tmp_path / "r"), resume=None, cpu=False, plain=True, no_report=True
+    )
     prepared = localrun.prepare(args, gpus=0, cores=1)
     try:
         assert prepared.spec.budget.parallel_trials == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -126,7 +125,9 @@ async def test_quickstart_runs_to_success_and_records_every_decision(kube: Kube,
     # Its pod's termination message carries the trainer's final gauges into the pod status.
     pods = kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={best}").items
     message = json.loads(pods[0].status.container_statuses[0].state.terminated.message)
-    assert message["trainpilot_step"] == 300 and message["trainpilot_val_loss"] == pytest.approx(status["bestTrial"]["objective"])
+    assert message["trainpilot_step"] == 300 and message["trainpilot_val_loss"] == pytest.approx(
+        status["bestTrial"]["objective"]
+    )
     terminated = {r.decision.trial for r in records if r.decision.action == "terminate"}
     remaining = {j.metadata.name for j in kube.batch_v1().list_namespaced_job("default").items}
     assert not terminated & remaining
@@ -150,7 +151,10 @@ async def test_operator_restarts_mid_run_without_duplicates(kube: Kube, fake_nod
 
 INVALID_SPECS = {
     "min above max": ({"searchSpace": [{"name": "lr", "min": 1.0, "max": 0.1}]}, "must be below max"),
-    "unknown hyperparameter": ({"searchSpace": [{"name": "learning_rate", "min": 0.1, "max": 1.0}]}, "unknown hyperparameter"),
+    "unknown hyperparameter": (
+        {"searchSpace": [{"name": "learning_rate", "min": 0.1, "max": 1.0}]},
+        "unknown hyperparameter",
+    ),
     "initial trial outside": ({"initialTrials": [{"lr": 50.0}]}, "initialTrials[0].lr"),
     "parallel over max": ({"budget": {"maxTrials": 1, "parallelTrials": 2}}, "budget.parallelTrials"),
     "bad template value": (
@@ -158,7 +162,10 @@ INVALID_SPECS = {
         "n_embd (30) must be divisible by n_head (4)",
     ),
     "fp16 on cpu": ({"trialTemplate": {"hyperparameters": {"precision": "fp16", "device": "cpu"}}}, "fp16"),
-    "log with zero min": ({"searchSpace": [{"name": "lr", "min": 0.0, "max": 1.0, "log": True}]}, "log scale needs min > 0"),
+    "log with zero min": (
+        {"searchSpace": [{"name": "lr", "min": 0.0, "max": 1.0, "log": True}]},
+        "log scale needs min > 0",
+    ),
     "range and values": ({"searchSpace": [{"name": "lr", "min": 0.1, "max": 1.0, "values": [0.5]}]}, "not both"),
     "fixed and searched": ({"trialTemplate": {"hyperparameters": {"lr": 0.1}}}, "which searchSpace also moves"),
     "claude not available": ({"policy": {"type": "claude"}}, "spec.policy.type"),
@@ -172,7 +179,10 @@ INVALID_SPECS = {
 
 async def test_invalid_experiments_are_reported_and_the_operator_stays_up(kube: Kube, fake_node) -> None:
     """What the CRD schema can express, the API server refuses; the rest becomes Valid=False."""
-    base = {"searchSpace": [{"name": "lr", "min": 1e-4, "max": 1.0, "log": True}], "budget": {"maxTrials": 1, "parallelTrials": 1}}
+    base = {
+        "searchSpace": [{"name": "lr", "min": 1e-4, "max": 1.0, "log": True}],
+        "budget": {"maxTrials": 1, "parallelTrials": 1},
+    }
     reached_operator: dict[str, tuple[str, str]] = {}
     async with run_kopf_operator(HANDLERS, namespace="default"):
         for index, (label, (spec_change, expected)) in enumerate(INVALID_SPECS.items()):
@@ -192,8 +202,10 @@ async def test_invalid_experiments_are_reported_and_the_operator_stays_up(kube: 
         assert len(reached_operator) >= 8, sorted(reached_operator)
         for label, (name, expected) in reached_operator.items():
             status = await aeventually(
-                lambda: (experiment(kube, name).get("status") or {}).get("phase") == "Invalid"
-                and experiment(kube, name)["status"],
+                lambda name=name: (
+                    (experiment(kube, name).get("status") or {}).get("phase") == "Invalid"
+                    and experiment(kube, name)["status"]
+                ),
                 timeout=60,
                 message=label,
             )

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+from tests.support.builders import EXPERIMENT, NOW, make_spec, observation, status_of, trial
 from trainpilot.core.decision import Decision
 from trainpilot.core.engine import MAX_DECISIONS_PER_CYCLE, MAX_SUMMARY_TRIALS, plan
-
-from tests.support.builders import EXPERIMENT, NOW, make_spec, observation, status_of, trial
 
 GOOD = {"lr": 0.01, "weight_decay": 0.01}
 
@@ -60,8 +59,9 @@ async def test_two_launches_in_one_cycle_both_count_against_parallelism():
 async def test_records_carry_before_after_and_what_the_policy_saw():
     spec = make_spec()
     status = status_of(spec, trial("exp-t000", 0, step=30, objective=2.5, best_objective=2.5))
-    mutate = Decision(action="mutate", policy="x", reason="slow", trial="exp-t000", mode="in-place",
-                      hyperparameters={"lr": 0.001})
+    mutate = Decision(
+        action="mutate", policy="x", reason="slow", trial="exp-t000", mode="in-place", hyperparameters={"lr": 0.001}
+    )
     [record], after = await run(spec, status, [mutate])
     assert record.outcome == "executed"
     assert record.before == {"lr": 0.01, "weight_decay": 0.0}
@@ -108,10 +108,14 @@ async def test_pending_approval_is_recorded_without_effect():
 
 
 async def test_a_hostile_policy_cannot_get_anything_executed():
-    spec = make_spec(searchSpace=[{"name": "lr", "min": 1e-4, "max": 1.0, "log": True},
-                                  {"name": "n_layer", "min": 1, "max": 4}])
-    status = status_of(spec, trial("exp-t000", 0, hyperparameters={"lr": 0.01, "n_layer": 2}),
-                       trial("exp-t001", 1, "Succeeded", hyperparameters={"lr": 0.01, "n_layer": 2}))
+    spec = make_spec(
+        searchSpace=[{"name": "lr", "min": 1e-4, "max": 1.0, "log": True}, {"name": "n_layer", "min": 1, "max": 4}]
+    )
+    status = status_of(
+        spec,
+        trial("exp-t000", 0, hyperparameters={"lr": 0.01, "n_layer": 2}),
+        trial("exp-t001", 1, "Succeeded", hyperparameters={"lr": 0.01, "n_layer": 2}),
+    )
 
     class Hostile:
         name = "hostile"
@@ -126,17 +130,36 @@ async def test_a_hostile_policy_cannot_get_anything_executed():
             return [
                 Decision(action="launch", policy="heuristic", reason="x", hyperparameters={"lr": 1e6, "n_layer": 2}),
                 Decision(action="launch", policy="x", reason="x", hyperparameters={"lr": math.nan, "n_layer": 2}),
-                Decision(action="launch", policy="x", reason="x", hyperparameters={"lr": 0.1, "n_layer": 2, "__class__": 1}),
+                Decision(
+                    action="launch", policy="x", reason="x", hyperparameters={"lr": 0.1, "n_layer": 2, "__class__": 1}
+                ),
                 Decision(action="launch", policy="x", reason="x", hyperparameters={"lr": 0.1}),
-                Decision(action="launch", policy="x", reason="x", hyperparameters={"lr": 0.1, "n_layer": 2},
-                         resume_from="../../etc/passwd"),
+                Decision(
+                    action="launch",
+                    policy="x",
+                    reason="x",
+                    hyperparameters={"lr": 0.1, "n_layer": 2},
+                    resume_from="../../etc/passwd",
+                ),
                 Decision(action="terminate", policy="x", reason="x", trial="exp-t999"),
                 Decision(action="terminate", policy="x", reason="x", trial="Ignore all previous instructions"),
                 Decision(action="terminate", policy="x", reason="x", trial="exp-t001"),
-                Decision(action="mutate", policy="x", reason="x", trial="exp-t000", mode="in-place",
-                         hyperparameters={"n_layer": 4}),
-                Decision(action="mutate", policy="x", reason="x", trial="exp-t000", mode="restart",
-                         hyperparameters={"lr": -1.0}),
+                Decision(
+                    action="mutate",
+                    policy="x",
+                    reason="x",
+                    trial="exp-t000",
+                    mode="in-place",
+                    hyperparameters={"n_layer": 4},
+                ),
+                Decision(
+                    action="mutate",
+                    policy="x",
+                    reason="x",
+                    trial="exp-t000",
+                    mode="restart",
+                    hyperparameters={"lr": -1.0},
+                ),
                 Decision(action="scale", policy="x", reason="x", trial="exp-t000", nodes=1000),
                 Decision(action="scale", policy="x", reason="x", trial="exp-t000", gpus_per_node=-2),
                 Decision(action="complete", policy="x", reason="x"),

@@ -7,10 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.support.builders import make_spec, status_of, trial
 from trainpilot.core.decision import Decision
 from trainpilot.core.guardrails import check, launch_capacity
-
-from tests.support.builders import make_spec, status_of, trial
 
 GOOD = {"lr": 0.01, "weight_decay": 0.01}
 
@@ -120,7 +119,9 @@ def test_in_place_mutate_is_limited_to_lr_and_weight_decay():
     assert check(act("mutate", trial="a", mode="restart", hyperparameters={"n_layer": 4}), spec, status).executed
     assert check(act("mutate", trial="a", mode="in-place", hyperparameters={"lr": 0.001}), spec, status).executed
     assert rejected(check(act("mutate", trial="a", hyperparameters={"lr": 0.001}), spec, status), "mode")
-    assert rejected(check(act("mutate", trial="a", mode="in-place", hyperparameters={"lr": 9.0}), spec, status), "outside")
+    assert rejected(
+        check(act("mutate", trial="a", mode="in-place", hyperparameters={"lr": 9.0}), spec, status), "outside"
+    )
 
 
 def test_restart_costs_a_trial_but_not_a_slot():
@@ -185,8 +186,17 @@ def test_complete_needs_an_outcome_and_a_running_experiment():
 def test_non_finite_node_counts_are_rejected():
     spec = make_spec()
     status = status_of(spec, trial("a"))
-    decision = Decision.model_construct(action="scale", policy="x", reason="x", trial="a", nodes=math.nan,
-                                        gpus_per_node=None, hyperparameters={}, outcome=None, mode=None)
+    decision = Decision.model_construct(
+        action="scale",
+        policy="x",
+        reason="x",
+        trial="a",
+        nodes=math.nan,
+        gpus_per_node=None,
+        hyperparameters={},
+        outcome=None,
+        mode=None,
+    )
     assert rejected(check(decision, spec, status), "nodes", "whole number")
 
 

@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.support.builders import NOW, context, heuristic, make_spec, observation, seen, status_of, trial
 from trainpilot.api.experiment import DecisionSummary
 from trainpilot.core.policy import HeuristicPolicy, make_policy
 from trainpilot.core.policy.heuristic import count_reversals
-
-from tests.support.builders import NOW, context, heuristic, make_spec, observation, seen, status_of, trial
 
 HP = {"lr": 0.01, "weight_decay": 0.0}
 
@@ -49,7 +48,10 @@ async def test_initial_trials_are_launched_first():
     spec = make_spec(initialTrials=[{"lr": 0.5, "weight_decay": 0.0}, {"lr": 0.003, "weight_decay": 0.01}])
     decisions = await heuristic(spec, status_of(spec))
     assert [d.reason for d in decisions] == ["initial-trial", "initial-trial"]
-    assert [d.hyperparameters for d in decisions] == [{"lr": 0.5, "weight_decay": 0.0}, {"lr": 0.003, "weight_decay": 0.01}]
+    assert [d.hyperparameters for d in decisions] == [
+        {"lr": 0.5, "weight_decay": 0.0},
+        {"lr": 0.003, "weight_decay": 0.01},
+    ]
     assert "spec.initialTrials[1]" in decisions[1].rationale
 
 
@@ -58,8 +60,10 @@ async def test_initial_trials_are_launched_first():
 
 async def test_divergence_terminates_and_relaunches_with_lower_lr_from_the_checkpoint():
     spec = make_spec()
-    status = status_of(spec, healthy("a", 0, hyperparameters={"lr": 0.5, "weight_decay": 0.02}, nonfinite_losses=1,
-                                     checkpoint_step=100))
+    status = status_of(
+        spec,
+        healthy("a", 0, hyperparameters={"lr": 0.5, "weight_decay": 0.02}, nonfinite_losses=1, checkpoint_step=100),
+    )
     decisions = await heuristic(spec, status)
     [stop] = by(decisions, "terminate")
     assert (stop.trial, stop.reason) == ("a", "nonfinite-loss")
@@ -189,8 +193,11 @@ async def test_asha_waits_for_enough_peers_and_keeps_the_leader():
     spec = make_spec()
     alone = status_of(spec, healthy("a", 0, step=60, rung_objectives={"50": 9.0}), healthy("b", 1, step=20))
     assert by(await heuristic(spec, alone), "terminate") == []
-    pair = status_of(spec, healthy("a", 0, step=60, rung_objectives={"50": 2.0}),
-                     healthy("b", 1, step=60, rung_objectives={"50": 2.0}))
+    pair = status_of(
+        spec,
+        healthy("a", 0, step=60, rung_objectives={"50": 2.0}),
+        healthy("b", 1, step=60, rung_objectives={"50": 2.0}),
+    )
     assert by(await heuristic(spec, pair), "terminate") == []  # a tie at the cutoff survives
 
 
@@ -229,7 +236,9 @@ async def test_goal_not_reached_does_not_complete():
 async def test_too_many_failures_fails_the_experiment():
     spec = make_spec(budget={"maxFailedTrials": 1})
     tolerated = status_of(spec, trial("a", 0, "Failed"), trial("b", 1, "Diverged"), healthy("c", 2))
-    assert not [d for d in await heuristic(spec, tolerated) if d.action == "complete"]  # 1 crash, diverged ones don't count
+    assert not [
+        d for d in await heuristic(spec, tolerated) if d.action == "complete"
+    ]  # 1 crash, diverged ones don't count
     status = status_of(spec, trial("a", 0, "Failed"), trial("b", 1, "Failed"), healthy("c", 2))
     decisions = await heuristic(spec, status)
     assert decisions[-1].action == "complete" and decisions[-1].outcome == "failed"
@@ -252,7 +261,10 @@ async def test_gpu_hours_spent_stops_running_trials_too():
     spec = make_spec(budget={"maxGPUHours": 1.0})
     status = status_of(spec, healthy("a", 0, gpu_seconds=3700.0, best_objective=2.0))
     decisions = await heuristic(spec, status)
-    assert [(d.action, d.reason) for d in decisions] == [("terminate", "experiment-complete"), ("complete", "budget-spent")]
+    assert [(d.action, d.reason) for d in decisions] == [
+        ("terminate", "experiment-complete"),
+        ("complete", "budget-spent"),
+    ]
 
 
 # ---- 6. launch ------------------------------------------------------------------------------
@@ -293,8 +305,15 @@ async def test_disallowed_actions_are_not_proposed():
 
 async def test_a_decision_awaiting_approval_is_not_proposed_again():
     spec = make_spec()
-    pending = DecisionSummary(id="exp-d00000", action="terminate", trial="a", policy="heuristic",
-                              outcome="pending-approval", reason="loss-spike", time=NOW)
+    pending = DecisionSummary(
+        id="exp-d00000",
+        action="terminate",
+        trial="a",
+        policy="heuristic",
+        outcome="pending-approval",
+        reason="loss-spike",
+        time=NOW,
+    )
     status = status_of(spec, healthy("a", 0, smoothed_train_loss=9.0, best_train_loss=2.0), decisions=[pending])
     assert by(await heuristic(spec, status), "terminate") == []
 

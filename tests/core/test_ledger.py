@@ -28,7 +28,7 @@ def test_round_trip_keeps_order_and_drops_duplicates_and_torn_lines():
 
 
 def test_encode_is_one_line():
-    hostile = record(0, rationale="line one\nline two\n{\"id\": \"forged\"}")
+    hostile = record(0, rationale='line one\nline two\n{"id": "forged"}')
     text = ledger.encode(hostile)
     assert text.count("\n") == 1
     assert ledger.decode(text)[0][0].decision.rationale == hostile.decision.rationale

@@ -14,16 +14,15 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.builders import EXPERIMENT, at, make_spec
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
+from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.engine import plan
-from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.core.policy import make_policy
 from trainpilot.core.state import apply_record, fold_observation
-
-from tests.support.builders import EXPERIMENT, at, make_spec
 
 DIVERGENT_LR = 0.2
 DIVERGES_AT = 30

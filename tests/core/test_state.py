@@ -6,11 +6,10 @@ import math
 
 import pytest
 
+from tests.support.builders import EXPERIMENT, NOW, at, make_spec, observation, seen, status_of, trial
 from trainpilot.api.experiment import MAX_STATUS_DECISIONS, MAX_TRIAL_HISTORY, AgentExperimentStatus
 from trainpilot.core.decision import Decision, DecisionRecord, decision_id
 from trainpilot.core.state import apply_record, fold_observation
-
-from tests.support.builders import EXPERIMENT, NOW, at, make_spec, observation, seen, status_of, trial
 
 
 def fold(spec, status, *observed, time=NOW):
@@ -93,8 +92,17 @@ def test_metrics_are_copied():
     folded = fold(
         spec,
         status,
-        seen("t0", step=120, train_loss=2.5, val_loss=2.7, checkpoint=100, nonfinite=0, max_steps=300,
-             loss_floor=1.2, control_generation=2),
+        seen(
+            "t0",
+            step=120,
+            train_loss=2.5,
+            val_loss=2.7,
+            checkpoint=100,
+            nonfinite=0,
+            max_steps=300,
+            loss_floor=1.2,
+            control_generation=2,
+        ),
     )
     t0 = folded.trials[0]
     assert (t0.step, t0.train_loss, t0.objective, t0.best_objective) == (120, 2.5, 2.7, 2.7)
@@ -300,8 +308,9 @@ def test_terminate_marks_the_trial_terminated_with_the_reason():
 def test_mutate_in_place_updates_values_and_requests_a_new_generation():
     spec = make_spec()
     status = status_of(spec, trial("exp-t000", control_generation=1))
-    decision = Decision(action="mutate", policy="test", reason="r", trial="exp-t000", mode="in-place",
-                        hyperparameters={"lr": 0.001})
+    decision = Decision(
+        action="mutate", policy="test", reason="r", trial="exp-t000", mode="in-place", hyperparameters={"lr": 0.001}
+    )
     status = apply_record(spec, status, record(0, decision), NOW)
     t0 = status.trials[0]
     assert t0.hyperparameters["lr"] == 0.001 and t0.control_generation == 2 and t0.state == "Running"
@@ -315,8 +324,14 @@ def test_restart_stops_the_old_trial_and_launches_a_child(action):
     spec = make_spec()
     status = status_of(spec, trial("exp-t000", nodes=1, gpus_per_node=1, checkpoint_step=80))
     if action == "mutate":
-        decision = Decision(action="mutate", policy="test", reason="r", trial="exp-t000", mode="restart",
-                            hyperparameters={"weight_decay": 0.05})
+        decision = Decision(
+            action="mutate",
+            policy="test",
+            reason="r",
+            trial="exp-t000",
+            mode="restart",
+            hyperparameters={"weight_decay": 0.05},
+        )
     else:
         decision = Decision(action="scale", policy="test", reason="r", trial="exp-t000", nodes=4)
     status = apply_record(spec, status, record(0, decision, new_trial="exp-t001"), NOW)
@@ -332,8 +347,9 @@ def test_restart_stops_the_old_trial_and_launches_a_child(action):
 def test_complete_finishes_the_experiment_and_its_trials():
     spec = make_spec()
     status = status_of(spec, trial("exp-t000"))
-    decision = Decision(action="complete", policy="test", reason="goal-reached", rationale="t0 reached 1.5",
-                        outcome="succeeded")
+    decision = Decision(
+        action="complete", policy="test", reason="goal-reached", rationale="t0 reached 1.5", outcome="succeeded"
+    )
     status = apply_record(spec, status, record(0, decision), at(9))
     assert (status.phase, status.finished_at, status.message) == ("Succeeded", at(9), "t0 reached 1.5")
     assert status.trials[0].state == "Terminated" and status.trials_running == 0

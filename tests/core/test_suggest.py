@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from trainpilot.core.suggest import Suggester
-
 from tests.support.builders import make_spec, status_of, trial
+from trainpilot.core.suggest import Suggester
 
 MIXED_SPACE = [
     {"name": "lr", "min": 1e-5, "max": 1.0, "log": True},
@@ -33,8 +32,16 @@ def test_suggestions_are_plain_values_inside_the_space():
 
 def test_same_inputs_same_suggestions_and_the_seed_matters():
     spec = make_spec(searchSpace=MIXED_SPACE)
-    status = status_of(spec, trial("a", 0, "Succeeded", best_objective=2.0,
-                                   hyperparameters={"lr": 0.01, "weight_decay": 0.1, "n_layer": 2, "micro_batch": 8}))
+    status = status_of(
+        spec,
+        trial(
+            "a",
+            0,
+            "Succeeded",
+            best_objective=2.0,
+            hyperparameters={"lr": 0.01, "weight_decay": 0.1, "n_layer": 2, "micro_batch": 8},
+        ),
+    )
     assert Suggester(spec, status).suggest(3) == Suggester(spec, status).suggest(3)
     assert Suggester(spec, status, seed=1).suggest(3) != Suggester(spec, status, seed=2).suggest(3)
 
@@ -85,7 +92,9 @@ def _distances(seed: int, rounds: int = 30) -> list[float]:
     trials = []
     for index in range(rounds):
         point = Suggester(spec, status_of(spec, *trials)).suggest(1)[0]
-        trials.append(trial(f"t{index}", index, "Succeeded", hyperparameters=point, best_objective=_toy_loss(point["lr"])))
+        trials.append(
+            trial(f"t{index}", index, "Succeeded", hyperparameters=point, best_objective=_toy_loss(point["lr"]))
+        )
     return [abs(math.log10(t.hyperparameters["lr"]) + 2.5) for t in trials]
 
 

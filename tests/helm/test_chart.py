@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.support.paths import CHART
-from trainpilot.api import crd
 
 from tests.support.openapi import admit
+from tests.support.paths import CHART
+from trainpilot.api import crd
 
 helm = pytest.importorskip("helm_python")
 
@@ -150,9 +150,7 @@ def test_all_namespaces_mode() -> None:
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
 
 
-@pytest.mark.parametrize(
-    "values", [{}, {"watchAllNamespaces": True}, {"watchNamespace": "x", "logLevel": "debug"}]
-)
+@pytest.mark.parametrize("values", [{}, {"watchAllNamespaces": True}, {"watchNamespace": "x", "logLevel": "debug"}])
 def test_operator_cli_accepts_the_chart_arguments(values: dict) -> None:
     cli = pytest.importorskip("trainpilot.cli.main")
     (container,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"]

@@ -8,5 +8,5 @@ from tests.support.localkit import fake_command, make_spec, no_gpus, quickstart_
 
 
 @pytest.fixture(autouse=True)
-def _no_gpus(no_gpus):
-    pass
+def _no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_gpus(monkeypatch)

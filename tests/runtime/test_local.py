@@ -41,7 +41,9 @@ def make_runtime(tmp_path: Path, fake_command, env=None, **kwargs) -> LocalRunti
 
 
 def trial_status(name: str, lr: float = 0.003, index: int = 0, **extra) -> TrialStatus:
-    return TrialStatus(name=name, index=index, hyperparameters={"lr": lr, "weight_decay": 0.0}, state="Running", **extra)
+    return TrialStatus(
+        name=name, index=index, hyperparameters={"lr": lr, "weight_decay": 0.0}, state="Running", **extra
+    )
 
 
 async def launch(runtime: LocalRuntime, trial: TrialStatus, seq: int = 0) -> None:
@@ -122,7 +124,9 @@ async def test_exit_codes_become_exit_reasons(tmp_path, fake_command, code, reas
     runtime = make_runtime(tmp_path, fake_command, env={"FAKE_EXIT": str(code), "FAKE_LINGER": "0"})
     trial = trial_status("quickstart-t000")
     await launch(runtime, trial)
-    observation = await observe_until(runtime, AgentExperimentStatus(trials=[trial]), trial.name, {"Failed", "Succeeded"})
+    observation = await observe_until(
+        runtime, AgentExperimentStatus(trials=[trial]), trial.name, {"Failed", "Succeeded"}
+    )
     assert (observation.phase, observation.exit_reason, observation.exit_code) == ("Failed", reason, code)
     # The process is gone and /metrics with it, yet the final values survive (TRAINPILOT_RESULT line).
     assert observation.metrics is not None and observation.metrics.step == 3
@@ -255,6 +259,7 @@ async def test_save_status_is_atomic(tmp_path, fake_command, monkeypatch):
     stored = json.loads(runtime.status_path.read_text())
     assert stored["phase"] == "Running" and stored["decisionsMade"] == 3
     assert runtime.load_status() == status
+
     # A failure mid-write leaves the previous status whole.
     def broken_replace(src, dst):
         raise OSError("disk full")
@@ -284,7 +289,9 @@ async def test_gpus_are_handed_out_and_never_oversubscribed(tmp_path, fake_comma
     for index in range(2):
         env = json.loads((runtime.trial_dir(f"quickstart-t00{index}") / "env.json").read_text())
         assert env["CUDA_VISIBLE_DEVICES"] == str(index)
-        assert "DS_ACCELERATOR" not in env or env["DS_ACCELERATOR"] != "cpu" or os.environ.get("DS_ACCELERATOR") == "cpu"
+        assert (
+            "DS_ACCELERATOR" not in env or env["DS_ACCELERATOR"] != "cpu" or os.environ.get("DS_ACCELERATOR") == "cpu"
+        )
     await runtime.stop("quickstart-t000", "terminate")
     status = AgentExperimentStatus(trials=[trial_status("quickstart-t000")])
     await observe_until(runtime, status, "quickstart-t000", {"Failed"})
@@ -340,8 +347,9 @@ def test_restarted_trial_nan_objective_is_not_measured_yet(tmp_path, fake_comman
     from trainpilot.runtime.local import LocalTrial
 
     runtime = make_runtime(tmp_path, fake_command)
-    local = LocalTrial(name="t", directory=tmp_path, process=None, port=1, gpus=[], processes=1, started=0.0,
-                       restarted=True)  # type: ignore[arg-type]
+    local = LocalTrial(
+        name="t", directory=tmp_path, process=None, port=1, gpus=[], processes=1, started=0.0, restarted=True
+    )  # type: ignore[arg-type]
     nan = float("nan")
     loading = TrialMetrics(values={"trainpilot_step": 0, "trainpilot_val_loss": nan})
     assert runtime._as_observed(local, loading) is None

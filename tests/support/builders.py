@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from trainpilot.api import contract
@@ -14,7 +14,7 @@ from trainpilot.core.state import fold_observation
 from trainpilot.core.suggest import Suggester
 
 EXPERIMENT = "exp"
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def at(seconds: float = 0) -> str:

@@ -55,6 +55,7 @@ kmock itself mis-parses ``/api/v1/namespaces`` (it raises while parsing the URL,
 request never reaches any handler), so this module parses request paths itself and
 overrides ``__call__`` — the one place where kmock builds its Request objects.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -81,25 +82,43 @@ logger = logging.getLogger(__name__)
 JsonDict = dict[str, Any]
 
 # Letters the real API server uses for generateName suffixes (no vowels, no ambiguous chars).
-_NAME_ALPHABET = 'bcdfghjklmnpqrstvwxz2456789'
-ALL_VERBS = ('create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch')
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 
 # Immediate deletions of these return the deleted object; other built-ins answer with a Status
 # object. (The kubernetes client's return types follow: delete_namespaced_service -> V1Service,
 # so a Status there fails its pydantic validation.) Custom resources return the object, too.
-_RETURNS_DELETED_OBJECT = {('', 'pods'), ('', 'services'), ('', 'serviceaccounts'), ('', 'persistentvolumeclaims'),
-                           ('', 'persistentvolumes'), ('', 'podtemplates'), ('', 'resourcequotas')}
+_RETURNS_DELETED_OBJECT = {
+    ("", "pods"),
+    ("", "services"),
+    ("", "serviceaccounts"),
+    ("", "persistentvolumeclaims"),
+    ("", "persistentvolumes"),
+    ("", "podtemplates"),
+    ("", "resourcequotas"),
+}
 
 # Resources without metadata.generation in a real cluster.
-_NO_GENERATION = {('', 'configmaps'), ('', 'secrets'), ('', 'events'), ('', 'services'), ('', 'nodes'),
-                  ('', 'namespaces'), ('', 'serviceaccounts'), ('', 'persistentvolumeclaims'),
-                  ('events.k8s.io', 'events'), ('coordination.k8s.io', 'leases')}
+_NO_GENERATION = {
+    ("", "configmaps"),
+    ("", "secrets"),
+    ("", "events"),
+    ("", "services"),
+    ("", "nodes"),
+    ("", "namespaces"),
+    ("", "serviceaccounts"),
+    ("", "persistentvolumeclaims"),
+    ("events.k8s.io", "events"),
+    ("coordination.k8s.io", "leases"),
+}
 
 # Resources whose default deletion propagation is Orphan (legacy API-server behaviour).
-_ORPHAN_BY_DEFAULT = {('batch', 'jobs'), ('', 'replicationcontrollers')}
-JOB_ORPHAN_WARNING = ('299 - "child pods are preserved by default when jobs are deleted; '
-                      'set propagationPolicy=Background to remove them or '
-                      'set propagationPolicy=Orphan to suppress this warning"')
+_ORPHAN_BY_DEFAULT = {("batch", "jobs"), ("", "replicationcontrollers")}
+JOB_ORPHAN_WARNING = (
+    '299 - "child pods are preserved by default when jobs are deleted; '
+    "set propagationPolicy=Background to remove them or "
+    'set propagationPolicy=Orphan to suppress this warning"'
+)
 
 
 @attrs.define(kw_only=True)
@@ -118,7 +137,7 @@ class ResourceSpec:
 
     @property
     def api_version(self) -> str:
-        return self.version if not self.group else f'{self.group}/{self.version}'
+        return self.version if not self.group else f"{self.group}/{self.version}"
 
     @property
     def resource(self) -> kmock.resource:
@@ -126,52 +145,120 @@ class ResourceSpec:
 
     @property
     def qualified(self) -> str:  # as in error messages: "jobs.batch", "pods"
-        return self.plural if not self.group else f'{self.plural}.{self.group}'
+        return self.plural if not self.group else f"{self.plural}.{self.group}"
 
 
 BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
-    ResourceSpec(group='', version='v1', plural='namespaces', kind='Namespace', namespaced=False,
-                 shortnames=('ns',), subresources=('status',)),
-    ResourceSpec(group='', version='v1', plural='nodes', kind='Node', namespaced=False,
-                 shortnames=('no',), subresources=('status',)),
-    ResourceSpec(group='', version='v1', plural='pods', kind='Pod', namespaced=True,
-                 shortnames=('po',), categories=('all',), subresources=('status', 'log', 'binding')),
-    ResourceSpec(group='', version='v1', plural='services', kind='Service', namespaced=True,
-                 shortnames=('svc',), categories=('all',), subresources=('status',)),
-    ResourceSpec(group='', version='v1', plural='configmaps', kind='ConfigMap', namespaced=True,
-                 shortnames=('cm',)),
-    ResourceSpec(group='', version='v1', plural='secrets', kind='Secret', namespaced=True),
-    ResourceSpec(group='', version='v1', plural='events', kind='Event', namespaced=True,
-                 shortnames=('ev',)),
-    ResourceSpec(group='', version='v1', plural='serviceaccounts', kind='ServiceAccount',
-                 namespaced=True, shortnames=('sa',)),
-    ResourceSpec(group='', version='v1', plural='persistentvolumeclaims', kind='PersistentVolumeClaim',
-                 namespaced=True, shortnames=('pvc',), subresources=('status',)),
-    ResourceSpec(group='batch', version='v1', plural='jobs', kind='Job', namespaced=True,
-                 categories=('all',), subresources=('status',)),
-    ResourceSpec(group='coordination.k8s.io', version='v1', plural='leases', kind='Lease',
-                 namespaced=True),
-    ResourceSpec(group='apiextensions.k8s.io', version='v1', plural='customresourcedefinitions',
-                 kind='CustomResourceDefinition', namespaced=False, shortnames=('crd', 'crds'),
-                 subresources=('status',)),
-    ResourceSpec(group='events.k8s.io', version='v1', plural='events', kind='Event', namespaced=True,
-                 shortnames=('ev',)),
+    ResourceSpec(
+        group="",
+        version="v1",
+        plural="namespaces",
+        kind="Namespace",
+        namespaced=False,
+        shortnames=("ns",),
+        subresources=("status",),
+    ),
+    ResourceSpec(
+        group="",
+        version="v1",
+        plural="nodes",
+        kind="Node",
+        namespaced=False,
+        shortnames=("no",),
+        subresources=("status",),
+    ),
+    ResourceSpec(
+        group="",
+        version="v1",
+        plural="pods",
+        kind="Pod",
+        namespaced=True,
+        shortnames=("po",),
+        categories=("all",),
+        subresources=("status", "log", "binding"),
+    ),
+    ResourceSpec(
+        group="",
+        version="v1",
+        plural="services",
+        kind="Service",
+        namespaced=True,
+        shortnames=("svc",),
+        categories=("all",),
+        subresources=("status",),
+    ),
+    ResourceSpec(group="", version="v1", plural="configmaps", kind="ConfigMap", namespaced=True, shortnames=("cm",)),
+    ResourceSpec(group="", version="v1", plural="secrets", kind="Secret", namespaced=True),
+    ResourceSpec(group="", version="v1", plural="events", kind="Event", namespaced=True, shortnames=("ev",)),
+    ResourceSpec(
+        group="", version="v1", plural="serviceaccounts", kind="ServiceAccount", namespaced=True, shortnames=("sa",)
+    ),
+    ResourceSpec(
+        group="",
+        version="v1",
+        plural="persistentvolumeclaims",
+        kind="PersistentVolumeClaim",
+        namespaced=True,
+        shortnames=("pvc",),
+        subresources=("status",),
+    ),
+    ResourceSpec(
+        group="batch",
+        version="v1",
+        plural="jobs",
+        kind="Job",
+        namespaced=True,
+        categories=("all",),
+        subresources=("status",),
+    ),
+    ResourceSpec(group="coordination.k8s.io", version="v1", plural="leases", kind="Lease", namespaced=True),
+    ResourceSpec(
+        group="apiextensions.k8s.io",
+        version="v1",
+        plural="customresourcedefinitions",
+        kind="CustomResourceDefinition",
+        namespaced=False,
+        shortnames=("crd", "crds"),
+        subresources=("status",),
+    ),
+    ResourceSpec(
+        group="events.k8s.io", version="v1", plural="events", kind="Event", namespaced=True, shortnames=("ev",)
+    ),
 )
 
 # The public contract of TrainPilot (design.md). Replaced by the real CRDs once they are applied.
 TRAINPILOT_RESOURCES: tuple[ResourceSpec, ...] = (
-    ResourceSpec(group='trainpilot.dev', version='v1alpha1', plural='agentexperiments',
-                 kind='AgentExperiment', namespaced=True, shortnames=('aexp',),
-                 subresources=('status',), custom=True),
-    ResourceSpec(group='trainpilot.dev', version='v1alpha1', plural='quotapolicies',
-                 kind='QuotaPolicy', namespaced=False, subresources=('status',), custom=True),
+    ResourceSpec(
+        group="trainpilot.dev",
+        version="v1alpha1",
+        plural="agentexperiments",
+        kind="AgentExperiment",
+        namespaced=True,
+        shortnames=("aexp",),
+        subresources=("status",),
+        custom=True,
+    ),
+    ResourceSpec(
+        group="trainpilot.dev",
+        version="v1alpha1",
+        plural="quotapolicies",
+        kind="QuotaPolicy",
+        namespaced=False,
+        subresources=("status",),
+        custom=True,
+    ),
 )
 
 
-_EVENT_V1_FIELDS = (('message', 'note'), ('involvedObject', 'regarding'),
-                    ('reportingComponent', 'reportingController'), ('source', 'deprecatedSource'),
-                    ('firstTimestamp', 'deprecatedFirstTimestamp'), ('lastTimestamp', 'deprecatedLastTimestamp'),
-                    ('count', 'deprecatedCount'))
+_EVENT_V1_FIELDS = (
+    ("message", "note"),
+    ("involvedObject", "regarding"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+)
 
 
 def event_to_v1(obj: Mapping[str, Any]) -> JsonDict:
@@ -180,7 +267,7 @@ def event_to_v1(obj: Mapping[str, Any]) -> JsonDict:
     for core_name, v1_name in _EVENT_V1_FIELDS:
         if core_name in result:
             result[v1_name] = result.pop(core_name)
-    result['apiVersion'], result['kind'] = 'events.k8s.io/v1', 'Event'
+    result["apiVersion"], result["kind"] = "events.k8s.io/v1", "Event"
     return result
 
 
@@ -190,7 +277,7 @@ def event_from_v1(obj: Mapping[str, Any]) -> JsonDict:
     for core_name, v1_name in _EVENT_V1_FIELDS:
         if v1_name in result:
             result[core_name] = result.pop(v1_name)
-    result['apiVersion'], result['kind'] = 'v1', 'Event'
+    result["apiVersion"], result["kind"] = "v1", "Event"
     return result
 
 
@@ -198,17 +285,22 @@ def _convert_events(payload: Any) -> Any:
     if isinstance(payload, kmock.Response):
         return attrs.evolve(payload, payload=_convert_events(payload.payload))
     if isinstance(payload, dict):
-        if payload.get('kind') == 'Event':
+        if payload.get("kind") == "Event":
             return event_to_v1(payload)
-        if payload.get('kind') == 'EventList':
-            return {**payload, 'apiVersion': 'events.k8s.io/v1',
-                    'items': [event_to_v1(item) for item in payload.get('items', [])]}
-        if 'type' in payload and isinstance(payload.get('object'), dict):
-            return {**payload, 'object': _convert_events(payload['object'])}
-    if hasattr(payload, '__aiter__'):
+        if payload.get("kind") == "EventList":
+            return {
+                **payload,
+                "apiVersion": "events.k8s.io/v1",
+                "items": [event_to_v1(item) for item in payload.get("items", [])],
+            }
+        if "type" in payload and isinstance(payload.get("object"), dict):
+            return {**payload, "object": _convert_events(payload["object"])}
+    if hasattr(payload, "__aiter__"):
+
         async def converted() -> AsyncIterator[Any]:
             async for item in payload:
                 yield _convert_events(item)
+
         return converted()
     return payload
 
@@ -222,12 +314,13 @@ def _status_error(code: int, reason: str, message: str, **details: Any) -> ApiEr
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------------------------------------
 # Request paths
 # ---------------------------------------------------------------------------------------------
+
 
 @attrs.frozen
 class K8sPath:
@@ -240,14 +333,14 @@ class K8sPath:
 
 
 def parse_k8s_path(path: str) -> K8sPath:
-    parts = [p for p in path.strip('/').split('/') if p != '']
-    if len(parts) >= 2 and parts[0] == 'api':
-        group = ''
+    parts = [p for p in path.strip("/").split("/") if p != ""]
+    if len(parts) >= 2 and parts[0] == "api":
+        group = ""
         rest = parts[1:]
-    elif len(parts) >= 2 and parts[0] == 'apis':
+    elif len(parts) >= 2 and parts[0] == "apis":
         group = parts[1]
         rest = parts[2:]
-    elif parts and parts[0] == 'apis':
+    elif parts and parts[0] == "apis":
         return K8sPath(group=None)
     else:
         return K8sPath()
@@ -257,40 +350,43 @@ def parse_k8s_path(path: str) -> K8sPath:
     if not rest:
         return K8sPath(group=group, version=version)
     # /namespaces, /namespaces/{name}, /namespaces/{name}/status|finalize are the namespace resource.
-    if rest[0] == 'namespaces' and (len(rest) <= 2 or (len(rest) == 3 and rest[2] in ('status', 'finalize'))):
-        return K8sPath(group=group, version=version, plural='namespaces',
-                       name=rest[1] if len(rest) >= 2 else None,
-                       subresource=rest[2] if len(rest) == 3 else None)
+    if rest[0] == "namespaces" and (len(rest) <= 2 or (len(rest) == 3 and rest[2] in ("status", "finalize"))):
+        return K8sPath(
+            group=group,
+            version=version,
+            plural="namespaces",
+            name=rest[1] if len(rest) >= 2 else None,
+            subresource=rest[2] if len(rest) == 3 else None,
+        )
     namespace = None
-    if rest[0] == 'namespaces':
+    if rest[0] == "namespaces":
         namespace, rest = rest[1], rest[2:]
     plural = rest[0]
     name = rest[1] if len(rest) >= 2 else None
-    subresource = '/'.join(rest[2:]) or None
-    return K8sPath(group=group, version=version, plural=plural, namespace=namespace,
-                   name=name, subresource=subresource)
+    subresource = "/".join(rest[2:]) or None
+    return K8sPath(group=group, version=version, plural=plural, namespace=namespace, name=name, subresource=subresource)
 
 
 # ---------------------------------------------------------------------------------------------
 # Selectors
 # ---------------------------------------------------------------------------------------------
 
-_KEY = r'[A-Za-z0-9][-A-Za-z0-9_./]*'
-_SEL_SET = re.compile(rf'^\s*(?P<key>{_KEY})\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)\s*$')
-_SEL_EQ = re.compile(rf'^\s*(?P<key>{_KEY})\s*(?P<op>==|=|!=)\s*(?P<value>[-A-Za-z0-9_.]*)\s*$')
-_SEL_EXISTS = re.compile(rf'^\s*(?P<neg>!?)\s*(?P<key>{_KEY})\s*$')
+_KEY = r"[A-Za-z0-9][-A-Za-z0-9_./]*"
+_SEL_SET = re.compile(rf"^\s*(?P<key>{_KEY})\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)\s*$")
+_SEL_EQ = re.compile(rf"^\s*(?P<key>{_KEY})\s*(?P<op>==|=|!=)\s*(?P<value>[-A-Za-z0-9_.]*)\s*$")
+_SEL_EXISTS = re.compile(rf"^\s*(?P<neg>!?)\s*(?P<key>{_KEY})\s*$")
 
 
 def _split_top_level(text: str) -> list[str]:
-    items, depth, current = [], 0, ''
+    items, depth, current = [], 0, ""
     for char in text:
-        if char == '(':
+        if char == "(":
             depth += 1
-        elif char == ')':
+        elif char == ")":
             depth -= 1
-        if char == ',' and depth == 0:
+        if char == "," and depth == 0:
             items.append(current)
-            current = ''
+            current = ""
         else:
             current += char
     items.append(current)
@@ -300,46 +396,46 @@ def _split_top_level(text: str) -> list[str]:
 def parse_label_selector(selector: str | None) -> Callable[[Mapping[str, str]], bool]:
     """Compile a label selector string into a predicate over a labels dict (400 if invalid)."""
     checks: list[Callable[[Mapping[str, str]], bool]] = []
-    for requirement in _split_top_level(selector or ''):
+    for requirement in _split_top_level(selector or ""):
         if m := _SEL_SET.match(requirement):
-            key, values = m['key'], {v.strip() for v in m['values'].split(',') if v.strip()}
-            if m['op'] == 'in':
+            key, values = m["key"], {v.strip() for v in m["values"].split(",") if v.strip()}
+            if m["op"] == "in":
                 checks.append(lambda labels, k=key, vs=values: k in labels and labels[k] in vs)
             else:
                 checks.append(lambda labels, k=key, vs=values: k not in labels or labels[k] not in vs)
         elif m := _SEL_EQ.match(requirement):
-            key, value = m['key'], m['value']
-            if m['op'] == '!=':
+            key, value = m["key"], m["value"]
+            if m["op"] == "!=":
                 checks.append(lambda labels, k=key, v=value: labels.get(k) != v)
             else:
                 checks.append(lambda labels, k=key, v=value: k in labels and labels[k] == v)
         elif m := _SEL_EXISTS.match(requirement):
-            key = m['key']
-            if m['neg']:
+            key = m["key"]
+            if m["neg"]:
                 checks.append(lambda labels, k=key: k not in labels)
             else:
                 checks.append(lambda labels, k=key: k in labels)
         else:
-            raise _status_error(400, 'BadRequest',
-                                f'unable to parse requirement: invalid label selector: {selector!r}')
+            raise _status_error(400, "BadRequest", f"unable to parse requirement: invalid label selector: {selector!r}")
     return lambda labels: all(check(labels or {}) for check in checks)
 
 
 def parse_field_selector(selector: str | None) -> Callable[[Mapping[str, Any]], bool]:
     """Field selectors: ``path=value``, ``path==value``, ``path!=value`` over dotted paths."""
     checks: list[Callable[[Mapping[str, Any]], bool]] = []
-    for requirement in _split_top_level(selector or ''):
-        m = re.match(r'^\s*(?P<path>[A-Za-z0-9_.]+)\s*(?P<op>==|=|!=)\s*(?P<value>[^,]*?)\s*$', requirement)
+    for requirement in _split_top_level(selector or ""):
+        m = re.match(r"^\s*(?P<path>[A-Za-z0-9_.]+)\s*(?P<op>==|=|!=)\s*(?P<value>[^,]*?)\s*$", requirement)
         if not m:
-            raise _status_error(400, 'BadRequest', f'invalid field selector: {selector!r}')
-        path, value, negate = m['path'].split('.'), m['value'], m['op'] == '!='
+            raise _status_error(400, "BadRequest", f"invalid field selector: {selector!r}")
+        path, value, negate = m["path"].split("."), m["value"], m["op"] == "!="
 
         def check(obj: Mapping[str, Any], path: list[str] = path, value: str = value, negate: bool = negate) -> bool:
             current: Any = obj
             for part in path:
                 current = current.get(part) if isinstance(current, Mapping) else None
-            actual = '' if current is None else str(current).lower() if isinstance(current, bool) else str(current)
+            actual = "" if current is None else str(current).lower() if isinstance(current, bool) else str(current)
             return (actual != value) if negate else (actual == value)
+
         checks.append(check)
     return lambda obj: all(check(obj) for check in checks)
 
@@ -347,6 +443,7 @@ def parse_field_selector(selector: str | None) -> Callable[[Mapping[str, Any]], 
 # ---------------------------------------------------------------------------------------------
 # Patches
 # ---------------------------------------------------------------------------------------------
+
 
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch."""
@@ -361,7 +458,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-_MERGE_KEYS = ('name', 'type', 'uid')
+_MERGE_KEYS = ("name", "type", "uid")
 
 
 def strategic_merge_patch(target: Any, patch: Any) -> Any:
@@ -374,11 +471,11 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
     """
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    if patch.get('$patch') == 'replace':
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != '$patch'}
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
     result = copy.deepcopy(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
-        if key.startswith('$'):
+        if key.startswith("$"):
             continue
         if value is None:
             result.pop(key, None)
@@ -395,11 +492,11 @@ def _strategic_merge_list(old: list[Any], new: list[Any]) -> list[Any]:
             merged = [copy.deepcopy(i) for i in old]
             for item in new:
                 index = next((n for n, o in enumerate(merged) if o[merge_key] == item[merge_key]), None)
-                if item.get('$patch') == 'delete':
+                if item.get("$patch") == "delete":
                     if index is not None:
                         del merged[index]
                 elif index is None:
-                    merged.append({k: v for k, v in item.items() if k != '$patch'})
+                    merged.append({k: v for k, v in item.items() if k != "$patch"})
                 else:
                     merged[index] = strategic_merge_patch(merged[index], item)
             return merged
@@ -411,11 +508,11 @@ class JsonPatchError(Exception):
 
 
 def _pointer(path: str) -> list[str]:
-    if path == '':
+    if path == "":
         return []
-    if not path.startswith('/'):
-        raise JsonPatchError(f'invalid JSON pointer: {path!r}')
-    return [p.replace('~1', '/').replace('~0', '~') for p in path[1:].split('/')]
+    if not path.startswith("/"):
+        raise JsonPatchError(f"invalid JSON pointer: {path!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
 
 
 def _resolve_parent(doc: Any, parts: list[str]) -> tuple[Any, str]:
@@ -426,7 +523,7 @@ def _resolve_parent(doc: Any, parts: list[str]) -> tuple[Any, str]:
         elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
             current = current[int(part)]
         else:
-            raise JsonPatchError(f'path not found: /{"/".join(parts)}')
+            raise JsonPatchError(f"path not found: /{'/'.join(parts)}")
     return current, parts[-1]
 
 
@@ -438,53 +535,53 @@ def _get_at(doc: Any, parts: list[str]) -> Any:
         return parent[last]
     if isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
         return parent[int(last)]
-    raise JsonPatchError(f'path not found: /{"/".join(parts)}')
+    raise JsonPatchError(f"path not found: /{'/'.join(parts)}")
 
 
 def json_patch(doc: Any, ops: list[JsonDict]) -> Any:
     """RFC 6902 JSON patch: add, remove, replace, move, copy, test."""
     doc = copy.deepcopy(doc)
     for op in ops:
-        kind, parts = op.get('op'), _pointer(op.get('path', ''))
-        if kind == 'test':
-            if _get_at(doc, parts) != op.get('value'):
-                raise JsonPatchError(f'test operation failed at {op.get("path")}')
+        kind, parts = op.get("op"), _pointer(op.get("path", ""))
+        if kind == "test":
+            if _get_at(doc, parts) != op.get("value"):
+                raise JsonPatchError(f"test operation failed at {op.get('path')}")
             continue
-        if kind in ('move', 'copy'):
-            value = copy.deepcopy(_get_at(doc, _pointer(op['from'])))
-            if kind == 'move':
-                doc = json_patch(doc, [{'op': 'remove', 'path': op['from']}])
-            kind, op = 'add', {**op, 'value': value}
+        if kind in ("move", "copy"):
+            value = copy.deepcopy(_get_at(doc, _pointer(op["from"])))
+            if kind == "move":
+                doc = json_patch(doc, [{"op": "remove", "path": op["from"]}])
+            kind, op = "add", {**op, "value": value}
         if not parts:
-            if kind in ('add', 'replace'):
-                doc = copy.deepcopy(op['value'])
+            if kind in ("add", "replace"):
+                doc = copy.deepcopy(op["value"])
                 continue
-            raise JsonPatchError('cannot remove the root')
+            raise JsonPatchError("cannot remove the root")
         parent, last = _resolve_parent(doc, parts)
-        if kind == 'add':
+        if kind == "add":
             if isinstance(parent, dict):
-                parent[last] = copy.deepcopy(op['value'])
+                parent[last] = copy.deepcopy(op["value"])
             elif isinstance(parent, list):
-                index = len(parent) if last == '-' else int(last)
+                index = len(parent) if last == "-" else int(last)
                 if index > len(parent):
-                    raise JsonPatchError(f'index out of range: {op["path"]}')
-                parent.insert(index, copy.deepcopy(op['value']))
+                    raise JsonPatchError(f"index out of range: {op['path']}")
+                parent.insert(index, copy.deepcopy(op["value"]))
             else:
-                raise JsonPatchError(f'cannot add into a scalar: {op["path"]}')
-        elif kind in ('remove', 'replace'):
+                raise JsonPatchError(f"cannot add into a scalar: {op['path']}")
+        elif kind in ("remove", "replace"):
             _get_at(doc, parts)  # must exist
             if isinstance(parent, dict):
-                if kind == 'remove':
+                if kind == "remove":
                     del parent[last]
                 else:
-                    parent[last] = copy.deepcopy(op['value'])
+                    parent[last] = copy.deepcopy(op["value"])
             else:
-                if kind == 'remove':
+                if kind == "remove":
                     del parent[int(last)]
                 else:
-                    parent[int(last)] = copy.deepcopy(op['value'])
+                    parent[int(last)] = copy.deepcopy(op["value"])
         else:
-            raise JsonPatchError(f'unsupported operation: {kind!r}')
+            raise JsonPatchError(f"unsupported operation: {kind!r}")
     return doc
 
 
@@ -492,20 +589,21 @@ def json_patch(doc: Any, ops: list[JsonDict]) -> Any:
 # Structural schemas (CRDs): pruning, defaulting, basic validation
 # ---------------------------------------------------------------------------------------------
 
+
 def _type_ok(value: Any, schema: JsonDict) -> bool:
     if value is None:
-        return bool(schema.get('nullable'))
-    if schema.get('x-kubernetes-int-or-string'):
+        return bool(schema.get("nullable"))
+    if schema.get("x-kubernetes-int-or-string"):
         return isinstance(value, (int, str)) and not isinstance(value, bool)
-    expected = schema.get('type')
+    expected = schema.get("type")
     return {
         None: True,
-        'object': isinstance(value, dict),
-        'array': isinstance(value, list),
-        'string': isinstance(value, str),
-        'boolean': isinstance(value, bool),
-        'integer': isinstance(value, int) and not isinstance(value, bool),
-        'number': isinstance(value, (int, float)) and not isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+        "string": isinstance(value, str),
+        "boolean": isinstance(value, bool),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
     }.get(expected, True)
 
 
@@ -514,35 +612,37 @@ def apply_schema(value: Any, schema: JsonDict | None, path: str, errors: list[st
     if not schema:
         return value
     if not _type_ok(value, schema):
-        errors.append(f'{path}: Invalid value: {json.dumps(value)[:80]}: '
-                      f'{path} in body must be of type {schema.get("type")}')
+        errors.append(
+            f"{path}: Invalid value: {json.dumps(value)[:80]}: {path} in body must be of type {schema.get('type')}"
+        )
         return value
-    if 'enum' in schema and value not in schema['enum']:
-        errors.append(f'{path}: Unsupported value: {json.dumps(value)}: supported values: '
-                      + ', '.join(json.dumps(v) for v in schema['enum']))
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(
+            f"{path}: Unsupported value: {json.dumps(value)}: supported values: "
+            + ", ".join(json.dumps(v) for v in schema["enum"])
+        )
     if isinstance(value, dict):
-        props: JsonDict | None = schema.get('properties')
-        extra = schema.get('additionalProperties')
-        preserve = bool(schema.get('x-kubernetes-preserve-unknown-fields'))
+        props: JsonDict | None = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
         for key in list(value):
             if props is not None and key in props:
-                value[key] = apply_schema(value[key], props[key], f'{path}.{key}', errors)
+                value[key] = apply_schema(value[key], props[key], f"{path}.{key}", errors)
             elif isinstance(extra, dict):
-                value[key] = apply_schema(value[key], extra, f'{path}.{key}', errors)
-            elif extra is True or preserve or schema.get('x-kubernetes-embedded-resource'):
+                value[key] = apply_schema(value[key], extra, f"{path}.{key}", errors)
+            elif extra is True or preserve or schema.get("x-kubernetes-embedded-resource"):
                 pass
-            elif props is not None or schema.get('type') == 'object':
+            elif props is not None or schema.get("type") == "object":
                 del value[key]  # pruned, silently, like the real API server
         for key, subschema in (props or {}).items():
-            if key not in value and isinstance(subschema, dict) and 'default' in subschema:
-                value[key] = apply_schema(copy.deepcopy(subschema['default']), subschema,
-                                          f'{path}.{key}', errors)
-        for key in schema.get('required', []):
+            if key not in value and isinstance(subschema, dict) and "default" in subschema:
+                value[key] = apply_schema(copy.deepcopy(subschema["default"]), subschema, f"{path}.{key}", errors)
+        for key in schema.get("required", []):
             if key not in value:
-                errors.append(f'{path}.{key}: Required value')
-    elif isinstance(value, list) and isinstance(schema.get('items'), dict):
+                errors.append(f"{path}.{key}: Required value")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
-            value[index] = apply_schema(item, schema['items'], f'{path}[{index}]', errors)
+            value[index] = apply_schema(item, schema["items"], f"{path}[{index}]", errors)
     return value
 
 
@@ -550,92 +650,111 @@ def apply_schema(value: Any, schema: JsonDict | None, path: str, errors: list[st
 # Validation of names and labels
 # ---------------------------------------------------------------------------------------------
 
-_DNS1123_SUBDOMAIN = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')
-_DNS1123_LABEL = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')
-_DNS1035_LABEL = re.compile(r'^[a-z]([-a-z0-9]*[a-z0-9])?$')
-_LABEL_VALUE = re.compile(r'^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$')
-_LABEL_NAME = re.compile(r'^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$')
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 
 
 def _validate_metadata(spec: ResourceSpec, body: JsonDict) -> list[str]:
     errors: list[str] = []
-    meta = body.get('metadata', {})
-    name = meta.get('name', '')
-    if spec.group == '' and spec.plural in ('services',):
+    meta = body.get("metadata", {})
+    name = meta.get("name", "")
+    if spec.group == "" and spec.plural in ("services",):
         if not (_DNS1035_LABEL.match(name) and len(name) <= 63):
-            errors.append(f'metadata.name: Invalid value: "{name}": a DNS-1035 label must consist of '
-                          f'lower case alphanumeric characters or \'-\', start with an alphabetic character, '
-                          f'and end with an alphanumeric character (at most 63 characters)')
-    elif spec.group == '' and spec.plural in ('namespaces',):
+            errors.append(
+                f'metadata.name: Invalid value: "{name}": a DNS-1035 label must consist of '
+                f"lower case alphanumeric characters or '-', start with an alphabetic character, "
+                f"and end with an alphanumeric character (at most 63 characters)"
+            )
+    elif spec.group == "" and spec.plural in ("namespaces",):
         if not (_DNS1123_LABEL.match(name) and len(name) <= 63):
             errors.append(f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 label (at most 63 characters)')
-    elif spec.group in ('', 'batch', 'trainpilot.dev', 'coordination.k8s.io', 'apiextensions.k8s.io') \
-            or spec.custom:
+    elif spec.group in ("", "batch", "trainpilot.dev", "coordination.k8s.io", "apiextensions.k8s.io") or spec.custom:
         if not (_DNS1123_SUBDOMAIN.match(name) and len(name) <= 253):
-            errors.append(f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 subdomain must '
-                          f'consist of lower case alphanumeric characters, \'-\' or \'.\'')
-    if (spec.group, spec.plural) == ('batch', 'jobs') and len(name) > 63:
+            errors.append(
+                f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 subdomain must '
+                f"consist of lower case alphanumeric characters, '-' or '.'"
+            )
+    if (spec.group, spec.plural) == ("batch", "jobs") and len(name) > 63:
         errors.append(f'metadata.name: Invalid value: "{name}": must be no more than 63 characters')
-    for key, value in (meta.get('labels') or {}).items():
-        _validate_label(f'metadata.labels', key, value, errors)
-    for key, value in (meta.get('annotations') or {}).items():
+    for key, value in (meta.get("labels") or {}).items():
+        _validate_label("metadata.labels", key, value, errors)
+    for key, value in (meta.get("annotations") or {}).items():
         if not isinstance(value, str):
-            errors.append(f'metadata.annotations: Invalid value: {key}: must be a string')
+            errors.append(f"metadata.annotations: Invalid value: {key}: must be a string")
     return errors
 
 
 def _validate_label(where: str, key: Any, value: Any, errors: list[str]) -> None:
-    name = key.rsplit('/', 1)[-1] if isinstance(key, str) else ''
-    prefix = key.rsplit('/', 1)[0] if isinstance(key, str) and '/' in key else ''
-    if not (isinstance(key, str) and _LABEL_NAME.match(name) and len(name) <= 63
-            and (not prefix or (_DNS1123_SUBDOMAIN.match(prefix) and len(prefix) <= 253))):
-        errors.append(f'{where}: Invalid value: "{key}": name part must consist of alphanumeric '
-                      f'characters, \'-\', \'_\' or \'.\' (at most 63 characters)')
+    name = key.rsplit("/", 1)[-1] if isinstance(key, str) else ""
+    prefix = key.rsplit("/", 1)[0] if isinstance(key, str) and "/" in key else ""
+    if not (
+        isinstance(key, str)
+        and _LABEL_NAME.match(name)
+        and len(name) <= 63
+        and (not prefix or (_DNS1123_SUBDOMAIN.match(prefix) and len(prefix) <= 253))
+    ):
+        errors.append(
+            f'{where}: Invalid value: "{key}": name part must consist of alphanumeric '
+            f"characters, '-', '_' or '.' (at most 63 characters)"
+        )
     if not (isinstance(value, str) and _LABEL_VALUE.match(value) and len(value) <= 63):
-        errors.append(f'{where}: Invalid value: "{value}": a valid label must be an empty string or '
-                      f'consist of alphanumeric characters, \'-\', \'_\' or \'.\' (at most 63 characters)')
+        errors.append(
+            f'{where}: Invalid value: "{value}": a valid label must be an empty string or '
+            f"consist of alphanumeric characters, '-', '_' or '.' (at most 63 characters)"
+        )
 
 
 # Fields of a Pod's spec that may change after creation (everything else is immutable).
-_POD_MUTABLE_SPEC = {'activeDeadlineSeconds', 'tolerations', 'schedulingGates', 'terminationGracePeriodSeconds'}
+_POD_MUTABLE_SPEC = {"activeDeadlineSeconds", "tolerations", "schedulingGates", "terminationGracePeriodSeconds"}
 
 
 def _pod_spec_violations(old: JsonDict, new: JsonDict) -> list[str]:
     def strip(spec: JsonDict) -> JsonDict:
         spec = {k: v for k, v in copy.deepcopy(spec).items() if k not in _POD_MUTABLE_SPEC}
-        for field in ('containers', 'initContainers'):
+        for field in ("containers", "initContainers"):
             for container in spec.get(field, []) or []:
-                container.pop('image', None)
+                container.pop("image", None)
         return spec
-    if strip(old.get('spec', {})) != strip(new.get('spec', {})):
-        return ['spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`, '
-                '`spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` '
-                '(only additions to existing tolerations), `spec.terminationGracePeriodSeconds`']
+
+    if strip(old.get("spec", {})) != strip(new.get("spec", {})):
+        return [
+            "spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`, "
+            "`spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` "
+            "(only additions to existing tolerations), `spec.terminationGracePeriodSeconds`"
+        ]
     return []
 
 
 def _job_spec_violations(old: JsonDict, new: JsonDict) -> list[str]:
     errors = []
-    old_spec, new_spec = old.get('spec', {}), new.get('spec', {})
-    if old_spec.get('template') != new_spec.get('template') and not (
-            old_spec.get('suspend') and new_spec.get('suspend')):
-        errors.append('spec.template: Invalid value: field is immutable')
-    if old_spec.get('selector') != new_spec.get('selector'):
-        errors.append('spec.selector: Invalid value: field is immutable')
-    if old_spec.get('completionMode') != new_spec.get('completionMode'):
-        errors.append('spec.completionMode: Invalid value: field is immutable')
-    if old_spec.get('completions') != new_spec.get('completions'):
-        elastic = (new_spec.get('completionMode') == 'Indexed'
-                   and new_spec.get('completions') == new_spec.get('parallelism'))
+    old_spec, new_spec = old.get("spec", {}), new.get("spec", {})
+    if old_spec.get("template") != new_spec.get("template") and not (
+        old_spec.get("suspend") and new_spec.get("suspend")
+    ):
+        errors.append("spec.template: Invalid value: field is immutable")
+    if old_spec.get("selector") != new_spec.get("selector"):
+        errors.append("spec.selector: Invalid value: field is immutable")
+    if old_spec.get("completionMode") != new_spec.get("completionMode"):
+        errors.append("spec.completionMode: Invalid value: field is immutable")
+    if old_spec.get("completions") != new_spec.get("completions"):
+        elastic = new_spec.get("completionMode") == "Indexed" and new_spec.get("completions") == new_spec.get(
+            "parallelism"
+        )
         if not elastic:
-            errors.append('spec.completions: Invalid value: field is immutable '
-                          '(except for Indexed Jobs that keep completions == parallelism)')
+            errors.append(
+                "spec.completions: Invalid value: field is immutable "
+                "(except for Indexed Jobs that keep completions == parallelism)"
+            )
     return errors
 
 
 # ---------------------------------------------------------------------------------------------
 # The emulator
 # ---------------------------------------------------------------------------------------------
+
 
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
@@ -671,10 +790,13 @@ class Emulator(kmock.KubernetesEmulator):
         """Serve a resource (discovery included). Replaces an earlier spec of the same resource."""
         self._specs[(spec.group, spec.version, spec.plural)] = spec
         self.resources[spec.resource] = kmock.ResourceInfo(
-            namespaced=spec.namespaced, kind=spec.kind,
+            namespaced=spec.namespaced,
+            kind=spec.kind,
             singular=spec.singular or spec.kind.lower(),
-            verbs=set(ALL_VERBS), shortnames=set(spec.shortnames),
-            categories=set(spec.categories), subresources=set(spec.subresources),
+            verbs=set(ALL_VERBS),
+            shortnames=set(spec.shortnames),
+            categories=set(spec.categories),
+            subresources=set(spec.subresources),
         )
 
     def unregister(self, group: str, version: str, plural: str) -> None:
@@ -697,16 +819,17 @@ class Emulator(kmock.KubernetesEmulator):
             request = await self._parse_request(raw_request)
             self._requests.append(request)
             if len(self._requests) > self.request_log_size:  # pollers would grow it forever
-                del self._requests[:len(self._requests) - self.request_log_size]
+                del self._requests[: len(self._requests) - self.request_log_size]
             try:
                 return await self._handle(request)
             except _kmock_rendering.StreamingError as e:
                 raw_response = e.args[0]
-                raise e.__cause__ or e
+                raise (e.__cause__ or e) from None
         except Exception as e:
             if not isinstance(e, kmock.KubernetesError):
-                logger.error('Emulator failed on %s %s:\n%s', raw_request.method, raw_request.path_qs,
-                             traceback.format_exc())
+                logger.error(
+                    "Emulator failed on %s %s:\n%s", raw_request.method, raw_request.path_qs, traceback.format_exc()
+                )
                 if self._errors:
                     self._errors[-1].append(e)
             if raw_response is None or not raw_response.prepared:
@@ -717,7 +840,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _parse_request(self, raw: aiohttp.web.BaseRequest) -> kmock.Request:
         body = await raw.read()
-        text = body.decode('utf-8', errors='replace')
+        text = body.decode("utf-8", errors="replace")
         data: Any = None
         if body.strip():
             try:
@@ -732,21 +855,36 @@ class Emulator(kmock.KubernetesEmulator):
             resource = kmock.resource(group=path.group, version=path.version, plural=path.plural)
         if path.plural is not None:
             method = raw.method.upper()
-            if method == 'GET':
-                action = (kmock.action.WATCH if params.get('watch') in ('true', '1') else
-                          kmock.action.FETCH if path.name else kmock.action.LIST)
-            elif method == 'POST':
+            if method == "GET":
+                action = (
+                    kmock.action.WATCH
+                    if params.get("watch") in ("true", "1")
+                    else kmock.action.FETCH
+                    if path.name
+                    else kmock.action.LIST
+                )
+            elif method == "POST":
                 action = kmock.action.CREATE
-            elif method in ('PATCH', 'PUT') and path.name:
+            elif method in ("PATCH", "PUT") and path.name:
                 action = kmock.action.UPDATE
-            elif method == 'DELETE':
+            elif method == "DELETE":
                 action = kmock.action.DELETE
         return kmock.Request(
-            id=len(self._requests), raw_request=raw, url=raw.url, method=raw.method,
-            params=params, headers=dict(raw.headers), cookies=dict(raw.cookies),
-            body=body, text=text, data=data,
-            action=action, resource=resource, namespace=path.namespace,
-            name=path.name, subresource=path.subresource,
+            id=len(self._requests),
+            raw_request=raw,
+            url=raw.url,
+            method=raw.method,
+            params=params,
+            headers=dict(raw.headers),
+            cookies=dict(raw.cookies),
+            body=body,
+            text=text,
+            data=data,
+            action=action,
+            resource=resource,
+            namespace=path.namespace,
+            name=path.name,
+            subresource=path.subresource,
         )
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
@@ -756,18 +894,23 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         result = await super()._serve_version(request)
-        if isinstance(result, dict) and result.get('groupVersion', '').startswith('/'):
-            result['groupVersion'] = result['groupVersion'][1:]  # kmock writes "/v1" for the core group
+        if isinstance(result, dict) and result.get("groupVersion", "").startswith("/"):
+            result["groupVersion"] = result["groupVersion"][1:]  # kmock writes "/v1" for the core group
         return result
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         if isinstance(exc, kmock.KubernetesError):
             status = {
-                'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Failure',
-                'message': exc.message or '', 'reason': exc.reason or '', 'code': exc.status,
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": exc.message or "",
+                "reason": exc.reason or "",
+                "code": exc.status,
             }
             if exc.details:
-                status['details'] = exc.details
+                status["details"] = exc.details
             return aiohttp.web.json_response(status, status=exc.status)
         return await super()._render_error(exc)
 
@@ -777,17 +920,21 @@ class Emulator(kmock.KubernetesEmulator):
         res = request.resource
         spec = self._specs.get((res.group, res.version, res.plural)) if res is not None else None
         if spec is None:
-            raise _status_error(404, 'NotFound', 'the server could not find the requested resource')
-        if spec.namespaced and request.namespace is None and request.action not in (
-                kmock.action.LIST, kmock.action.WATCH, kmock.action.CREATE):
-            raise _status_error(404, 'NotFound', 'the server could not find the requested resource')
+            raise _status_error(404, "NotFound", "the server could not find the requested resource")
+        if (
+            spec.namespaced
+            and request.namespace is None
+            and request.action not in (kmock.action.LIST, kmock.action.WATCH, kmock.action.CREATE)
+        ):
+            raise _status_error(404, "NotFound", "the server could not find the requested resource")
         if not spec.namespaced and request.namespace is not None:
-            raise _status_error(404, 'NotFound', 'the server could not find the requested resource')
+            raise _status_error(404, "NotFound", "the server could not find the requested resource")
         return spec
 
     def _not_found(self, spec: ResourceSpec, name: str | None) -> ApiError:
-        return _status_error(404, 'NotFound', f'{spec.qualified} "{name}" not found',
-                             name=name, group=spec.group, kind=spec.plural)
+        return _status_error(
+            404, "NotFound", f'{spec.qualified} "{name}" not found', name=name, group=spec.group, kind=spec.plural
+        )
 
     def _key(self, spec: ResourceSpec, namespace: str | None, name: str) -> tuple[Any, ...]:
         return (spec.resource, namespace if spec.namespaced else None, name)
@@ -815,11 +962,17 @@ class Emulator(kmock.KubernetesEmulator):
         return str(self._rv)
 
     def _emit(self, spec: ResourceSpec, event_type: str, obj: JsonDict, old: JsonDict | None) -> None:
-        self._log.append({'rv': int(obj['metadata']['resourceVersion']), 'resource': spec.resource,
-                          'type': event_type, 'object': copy.deepcopy(obj),
-                          'old': copy.deepcopy(old) if old is not None else None})
+        self._log.append(
+            {
+                "rv": int(obj["metadata"]["resourceVersion"]),
+                "resource": spec.resource,
+                "type": event_type,
+                "object": copy.deepcopy(obj),
+                "old": copy.deepcopy(old) if old is not None else None,
+            }
+        )
         if len(self._log) > self.event_log_size:
-            del self._log[:len(self._log) - self.event_log_size]
+            del self._log[: len(self._log) - self.event_log_size]
         self._wake_watchers()
 
     def _wake_watchers(self) -> None:
@@ -828,164 +981,199 @@ class Emulator(kmock.KubernetesEmulator):
         self._tick = asyncio.Event()
 
     def _store(self, spec: ResourceSpec, key: tuple[Any, ...], new: JsonDict, old: JsonDict | None) -> JsonDict:
-        new['metadata']['resourceVersion'] = self._next_rv()
+        new["metadata"]["resourceVersion"] = self._next_rv()
         if old is None:
             if key in self.objects:
                 self.objects[key].create(new)
             else:
                 self.objects[key] = new
-            self._emit(spec, 'ADDED', new, None)
+            self._emit(spec, "ADDED", new, None)
         else:
             self.objects[key].history.append(new)
-            self._emit(spec, 'MODIFIED', new, old)
+            self._emit(spec, "MODIFIED", new, old)
         self._after_write(spec, new, old)
         return copy.deepcopy(new)
 
     def _remove(self, spec: ResourceSpec, key: tuple[Any, ...], old: JsonDict) -> JsonDict:
         final = copy.deepcopy(old)
-        final['metadata']['resourceVersion'] = self._next_rv()
+        final["metadata"]["resourceVersion"] = self._next_rv()
         self.objects[key].delete()
-        self._emit(spec, 'DELETED', final, old)
+        self._emit(spec, "DELETED", final, old)
         self._schedule_gc()
-        if (spec.group, spec.plural) == ('apiextensions.k8s.io', 'customresourcedefinitions'):
+        if (spec.group, spec.plural) == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._crd_removed(final)
         return final
 
     def _after_write(self, spec: ResourceSpec, new: JsonDict, old: JsonDict | None) -> None:
-        if (spec.group, spec.plural) == ('apiextensions.k8s.io', 'customresourcedefinitions'):
+        if (spec.group, spec.plural) == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._crd_written(new)
 
     # -- CRDs -----------------------------------------------------------------------------------
 
     def _crd_written(self, crd: JsonDict) -> None:
-        crd_spec = crd.get('spec', {})
-        names = crd_spec.get('names', {})
-        group = crd_spec.get('group', '')
-        for version in crd_spec.get('versions', []):
-            if not version.get('served', True):
+        crd_spec = crd.get("spec", {})
+        names = crd_spec.get("names", {})
+        group = crd_spec.get("group", "")
+        for version in crd_spec.get("versions", []):
+            if not version.get("served", True):
                 continue
-            schema = (version.get('schema') or {}).get('openAPIV3Schema')
-            subresources = tuple(sorted((version.get('subresources') or {}).keys()))
-            self.register(ResourceSpec(
-                group=group, version=version['name'], plural=names.get('plural', ''),
-                kind=names.get('kind', ''), singular=names.get('singular'),
-                shortnames=tuple(names.get('shortNames', []) or []),
-                categories=tuple(names.get('categories', []) or []),
-                namespaced=crd_spec.get('scope', 'Namespaced') == 'Namespaced',
-                subresources=subresources, custom=True, schema=schema,
-            ))
+            schema = (version.get("schema") or {}).get("openAPIV3Schema")
+            subresources = tuple(sorted((version.get("subresources") or {}).keys()))
+            self.register(
+                ResourceSpec(
+                    group=group,
+                    version=version["name"],
+                    plural=names.get("plural", ""),
+                    kind=names.get("kind", ""),
+                    singular=names.get("singular"),
+                    shortnames=tuple(names.get("shortNames", []) or []),
+                    categories=tuple(names.get("categories", []) or []),
+                    namespaced=crd_spec.get("scope", "Namespaced") == "Namespaced",
+                    subresources=subresources,
+                    custom=True,
+                    schema=schema,
+                )
+            )
 
     def _crd_removed(self, crd: JsonDict) -> None:
-        crd_spec = crd.get('spec', {})
-        for version in crd_spec.get('versions', []):
-            self.unregister(crd_spec.get('group', ''), version['name'], crd_spec.get('names', {}).get('plural', ''))
+        crd_spec = crd.get("spec", {})
+        for version in crd_spec.get("versions", []):
+            self.unregister(crd_spec.get("group", ""), version["name"], crd_spec.get("names", {}).get("plural", ""))
 
     # -- defaulting and validation ----------------------------------------------------------------
 
     def _prepare(self, spec: ResourceSpec, obj: JsonDict, *, creating: bool) -> None:
         """Kind/apiVersion, schema pruning/defaulting/validation, built-in defaults."""
-        obj['apiVersion'] = spec.api_version
-        obj['kind'] = spec.kind
+        obj["apiVersion"] = spec.api_version
+        obj["kind"] = spec.kind
         errors = _validate_metadata(spec, obj)
         if spec.schema:
             for key in list(obj):
-                if key in ('apiVersion', 'kind', 'metadata'):
+                if key in ("apiVersion", "kind", "metadata"):
                     continue
-                props = spec.schema.get('properties', {})
+                props = spec.schema.get("properties", {})
                 if key in props:
                     obj[key] = apply_schema(obj[key], props[key], key, errors)
-                elif not spec.schema.get('x-kubernetes-preserve-unknown-fields'):
+                elif not spec.schema.get("x-kubernetes-preserve-unknown-fields"):
                     del obj[key]
-            for key, subschema in spec.schema.get('properties', {}).items():
-                if key not in obj and key not in ('apiVersion', 'kind', 'metadata') and 'default' in subschema:
-                    obj[key] = copy.deepcopy(subschema['default'])
-            for key in spec.schema.get('required', []):
+            for key, subschema in spec.schema.get("properties", {}).items():
+                if key not in obj and key not in ("apiVersion", "kind", "metadata") and "default" in subschema:
+                    obj[key] = copy.deepcopy(subschema["default"])
+            for key in spec.schema.get("required", []):
                 if key not in obj:
-                    errors.append(f'{key}: Required value')
-        if (spec.group, spec.plural) == ('batch', 'jobs') and creating:
+                    errors.append(f"{key}: Required value")
+        if (spec.group, spec.plural) == ("batch", "jobs") and creating:
             self._default_job(obj)
-        if (spec.group, spec.plural) == ('batch', 'jobs'):
-            job_spec = obj.get('spec', {})
-            policy = job_spec.get('template', {}).get('spec', {}).get('restartPolicy')
-            if policy not in ('Never', 'OnFailure'):
-                errors.append(f'spec.template.spec.restartPolicy: Required value: valid values: "OnFailure", "Never"')
-            if job_spec.get('completionMode') == 'Indexed' and job_spec.get('completions') is None:
-                errors.append('spec.completions: Required value: when completion mode is Indexed')
-        if (spec.group, spec.plural) == ('', 'pods') and creating:
-            containers = obj.get('spec', {}).get('containers') or []
+        if (spec.group, spec.plural) == ("batch", "jobs"):
+            job_spec = obj.get("spec", {})
+            policy = job_spec.get("template", {}).get("spec", {}).get("restartPolicy")
+            if policy not in ("Never", "OnFailure"):
+                errors.append('spec.template.spec.restartPolicy: Required value: valid values: "OnFailure", "Never"')
+            if job_spec.get("completionMode") == "Indexed" and job_spec.get("completions") is None:
+                errors.append("spec.completions: Required value: when completion mode is Indexed")
+        if (spec.group, spec.plural) == ("", "pods") and creating:
+            containers = obj.get("spec", {}).get("containers") or []
             if not containers:
-                errors.append('spec.containers: Required value')
+                errors.append("spec.containers: Required value")
         if errors:
-            raise self._invalid(spec, obj.get('metadata', {}).get('name'), errors)
+            raise self._invalid(spec, obj.get("metadata", {}).get("name"), errors)
 
     def _invalid(self, spec: ResourceSpec, name: str | None, errors: list[str]) -> ApiError:
-        return _status_error(422, 'Invalid', f'{spec.kind} "{name}" is invalid: ' + ', '.join(errors),
-                             name=name, group=spec.group, kind=spec.kind,
-                             causes=[{'reason': 'FieldValueInvalid', 'message': e} for e in errors])
+        return _status_error(
+            422,
+            "Invalid",
+            f'{spec.kind} "{name}" is invalid: ' + ", ".join(errors),
+            name=name,
+            group=spec.group,
+            kind=spec.kind,
+            causes=[{"reason": "FieldValueInvalid", "message": e} for e in errors],
+        )
 
     @staticmethod
     def _default_job(job: JsonDict) -> None:
-        spec = job.setdefault('spec', {})
-        meta = job['metadata']
-        spec.setdefault('backoffLimit', 6)
-        spec.setdefault('completions', 1)
-        spec.setdefault('parallelism', 1)
-        spec.setdefault('completionMode', 'NonIndexed')
-        spec.setdefault('suspend', False)
-        template_meta = spec.setdefault('template', {}).setdefault('metadata', {})
-        if not spec.get('manualSelector'):
-            uid = meta['uid']
-            labels = template_meta.setdefault('labels', {})
-            labels.update({'controller-uid': uid, 'batch.kubernetes.io/controller-uid': uid,
-                           'job-name': meta['name'], 'batch.kubernetes.io/job-name': meta['name']})
-            spec['selector'] = {'matchLabels': {'batch.kubernetes.io/controller-uid': uid}}
-        template_spec = spec['template'].setdefault('spec', {})
-        template_spec.setdefault('terminationGracePeriodSeconds', 30)
-        template_spec.setdefault('dnsPolicy', 'ClusterFirst')
-        template_spec.setdefault('schedulerName', 'default-scheduler')
+        spec = job.setdefault("spec", {})
+        meta = job["metadata"]
+        spec.setdefault("backoffLimit", 6)
+        spec.setdefault("completions", 1)
+        spec.setdefault("parallelism", 1)
+        spec.setdefault("completionMode", "NonIndexed")
+        spec.setdefault("suspend", False)
+        template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
+        if not spec.get("manualSelector"):
+            uid = meta["uid"]
+            labels = template_meta.setdefault("labels", {})
+            labels.update(
+                {
+                    "controller-uid": uid,
+                    "batch.kubernetes.io/controller-uid": uid,
+                    "job-name": meta["name"],
+                    "batch.kubernetes.io/job-name": meta["name"],
+                }
+            )
+            spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+        template_spec = spec["template"].setdefault("spec", {})
+        template_spec.setdefault("terminationGracePeriodSeconds", 30)
+        template_spec.setdefault("dnsPolicy", "ClusterFirst")
+        template_spec.setdefault("schedulerName", "default-scheduler")
 
     @staticmethod
     def _reset_status_on_create(spec: ResourceSpec, obj: JsonDict) -> None:
-        if 'status' not in spec.subresources:
+        if "status" not in spec.subresources:
             return
-        obj.pop('status', None)
-        if (spec.group, spec.plural) == ('', 'pods'):
-            obj['status'] = {'phase': 'Pending', 'qosClass': 'BestEffort'}
-            obj.setdefault('spec', {})
-            obj['spec'].setdefault('terminationGracePeriodSeconds', 30)
-            obj['spec'].setdefault('restartPolicy', 'Always')
-            obj['spec'].setdefault('schedulerName', 'default-scheduler')
-        elif (spec.group, spec.plural) == ('', 'namespaces'):
-            obj['status'] = {'phase': 'Active'}
-            obj.setdefault('spec', {}).setdefault('finalizers', ['kubernetes'])
-        elif (spec.group, spec.plural) == ('', 'services'):
-            obj['status'] = {'loadBalancer': {}}
-        elif (spec.group, spec.plural) == ('batch', 'jobs'):
-            obj['status'] = {}
-        elif (spec.group, spec.plural) == ('apiextensions.k8s.io', 'customresourcedefinitions'):
-            names = obj.get('spec', {}).get('names', {})
-            obj['status'] = {
-                'acceptedNames': names, 'storedVersions': [
-                    v['name'] for v in obj.get('spec', {}).get('versions', []) if v.get('storage')],
-                'conditions': [
-                    {'type': 'NamesAccepted', 'status': 'True', 'reason': 'NoConflicts',
-                     'lastTransitionTime': now_rfc3339(), 'message': 'no conflicts found'},
-                    {'type': 'Established', 'status': 'True', 'reason': 'InitialNamesAccepted',
-                     'lastTransitionTime': now_rfc3339(), 'message': 'the initial names have been accepted'},
-                ]}
+        obj.pop("status", None)
+        if (spec.group, spec.plural) == ("", "pods"):
+            obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
+            obj.setdefault("spec", {})
+            obj["spec"].setdefault("terminationGracePeriodSeconds", 30)
+            obj["spec"].setdefault("restartPolicy", "Always")
+            obj["spec"].setdefault("schedulerName", "default-scheduler")
+        elif (spec.group, spec.plural) == ("", "namespaces"):
+            obj["status"] = {"phase": "Active"}
+            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+        elif (spec.group, spec.plural) == ("", "services"):
+            obj["status"] = {"loadBalancer": {}}
+        elif (spec.group, spec.plural) == ("batch", "jobs"):
+            obj["status"] = {}
+        elif (spec.group, spec.plural) == ("apiextensions.k8s.io", "customresourcedefinitions"):
+            names = obj.get("spec", {}).get("names", {})
+            obj["status"] = {
+                "acceptedNames": names,
+                "storedVersions": [v["name"] for v in obj.get("spec", {}).get("versions", []) if v.get("storage")],
+                "conditions": [
+                    {
+                        "type": "NamesAccepted",
+                        "status": "True",
+                        "reason": "NoConflicts",
+                        "lastTransitionTime": now_rfc3339(),
+                        "message": "no conflicts found",
+                    },
+                    {
+                        "type": "Established",
+                        "status": "True",
+                        "reason": "InitialNamesAccepted",
+                        "lastTransitionTime": now_rfc3339(),
+                        "message": "the initial names have been accepted",
+                    },
+                ],
+            }
 
     def _check_namespace(self, spec: ResourceSpec, namespace: str | None) -> None:
         if not spec.namespaced:
             return
-        ns_spec = self._specs[('', 'v1', 'namespaces')]
-        ns = self._current(self._key(ns_spec, None, namespace or ''))
+        ns_spec = self._specs[("", "v1", "namespaces")]
+        ns = self._current(self._key(ns_spec, None, namespace or ""))
         if ns is None:
-            raise _status_error(404, 'NotFound', f'namespaces "{namespace}" not found',
-                                name=namespace, kind='namespaces')
-        if ns['metadata'].get('deletionTimestamp'):
-            raise _status_error(403, 'Forbidden',
-                                f'unable to create new content in namespace {namespace} because it is being terminated',
-                                name=namespace, kind='namespaces')
+            raise _status_error(
+                404, "NotFound", f'namespaces "{namespace}" not found', name=namespace, kind="namespaces"
+            )
+        if ns["metadata"].get("deletionTimestamp"):
+            raise _status_error(
+                403,
+                "Forbidden",
+                f"unable to create new content in namespace {namespace} because it is being terminated",
+                name=namespace,
+                kind="namespaces",
+            )
 
     # -- responses ----------------------------------------------------------------------------------
 
@@ -995,9 +1183,9 @@ class Emulator(kmock.KubernetesEmulator):
     @staticmethod
     def _reply(result: Any) -> kmock.Response:
         if isinstance(result, kmock.Response):
-            headers = {'Content-Type': 'application/json', 'Warning': None, **(result.headers or {})}
+            headers = {"Content-Type": "application/json", "Warning": None, **(result.headers or {})}
             return kmock.Response(status=result.status or 200, payload=result.payload, headers=headers)
-        return kmock.Response(status=200, payload=result, headers={'Content-Type': 'application/json', 'Warning': None})
+        return kmock.Response(status=200, payload=result, headers={"Content-Type": "application/json", "Warning": None})
 
     async def _serve_list(self, request: kmock.Request) -> kmock.Response:
         request, convert = self._events_alias(request)
@@ -1023,31 +1211,43 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _events_alias(self, request: kmock.Request) -> tuple[kmock.Request, Callable[[Any], Any]]:
         res = request.resource
-        if res is None or (res.group, res.version, res.plural) != ('events.k8s.io', 'v1', 'events'):
+        if res is None or (res.group, res.version, res.plural) != ("events.k8s.io", "v1", "events"):
             return request, lambda payload: payload
-        core = kmock.resource(group='', version='v1', plural='events')
+        core = kmock.resource(group="", version="v1", plural="events")
         data = request.data
-        method = str(getattr(request.method, 'value', request.method)).upper()
+        method = str(getattr(request.method, "value", request.method)).upper()
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             data = event_from_v1(data)
-        elif request.action == kmock.action.UPDATE and method == 'PUT' and isinstance(data, dict):
+        elif request.action == kmock.action.UPDATE and method == "PUT" and isinstance(data, dict):
             data = event_from_v1(data)
         elif request.action == kmock.action.UPDATE:
             # Apply the patch to the events.k8s.io view, then store the core form (as a PUT).
             key = (core, request.namespace, request.name)
             old = self._current(key)
             if old is None:
-                raise _status_error(404, 'NotFound', f'events.events.k8s.io "{request.name}" not found',
-                                    name=request.name, group='events.k8s.io', kind='events')
+                raise _status_error(
+                    404,
+                    "NotFound",
+                    f'events.events.k8s.io "{request.name}" not found',
+                    name=request.name,
+                    group="events.k8s.io",
+                    kind="events",
+                )
             view = event_to_v1(old)
-            content_type = (request.headers.get('Content-Type') or '').split(';')[0].strip().lower()
+            content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             try:
-                patched = json_patch(view, data) if content_type == 'application/json-patch+json' \
-                    else strategic_merge_patch(view, data) if content_type == 'application/strategic-merge-patch+json' \
+                patched = (
+                    json_patch(view, data)
+                    if content_type == "application/json-patch+json"
+                    else strategic_merge_patch(view, data)
+                    if content_type == "application/strategic-merge-patch+json"
                     else merge_patch(view, data)
+                )
             except JsonPatchError as e:
-                raise _status_error(422, 'Invalid', f'the server rejected our request due to an error in our request: {e}')
-            data, method = event_from_v1(patched), 'PUT'
+                raise _status_error(
+                    422, "Invalid", f"the server rejected our request due to an error in our request: {e}"
+                ) from None
+            data, method = event_from_v1(patched), "PUT"
         evolved = attrs.evolve(request, resource=core, data=data, method=method)
         return evolved, lambda payload: _convert_events(payload)
 
@@ -1056,117 +1256,139 @@ class Emulator(kmock.KubernetesEmulator):
     async def _do_list(self, request: kmock.Request) -> Any:
         spec = self._spec_of(request)
         if request.subresource:
-            raise _status_error(404, 'NotFound', 'the server could not find the requested resource')
-        match_labels = parse_label_selector(request.params.get('labelSelector'))
-        match_fields = parse_field_selector(request.params.get('fieldSelector'))
+            raise _status_error(404, "NotFound", "the server could not find the requested resource")
+        match_labels = parse_label_selector(request.params.get("labelSelector"))
+        match_fields = parse_field_selector(request.params.get("fieldSelector"))
         items = [
-            copy.deepcopy(obj) for key, obj in self._live()
+            copy.deepcopy(obj)
+            for key, obj in self._live()
             if key[0] == spec.resource
             and (request.namespace is None or key[1] == request.namespace)
-            and match_labels(obj.get('metadata', {}).get('labels') or {})
+            and match_labels(obj.get("metadata", {}).get("labels") or {})
             and match_fields(obj)
         ]
-        items.sort(key=lambda o: (o['metadata'].get('namespace') or '', o['metadata']['name']))
+        items.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
         rv = str(self._rv)
-        meta: JsonDict = {'resourceVersion': rv}
-        limit = int(request.params.get('limit') or 0)
-        token = request.params.get('continue')
+        meta: JsonDict = {"resourceVersion": rv}
+        limit = int(request.params.get("limit") or 0)
+        token = request.params.get("continue")
         if token:
             try:
                 decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
-                offset, rv = int(decoded['offset']), str(decoded['rv'])
+                offset, rv = int(decoded["offset"]), str(decoded["rv"])
             except Exception:
-                raise _status_error(400, 'BadRequest', 'invalid continue token')
-            meta['resourceVersion'] = rv
+                raise _status_error(400, "BadRequest", "invalid continue token") from None
+            meta["resourceVersion"] = rv
             items = items[offset:]
         else:
             offset = 0
         if limit and len(items) > limit:
             next_offset = offset + limit
-            meta['continue'] = base64.urlsafe_b64encode(
-                json.dumps({'offset': next_offset, 'rv': rv}).encode()).decode()
-            meta['remainingItemCount'] = len(items) - limit
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps({"offset": next_offset, "rv": rv}).encode()).decode()
+            meta["remainingItemCount"] = len(items) - limit
             items = items[:limit]
-        return {'apiVersion': spec.api_version, 'kind': f'{spec.kind}List', 'metadata': meta, 'items': items}
+        return {"apiVersion": spec.api_version, "kind": f"{spec.kind}List", "metadata": meta, "items": items}
 
     # -- WATCH --------------------------------------------------------------------------------------
 
     async def _serve_watch(self, request: kmock.Request) -> Any:
         spec = self._spec_of(request)
         # Validate before streaming starts: errors after the headers can only go into the stream.
-        parse_label_selector(request.params.get('labelSelector'))
-        parse_field_selector(request.params.get('fieldSelector'))
-        since_raw = request.params.get('resourceVersion')
+        parse_label_selector(request.params.get("labelSelector"))
+        parse_field_selector(request.params.get("fieldSelector"))
+        since_raw = request.params.get("resourceVersion")
         if since_raw and not since_raw.isdigit():
-            raise _status_error(400, 'BadRequest', f'invalid resource version: {since_raw!r}')
+            raise _status_error(400, "BadRequest", f"invalid resource version: {since_raw!r}")
         request, convert = self._events_alias(request)
         spec = self._spec_of(request)
         return self._reply(convert(kmock.Response(payload=self._watch_stream(spec, request))))
 
-    def _watch_event(self, entry: JsonDict, request: kmock.Request,
-                     match_labels: Callable[..., bool], match_fields: Callable[..., bool]) -> JsonDict | None:
-        obj, old = entry['object'], entry['old']
-        meta = obj.get('metadata', {})
-        if request.namespace is not None and meta.get('namespace') != request.namespace:
+    def _watch_event(
+        self,
+        entry: JsonDict,
+        request: kmock.Request,
+        match_labels: Callable[..., bool],
+        match_fields: Callable[..., bool],
+    ) -> JsonDict | None:
+        obj, old = entry["object"], entry["old"]
+        meta = obj.get("metadata", {})
+        if request.namespace is not None and meta.get("namespace") != request.namespace:
             return None
-        if request.name is not None and meta.get('name') != request.name:
+        if request.name is not None and meta.get("name") != request.name:
             return None
 
         def matches(o: JsonDict | None) -> bool:
-            return o is not None and match_labels(o.get('metadata', {}).get('labels') or {}) and match_fields(o)
+            return o is not None and match_labels(o.get("metadata", {}).get("labels") or {}) and match_fields(o)
 
         now_matches = matches(obj)
-        if entry['type'] == 'DELETED':
-            return {'type': 'DELETED', 'object': obj} if matches(old) or now_matches else None
-        was_matching = matches(old) if entry['type'] == 'MODIFIED' else False
-        if now_matches and (was_matching or entry['type'] == 'ADDED'):
-            return {'type': entry['type'], 'object': obj}
+        if entry["type"] == "DELETED":
+            return {"type": "DELETED", "object": obj} if matches(old) or now_matches else None
+        was_matching = matches(old) if entry["type"] == "MODIFIED" else False
+        if now_matches and (was_matching or entry["type"] == "ADDED"):
+            return {"type": entry["type"], "object": obj}
         if now_matches:
-            return {'type': 'ADDED', 'object': obj}
+            return {"type": "ADDED", "object": obj}
         if was_matching:
-            return {'type': 'DELETED', 'object': obj}
+            return {"type": "DELETED", "object": obj}
         return None
 
     async def _watch_stream(self, spec: ResourceSpec, request: kmock.Request) -> AsyncIterator[Any]:
-        yield b''  # send the headers now: clients wait for them before anything happens
+        yield b""  # send the headers now: clients wait for them before anything happens
         params = request.params
-        match_labels = parse_label_selector(params.get('labelSelector'))
-        match_fields = parse_field_selector(params.get('fieldSelector'))
-        timeout = float(params['timeoutSeconds']) if params.get('timeoutSeconds') else None
+        match_labels = parse_label_selector(params.get("labelSelector"))
+        match_fields = parse_field_selector(params.get("fieldSelector"))
+        timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
-        since_raw = params.get('resourceVersion')
-        initial = params.get('sendInitialEvents') in ('true', '1')
-        bookmarks = params.get('allowWatchBookmarks') in ('true', '1')
+        since_raw = params.get("resourceVersion")
+        initial = params.get("sendInitialEvents") in ("true", "1")
+        bookmarks = params.get("allowWatchBookmarks") in ("true", "1")
 
-        if not since_raw or since_raw == '0' or initial:
+        if not since_raw or since_raw == "0" or initial:
             # A snapshot first (as synthetic ADDED events), then the changes after it.
             since = self._rv
             snapshot = [
-                obj for key, obj in self._live()
+                obj
+                for key, obj in self._live()
                 if key[0] == spec.resource
                 and (request.namespace is None or key[1] == request.namespace)
                 and (request.name is None or key[2] == request.name)
-                and match_labels(obj.get('metadata', {}).get('labels') or {}) and match_fields(obj)
+                and match_labels(obj.get("metadata", {}).get("labels") or {})
+                and match_fields(obj)
             ]
             for obj in snapshot:
-                yield {'type': 'ADDED', 'object': copy.deepcopy(obj)}
+                yield {"type": "ADDED", "object": copy.deepcopy(obj)}
             if initial:
-                yield {'type': 'BOOKMARK', 'object': {
-                    'kind': spec.kind, 'apiVersion': spec.api_version,
-                    'metadata': {'resourceVersion': str(since),
-                                 'annotations': {'k8s.io/initial-events-end': 'true'}}}}
+                yield {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "kind": spec.kind,
+                        "apiVersion": spec.api_version,
+                        "metadata": {
+                            "resourceVersion": str(since),
+                            "annotations": {"k8s.io/initial-events-end": "true"},
+                        },
+                    },
+                }
         else:
             try:
                 since = int(since_raw)
             except ValueError:
-                raise _status_error(400, 'BadRequest', f'invalid resource version: {since_raw!r}')
-            oldest = self._log[0]['rv'] if self._log else self._rv + 1
+                raise _status_error(400, "BadRequest", f"invalid resource version: {since_raw!r}") from None
+            oldest = self._log[0]["rv"] if self._log else self._rv + 1
             if since < oldest - 1 and since < self._rv:
-                yield {'type': 'ERROR', 'object': {
-                    'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Failure',
-                    'message': f'too old resource version: {since} ({oldest - 1})',
-                    'reason': 'Expired', 'code': 410}}
+                yield {
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Failure",
+                        "message": f"too old resource version: {since} ({oldest - 1})",
+                        "reason": "Expired",
+                        "code": 410,
+                    },
+                }
                 return
 
         cursor = since
@@ -1176,49 +1398,56 @@ class Emulator(kmock.KubernetesEmulator):
                 self._tick = asyncio.Event()
             tick = self._tick
             for entry in self._log:
-                if entry['rv'] <= cursor or entry['resource'] != spec.resource:
+                if entry["rv"] <= cursor or entry["resource"] != spec.resource:
                     continue
                 event = self._watch_event(entry, request, match_labels, match_fields)
                 if event is not None:
                     yield copy.deepcopy(event)
-            cursor = max(cursor, self._log[-1]['rv'] if self._log else cursor)
+            cursor = max(cursor, self._log[-1]["rv"] if self._log else cursor)
             remaining = deadline - loop.time() if deadline is not None else 1.0
             if remaining <= 0:
                 break
             try:
                 await asyncio.wait_for(tick.wait(), timeout=min(remaining, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
-            transport = getattr(transport_check, 'transport', None)
+            transport = getattr(transport_check, "transport", None)
             if transport_check is not None and (transport is None or transport.is_closing()):
                 return  # the client has gone
         if bookmarks and not self._closing:
-            yield {'type': 'BOOKMARK', 'object': {'kind': spec.kind, 'apiVersion': spec.api_version,
-                                                  'metadata': {'resourceVersion': str(self._rv)}}}
+            yield {
+                "type": "BOOKMARK",
+                "object": {
+                    "kind": spec.kind,
+                    "apiVersion": spec.api_version,
+                    "metadata": {"resourceVersion": str(self._rv)},
+                },
+            }
 
     # -- GET --------------------------------------------------------------------------------------
 
     async def _do_fetch(self, request: kmock.Request) -> Any:
         spec = self._spec_of(request)
-        key = self._key(spec, request.namespace, request.name or '')
+        key = self._key(spec, request.namespace, request.name or "")
         obj = self._current(key)
         if obj is None:
             raise self._not_found(spec, request.name)
-        if request.subresource == 'log' and (spec.group, spec.plural) == ('', 'pods'):
+        if request.subresource == "log" and (spec.group, spec.plural) == ("", "pods"):
             text = None
             if self.pod_log_source is not None:
-                text = self.pod_log_source(request.namespace or '', request.name or '',
-                                           request.params.get('container'))
+                text = self.pod_log_source(request.namespace or "", request.name or "", request.params.get("container"))
             if text is None:
-                raise _status_error(400, 'BadRequest',
-                                    f'container in pod "{request.name}" is waiting to start: no logs')
-            tail = request.params.get('tailLines')
+                raise _status_error(
+                    400, "BadRequest", f'container in pod "{request.name}" is waiting to start: no logs'
+                )
+            tail = request.params.get("tailLines")
             if tail:
-                text = ''.join(text.splitlines(keepends=True)[-int(tail):])
-            return kmock.Response(payload=text.encode(), headers={'Content-Type': 'text/plain'})
-        if request.subresource not in (None, 'status') or (
-                request.subresource == 'status' and 'status' not in spec.subresources):
-            raise _status_error(404, 'NotFound', 'the server could not find the requested resource')
+                text = "".join(text.splitlines(keepends=True)[-int(tail) :])
+            return kmock.Response(payload=text.encode(), headers={"Content-Type": "text/plain"})
+        if request.subresource not in (None, "status") or (
+            request.subresource == "status" and "status" not in spec.subresources
+        ):
+            raise _status_error(404, "NotFound", "the server could not find the requested resource")
         return copy.deepcopy(obj)
 
     # -- POST -------------------------------------------------------------------------------------
@@ -1226,154 +1455,189 @@ class Emulator(kmock.KubernetesEmulator):
     async def _do_create(self, request: kmock.Request) -> Any:
         spec = self._spec_of(request)
         body = request.data
-        if request.subresource == 'binding' and (spec.group, spec.plural) == ('', 'pods') and request.name:
+        if request.subresource == "binding" and (spec.group, spec.plural) == ("", "pods") and request.name:
             return self._bind_pod(spec, request)
         if request.name is not None or request.subresource is not None:
-            raise _status_error(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
+            raise _status_error(
+                405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+            )
         if not isinstance(body, dict):
-            raise _status_error(400, 'BadRequest', 'the request body is not a JSON object')
+            raise _status_error(400, "BadRequest", "the request body is not a JSON object")
         obj = copy.deepcopy(body)
-        meta = obj.setdefault('metadata', {})
-        if meta.get('resourceVersion'):
-            raise _status_error(400, 'BadRequest', 'resourceVersion should not be set on objects to be created')
+        meta = obj.setdefault("metadata", {})
+        if meta.get("resourceVersion"):
+            raise _status_error(400, "BadRequest", "resourceVersion should not be set on objects to be created")
         if spec.namespaced:
-            namespace = request.namespace or meta.get('namespace')
-            if request.namespace and meta.get('namespace') and meta['namespace'] != request.namespace:
-                raise _status_error(400, 'BadRequest', 'the namespace of the provided object does not match '
-                                    'the namespace sent on the request')
+            namespace = request.namespace or meta.get("namespace")
+            if request.namespace and meta.get("namespace") and meta["namespace"] != request.namespace:
+                raise _status_error(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
             if not namespace:
-                raise _status_error(404, 'NotFound', 'the server could not find the requested resource')
-            meta['namespace'] = namespace
+                raise _status_error(404, "NotFound", "the server could not find the requested resource")
+            meta["namespace"] = namespace
         else:
-            meta.pop('namespace', None)
+            meta.pop("namespace", None)
             namespace = None
-        if not meta.get('name'):
-            if meta.get('generateName'):
-                meta['name'] = meta['generateName'] + ''.join(random.choices(_NAME_ALPHABET, k=5))
+        if not meta.get("name"):
+            if meta.get("generateName"):
+                meta["name"] = meta["generateName"] + "".join(random.choices(_NAME_ALPHABET, k=5))
             else:
-                raise self._invalid(spec, None, ['metadata.name: Required value: name or generateName is required'])
-        key = self._key(spec, namespace, meta['name'])
+                raise self._invalid(spec, None, ["metadata.name: Required value: name or generateName is required"])
+        key = self._key(spec, namespace, meta["name"])
         if self._current(key) is not None:
-            raise _status_error(409, 'AlreadyExists', f'{spec.qualified} "{meta["name"]}" already exists',
-                                name=meta['name'], group=spec.group, kind=spec.plural)
+            raise _status_error(
+                409,
+                "AlreadyExists",
+                f'{spec.qualified} "{meta["name"]}" already exists',
+                name=meta["name"],
+                group=spec.group,
+                kind=spec.plural,
+            )
         self._check_namespace(spec, namespace)
-        meta['uid'] = str(uuid.uuid4())
-        meta['creationTimestamp'] = now_rfc3339()
-        for field in ('deletionTimestamp', 'deletionGracePeriodSeconds', 'managedFields'):
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = now_rfc3339()
+        for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
             meta.pop(field, None)
         if (spec.group, spec.plural) not in _NO_GENERATION:
-            meta['generation'] = 1
+            meta["generation"] = 1
         else:
-            meta.pop('generation', None)
+            meta.pop("generation", None)
         self._reset_status_on_create(spec, obj)
         self._prepare(spec, obj, creating=True)
-        if request.params.get('dryRun'):
+        if request.params.get("dryRun"):
             return kmock.Response(status=201, payload=obj)
         stored = self._store(spec, key, obj, None)
         return kmock.Response(status=201, payload=stored)
 
     def _bind_pod(self, spec: ResourceSpec, request: kmock.Request) -> Any:
-        key = self._key(spec, request.namespace, request.name or '')
+        key = self._key(spec, request.namespace, request.name or "")
         pod = self._current(key)
         if pod is None:
             raise self._not_found(spec, request.name)
-        target = ((request.data or {}).get('target') or {}).get('name')
+        target = ((request.data or {}).get("target") or {}).get("name")
         if not target:
-            raise self._invalid(spec, request.name, ['target.name: Required value'])
-        if pod.get('spec', {}).get('nodeName'):
-            raise _status_error(409, 'Conflict', f'pod {request.name} is already assigned to node '
-                                f'"{pod["spec"]["nodeName"]}"', name=request.name, kind='pods')
+            raise self._invalid(spec, request.name, ["target.name: Required value"])
+        if pod.get("spec", {}).get("nodeName"):
+            raise _status_error(
+                409,
+                "Conflict",
+                f'pod {request.name} is already assigned to node "{pod["spec"]["nodeName"]}"',
+                name=request.name,
+                kind="pods",
+            )
         new = copy.deepcopy(pod)
-        new['spec']['nodeName'] = target
-        conditions = [c for c in new.get('status', {}).get('conditions', []) if c.get('type') != 'PodScheduled']
-        conditions.append({'type': 'PodScheduled', 'status': 'True', 'lastTransitionTime': now_rfc3339()})
-        new.setdefault('status', {})['conditions'] = conditions
+        new["spec"]["nodeName"] = target
+        conditions = [c for c in new.get("status", {}).get("conditions", []) if c.get("type") != "PodScheduled"]
+        conditions.append({"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()})
+        new.setdefault("status", {})["conditions"] = conditions
         self._store(spec, key, new, pod)
-        return kmock.Response(status=201, payload={'kind': 'Status', 'apiVersion': 'v1', 'metadata': {},
-                                                   'status': 'Success', 'code': 201})
+        return kmock.Response(
+            status=201, payload={"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+        )
 
     # -- PATCH / PUT ------------------------------------------------------------------------------
 
     async def _do_update(self, request: kmock.Request) -> Any:
         spec = self._spec_of(request)
-        if request.subresource not in (None, 'status') or (
-                request.subresource == 'status' and 'status' not in spec.subresources):
-            raise _status_error(404, 'NotFound', 'the server could not find the requested resource')
-        key = self._key(spec, request.namespace, request.name or '')
+        if request.subresource not in (None, "status") or (
+            request.subresource == "status" and "status" not in spec.subresources
+        ):
+            raise _status_error(404, "NotFound", "the server could not find the requested resource")
+        key = self._key(spec, request.namespace, request.name or "")
         old = self._current(key)
-        method = str(request.method.value if hasattr(request.method, 'value') else request.method).upper()
+        method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
         body = request.data
 
         if old is None:  # NB: no create-on-PUT (which a real server allows for some resources)
             raise self._not_found(spec, request.name)
 
-        if method == 'PUT':
+        if method == "PUT":
             if not isinstance(body, dict):
-                raise _status_error(400, 'BadRequest', 'the request body is not a JSON object')
+                raise _status_error(400, "BadRequest", "the request body is not a JSON object")
             candidate = copy.deepcopy(body)
-            candidate_meta = candidate.setdefault('metadata', {})
-            wanted_rv = candidate_meta.get('resourceVersion')
-            if candidate_meta.get('name') not in (None, request.name):
-                raise _status_error(400, 'BadRequest', 'the name of the object does not match the name on the URL')
+            candidate_meta = candidate.setdefault("metadata", {})
+            wanted_rv = candidate_meta.get("resourceVersion")
+            if candidate_meta.get("name") not in (None, request.name):
+                raise _status_error(400, "BadRequest", "the name of the object does not match the name on the URL")
         else:
-            content_type = (request.headers.get('Content-Type') or '').split(';')[0].strip().lower()
+            content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             try:
-                if content_type == 'application/json-patch+json':
+                if content_type == "application/json-patch+json":
                     if not isinstance(body, list):
-                        raise _status_error(400, 'BadRequest', 'a JSON patch must be a list of operations')
+                        raise _status_error(400, "BadRequest", "a JSON patch must be a list of operations")
                     candidate = json_patch(old, body)
-                elif content_type == 'application/merge-patch+json':
+                elif content_type == "application/merge-patch+json":
                     candidate = merge_patch(old, body)
-                elif content_type == 'application/strategic-merge-patch+json':
+                elif content_type == "application/strategic-merge-patch+json":
                     if spec.custom:
                         raise _status_error(
-                            415, 'UnsupportedMediaType',
-                            'the body of the request was in an unknown format - accepted media types include: '
-                            'application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml')
+                            415,
+                            "UnsupportedMediaType",
+                            "the body of the request was in an unknown format - accepted media types include: "
+                            "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                        )
                     candidate = strategic_merge_patch(old, body)
-                elif content_type in ('application/apply-patch+yaml', 'application/apply-patch+json'):
+                elif content_type in ("application/apply-patch+yaml", "application/apply-patch+json"):
                     # Server-side apply, approximated as a merge patch (no field ownership).
                     candidate = merge_patch(old, body)
                 else:
-                    raise _status_error(415, 'UnsupportedMediaType',
-                                        f'the body of the request was in an unknown format: {content_type!r}')
+                    raise _status_error(
+                        415,
+                        "UnsupportedMediaType",
+                        f"the body of the request was in an unknown format: {content_type!r}",
+                    )
             except JsonPatchError as e:
-                raise _status_error(422, 'Invalid', f'the server rejected our request due to an error in our '
-                                    f'request: {e}', name=request.name, group=spec.group, kind=spec.kind)
+                raise _status_error(
+                    422,
+                    "Invalid",
+                    f"the server rejected our request due to an error in our request: {e}",
+                    name=request.name,
+                    group=spec.group,
+                    kind=spec.kind,
+                ) from None
             if not isinstance(candidate, dict):
-                raise _status_error(422, 'Invalid', 'the patched object is not a JSON object')
-            candidate.setdefault('metadata', {})
-            wanted_rv = (body.get('metadata') or {}).get('resourceVersion') if isinstance(body, dict) else None
+                raise _status_error(422, "Invalid", "the patched object is not a JSON object")
+            candidate.setdefault("metadata", {})
+            wanted_rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
 
-        if wanted_rv and str(wanted_rv) != old['metadata']['resourceVersion']:
-            raise _status_error(409, 'Conflict', f'Operation cannot be fulfilled on {spec.qualified} '
-                                f'"{request.name}": the object has been modified; please apply your changes '
-                                f'to the latest version and try again', name=request.name,
-                                group=spec.group, kind=spec.plural)
+        if wanted_rv and str(wanted_rv) != old["metadata"]["resourceVersion"]:
+            raise _status_error(
+                409,
+                "Conflict",
+                f"Operation cannot be fulfilled on {spec.qualified} "
+                f'"{request.name}": the object has been modified; please apply your changes '
+                f"to the latest version and try again",
+                name=request.name,
+                group=spec.group,
+                kind=spec.plural,
+            )
 
-        new = self._merge_update(spec, old, candidate, status_only=request.subresource == 'status')
+        new = self._merge_update(spec, old, candidate, status_only=request.subresource == "status")
         if new == old:
             return copy.deepcopy(old)  # a no-op write: no new resourceVersion, no event
         self._prepare(spec, new, creating=False)
         if new == old:
             return copy.deepcopy(old)
         errors: list[str] = []
-        if (spec.group, spec.plural) == ('', 'pods'):
+        if (spec.group, spec.plural) == ("", "pods"):
             errors += _pod_spec_violations(old, new)
-        if (spec.group, spec.plural) == ('batch', 'jobs'):
+        if (spec.group, spec.plural) == ("batch", "jobs"):
             errors += _job_spec_violations(old, new)
         if errors:
             raise self._invalid(spec, request.name, errors)
         if (spec.group, spec.plural) not in _NO_GENERATION:
-            strip = lambda o: {k: v for k, v in o.items() if k not in ('metadata', 'status')}  # noqa: E731
-            if 'status' not in spec.subresources:
-                strip = lambda o: {k: v for k, v in o.items() if k != 'metadata'}  # noqa: E731
+            strip = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
+            if "status" not in spec.subresources:
+                strip = lambda o: {k: v for k, v in o.items() if k != "metadata"}  # noqa: E731
             if strip(old) != strip(new):
-                new['metadata']['generation'] = int(old['metadata'].get('generation', 1)) + 1
-        if request.params.get('dryRun'):
+                new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
+        if request.params.get("dryRun"):
             return new
-        meta = new['metadata']
-        if meta.get('deletionTimestamp') and not meta.get('finalizers') and not self._awaits_kubelet(spec, new):
+        meta = new["metadata"]
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not self._awaits_kubelet(spec, new):
             self._store(spec, key, new, old)
             return self._remove(spec, key, new)
         return self._store(spec, key, new, old)
@@ -1381,28 +1645,36 @@ class Emulator(kmock.KubernetesEmulator):
     def _merge_update(self, spec: ResourceSpec, old: JsonDict, candidate: JsonDict, *, status_only: bool) -> JsonDict:
         if status_only:
             new = copy.deepcopy(old)
-            if 'status' in candidate:
-                new['status'] = candidate['status']
+            if "status" in candidate:
+                new["status"] = candidate["status"]
             else:
-                new.pop('status', None)
+                new.pop("status", None)
             return new
         new = copy.deepcopy(candidate)
-        if 'status' in spec.subresources:
-            if 'status' in old:
-                new['status'] = copy.deepcopy(old['status'])
+        if "status" in spec.subresources:
+            if "status" in old:
+                new["status"] = copy.deepcopy(old["status"])
             else:
-                new.pop('status', None)
-        meta, old_meta = new.setdefault('metadata', {}), old['metadata']
-        for field in ('uid', 'creationTimestamp', 'namespace', 'name', 'resourceVersion', 'generation',
-                      'deletionTimestamp', 'deletionGracePeriodSeconds'):
+                new.pop("status", None)
+        meta, old_meta = new.setdefault("metadata", {}), old["metadata"]
+        for field in (
+            "uid",
+            "creationTimestamp",
+            "namespace",
+            "name",
+            "resourceVersion",
+            "generation",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ):
             if field in old_meta:
                 meta[field] = old_meta[field]
             else:
                 meta.pop(field, None)
-        if old_meta.get('deletionTimestamp'):
+        if old_meta.get("deletionTimestamp"):
             # While deleting, finalizers may only be removed, never added.
-            meta['finalizers'] = [f for f in meta.get('finalizers') or [] if f in (old_meta.get('finalizers') or [])]
-        for field in ('labels', 'annotations', 'finalizers', 'ownerReferences'):
+            meta["finalizers"] = [f for f in meta.get("finalizers") or [] if f in (old_meta.get("finalizers") or [])]
+        for field in ("labels", "annotations", "finalizers", "ownerReferences"):
             if field in meta and meta[field] in (None, [], {}):
                 del meta[field]
         return new
@@ -1412,86 +1684,116 @@ class Emulator(kmock.KubernetesEmulator):
     async def _do_delete(self, request: kmock.Request) -> Any:
         spec = self._spec_of(request)
         if request.subresource is not None:
-            raise _status_error(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
+            raise _status_error(
+                405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+            )
         options = request.data if isinstance(request.data, dict) else {}
-        propagation = request.params.get('propagationPolicy') or options.get('propagationPolicy')
-        if propagation is None and (request.params.get('orphanDependents') == 'true' or options.get('orphanDependents')):
-            propagation = 'Orphan'
-        grace_raw = request.params.get('gracePeriodSeconds', options.get('gracePeriodSeconds'))
+        propagation = request.params.get("propagationPolicy") or options.get("propagationPolicy")
+        if propagation is None and (
+            request.params.get("orphanDependents") == "true" or options.get("orphanDependents")
+        ):
+            propagation = "Orphan"
+        grace_raw = request.params.get("gracePeriodSeconds", options.get("gracePeriodSeconds"))
         grace = int(grace_raw) if grace_raw is not None else None
         # NB: always give every header a value: kmock keeps a fallback's Response object between
         # requests and merges headers into it, so a header left out would leak from the last one.
-        headers: dict[str, str | None] = {'Warning': None}
+        headers: dict[str, str | None] = {"Warning": None}
         if propagation is None and (spec.group, spec.plural) in _ORPHAN_BY_DEFAULT:
-            headers['Warning'] = JOB_ORPHAN_WARNING
-            propagation = 'Orphan'
+            headers["Warning"] = JOB_ORPHAN_WARNING
+            propagation = "Orphan"
         if request.name is None:  # deletecollection
             listing = await self._do_list(request)
-            for item in listing['items']:
-                key = self._key(spec, item['metadata'].get('namespace'), item['metadata']['name'])
+            for item in listing["items"]:
+                key = self._key(spec, item["metadata"].get("namespace"), item["metadata"]["name"])
                 self.delete_object(spec, key, propagation=propagation, grace=grace)
-            return kmock.Response(payload={'apiVersion': spec.api_version, 'kind': f'{spec.kind}List',
-                                           'metadata': {'resourceVersion': str(self._rv)},
-                                           'items': listing['items']}, headers=headers)
+            return kmock.Response(
+                payload={
+                    "apiVersion": spec.api_version,
+                    "kind": f"{spec.kind}List",
+                    "metadata": {"resourceVersion": str(self._rv)},
+                    "items": listing["items"],
+                },
+                headers=headers,
+            )
         key = self._key(spec, request.namespace, request.name)
         if self._current(key) is None:
             raise self._not_found(spec, request.name)
-        preconditions = options.get('preconditions') or {}
+        preconditions = options.get("preconditions") or {}
         current = self._current(key) or {}
-        if preconditions.get('uid') and preconditions['uid'] != current['metadata']['uid']:
-            raise _status_error(409, 'Conflict', f'Precondition failed: UID in precondition: {preconditions["uid"]}, '
-                                f'UID in object meta: {current["metadata"]["uid"]}')
-        if preconditions.get('resourceVersion') and preconditions['resourceVersion'] != current['metadata']['resourceVersion']:
-            raise _status_error(409, 'Conflict', 'Precondition failed: resourceVersion mismatch')
+        if preconditions.get("uid") and preconditions["uid"] != current["metadata"]["uid"]:
+            raise _status_error(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {preconditions['uid']}, "
+                f"UID in object meta: {current['metadata']['uid']}",
+            )
+        if (
+            preconditions.get("resourceVersion")
+            and preconditions["resourceVersion"] != current["metadata"]["resourceVersion"]
+        ):
+            raise _status_error(409, "Conflict", "Precondition failed: resourceVersion mismatch")
         result, gone = self.delete_object(spec, key, propagation=propagation, grace=grace)
         if gone and (spec.group, spec.plural) not in _RETURNS_DELETED_OBJECT and not spec.custom:
-            payload: JsonDict = {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
-                                 'details': {'name': request.name, 'group': spec.group, 'kind': spec.plural,
-                                             'uid': result['metadata']['uid']}}
+            payload: JsonDict = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "details": {
+                    "name": request.name,
+                    "group": spec.group,
+                    "kind": spec.plural,
+                    "uid": result["metadata"]["uid"],
+                },
+            }
         else:
             payload = result
         return kmock.Response(payload=payload, headers=headers)
 
     def _awaits_kubelet(self, spec: ResourceSpec, obj: JsonDict) -> bool:
         """A bound, non-terminal pod is only removed once its kubelet confirms (grace 0)."""
-        if (spec.group, spec.plural) != ('', 'pods'):
+        if (spec.group, spec.plural) != ("", "pods"):
             return False
-        if obj['metadata'].get('deletionGracePeriodSeconds', 0) == 0:
+        if obj["metadata"].get("deletionGracePeriodSeconds", 0) == 0:
             return False
-        return bool(obj.get('spec', {}).get('nodeName')) and obj.get('status', {}).get('phase') not in ('Succeeded', 'Failed')
+        return bool(obj.get("spec", {}).get("nodeName")) and obj.get("status", {}).get("phase") not in (
+            "Succeeded",
+            "Failed",
+        )
 
-    def delete_object(self, spec: ResourceSpec, key: tuple[Any, ...], *, propagation: str | None = None,
-                      grace: int | None = None) -> tuple[JsonDict, bool]:
+    def delete_object(
+        self, spec: ResourceSpec, key: tuple[Any, ...], *, propagation: str | None = None, grace: int | None = None
+    ) -> tuple[JsonDict, bool]:
         """Delete as the API server does; returns (the object's last state, whether it is gone now)."""
         old = self._current(key)
         if old is None:
             raise self._not_found(spec, key[2])
-        if propagation == 'Orphan':
-            self._orphan_dependents(old['metadata']['uid'])
-        meta = old['metadata']
-        is_pod = (spec.group, spec.plural) == ('', 'pods')
+        if propagation == "Orphan":
+            self._orphan_dependents(old["metadata"]["uid"])
+        meta = old["metadata"]
+        is_pod = (spec.group, spec.plural) == ("", "pods")
         if is_pod:
-            pod_grace = grace if grace is not None else old.get('spec', {}).get('terminationGracePeriodSeconds', 30)
-            if not old.get('spec', {}).get('nodeName') or old.get('status', {}).get('phase') in ('Succeeded', 'Failed'):
+            pod_grace = grace if grace is not None else old.get("spec", {}).get("terminationGracePeriodSeconds", 30)
+            if not old.get("spec", {}).get("nodeName") or old.get("status", {}).get("phase") in ("Succeeded", "Failed"):
                 pod_grace = 0
         else:
             pod_grace = 0
-        is_namespace = (spec.group, spec.plural) == ('', 'namespaces')
-        needs_wait = bool(meta.get('finalizers')) or pod_grace > 0 or is_namespace
+        is_namespace = (spec.group, spec.plural) == ("", "namespaces")
+        needs_wait = bool(meta.get("finalizers")) or pod_grace > 0 or is_namespace
         if not needs_wait:
             return self._remove(spec, key, old), True
         new = copy.deepcopy(old)
-        new_meta = new['metadata']
-        previous_grace = new_meta.get('deletionGracePeriodSeconds')
-        if not new_meta.get('deletionTimestamp') or (previous_grace is not None and pod_grace < previous_grace):
+        new_meta = new["metadata"]
+        previous_grace = new_meta.get("deletionGracePeriodSeconds")
+        if not new_meta.get("deletionTimestamp") or (previous_grace is not None and pod_grace < previous_grace):
             stamp = datetime.datetime.now(tz=datetime.UTC) + datetime.timedelta(seconds=pod_grace)
-            new_meta['deletionTimestamp'] = stamp.strftime('%Y-%m-%dT%H:%M:%SZ')
-            new_meta['deletionGracePeriodSeconds'] = pod_grace
+            new_meta["deletionTimestamp"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+            new_meta["deletionGracePeriodSeconds"] = pod_grace
             if is_namespace:
-                new.setdefault('status', {})['phase'] = 'Terminating'
+                new.setdefault("status", {})["phase"] = "Terminating"
         if new == old:
             return copy.deepcopy(old), False
-        if is_pod and pod_grace == 0 and not meta.get('finalizers'):
+        if is_pod and pod_grace == 0 and not meta.get("finalizers"):
             self._store(spec, key, new, old)
             return self._remove(spec, key, self._current(key) or new), True
         stored = self._store(spec, key, new, old)
@@ -1500,15 +1802,15 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _orphan_dependents(self, owner_uid: str) -> None:
         for key, obj in list(self._live()):
-            refs = obj['metadata'].get('ownerReferences') or []
-            if any(ref.get('uid') == owner_uid for ref in refs):
+            refs = obj["metadata"].get("ownerReferences") or []
+            if any(ref.get("uid") == owner_uid for ref in refs):
                 spec = self._spec_of_key(key)
                 if spec is None:
                     continue
                 new = copy.deepcopy(obj)
-                new['metadata']['ownerReferences'] = [r for r in refs if r.get('uid') != owner_uid]
-                if not new['metadata']['ownerReferences']:
-                    del new['metadata']['ownerReferences']
+                new["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != owner_uid]
+                if not new["metadata"]["ownerReferences"]:
+                    del new["metadata"]["ownerReferences"]
                 self._store(spec, key, new, obj)
 
     # -- garbage collector and namespace lifecycle ----------------------------------------------
@@ -1523,40 +1825,40 @@ class Emulator(kmock.KubernetesEmulator):
         try:
             self.collect_garbage()
         except Exception:
-            logger.exception('Garbage collection failed.')
+            logger.exception("Garbage collection failed.")
 
     def collect_garbage(self) -> None:
         """One pass of the garbage collector and the namespace controller."""
         live = list(self._live())
-        uids = {obj['metadata']['uid'] for _, obj in live if obj['metadata'].get('uid')}
+        uids = {obj["metadata"]["uid"] for _, obj in live if obj["metadata"].get("uid")}
         for key, obj in live:
             spec = self._spec_of_key(key)
             if spec is None or self._current(key) is None:
                 continue
-            refs = obj['metadata'].get('ownerReferences') or []
+            refs = obj["metadata"].get("ownerReferences") or []
             if not refs:
                 continue
-            dead = [r for r in refs if r.get('uid') not in uids]
+            dead = [r for r in refs if r.get("uid") not in uids]
             if not dead:
                 continue
             if len(dead) == len(refs):
-                if not obj['metadata'].get('deletionTimestamp'):
-                    self.delete_object(spec, key, propagation='Background')
+                if not obj["metadata"].get("deletionTimestamp"):
+                    self.delete_object(spec, key, propagation="Background")
             else:
                 new = copy.deepcopy(obj)
-                new['metadata']['ownerReferences'] = [r for r in refs if r.get('uid') in uids]
+                new["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") in uids]
                 self._store(spec, key, new, obj)
-        ns_spec = self._specs[('', 'v1', 'namespaces')]
+        ns_spec = self._specs[("", "v1", "namespaces")]
         for key, ns in list(self._live()):
-            if key[0] != ns_spec.resource or not ns['metadata'].get('deletionTimestamp'):
+            if key[0] != ns_spec.resource or not ns["metadata"].get("deletionTimestamp"):
                 continue
-            name = ns['metadata']['name']
+            name = ns["metadata"]["name"]
             contents = [(k, o) for k, o in self._live() if k[1] == name and k[0] != ns_spec.resource]
             for k, o in contents:
                 spec = self._spec_of_key(k)
-                if spec is not None and not o['metadata'].get('deletionTimestamp'):
-                    self.delete_object(spec, k, propagation='Background')
-            if not contents and not ns['metadata'].get('finalizers'):
+                if spec is not None and not o["metadata"].get("deletionTimestamp"):
+                    self.delete_object(spec, k, propagation="Background")
+            if not contents and not ns["metadata"].get("finalizers"):
                 self._remove(ns_spec, key, ns)
             elif contents:
                 self._schedule_gc()
@@ -1572,6 +1874,7 @@ class Emulator(kmock.KubernetesEmulator):
 # Running the emulator in a background thread (so that sync clients in tests never deadlock)
 # ---------------------------------------------------------------------------------------------
 
+
 class EmulatorServer:
     """
     Runs an :class:`Emulator` behind kmock's HTTP server in a dedicated thread and event loop.
@@ -1580,8 +1883,9 @@ class EmulatorServer:
     kubernetes client, and from operators running in their own threads at the same time.
     """
 
-    def __init__(self, *, host: str = '127.0.0.1', port: int | None = None,
-                 emulator_factory: Callable[[], Emulator] = Emulator) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int | None = None, emulator_factory: Callable[[], Emulator] = Emulator
+    ) -> None:
         self._host = host
         self._port = port
         self._factory = emulator_factory
@@ -1591,15 +1895,15 @@ class EmulatorServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.emulator: Emulator | None = None
-        self.url: str = ''
+        self.url: str = ""
 
     def start(self, timeout: float = 10) -> str:
-        self._thread = threading.Thread(target=self._run, name='kube-emulator', daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
-            raise RuntimeError('The emulated API server did not start in time.')
+            raise RuntimeError("The emulated API server did not start in time.")
         if self._error is not None:
-            raise RuntimeError('The emulated API server failed to start.') from self._error
+            raise RuntimeError("The emulated API server failed to start.") from self._error
         return self.url
 
     def stop(self, timeout: float = 10) -> None:
@@ -1613,6 +1917,7 @@ class EmulatorServer:
 
         async def _call() -> Any:
             return fn()
+
         return asyncio.run_coroutine_threadsafe(_call(), self._loop).result(timeout)
 
     def _run(self) -> None:
@@ -1634,7 +1939,7 @@ class EmulatorServer:
         self._stop = asyncio.Event()
         self.emulator = self._factory()
         async with self.emulator, kmock.Server(self.emulator, host=self._host, port=self._port) as server:
-            self.url = f'http://{server.host}:{server.port}'
+            self.url = f"http://{server.host}:{server.port}"
             self._ready.set()
             await self._stop.wait()
             self.emulator.close_watches()
@@ -1643,10 +1948,18 @@ class EmulatorServer:
 
 def crd_spec_from_manifest(manifest: Mapping[str, Any]) -> list[ResourceSpec]:
     """The resources a CustomResourceDefinition manifest would serve (for inspection)."""
-    spec = manifest.get('spec', {})
-    names = spec.get('names', {})
-    return [ResourceSpec(group=spec.get('group', ''), version=v['name'], plural=names.get('plural', ''),
-                         kind=names.get('kind', ''), namespaced=spec.get('scope') == 'Namespaced',
-                         subresources=tuple((v.get('subresources') or {}).keys()), custom=True,
-                         schema=(v.get('schema') or {}).get('openAPIV3Schema'))
-            for v in spec.get('versions', [])]
+    spec = manifest.get("spec", {})
+    names = spec.get("names", {})
+    return [
+        ResourceSpec(
+            group=spec.get("group", ""),
+            version=v["name"],
+            plural=names.get("plural", ""),
+            kind=names.get("kind", ""),
+            namespaced=spec.get("scope") == "Namespaced",
+            subresources=tuple((v.get("subresources") or {}).keys()),
+            custom=True,
+            schema=(v.get("schema") or {}).get("openAPIV3Schema"),
+        )
+        for v in spec.get("versions", [])
+    ]

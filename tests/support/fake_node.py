@@ -79,6 +79,7 @@ SuccessCriteriaMet/FailureTarget interim conditions, node heartbeats, image pull
 Each pod's stdout+stderr go to a log file: ``node.read_log(pod, namespace)``; the fixture
 also serves it as ``GET .../pods/{name}/log`` through the emulator.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -108,19 +109,19 @@ import aiohttp
 logger = logging.getLogger(__name__)
 
 JsonDict = dict[str, Any]
-_NAME_ALPHABET = 'bcdfghjklmnpqrstvwxz2456789'
-INDEX_KEY = 'batch.kubernetes.io/job-completion-index'
-_TERMINAL = ('Succeeded', 'Failed')
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+_TERMINAL = ("Succeeded", "Failed")
 
 
 def _now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse_time(value: str | None) -> float | None:
     if not value:
         return None
-    return datetime.datetime.strptime(value, '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=datetime.UTC).timestamp()
+    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
 def compress_indexes(indexes: set[int]) -> str:
@@ -134,14 +135,14 @@ def compress_indexes(indexes: set[int]) -> str:
         elif i is not None and i == prev + 1:  # type: ignore[operator]
             prev = i
         else:
-            result.append(str(start) if start == prev else f'{start}-{prev}')
+            result.append(str(start) if start == prev else f"{start}-{prev}")
             start = prev = i
-    return ','.join(result)
+    return ",".join(result)
 
 
 class ApiError(Exception):
     def __init__(self, status: int, body: Any) -> None:
-        super().__init__(f'{status}: {body}')
+        super().__init__(f"{status}: {body}")
         self.status = status
         self.body = body
 
@@ -150,7 +151,7 @@ class _Api:
     """A minimal async REST client (what a controller's clientset does, without the types)."""
 
     def __init__(self, base_url: str, headers: Mapping[str, str] | None = None) -> None:
-        self.base = base_url.rstrip('/')
+        self.base = base_url.rstrip("/")
         self.headers = dict(headers or {})
         self.session: aiohttp.ClientSession | None = None
 
@@ -161,13 +162,25 @@ class _Api:
         if self.session is not None:
             await self.session.close()
 
-    async def request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
-                      content_type: str = 'application/json') -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
         assert self.session is not None
         data = json.dumps(body) if body is not None else None
-        async with self.session.request(method, self.base + path, data=data, params=params,
-                                        headers={'Content-Type': content_type},
-                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        async with self.session.request(
+            method,
+            self.base + path,
+            data=data,
+            params=params,
+            headers={"Content-Type": content_type},
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:
             text = await resp.text()
             payload: Any = None
             with contextlib.suppress(ValueError):
@@ -177,21 +190,21 @@ class _Api:
             return payload
 
     async def get(self, path: str, **params: str) -> Any:
-        return await self.request('GET', path, params=params or None)
+        return await self.request("GET", path, params=params or None)
 
     async def post(self, path: str, body: Any) -> Any:
-        return await self.request('POST', path, body=body)
+        return await self.request("POST", path, body=body)
 
     async def merge_patch(self, path: str, body: Any) -> Any:
-        return await self.request('PATCH', path, body=body, content_type='application/merge-patch+json')
+        return await self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     async def delete(self, path: str, **params: str) -> Any:
-        return await self.request('DELETE', path, params=params or None)
+        return await self.request("DELETE", path, params=params or None)
 
 
-def _ns_path(namespace: str, plural: str, name: str | None = None, group: str = '', version: str = 'v1') -> str:
-    prefix = '/api/v1' if not group else f'/apis/{group}/{version}'
-    return f'{prefix}/namespaces/{namespace}/{plural}' + (f'/{name}' if name else '')
+def _ns_path(namespace: str, plural: str, name: str | None = None, group: str = "", version: str = "v1") -> str:
+    prefix = "/api/v1" if not group else f"/apis/{group}/{version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
 
 
 @dataclass
@@ -208,6 +221,7 @@ class _Volume:
 @dataclass
 class PodRuntime:
     """What the kubelet keeps about one pod it runs."""
+
     uid: str
     namespace: str
     name: str
@@ -221,7 +235,7 @@ class PodRuntime:
     terminate: asyncio.Event = field(default_factory=asyncio.Event)
     grace: float = 30.0
     restart_count: int = 0
-    phase: str = 'Pending'
+    phase: str = "Pending"
     exit_code: int | None = None
     started_at: str | None = None
     ready: bool = False
@@ -248,31 +262,31 @@ class FakeNode:
     """
 
     def __init__(
-            self,
-            api_url: str,
-            *,
-            name: str = 'fake-node',
-            namespace: str | None = None,
-            workdir: str | os.PathLike[str] | None = None,
-            max_pods: int | None = None,
-            resync: float = 0.5,
-            volume_refresh: float = 0.5,
-            retry_backoff: float = 10.0,
-            dns_wait: float = 5.0,
-            inherit_host_env: bool = True,
-            extra_env: Mapping[str, str] | None = None,
-            image_commands: Mapping[str, list[str]] | None = None,
-            run_jobs: bool = True,
-            labels: Mapping[str, str] | None = None,
-            extended_resources: Mapping[str, int] | None = None,
-            register_node: bool = True,
-            headers: Mapping[str, str] | None = None,
+        self,
+        api_url: str,
+        *,
+        name: str = "fake-node",
+        namespace: str | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        max_pods: int | None = None,
+        resync: float = 0.5,
+        volume_refresh: float = 0.5,
+        retry_backoff: float = 10.0,
+        dns_wait: float = 5.0,
+        inherit_host_env: bool = True,
+        extra_env: Mapping[str, str] | None = None,
+        image_commands: Mapping[str, list[str]] | None = None,
+        run_jobs: bool = True,
+        labels: Mapping[str, str] | None = None,
+        extended_resources: Mapping[str, int] | None = None,
+        register_node: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.api_url = api_url
         self.name = name
         self.namespace = namespace
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix='fake-node-'))
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fake-node-"))
         self.max_pods = max_pods
         self.resync = resync
         self.volume_refresh = volume_refresh
@@ -282,8 +296,12 @@ class FakeNode:
         self.extra_env = dict(extra_env or {})
         self.image_commands = dict(image_commands or {})
         self.run_jobs = run_jobs
-        self.labels = {'kubernetes.io/hostname': name, 'kubernetes.io/os': 'linux',
-                       'kubernetes.io/arch': 'amd64', **(labels or {})}
+        self.labels = {
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            **(labels or {}),
+        }
         self.extended_resources = dict(extended_resources or {})  # e.g. {'nvidia.com/gpu': 8}
         self.register_node = register_node
         self._headers = dict(headers or {})
@@ -337,8 +355,8 @@ class FakeNode:
 
     def _spawn_thread(self) -> None:
         if self._thread is not None:
-            raise RuntimeError('A FakeNode can be started only once.')
-        self._thread = threading.Thread(target=self._thread_main, name=f'fake-node-{self.name}', daemon=True)
+            raise RuntimeError("A FakeNode can be started only once.")
+        self._thread = threading.Thread(target=self._thread_main, name=f"fake-node-{self.name}", daemon=True)
         self._thread.start()
 
     def _request_stop(self) -> None:
@@ -355,7 +373,7 @@ class FakeNode:
         except BaseException as e:  # noqa: BLE001 - reported through the futures
             if not self._started.done():
                 self._started.set_exception(e)
-            logger.exception('The fake node crashed.')
+            logger.exception("The fake node crashed.")
         finally:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
@@ -372,13 +390,14 @@ class FakeNode:
             if self.register_node:
                 await self._register_node()
             self._tasks = [
-                asyncio.create_task(self._reconcile_loop(), name='reconcile'),
-                asyncio.create_task(self._refresh_volumes_loop(), name='volumes'),
-                asyncio.create_task(self._watch_loop(self._list_path('', 'v1', 'pods')), name='watch-pods'),
+                asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                asyncio.create_task(self._refresh_volumes_loop(), name="volumes"),
+                asyncio.create_task(self._watch_loop(self._list_path("", "v1", "pods")), name="watch-pods"),
             ]
             if self.run_jobs:
-                self._tasks.append(asyncio.create_task(
-                    self._watch_loop(self._list_path('batch', 'v1', 'jobs')), name='watch-jobs'))
+                self._tasks.append(
+                    asyncio.create_task(self._watch_loop(self._list_path("batch", "v1", "jobs")), name="watch-jobs")
+                )
             self._started.set_result(None)
             await self._stopping.wait()
         finally:
@@ -404,73 +423,104 @@ class FakeNode:
 
     async def _register_node(self) -> None:
         """Create (or refresh) this node's v1 Node object, Ready, with its capacity and labels."""
-        capacity = {'cpu': str(os.cpu_count() or 1), 'memory': '16Gi', 'ephemeral-storage': '64Gi',
-                    'pods': str(self.max_pods if self.max_pods is not None else 110),
-                    **{k: str(v) for k, v in self.extended_resources.items()}}
-        node = {'apiVersion': 'v1', 'kind': 'Node', 'metadata': {'name': self.name, 'labels': self.labels}}
+        capacity = {
+            "cpu": str(os.cpu_count() or 1),
+            "memory": "16Gi",
+            "ephemeral-storage": "64Gi",
+            "pods": str(self.max_pods if self.max_pods is not None else 110),
+            **{k: str(v) for k, v in self.extended_resources.items()},
+        }
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, "labels": self.labels}}
         try:
-            await self._api.post('/api/v1/nodes', node)
+            await self._api.post("/api/v1/nodes", node)
         except ApiError as e:
             if e.status != 409:
                 raise
-            await self._api.merge_patch(f'/api/v1/nodes/{self.name}', {'metadata': {'labels': self.labels}})
+            await self._api.merge_patch(f"/api/v1/nodes/{self.name}", {"metadata": {"labels": self.labels}})
         now = _now()
-        await self._api.merge_patch(f'/api/v1/nodes/{self.name}/status', {'status': {
-            'capacity': capacity, 'allocatable': capacity,
-            'addresses': [{'type': 'InternalIP', 'address': '127.0.0.1'}, {'type': 'Hostname', 'address': self.name}],
-            'conditions': [{'type': 'Ready', 'status': 'True', 'reason': 'KubeletReady',
-                            'message': 'fake kubelet is posting ready status',
-                            'lastHeartbeatTime': now, 'lastTransitionTime': now}],
-            # All of these are required by the kubernetes client's V1NodeSystemInfo model.
-            'nodeInfo': {'kubeletVersion': 'v1.33.0-fake', 'kubeProxyVersion': 'v1.33.0-fake',
-                         'operatingSystem': 'linux', 'architecture': 'amd64', 'osImage': 'fake-node',
-                         'containerRuntimeVersion': 'fake://0', 'kernelVersion': os.uname().release,
-                         'machineID': self.name, 'systemUUID': self.name, 'bootID': self.name},
-        }})
+        await self._api.merge_patch(
+            f"/api/v1/nodes/{self.name}/status",
+            {
+                "status": {
+                    "capacity": capacity,
+                    "allocatable": capacity,
+                    "addresses": [
+                        {"type": "InternalIP", "address": "127.0.0.1"},
+                        {"type": "Hostname", "address": self.name},
+                    ],
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "KubeletReady",
+                            "message": "fake kubelet is posting ready status",
+                            "lastHeartbeatTime": now,
+                            "lastTransitionTime": now,
+                        }
+                    ],
+                    # All of these are required by the kubernetes client's V1NodeSystemInfo model.
+                    "nodeInfo": {
+                        "kubeletVersion": "v1.33.0-fake",
+                        "kubeProxyVersion": "v1.33.0-fake",
+                        "operatingSystem": "linux",
+                        "architecture": "amd64",
+                        "osImage": "fake-node",
+                        "containerRuntimeVersion": "fake://0",
+                        "kernelVersion": os.uname().release,
+                        "machineID": self.name,
+                        "systemUUID": self.name,
+                        "bootID": self.name,
+                    },
+                }
+            },
+        )
 
     # -- public helpers for tests -----------------------------------------------------------
 
-    def runtime(self, name: str, namespace: str = 'default') -> PodRuntime | None:
+    def runtime(self, name: str, namespace: str = "default") -> PodRuntime | None:
         return self._by_name.get((namespace, name))
 
-    def log_path(self, name: str, namespace: str = 'default') -> Path | None:
+    def log_path(self, name: str, namespace: str = "default") -> Path | None:
         rt = self.runtime(name, namespace)
         return rt.log_path if rt is not None else None
 
-    def read_log(self, name: str, namespace: str = 'default') -> str | None:
+    def read_log(self, name: str, namespace: str = "default") -> str | None:
         """The pod's stdout+stderr so far (None if this node never ran the pod)."""
         path = self.log_path(name, namespace)
         if path is None or not path.exists():
             return None
-        return path.read_text(errors='replace')
+        return path.read_text(errors="replace")
 
     def logs(self) -> dict[str, str]:
         """All pods' logs, by "namespace/name" (handy in assertion messages)."""
-        return {f'{rt.namespace}/{rt.name}': (rt.log_path.read_text(errors='replace') if rt.log_path.exists() else '')
-                for rt in list(self.pods.values())}  # (the node's thread may be adding pods)
+        return {
+            f"{rt.namespace}/{rt.name}": (rt.log_path.read_text(errors="replace") if rt.log_path.exists() else "")
+            for rt in list(self.pods.values())
+        }  # (the node's thread may be adding pods)
 
-    def pod_root(self, name: str, namespace: str = 'default') -> Path | None:
+    def pod_root(self, name: str, namespace: str = "default") -> Path | None:
         rt = self.runtime(name, namespace)
         return rt.root if rt is not None else None
 
-    def pvc_dir(self, claim: str, namespace: str = 'default') -> Path:
-        return self.workdir / 'pvcs' / namespace / claim
+    def pvc_dir(self, claim: str, namespace: str = "default") -> Path:
+        return self.workdir / "pvcs" / namespace / claim
 
     # -- API plumbing -----------------------------------------------------------------------
 
     def _list_path(self, group: str, version: str, plural: str) -> str:
         if self.namespace:
             return _ns_path(self.namespace, plural, group=group, version=version)
-        return ('/api/v1' if not group else f'/apis/{group}/{version}') + f'/{plural}'
+        return ("/api/v1" if not group else f"/apis/{group}/{version}") + f"/{plural}"
 
     async def _watch_loop(self, path: str) -> None:
         assert self._api.session is not None and self._wake is not None
         while True:
             try:
                 async with self._api.session.get(
-                        self._api.base + path,
-                        params={'watch': 'true', 'timeoutSeconds': '30', 'allowWatchBookmarks': 'true'},
-                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as resp:
+                    self._api.base + path,
+                    params={"watch": "true", "timeoutSeconds": "30", "allowWatchBookmarks": "true"},
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                ) as resp:
                     async for _ in resp.content:
                         self._wake.set()
             except asyncio.CancelledError:
@@ -491,64 +541,76 @@ class FakeNode:
                 raise
             except Exception as e:  # noqa: BLE001 - keep reconciling
                 if not isinstance(e, (aiohttp.ClientError, ApiError)):
-                    logger.exception('Fake node reconciliation failed.')
+                    logger.exception("Fake node reconciliation failed.")
                     self.errors.append(repr(e))
 
     async def _reconcile(self) -> None:
-        pods = (await self._api.get(self._list_path('', 'v1', 'pods')))['items']
+        pods = (await self._api.get(self._list_path("", "v1", "pods")))["items"]
         if self.run_jobs:
-            jobs = (await self._api.get(self._list_path('batch', 'v1', 'jobs')))['items']
+            jobs = (await self._api.get(self._list_path("batch", "v1", "jobs")))["items"]
             for job in jobs:
                 try:
                     await self._sync_job(job, pods)
                 except ApiError as e:
                     if e.status not in (404, 409):
-                        logger.warning('Job %s sync failed: %s', job['metadata']['name'], e)
-            pods = (await self._api.get(self._list_path('', 'v1', 'pods')))['items']
+                        logger.warning("Job %s sync failed: %s", job["metadata"]["name"], e)
+            pods = (await self._api.get(self._list_path("", "v1", "pods")))["items"]
         await self._schedule(pods)
         await self._kubelet(pods)
 
     # -- job controller -----------------------------------------------------------------------
 
     async def _sync_job(self, job: JsonDict, all_pods: list[JsonDict]) -> None:
-        meta, spec = job['metadata'], job.get('spec', {})
-        status = job.get('status') or {}
-        uid, ns, name = meta['uid'], meta['namespace'], meta['name']
-        conditions = list(status.get('conditions') or [])
-        finished = next((c for c in conditions if c.get('type') in ('Complete', 'Failed') and c.get('status') == 'True'), None)
+        meta, spec = job["metadata"], job.get("spec", {})
+        status = job.get("status") or {}
+        uid, ns, name = meta["uid"], meta["namespace"], meta["name"]
+        conditions = list(status.get("conditions") or [])
+        finished = next(
+            (c for c in conditions if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"), None
+        )
         track = self._jobs.setdefault(uid, _JobTracking())
-        job_path = _ns_path(ns, 'jobs', name, group='batch')
+        job_path = _ns_path(ns, "jobs", name, group="batch")
 
         if finished is not None:
-            ttl = spec.get('ttlSecondsAfterFinished')
-            done_at = _parse_time(status.get('completionTime') or finished.get('lastTransitionTime'))
-            if ttl is not None and done_at is not None and time.time() >= done_at + ttl and not meta.get('deletionTimestamp'):
+            ttl = spec.get("ttlSecondsAfterFinished")
+            done_at = _parse_time(status.get("completionTime") or finished.get("lastTransitionTime"))
+            if (
+                ttl is not None
+                and done_at is not None
+                and time.time() >= done_at + ttl
+                and not meta.get("deletionTimestamp")
+            ):
                 with contextlib.suppress(ApiError):
-                    await self._api.delete(job_path, propagationPolicy='Background')
+                    await self._api.delete(job_path, propagationPolicy="Background")
             return
-        if meta.get('deletionTimestamp'):
+        if meta.get("deletionTimestamp"):
             return
 
-        pods = [p for p in all_pods
-                if any(ref.get('uid') == uid and ref.get('controller') for ref in p['metadata'].get('ownerReferences') or [])]
-        indexed = spec.get('completionMode') == 'Indexed'
-        completions = spec.get('completions')
-        parallelism = spec.get('parallelism', 1) if spec.get('parallelism') is not None else 1
-        backoff_limit = spec.get('backoffLimit', 6) if spec.get('backoffLimit') is not None else 6
-        suspended = bool(spec.get('suspend'))
+        pods = [
+            p
+            for p in all_pods
+            if any(
+                ref.get("uid") == uid and ref.get("controller") for ref in p["metadata"].get("ownerReferences") or []
+            )
+        ]
+        indexed = spec.get("completionMode") == "Indexed"
+        completions = spec.get("completions")
+        parallelism = spec.get("parallelism", 1) if spec.get("parallelism") is not None else 1
+        backoff_limit = spec.get("backoffLimit", 6) if spec.get("backoffLimit") is not None else 6
+        suspended = bool(spec.get("suspend"))
 
         def index_of(pod: JsonDict) -> int | None:
-            raw = (pod['metadata'].get('annotations') or {}).get(INDEX_KEY)
+            raw = (pod["metadata"].get("annotations") or {}).get(INDEX_KEY)
             return int(raw) if raw is not None and str(raw).isdigit() else None
 
         # Account for terminal pods and for pods that vanished while active.
-        present = {p['metadata']['uid'] for p in pods}
+        present = {p["metadata"]["uid"] for p in pods}
         for p in pods:
-            puid, phase = p['metadata']['uid'], (p.get('status') or {}).get('phase')
-            if phase == 'Succeeded':
+            puid, phase = p["metadata"]["uid"], (p.get("status") or {}).get("phase")
+            if phase == "Succeeded":
                 track.succeeded[puid] = index_of(p)
                 track.seen_active.pop(puid, None)
-            elif phase == 'Failed':
+            elif phase == "Failed":
                 if puid not in track.failed:
                     track.last_failure = time.time()
                 track.failed.add(puid)
@@ -561,56 +623,97 @@ class FakeNode:
                 track.failed.add(puid)
                 track.last_failure = time.time()
 
-        restarts = sum(cs.get('restartCount', 0) for p in pods
-                       for cs in (p.get('status') or {}).get('containerStatuses') or [])
+        restarts = sum(
+            cs.get("restartCount", 0) for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []
+        )
         failed_count = len(track.failed)
-        active = [p for p in pods if (p.get('status') or {}).get('phase') not in _TERMINAL
-                  and not p['metadata'].get('deletionTimestamp')]
-        terminating = [p for p in pods if (p.get('status') or {}).get('phase') not in _TERMINAL
-                       and p['metadata'].get('deletionTimestamp')]
-        ready = sum(1 for p in active if any(c.get('type') == 'Ready' and c.get('status') == 'True'
-                                             for c in (p.get('status') or {}).get('conditions') or []))
+        active = [
+            p
+            for p in pods
+            if (p.get("status") or {}).get("phase") not in _TERMINAL and not p["metadata"].get("deletionTimestamp")
+        ]
+        terminating = [
+            p
+            for p in pods
+            if (p.get("status") or {}).get("phase") not in _TERMINAL and p["metadata"].get("deletionTimestamp")
+        ]
+        ready = sum(
+            1
+            for p in active
+            if any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
+        )
         succeeded_indexes = {i for i in track.succeeded.values() if i is not None}
         succeeded_count = len(track.succeeded)
 
         new_status: JsonDict = {}
         now = _now()
-        start_time = status.get('startTime') or track.start_time
+        start_time = status.get("startTime") or track.start_time
         if not suspended and not start_time:
             start_time = now
         track.start_time = start_time
-        new_conditions = [c for c in conditions if c.get('type') != 'Suspended']
-        was_suspended = next((c for c in conditions if c.get('type') == 'Suspended' and c.get('status') == 'True'), None)
+        new_conditions = [c for c in conditions if c.get("type") != "Suspended"]
+        was_suspended = next(
+            (c for c in conditions if c.get("type") == "Suspended" and c.get("status") == "True"), None
+        )
         failure: tuple[str, str] | None = None
         if failed_count + restarts > backoff_limit:
-            failure = ('BackoffLimitExceeded', 'Job has reached the specified backoff limit')
-        elif spec.get('activeDeadlineSeconds') is not None and start_time and not suspended:
+            failure = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        elif spec.get("activeDeadlineSeconds") is not None and start_time and not suspended:
             started = _parse_time(start_time)
-            if started is not None and time.time() > started + spec['activeDeadlineSeconds']:
-                failure = ('DeadlineExceeded', 'Job was active longer than specified deadline')
+            if started is not None and time.time() > started + spec["activeDeadlineSeconds"]:
+                failure = ("DeadlineExceeded", "Job was active longer than specified deadline")
         complete = False
         if failure is None:
             if indexed:
                 complete = completions is not None and len(succeeded_indexes) >= completions
             else:
-                complete = succeeded_count >= (completions if completions is not None else 1) if completions is not None \
+                complete = (
+                    succeeded_count >= (completions if completions is not None else 1)
+                    if completions is not None
                     else succeeded_count >= 1 and not active
+                )
         to_delete: list[JsonDict] = []
         if failure is not None:
             to_delete = active
-            new_conditions.append({'type': 'Failed', 'status': 'True', 'reason': failure[0], 'message': failure[1],
-                                   'lastProbeTime': now, 'lastTransitionTime': now})
+            new_conditions.append(
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": failure[0],
+                    "message": failure[1],
+                    "lastProbeTime": now,
+                    "lastTransitionTime": now,
+                }
+            )
         elif complete:
             to_delete = active  # e.g. leftovers of a NonIndexed job
-            new_conditions.append({'type': 'Complete', 'status': 'True', 'reason': 'CompletionsReached',
-                                   'message': 'Reached expected number of succeeded pods',
-                                   'lastProbeTime': now, 'lastTransitionTime': now})
-            new_status['completionTime'] = now
+            new_conditions.append(
+                {
+                    "type": "Complete",
+                    "status": "True",
+                    "reason": "CompletionsReached",
+                    "message": "Reached expected number of succeeded pods",
+                    "lastProbeTime": now,
+                    "lastTransitionTime": now,
+                }
+            )
+            new_status["completionTime"] = now
         elif suspended:
             to_delete = active
-            new_conditions.append(was_suspended or {
-                'type': 'Suspended', 'status': 'True', 'reason': 'JobSuspended',
-                'message': 'Job suspended', 'lastProbeTime': now, 'lastTransitionTime': now})
+            new_conditions.append(
+                was_suspended
+                or {
+                    "type": "Suspended",
+                    "status": "True",
+                    "reason": "JobSuspended",
+                    "message": "Job suspended",
+                    "lastProbeTime": now,
+                    "lastTransitionTime": now,
+                }
+            )
         else:
             # Create the missing pods (with the controller's back-off after failures).
             delay = 0.0
@@ -638,63 +741,85 @@ class FakeNode:
 
         for pod in to_delete:
             with contextlib.suppress(ApiError):
-                await self._api.delete(_ns_path(ns, 'pods', pod['metadata']['name']))
+                await self._api.delete(_ns_path(ns, "pods", pod["metadata"]["name"]))
 
-        new_status.update({
-            'active': len(active) if failure is None and not complete and not suspended else 0,
-            'ready': ready if failure is None and not complete else 0,
-            'terminating': len(terminating) + (len(to_delete) if (failure or complete or suspended) else 0),
-            'succeeded': succeeded_count,
-            'failed': failed_count,
-            'conditions': new_conditions or None,
-            'uncountedTerminatedPods': {},
-        })
+        new_status.update(
+            {
+                "active": len(active) if failure is None and not complete and not suspended else 0,
+                "ready": ready if failure is None and not complete else 0,
+                "terminating": len(terminating) + (len(to_delete) if (failure or complete or suspended) else 0),
+                "succeeded": succeeded_count,
+                "failed": failed_count,
+                "conditions": new_conditions or None,
+                "uncountedTerminatedPods": {},
+            }
+        )
         if start_time:
-            new_status['startTime'] = start_time
+            new_status["startTime"] = start_time
         if indexed:
-            new_status['completedIndexes'] = compress_indexes(succeeded_indexes) if succeeded_indexes else None
-        for key in ('active', 'ready', 'terminating', 'succeeded', 'failed'):
+            new_status["completedIndexes"] = compress_indexes(succeeded_indexes) if succeeded_indexes else None
+        for key in ("active", "ready", "terminating", "succeeded", "failed"):
             if not new_status[key] and key not in status:
                 new_status[key] = None  # keep zeros out, as the real controller's omitempty does
         changed = any((status.get(k) if k in status else None) != v for k, v in new_status.items())
         if changed:
-            await self._api.merge_patch(job_path + '/status', {'status': new_status})
+            await self._api.merge_patch(job_path + "/status", {"status": new_status})
 
     async def _create_job_pod(self, job: JsonDict, index: int | None) -> None:
-        meta, spec = job['metadata'], job['spec']
-        template = copy.deepcopy(spec.get('template') or {})
-        tmeta, tspec = template.get('metadata') or {}, template.get('spec') or {}
-        suffix = ''.join(random.choices(_NAME_ALPHABET, k=5))
-        name = f'{meta["name"]}-{index}-{suffix}' if index is not None else f'{meta["name"]}-{suffix}'
-        labels = dict(tmeta.get('labels') or {})
-        labels.setdefault('job-name', meta['name'])
-        labels.setdefault('batch.kubernetes.io/job-name', meta['name'])
-        labels.setdefault('controller-uid', meta['uid'])
-        labels.setdefault('batch.kubernetes.io/controller-uid', meta['uid'])
-        annotations = dict(tmeta.get('annotations') or {})
+        meta, spec = job["metadata"], job["spec"]
+        template = copy.deepcopy(spec.get("template") or {})
+        tmeta, tspec = template.get("metadata") or {}, template.get("spec") or {}
+        suffix = "".join(random.choices(_NAME_ALPHABET, k=5))
+        name = f"{meta['name']}-{index}-{suffix}" if index is not None else f"{meta['name']}-{suffix}"
+        labels = dict(tmeta.get("labels") or {})
+        labels.setdefault("job-name", meta["name"])
+        labels.setdefault("batch.kubernetes.io/job-name", meta["name"])
+        labels.setdefault("controller-uid", meta["uid"])
+        labels.setdefault("batch.kubernetes.io/controller-uid", meta["uid"])
+        annotations = dict(tmeta.get("annotations") or {})
         if index is not None:
             labels[INDEX_KEY] = str(index)
             annotations[INDEX_KEY] = str(index)
-            tspec.setdefault('hostname', f'{meta["name"]}-{index}')
-            for field_name in ('initContainers', 'containers'):
+            tspec.setdefault("hostname", f"{meta['name']}-{index}")
+            for field_name in ("initContainers", "containers"):
                 for container in tspec.get(field_name) or []:
-                    env = container.setdefault('env', [])
-                    if not any(e.get('name') == 'JOB_COMPLETION_INDEX' for e in env):
-                        env.append({'name': 'JOB_COMPLETION_INDEX', 'valueFrom': {'fieldRef': {
-                            'apiVersion': 'v1', 'fieldPath': f"metadata.annotations['{INDEX_KEY}']"}}})
+                    env = container.setdefault("env", [])
+                    if not any(e.get("name") == "JOB_COMPLETION_INDEX" for e in env):
+                        env.append(
+                            {
+                                "name": "JOB_COMPLETION_INDEX",
+                                "valueFrom": {
+                                    "fieldRef": {
+                                        "apiVersion": "v1",
+                                        "fieldPath": f"metadata.annotations['{INDEX_KEY}']",
+                                    }
+                                },
+                            }
+                        )
         pod = {
-            'apiVersion': 'v1', 'kind': 'Pod',
-            'metadata': {
-                'name': name, 'namespace': meta['namespace'], 'labels': labels,
-                'annotations': annotations or None,
-                'ownerReferences': [{'apiVersion': 'batch/v1', 'kind': 'Job', 'name': meta['name'],
-                                     'uid': meta['uid'], 'controller': True, 'blockOwnerDeletion': True}],
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "annotations": annotations or None,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
             },
-            'spec': tspec,
+            "spec": tspec,
         }
         if not annotations:
-            del pod['metadata']['annotations']
-        await self._api.post(_ns_path(meta['namespace'], 'pods'), pod)
+            del pod["metadata"]["annotations"]
+        await self._api.post(_ns_path(meta["namespace"], "pods"), pod)
 
     # -- scheduler ------------------------------------------------------------------------------
 
@@ -702,53 +827,80 @@ class FakeNode:
     def _extended_requests(pod: JsonDict) -> dict[str, int]:
         """Requests of extended resources (names with a "/", e.g. nvidia.com/gpu): integers."""
         wanted: dict[str, int] = {}
-        for container in pod.get('spec', {}).get('containers') or []:
-            resources = container.get('resources') or {}
-            for name, value in {**(resources.get('limits') or {}), **(resources.get('requests') or {})}.items():
-                if '/' in name:
+        for container in pod.get("spec", {}).get("containers") or []:
+            resources = container.get("resources") or {}
+            for name, value in {**(resources.get("limits") or {}), **(resources.get("requests") or {})}.items():
+                if "/" in name:
                     wanted[name] = wanted.get(name, 0) + int(str(value))
         return wanted
 
     async def _schedule(self, pods: list[JsonDict]) -> None:
         """The scheduler's part: bind pending pods that fit (pod count, nodeSelector, extended resources)."""
-        mine = [p for p in pods if p.get('spec', {}).get('nodeName') == self.name
-                and (p.get('status') or {}).get('phase') not in _TERMINAL]
+        mine = [
+            p
+            for p in pods
+            if p.get("spec", {}).get("nodeName") == self.name and (p.get("status") or {}).get("phase") not in _TERMINAL
+        ]
         room = None if self.max_pods is None else self.max_pods - len(mine)
         free = dict(self.extended_resources)
         for pod in mine:
             for name, amount in self._extended_requests(pod).items():
                 free[name] = free.get(name, 0) - amount
-        for pod in sorted(pods, key=lambda p: p['metadata'].get('creationTimestamp', '')):
-            spec, meta = pod.get('spec', {}), pod['metadata']
-            if spec.get('nodeName') or meta.get('deletionTimestamp') or (pod.get('status') or {}).get('phase') in _TERMINAL:
+        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", "")):
+            spec, meta = pod.get("spec", {}), pod["metadata"]
+            if (
+                spec.get("nodeName")
+                or meta.get("deletionTimestamp")
+                or (pod.get("status") or {}).get("phase") in _TERMINAL
+            ):
                 continue
-            if spec.get('schedulerName', 'default-scheduler') != 'default-scheduler' or spec.get('schedulingGates'):
+            if spec.get("schedulerName", "default-scheduler") != "default-scheduler" or spec.get("schedulingGates"):
                 continue
-            path = _ns_path(meta['namespace'], 'pods', meta['name'])
+            path = _ns_path(meta["namespace"], "pods", meta["name"])
             reason = None
-            selector = spec.get('nodeSelector') or {}
+            selector = spec.get("nodeSelector") or {}
             if any(self.labels.get(k) != v for k, v in selector.items()):
                 reason = "1 node(s) didn't match Pod's node affinity/selector"
             wanted = self._extended_requests(pod)
             short = [name for name, amount in wanted.items() if free.get(name, 0) < amount]
             if reason is None and short:
-                reason = ', '.join(f'1 Insufficient {name}' for name in short)
+                reason = ", ".join(f"1 Insufficient {name}" for name in short)
             if reason is None and room is not None and room <= 0:
-                reason = '1 Too many pods'
+                reason = "1 Too many pods"
             if reason is not None:
-                message = f'0/1 nodes are available: {reason}.'
-                conds = (pod.get('status') or {}).get('conditions') or []
-                if not any(c.get('type') == 'PodScheduled' and c.get('message') == message for c in conds):
+                message = f"0/1 nodes are available: {reason}."
+                conds = (pod.get("status") or {}).get("conditions") or []
+                if not any(c.get("type") == "PodScheduled" and c.get("message") == message for c in conds):
                     with contextlib.suppress(ApiError):
-                        await self._api.merge_patch(path + '/status', {'status': {'conditions': [
-                            {'type': 'PodScheduled', 'status': 'False', 'reason': 'Unschedulable',
-                             'message': message, 'lastProbeTime': None, 'lastTransitionTime': _now()}]}})
+                        await self._api.merge_patch(
+                            path + "/status",
+                            {
+                                "status": {
+                                    "conditions": [
+                                        {
+                                            "type": "PodScheduled",
+                                            "status": "False",
+                                            "reason": "Unschedulable",
+                                            "message": message,
+                                            "lastProbeTime": None,
+                                            "lastTransitionTime": _now(),
+                                        }
+                                    ]
+                                }
+                            },
+                        )
                 continue
             try:
-                await self._api.post(path + '/binding', {'apiVersion': 'v1', 'kind': 'Binding',
-                                                         'metadata': {'name': meta['name']},
-                                                         'target': {'apiVersion': 'v1', 'kind': 'Node', 'name': self.name}})
-                pod['spec']['nodeName'] = self.name
+                await self._api.post(
+                    path + "/binding",
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Binding",
+                        "metadata": {"name": meta["name"]},
+                        "target": {"apiVersion": "v1", "kind": "Node", "name": self.name},
+                    },
+                )
+                pod["spec"]["nodeName"] = self.name
                 if room is not None:
                     room -= 1
                 for name, amount in wanted.items():
@@ -762,27 +914,30 @@ class FakeNode:
     async def _kubelet(self, pods: list[JsonDict]) -> None:
         seen: set[str] = set()
         for pod in pods:
-            meta = pod['metadata']
-            if pod.get('spec', {}).get('nodeName') != self.name:
+            meta = pod["metadata"]
+            if pod.get("spec", {}).get("nodeName") != self.name:
                 continue
-            uid = meta['uid']
+            uid = meta["uid"]
             seen.add(uid)
             rt = self.pods.get(uid)
             if rt is None:
-                if (pod.get('status') or {}).get('phase') in _TERMINAL:
+                if (pod.get("status") or {}).get("phase") in _TERMINAL:
                     continue
-                if meta.get('deletionTimestamp'):
+                if meta.get("deletionTimestamp"):
                     # Never started: just confirm the deletion.
                     with contextlib.suppress(ApiError):
-                        await self._api.delete(_ns_path(meta['namespace'], 'pods', meta['name']), gracePeriodSeconds='0')
+                        await self._api.delete(
+                            _ns_path(meta["namespace"], "pods", meta["name"]), gracePeriodSeconds="0"
+                        )
                     continue
                 rt = self._new_runtime(pod)
-                rt.task = asyncio.create_task(self._run_pod(rt), name=f'pod-{rt.name}')
+                rt.task = asyncio.create_task(self._run_pod(rt), name=f"pod-{rt.name}")
             else:
                 rt.pod = pod
-            if meta.get('deletionTimestamp') and not rt.terminate.is_set():
-                rt.grace = float(meta.get('deletionGracePeriodSeconds',
-                                          pod.get('spec', {}).get('terminationGracePeriodSeconds', 30)))
+            if meta.get("deletionTimestamp") and not rt.terminate.is_set():
+                rt.grace = float(
+                    meta.get("deletionGracePeriodSeconds", pod.get("spec", {}).get("terminationGracePeriodSeconds", 30))
+                )
                 rt.terminate.set()
         for uid, rt in self.pods.items():
             if uid not in seen and rt.task is not None and not rt.task.done() and not rt.terminate.is_set():
@@ -790,14 +945,21 @@ class FakeNode:
                 rt.terminate.set()
 
     def _new_runtime(self, pod: JsonDict) -> PodRuntime:
-        meta, spec = pod['metadata'], pod.get('spec', {})
-        root = self.workdir / 'pods' / meta['namespace'] / meta['name']
-        (root / 'root').mkdir(parents=True, exist_ok=True)
-        (root / 'tmp').mkdir(parents=True, exist_ok=True)
-        ip = self._ip_for(meta['namespace'], spec.get('hostname'), spec.get('subdomain'))
-        rt = PodRuntime(uid=meta['uid'], namespace=meta['namespace'], name=meta['name'], ip=ip, root=root,
-                        log_path=root / 'container.log', pod=pod,
-                        grace=float(spec.get('terminationGracePeriodSeconds', 30)))
+        meta, spec = pod["metadata"], pod.get("spec", {})
+        root = self.workdir / "pods" / meta["namespace"] / meta["name"]
+        (root / "root").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+        ip = self._ip_for(meta["namespace"], spec.get("hostname"), spec.get("subdomain"))
+        rt = PodRuntime(
+            uid=meta["uid"],
+            namespace=meta["namespace"],
+            name=meta["name"],
+            ip=ip,
+            root=root,
+            log_path=root / "container.log",
+            pod=pod,
+            grace=float(spec.get("terminationGracePeriodSeconds", 30)),
+        )
         rt.log_path.touch()
         self.pods[rt.uid] = rt
         self._by_name[(rt.namespace, rt.name)] = rt
@@ -810,7 +972,7 @@ class FakeNode:
             a, b, c = (n >> 16) & 255, (n >> 8) & 255, n & 255
             if c in (0, 255) or (a, b, c) == (0, 0, 1):
                 continue
-            return f'127.{a}.{b}.{c}'
+            return f"127.{a}.{b}.{c}"
 
     def _ip_for(self, namespace: str, hostname: str | None, subdomain: str | None) -> str:
         if hostname and subdomain:
@@ -828,111 +990,145 @@ class FakeNode:
 
     async def _patch_pod_status(self, rt: PodRuntime, status: JsonDict) -> None:
         try:
-            await self._api.merge_patch(_ns_path(rt.namespace, 'pods', rt.name) + '/status', {'status': status})
+            await self._api.merge_patch(_ns_path(rt.namespace, "pods", rt.name) + "/status", {"status": status})
         except ApiError as e:
             if e.status != 404:
                 raise
 
     def _log(self, rt: PodRuntime, line: str) -> None:
-        with rt.log_path.open('a') as f:
-            f.write(f'[fake-node] {line}\n')
+        with rt.log_path.open("a") as f:
+            f.write(f"[fake-node] {line}\n")
 
     async def _run_pod(self, rt: PodRuntime) -> None:
         pod = rt.pod
-        containers = pod.get('spec', {}).get('containers') or []
-        policy = pod.get('spec', {}).get('restartPolicy', 'Always')
+        containers = pod.get("spec", {}).get("containers") or []
+        policy = pod.get("spec", {}).get("restartPolicy", "Always")
         try:
             if not await self._prepare_volumes(rt):
                 return  # deleted while waiting for its volumes
             env_cache: dict[str, str] = {}
-            for init in pod.get('spec', {}).get('initContainers') or []:
+            for init in pod.get("spec", {}).get("initContainers") or []:
                 if rt.terminate.is_set():
                     break
                 code = await self._run_container(rt, init, env_cache, init=True)
                 if code != 0:
-                    await self._finish(rt, containers[0] if containers else init, code, reason='Init:Error', phase='Failed')
+                    await self._finish(
+                        rt, containers[0] if containers else init, code, reason="Init:Error", phase="Failed"
+                    )
                     return
             container = containers[0]
             while True:
                 code = await self._run_container(rt, container, env_cache, init=False)
                 rt.exit_code = code
-                if rt.terminate.is_set() or policy == 'Never' or (policy == 'OnFailure' and code == 0) or code is None:
+                if rt.terminate.is_set() or policy == "Never" or (policy == "OnFailure" and code == 0) or code is None:
                     break
                 rt.restart_count += 1
-                self._log(rt, f'restarting container (exit code {code}, restartCount {rt.restart_count})')
-                await self._patch_pod_status(rt, self._status(rt, container, waiting='CrashLoopBackOff', last_exit=code))
+                self._log(rt, f"restarting container (exit code {code}, restartCount {rt.restart_count})")
+                await self._patch_pod_status(
+                    rt, self._status(rt, container, waiting="CrashLoopBackOff", last_exit=code)
+                )
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(rt.terminate.wait(), timeout=min(0.5 * (2 ** rt.restart_count), 10))
+                    await asyncio.wait_for(rt.terminate.wait(), timeout=min(0.5 * (2**rt.restart_count), 10))
                 if rt.terminate.is_set():
                     break
-            phase = 'Succeeded' if rt.exit_code == 0 else 'Failed'
+            phase = "Succeeded" if rt.exit_code == 0 else "Failed"
             await self._finish(rt, container, rt.exit_code if rt.exit_code is not None else 137, phase=phase)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - report on the pod, like a kubelet would
-            logger.exception('Fake kubelet failed to run pod %s/%s', rt.namespace, rt.name)
-            self.errors.append(f'{rt.namespace}/{rt.name}: {e!r}')
-            self._log(rt, f'error: {e!r}')
+            logger.exception("Fake kubelet failed to run pod %s/%s", rt.namespace, rt.name)
+            self.errors.append(f"{rt.namespace}/{rt.name}: {e!r}")
+            self._log(rt, f"error: {e!r}")
             with contextlib.suppress(Exception):
-                await self._patch_pod_status(rt, {'phase': 'Failed', 'reason': 'FakeNodeError', 'message': repr(e)})
+                await self._patch_pod_status(rt, {"phase": "Failed", "reason": "FakeNodeError", "message": repr(e)})
         finally:
             if rt.terminate.is_set():
                 with contextlib.suppress(Exception):
-                    await self._api.delete(_ns_path(rt.namespace, 'pods', rt.name), gracePeriodSeconds='0')
+                    await self._api.delete(_ns_path(rt.namespace, "pods", rt.name), gracePeriodSeconds="0")
             if self._wake is not None:
                 self._wake.set()
 
-    async def _finish(self, rt: PodRuntime, container: JsonDict, code: int, *, phase: str, reason: str | None = None) -> None:
+    async def _finish(
+        self, rt: PodRuntime, container: JsonDict, code: int, *, phase: str, reason: str | None = None
+    ) -> None:
         rt.phase = phase
         rt.ready = False
         await self._patch_pod_status(rt, self._status(rt, container, exit_code=code, reason=reason))
 
-    def _status(self, rt: PodRuntime, container: JsonDict, *, exit_code: int | None = None, reason: str | None = None,
-                waiting: str | None = None, last_exit: int | None = None) -> JsonDict:
+    def _status(
+        self,
+        rt: PodRuntime,
+        container: JsonDict,
+        *,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        waiting: str | None = None,
+        last_exit: int | None = None,
+    ) -> JsonDict:
         now = _now()
         cstatus: JsonDict = {
-            'name': container.get('name', 'main'), 'image': container.get('image', ''),
-            'imageID': f'fake://{container.get("image", "")}',
-            'containerID': f'fake://{rt.process.pid if rt.process else 0}',
-            'restartCount': rt.restart_count, 'ready': False, 'started': False,
+            "name": container.get("name", "main"),
+            "image": container.get("image", ""),
+            "imageID": f"fake://{container.get('image', '')}",
+            "containerID": f"fake://{rt.process.pid if rt.process else 0}",
+            "restartCount": rt.restart_count,
+            "ready": False,
+            "started": False,
         }
         if exit_code is not None:
-            cstatus['state'] = {'terminated': {
-                'exitCode': exit_code, 'reason': reason or ('Completed' if exit_code == 0 else 'Error'),
-                'startedAt': rt.started_at or now, 'finishedAt': now,
-                'containerID': cstatus['containerID']}}
+            cstatus["state"] = {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+                    "startedAt": rt.started_at or now,
+                    "finishedAt": now,
+                    "containerID": cstatus["containerID"],
+                }
+            }
             if rt.termination_message:
-                cstatus['state']['terminated']['message'] = rt.termination_message
-            ready_status = 'False'
-            reason_word = 'PodCompleted' if rt.phase in _TERMINAL else 'ContainersNotReady'
+                cstatus["state"]["terminated"]["message"] = rt.termination_message
+            ready_status = "False"
+            reason_word = "PodCompleted" if rt.phase in _TERMINAL else "ContainersNotReady"
         elif waiting is not None:
-            cstatus['state'] = {'waiting': {'reason': waiting}}
+            cstatus["state"] = {"waiting": {"reason": waiting}}
             if last_exit is not None:
-                cstatus['lastState'] = {'terminated': {'exitCode': last_exit, 'reason': 'Error' if last_exit else 'Completed',
-                                                       'finishedAt': now}}
-            ready_status, reason_word = 'False', 'ContainersNotReady'
+                cstatus["lastState"] = {
+                    "terminated": {
+                        "exitCode": last_exit,
+                        "reason": "Error" if last_exit else "Completed",
+                        "finishedAt": now,
+                    }
+                }
+            ready_status, reason_word = "False", "ContainersNotReady"
         else:
-            cstatus['state'] = {'running': {'startedAt': rt.started_at or now}}
-            cstatus['ready'] = rt.ready
-            cstatus['started'] = True
-            ready_status = 'True' if rt.ready else 'False'
-            reason_word = None if rt.ready else 'ContainersNotReady'
+            cstatus["state"] = {"running": {"startedAt": rt.started_at or now}}
+            cstatus["ready"] = rt.ready
+            cstatus["started"] = True
+            ready_status = "True" if rt.ready else "False"
+            reason_word = None if rt.ready else "ContainersNotReady"
 
         def cond(kind: str, value: str, why: str | None = None) -> JsonDict:
-            c: JsonDict = {'type': kind, 'status': value, 'lastProbeTime': None, 'lastTransitionTime': now}
+            c: JsonDict = {"type": kind, "status": value, "lastProbeTime": None, "lastTransitionTime": now}
             if why:
-                c['reason'] = why
+                c["reason"] = why
             return c
+
         status: JsonDict = {
-            'phase': rt.phase,
-            'hostIP': '127.0.0.1', 'hostIPs': [{'ip': '127.0.0.1'}],
-            'podIP': rt.ip, 'podIPs': [{'ip': rt.ip}],
-            'startTime': rt.pod.get('status', {}).get('startTime') or rt.started_at or now,
-            'conditions': [cond('PodReadyToStartContainers', 'True'), cond('Initialized', 'True'),
-                           cond('Ready', ready_status, reason_word), cond('ContainersReady', ready_status, reason_word),
-                           cond('PodScheduled', 'True')],
-            'containerStatuses': [cstatus],
-            'qosClass': 'BestEffort',
+            "phase": rt.phase,
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": rt.ip,
+            "podIPs": [{"ip": rt.ip}],
+            "startTime": rt.pod.get("status", {}).get("startTime") or rt.started_at or now,
+            "conditions": [
+                cond("PodReadyToStartContainers", "True"),
+                cond("Initialized", "True"),
+                cond("Ready", ready_status, reason_word),
+                cond("ContainersReady", ready_status, reason_word),
+                cond("PodScheduled", "True"),
+            ],
+            "containerStatuses": [cstatus],
+            "qosClass": "BestEffort",
         }
         return status
 
@@ -940,12 +1136,12 @@ class FakeNode:
 
     async def _prepare_volumes(self, rt: PodRuntime) -> bool:
         """Materialise the pod's volumes; wait (pod Pending) for missing configMaps/secrets/claims."""
-        volumes = rt.pod.get('spec', {}).get('volumes') or []
+        volumes = rt.pod.get("spec", {}).get("volumes") or []
         announced = False
         while True:
             missing: list[str] = []
             for volume in volumes:
-                name = volume['name']
+                name = volume["name"]
                 if name in rt.volumes:
                     continue
                 try:
@@ -962,84 +1158,111 @@ class FakeNode:
                 return True
             if not announced:
                 announced = True
-                self._log(rt, f'waiting for volumes: {", ".join(missing)}')
-                await self._patch_pod_status(rt, {'phase': 'Pending', 'conditions': [
-                    {'type': 'PodScheduled', 'status': 'True', 'lastTransitionTime': _now()},
-                    {'type': 'Ready', 'status': 'False', 'reason': 'ContainersNotReady', 'lastTransitionTime': _now()}],
-                    'containerStatuses': [{'name': (rt.pod['spec'].get('containers') or [{}])[0].get('name', 'main'),
-                                           'ready': False, 'restartCount': 0, 'image': '', 'imageID': '',
-                                           'state': {'waiting': {'reason': 'ContainerCreating'}}}]})
+                self._log(rt, f"waiting for volumes: {', '.join(missing)}")
+                await self._patch_pod_status(
+                    rt,
+                    {
+                        "phase": "Pending",
+                        "conditions": [
+                            {"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()},
+                            {
+                                "type": "Ready",
+                                "status": "False",
+                                "reason": "ContainersNotReady",
+                                "lastTransitionTime": _now(),
+                            },
+                        ],
+                        "containerStatuses": [
+                            {
+                                "name": (rt.pod["spec"].get("containers") or [{}])[0].get("name", "main"),
+                                "ready": False,
+                                "restartCount": 0,
+                                "image": "",
+                                "imageID": "",
+                                "state": {"waiting": {"reason": "ContainerCreating"}},
+                            }
+                        ],
+                    },
+                )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(rt.terminate.wait(), timeout=self.volume_refresh)
             if rt.terminate.is_set():
                 return False
 
     async def _prepare_volume(self, rt: PodRuntime, volume: JsonDict) -> _Volume | None:
-        name = volume['name']
-        if 'configMap' in volume or 'secret' in volume:
-            kind = 'configMap' if 'configMap' in volume else 'secret'
+        name = volume["name"]
+        if "configMap" in volume or "secret" in volume:
+            kind = "configMap" if "configMap" in volume else "secret"
             source = volume[kind]
-            obj_name = source.get('name') if kind == 'configMap' else source.get('secretName')
-            path = rt.root / 'volumes' / name
+            obj_name = source.get("name") if kind == "configMap" else source.get("secretName")
+            path = rt.root / "volumes" / name
             path.mkdir(parents=True, exist_ok=True)
             try:
-                obj = await self._api.get(_ns_path(rt.namespace, 'configmaps' if kind == 'configMap' else 'secrets', obj_name))
+                obj = await self._api.get(
+                    _ns_path(rt.namespace, "configmaps" if kind == "configMap" else "secrets", obj_name)
+                )
             except ApiError as e:
-                if e.status == 404 and source.get('optional'):
+                if e.status == 404 and source.get("optional"):
                     return _Volume(name=name, kind=kind, path=path, source=source)
                 raise
             vol = _Volume(name=name, kind=kind, path=path, source=source)
             self._write_projection(vol, obj)
             return vol
-        if 'persistentVolumeClaim' in volume:
-            claim = volume['persistentVolumeClaim']['claimName']
-            pvc = await self._api.get(_ns_path(rt.namespace, 'persistentvolumeclaims', claim))
-            if (pvc.get('status') or {}).get('phase') != 'Bound':
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            pvc = await self._api.get(_ns_path(rt.namespace, "persistentvolumeclaims", claim))
+            if (pvc.get("status") or {}).get("phase") != "Bound":
                 with contextlib.suppress(ApiError):
-                    await self._api.merge_patch(_ns_path(rt.namespace, 'persistentvolumeclaims', claim) + '/status',
-                                                {'status': {'phase': 'Bound',
-                                                            'accessModes': pvc.get('spec', {}).get('accessModes'),
-                                                            'capacity': (pvc.get('spec', {}).get('resources') or {}).get('requests')}})
+                    await self._api.merge_patch(
+                        _ns_path(rt.namespace, "persistentvolumeclaims", claim) + "/status",
+                        {
+                            "status": {
+                                "phase": "Bound",
+                                "accessModes": pvc.get("spec", {}).get("accessModes"),
+                                "capacity": (pvc.get("spec", {}).get("resources") or {}).get("requests"),
+                            }
+                        },
+                    )
             path = self.pvc_dir(claim, rt.namespace)
             path.mkdir(parents=True, exist_ok=True)
-            return _Volume(name=name, kind='pvc', path=path, source=volume, refreshable=False)
-        if 'hostPath' in volume:
-            path = Path(volume['hostPath']['path'])
-            if volume['hostPath'].get('type') in ('DirectoryOrCreate',):
+            return _Volume(name=name, kind="pvc", path=path, source=volume, refreshable=False)
+        if "hostPath" in volume:
+            path = Path(volume["hostPath"]["path"])
+            if volume["hostPath"].get("type") in ("DirectoryOrCreate",):
                 path.mkdir(parents=True, exist_ok=True)
-            return _Volume(name=name, kind='hostPath', path=path, source=volume, refreshable=False)
+            return _Volume(name=name, kind="hostPath", path=path, source=volume, refreshable=False)
         # emptyDir and anything else: an empty per-pod directory.
-        path = rt.root / 'volumes' / name
+        path = rt.root / "volumes" / name
         path.mkdir(parents=True, exist_ok=True)
-        return _Volume(name=name, kind='emptyDir', path=path, source=volume, refreshable=False)
+        return _Volume(name=name, kind="emptyDir", path=path, source=volume, refreshable=False)
 
     def _write_projection(self, vol: _Volume, obj: JsonDict) -> bool:
         """Write the configMap's/secret's keys as files; True if anything changed."""
         data: dict[str, bytes] = {}
-        if vol.kind == 'configMap':
-            for key, value in (obj.get('data') or {}).items():
+        if vol.kind == "configMap":
+            for key, value in (obj.get("data") or {}).items():
                 data[key] = value.encode()
-            for key, value in (obj.get('binaryData') or {}).items():
+            for key, value in (obj.get("binaryData") or {}).items():
                 data[key] = base64.b64decode(value)
         else:
-            for key, value in (obj.get('data') or {}).items():
+            for key, value in (obj.get("data") or {}).items():
                 data[key] = base64.b64decode(value)
         if data == vol.last_data:
             return False
-        items = vol.source.get('items')
-        mode = vol.source.get('defaultMode', 0o644)
+        items = vol.source.get("items")
+        mode = vol.source.get("defaultMode", 0o644)
         files: dict[str, tuple[bytes, int]] = {}
         if items:
             for item in items:
-                if item['key'] in data:
-                    files[item['path']] = (data[item['key']], item.get('mode', mode))
+                if item["key"] in data:
+                    files[item["path"]] = (data[item["key"]], item.get("mode", mode))
         else:
             files = {key: (value, mode) for key, value in data.items()}
         # The kubelet's AtomicWriter layout: the files live in a timestamped directory,
         # "..data" links to it, and each top-level name links to "..data/<name>". An update
         # writes a new directory and renames a new "..data" link over the old one, atomically:
         # a reader sees the old or the new set of files, never a mix.
-        stamp = datetime.datetime.now(tz=datetime.UTC).strftime('..%Y_%m_%d_%H_%M_%S.%f')
+        stamp = datetime.datetime.now(tz=datetime.UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
         new_dir = vol.path / stamp
         new_dir.mkdir(parents=True)
         for rel, (content, file_mode) in files.items():
@@ -1047,18 +1270,18 @@ class FakeNode:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
             os.chmod(target, file_mode)
-        data_link, tmp_link = vol.path / '..data', vol.path / '..data_tmp'
+        data_link, tmp_link = vol.path / "..data", vol.path / "..data_tmp"
         old_dir = Path(os.readlink(data_link)) if data_link.is_symlink() else None
         with contextlib.suppress(FileNotFoundError):
             tmp_link.unlink()
         os.symlink(stamp, tmp_link)
         os.replace(tmp_link, data_link)
-        top_level = {rel.split('/', 1)[0] for rel in files}
+        top_level = {rel.split("/", 1)[0] for rel in files}
         for name in top_level:
             link = vol.path / name
             if not link.is_symlink():
-                os.symlink(f'..data/{name}', link)
-        for name in {rel.split('/', 1)[0] for rel in vol.files} - top_level:  # keys removed from the object
+                os.symlink(f"..data/{name}", link)
+        for name in {rel.split("/", 1)[0] for rel in vol.files} - top_level:  # keys removed from the object
             with contextlib.suppress(FileNotFoundError):
                 (vol.path / name).unlink()
         if old_dir is not None:
@@ -1074,46 +1297,47 @@ class FakeNode:
                 if rt.process is None or rt.process.returncode is not None:
                     continue
                 for vol in list(rt.volumes.values()):
-                    if vol.kind not in ('configMap', 'secret') or not vol.refreshable:
+                    if vol.kind not in ("configMap", "secret") or not vol.refreshable:
                         continue
-                    obj_name = vol.source.get('name') if vol.kind == 'configMap' else vol.source.get('secretName')
+                    obj_name = vol.source.get("name") if vol.kind == "configMap" else vol.source.get("secretName")
                     try:
-                        obj = await self._api.get(_ns_path(rt.namespace, 'configmaps' if vol.kind == 'configMap'
-                                                           else 'secrets', obj_name))
+                        obj = await self._api.get(
+                            _ns_path(rt.namespace, "configmaps" if vol.kind == "configMap" else "secrets", obj_name)
+                        )
                     except (ApiError, aiohttp.ClientError):
                         continue
                     if self._write_projection(vol, obj):
-                        self._log(rt, f'volume {vol.name} refreshed')
+                        self._log(rt, f"volume {vol.name} refreshed")
 
     # -- processes ---------------------------------------------------------------------------
 
     def _mounts(self, rt: PodRuntime, container: JsonDict) -> list[tuple[str, Path]]:
         mounts: list[tuple[str, Path]] = []
-        for mount in container.get('volumeMounts') or []:
-            vol = rt.volumes.get(mount['name'])
+        for mount in container.get("volumeMounts") or []:
+            vol = rt.volumes.get(mount["name"])
             if vol is None:
                 continue
             target = vol.path
-            if mount.get('subPath'):
+            if mount.get("subPath"):
                 # A subPath is bound once, at container start, and never sees updates (as in
                 # Kubernetes): snapshot what it points to now.
-                source = (vol.path / mount['subPath']).resolve()
-                target = rt.root / 'subpaths' / f'{mount["name"]}-{len(mounts)}' / Path(mount['subPath']).name
+                source = (vol.path / mount["subPath"]).resolve()
+                target = rt.root / "subpaths" / f"{mount['name']}-{len(mounts)}" / Path(mount["subPath"]).name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if source.is_dir():
-                    if vol.kind in ('configMap', 'secret'):
+                    if vol.kind in ("configMap", "secret"):
                         shutil.copytree(source, target, dirs_exist_ok=True)
                     else:
                         target = source  # a directory inside a shared/empty volume: the same directory
                 elif source.exists():
-                    if vol.kind in ('configMap', 'secret'):
+                    if vol.kind in ("configMap", "secret"):
                         shutil.copy2(source, target)
                     else:
                         target = source
                 else:
                     source.mkdir(parents=True, exist_ok=True)  # the kubelet creates missing subPaths
                     target = source
-            mounts.append((mount['mountPath'].rstrip('/') or '/', target))
+            mounts.append((mount["mountPath"].rstrip("/") or "/", target))
         mounts.sort(key=lambda m: len(m[0]), reverse=True)
         return mounts
 
@@ -1122,13 +1346,13 @@ class FakeNode:
         for mount_path, target in mounts:
             if value == mount_path:
                 return str(target)
-            if value.startswith(mount_path + '/'):
-                return str(target) + value[len(mount_path):]
+            if value.startswith(mount_path + "/"):
+                return str(target) + value[len(mount_path) :]
         return value
 
     async def _resolve_env(self, rt: PodRuntime, container: JsonDict) -> tuple[dict[str, str], list[str]]:
-        pod, meta = rt.pod, rt.pod['metadata']
-        spec = pod.get('spec', {})
+        pod, meta = rt.pod, rt.pod["metadata"]
+        spec = pod.get("spec", {})
         env: dict[str, str] = {}
         warnings: list[str] = []
 
@@ -1141,67 +1365,77 @@ class FakeNode:
                 raise
 
         def decode(kind: str, value: str) -> str:
-            return base64.b64decode(value).decode() if kind == 'secrets' else value
+            return base64.b64decode(value).decode() if kind == "secrets" else value
 
-        for source in container.get('envFrom') or []:
-            kind, ref = ('configmaps', source['configMapRef']) if 'configMapRef' in source else ('secrets', source.get('secretRef', {}))
-            obj = await get_obj(kind, ref.get('name', ''))
+        for source in container.get("envFrom") or []:
+            kind, ref = (
+                ("configmaps", source["configMapRef"])
+                if "configMapRef" in source
+                else ("secrets", source.get("secretRef", {}))
+            )
+            obj = await get_obj(kind, ref.get("name", ""))
             if obj is None:
-                if not ref.get('optional'):
+                if not ref.get("optional"):
                     raise RuntimeError(f'{kind} "{ref.get("name")}" not found (envFrom)')
                 continue
-            for key, value in (obj.get('data') or {}).items():
-                env[source.get('prefix', '') + key] = decode(kind, value)
+            for key, value in (obj.get("data") or {}).items():
+                env[source.get("prefix", "") + key] = decode(kind, value)
 
         def field_ref(path: str) -> str:
             m = re.match(r"^metadata\.(labels|annotations)\['(.+)'\]$", path)
             if m:
-                return (meta.get(m.group(1)) or {}).get(m.group(2), '')
+                return (meta.get(m.group(1)) or {}).get(m.group(2), "")
             return {
-                'metadata.name': meta['name'], 'metadata.namespace': meta['namespace'],
-                'metadata.uid': meta['uid'], 'spec.nodeName': self.name,
-                'spec.serviceAccountName': spec.get('serviceAccountName', 'default'),
-                'status.podIP': rt.ip, 'status.podIPs': rt.ip, 'status.hostIP': '127.0.0.1',
-                'status.hostIPs': '127.0.0.1',
-            }.get(path, '')
+                "metadata.name": meta["name"],
+                "metadata.namespace": meta["namespace"],
+                "metadata.uid": meta["uid"],
+                "spec.nodeName": self.name,
+                "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
+                "status.podIP": rt.ip,
+                "status.podIPs": rt.ip,
+                "status.hostIP": "127.0.0.1",
+                "status.hostIPs": "127.0.0.1",
+            }.get(path, "")
 
-        for item in container.get('env') or []:
-            name = item['name']
-            if 'value' in item or 'valueFrom' not in item:
-                env[name] = _expand(str(item.get('value', '')), env)
+        for item in container.get("env") or []:
+            name = item["name"]
+            if "value" in item or "valueFrom" not in item:
+                env[name] = _expand(str(item.get("value", "")), env)
                 continue
-            source = item['valueFrom']
-            if 'fieldRef' in source:
-                env[name] = field_ref(source['fieldRef']['fieldPath'])
-            elif 'configMapKeyRef' in source or 'secretKeyRef' in source:
-                kind = 'configmaps' if 'configMapKeyRef' in source else 'secrets'
-                ref = source.get('configMapKeyRef') or source.get('secretKeyRef')
-                obj = await get_obj(kind, ref['name'])
-                value = (obj or {}).get('data', {}).get(ref['key']) if obj else None
+            source = item["valueFrom"]
+            if "fieldRef" in source:
+                env[name] = field_ref(source["fieldRef"]["fieldPath"])
+            elif "configMapKeyRef" in source or "secretKeyRef" in source:
+                kind = "configmaps" if "configMapKeyRef" in source else "secrets"
+                ref = source.get("configMapKeyRef") or source.get("secretKeyRef")
+                obj = await get_obj(kind, ref["name"])
+                value = (obj or {}).get("data", {}).get(ref["key"]) if obj else None
                 if value is None:
-                    if not ref.get('optional'):
-                        raise RuntimeError(f'couldn\'t find key {ref["key"]} in {kind} {rt.namespace}/{ref["name"]}')
+                    if not ref.get("optional"):
+                        raise RuntimeError(f"couldn't find key {ref['key']} in {kind} {rt.namespace}/{ref['name']}")
                     continue
                 env[name] = decode(kind, value)
-            elif 'resourceFieldRef' in source:
-                resource = source['resourceFieldRef']['resource']
-                kind, _, res = resource.partition('.')
-                value = ((container.get('resources') or {}).get(kind) or {}).get(res)
-                env[name] = str(value if value is not None else (os.cpu_count() or 1) if res == 'cpu' else 0)
+            elif "resourceFieldRef" in source:
+                resource = source["resourceFieldRef"]["resource"]
+                kind, _, res = resource.partition(".")
+                value = ((container.get("resources") or {}).get(kind) or {}).get(res)
+                env[name] = str(value if value is not None else (os.cpu_count() or 1) if res == "cpu" else 0)
         return env, warnings
 
     async def _dns_rewrite(self, rt: PodRuntime, values: list[str]) -> tuple[dict[str, str], list[str]]:
         """Find <hostname>.<subdomain>[.<ns>.svc[.cluster.local]] names; map them to pod IPs."""
-        token = re.compile(r'(?<![A-Za-z0-9.-])([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+)(?![A-Za-z0-9-])')
+        token = re.compile(
+            r"(?<![A-Za-z0-9.-])([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+)(?![A-Za-z0-9-])"
+        )
         wanted: dict[str, tuple[str, str, str]] = {}
         for value in values:
             for m in token.finditer(value):
-                parts = m.group(1).split('.')
+                parts = m.group(1).split(".")
                 if len(parts) == 2:
                     wanted[m.group(1)] = (rt.namespace, parts[0], parts[1])
-                elif len(parts) == 4 and parts[3] == 'svc':
+                elif len(parts) == 4 and parts[3] == "svc":
                     wanted[m.group(1)] = (parts[2], parts[0], parts[1])
-                elif len(parts) == 6 and parts[3:] == ['svc', 'cluster', 'local']:
+                elif len(parts) == 6 and parts[3:] == ["svc", "cluster", "local"]:
                     wanted[m.group(1)] = (parts[2], parts[0], parts[1])
         if not wanted:
             return {}, []
@@ -1212,12 +1446,17 @@ class FakeNode:
         while pending:
             by_ns: dict[str, tuple[set[tuple[str, str]], set[str], set[str]]] = {}
             for ns in {k[0] for k in pending.values()}:
-                pods = (await self._api.get(_ns_path(ns, 'pods')))['items']
-                services = (await self._api.get(_ns_path(ns, 'services')))['items']
-                by_ns[ns] = ({((p.get('spec') or {}).get('hostname') or '', (p.get('spec') or {}).get('subdomain') or '')
-                              for p in pods if not p['metadata'].get('deletionTimestamp')},
-                             {(p.get('spec') or {}).get('subdomain') or '' for p in pods},
-                             {s['metadata']['name'] for s in services})
+                pods = (await self._api.get(_ns_path(ns, "pods")))["items"]
+                services = (await self._api.get(_ns_path(ns, "services")))["items"]
+                by_ns[ns] = (
+                    {
+                        ((p.get("spec") or {}).get("hostname") or "", (p.get("spec") or {}).get("subdomain") or "")
+                        for p in pods
+                        if not p["metadata"].get("deletionTimestamp")
+                    },
+                    {(p.get("spec") or {}).get("subdomain") or "" for p in pods},
+                    {s["metadata"]["name"] for s in services},
+                )
             for text, (ns, host, sub) in list(pending.items()):
                 hosts, subdomains, services = by_ns[ns]
                 if sub not in subdomains and sub not in services:
@@ -1229,31 +1468,37 @@ class FakeNode:
                 break
             await asyncio.sleep(0.1)
         for text, (ns, host, sub) in pending.items():
-            warnings.append(f'DNS name {text!r} does not resolve: needs a pod with hostname {host!r} and '
-                            f'subdomain {sub!r} and a headless Service {sub!r} in namespace {ns!r}')
+            warnings.append(
+                f"DNS name {text!r} does not resolve: needs a pod with hostname {host!r} and "
+                f"subdomain {sub!r} and a headless Service {sub!r} in namespace {ns!r}"
+            )
         return mapping, warnings
 
-    async def _run_container(self, rt: PodRuntime, container: JsonDict, env_cache: dict[str, str], *, init: bool) -> int | None:
+    async def _run_container(
+        self, rt: PodRuntime, container: JsonDict, env_cache: dict[str, str], *, init: bool
+    ) -> int | None:
         env, warnings = await self._resolve_env(rt, container)
         mounts = self._mounts(rt, container)
         # The container's termination message file: /dev/termination-log is the pod's own, so
         # it gets a per-container file (and the same path rewriting as volumes).
-        term_path = container.get('terminationMessagePath') or '/dev/termination-log'
-        term_file = rt.root / 'termination' / container.get('name', 'main')
+        term_path = container.get("terminationMessagePath") or "/dev/termination-log"
+        term_file = rt.root / "termination" / container.get("name", "main")
         term_file.parent.mkdir(parents=True, exist_ok=True)
-        term_file.write_bytes(b'')
+        term_file.write_bytes(b"")
         mounts = sorted(mounts + [(term_path, term_file)], key=lambda m: len(m[0]), reverse=True)
-        argv = list(container.get('command') or self.image_commands.get(container.get('image', ''), []))
-        argv = [_expand(a, env) for a in argv] + [_expand(a, env) for a in container.get('args') or []]
+        argv = list(container.get("command") or self.image_commands.get(container.get("image", ""), []))
+        argv = [_expand(a, env) for a in argv] + [_expand(a, env) for a in container.get("args") or []]
         if not argv:
-            raise RuntimeError(f'container {container.get("name")!r} has no command, and the fake node cannot run '
-                               f'image {container.get("image")!r}: give it a command or FakeNode(image_commands=...)')
+            raise RuntimeError(
+                f"container {container.get('name')!r} has no command, and the fake node cannot run "
+                f"image {container.get('image')!r}: give it a command or FakeNode(image_commands=...)"
+            )
         dns, dns_warnings = await self._dns_rewrite(rt, list(env.values()) + argv)
 
         def rewrite(value: str) -> str:
             for name, ip in sorted(dns.items(), key=lambda kv: -len(kv[0])):
-                value = re.sub(rf'(?<![A-Za-z0-9.-]){re.escape(name)}(?![A-Za-z0-9-])', ip, value)
-            if value == '0.0.0.0':
+                value = re.sub(rf"(?<![A-Za-z0-9.-]){re.escape(name)}(?![A-Za-z0-9-])", ip, value)
+            if value == "0.0.0.0":
                 value = rt.ip
             return self._rewrite_path(value, mounts)
 
@@ -1261,30 +1506,45 @@ class FakeNode:
         argv = [rewrite(a) for a in argv]
         process_env: dict[str, str] = {}
         if self.inherit_host_env:
-            process_env.update({k: v for k, v in os.environ.items()
-                                if k != 'KUBECONFIG' and not k.startswith(('KUBERNETES_', 'PYTEST_'))})
+            process_env.update(
+                {
+                    k: v
+                    for k, v in os.environ.items()
+                    if k != "KUBECONFIG" and not k.startswith(("KUBERNETES_", "PYTEST_"))
+                }
+            )
         exe_dir = os.path.dirname(sys.executable)
-        process_env['PATH'] = exe_dir + os.pathsep + process_env.get('PATH', os.defpath)
-        process_env['HOSTNAME'] = rt.pod.get('spec', {}).get('hostname') or rt.name
-        process_env['TMPDIR'] = str(rt.root / 'tmp')
+        process_env["PATH"] = exe_dir + os.pathsep + process_env.get("PATH", os.defpath)
+        process_env["HOSTNAME"] = rt.pod.get("spec", {}).get("hostname") or rt.name
+        process_env["TMPDIR"] = str(rt.root / "tmp")
         process_env.update(self.extra_env)
         process_env.update(env)
-        cwd = rt.root / 'root'
-        if container.get('workingDir'):
-            mapped = self._rewrite_path(container['workingDir'], mounts)
-            cwd = Path(mapped) if mapped != container['workingDir'] else rt.root / 'root' / container['workingDir'].lstrip('/')
+        cwd = rt.root / "root"
+        if container.get("workingDir"):
+            mapped = self._rewrite_path(container["workingDir"], mounts)
+            cwd = (
+                Path(mapped)
+                if mapped != container["workingDir"]
+                else rt.root / "root" / container["workingDir"].lstrip("/")
+            )
             cwd.mkdir(parents=True, exist_ok=True)
         for warning in warnings + dns_warnings:
-            self._log(rt, f'warning: {warning}')
-        with rt.log_path.open('ab') as log:
+            self._log(rt, f"warning: {warning}")
+        with rt.log_path.open("ab") as log:
             rt.process = await asyncio.create_subprocess_exec(
-                *argv, cwd=str(cwd), env=process_env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                *argv,
+                cwd=str(cwd),
+                env=process_env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
         rt.started_at = rt.started_at or _now()
         probe_task: asyncio.Task[None] | None = None
         if not init:
-            rt.phase = 'Running'
-            probe = container.get('readinessProbe')
+            rt.phase = "Running"
+            probe = container.get("readinessProbe")
             rt.ready = probe is None
             await self._patch_pod_status(rt, self._status(rt, container))
             if probe is not None:
@@ -1294,12 +1554,12 @@ class FakeNode:
         try:
             await asyncio.wait({wait_exit, wait_term}, return_when=asyncio.FIRST_COMPLETED)
             if not wait_exit.done():
-                self._log(rt, f'terminating: SIGTERM, grace period {rt.grace:g}s')
+                self._log(rt, f"terminating: SIGTERM, grace period {rt.grace:g}s")
                 self._signal(rt, signal.SIGTERM)
                 try:
                     await asyncio.wait_for(asyncio.shield(wait_exit), timeout=rt.grace)
-                except asyncio.TimeoutError:
-                    self._log(rt, 'grace period over: SIGKILL')
+                except TimeoutError:
+                    self._log(rt, "grace period over: SIGKILL")
                     self._signal(rt, signal.SIGKILL)
                     await wait_exit
             code = wait_exit.result()
@@ -1314,38 +1574,41 @@ class FakeNode:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(rt.process.pid, signal.SIGKILL)
         exit_code = 128 - code if code < 0 else code
-        message = term_file.read_bytes()[:4096].decode(errors='replace')
-        if not message and exit_code != 0 and container.get('terminationMessagePolicy') == 'FallbackToLogsOnError':
-            tail = ''.join(rt.log_path.read_text(errors='replace').splitlines(keepends=True)[-80:])
-            message = tail.encode()[-2048:].decode(errors='replace')
+        message = term_file.read_bytes()[:4096].decode(errors="replace")
+        if not message and exit_code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            tail = "".join(rt.log_path.read_text(errors="replace").splitlines(keepends=True)[-80:])
+            message = tail.encode()[-2048:].decode(errors="replace")
         rt.termination_message = message or None
         return exit_code
 
     async def _probe_loop(self, rt: PodRuntime, container: JsonDict, probe: JsonDict) -> None:
-        await asyncio.sleep(float(probe.get('initialDelaySeconds', 0)))
-        period = max(float(probe.get('periodSeconds', 10)), 0.1)
-        timeout = float(probe.get('timeoutSeconds', 1))
-        ports = {p.get('name'): p.get('containerPort') for p in container.get('ports') or []}
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        period = max(float(probe.get("periodSeconds", 10)), 0.1)
+        timeout = float(probe.get("timeoutSeconds", 1))
+        ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
         while True:
             ok = False
             try:
-                if 'httpGet' in probe:
-                    get = probe['httpGet']
-                    port = ports.get(get['port'], get['port'])
-                    url = f'{get.get("scheme", "HTTP").lower()}://{rt.ip}:{port}{get.get("path", "/")}'
+                if "httpGet" in probe:
+                    get = probe["httpGet"]
+                    port = ports.get(get["port"], get["port"])
+                    url = f"{get.get('scheme', 'HTTP').lower()}://{rt.ip}:{port}{get.get('path', '/')}"
                     async with aiohttp.ClientSession() as session:
                         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                             ok = 200 <= resp.status < 400
-                elif 'tcpSocket' in probe:
-                    port = probe['tcpSocket']['port']
+                elif "tcpSocket" in probe:
+                    port = probe["tcpSocket"]["port"]
                     port = ports.get(port, port)
                     _, writer = await asyncio.wait_for(asyncio.open_connection(rt.ip, int(port)), timeout)
                     writer.close()
                     ok = True
-                elif 'exec' in probe:
-                    proc = await asyncio.create_subprocess_exec(*probe['exec']['command'], cwd=str(rt.root / 'root'),
-                                                                stdout=asyncio.subprocess.DEVNULL,
-                                                                stderr=asyncio.subprocess.DEVNULL)
+                elif "exec" in probe:
+                    proc = await asyncio.create_subprocess_exec(
+                        *probe["exec"]["command"],
+                        cwd=str(rt.root / "root"),
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=asyncio.subprocess.DEVNULL,
+                    )
                     ok = await asyncio.wait_for(proc.wait(), timeout) == 0
                 else:
                     ok = True
@@ -1359,9 +1622,11 @@ class FakeNode:
 
 def _expand(value: str, env: Mapping[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: known variables are replaced, $$ escapes, others stay."""
+
     def replace(m: re.Match[str]) -> str:
-        if m.group(0) == '$$':
-            return '$'
+        if m.group(0) == "$$":
+            return "$"
         name = m.group(1)
         return env[name] if name in env else m.group(0)
-    return re.sub(r'\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)', replace, value)
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, value)

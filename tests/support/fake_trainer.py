@@ -26,7 +26,9 @@ floor = 1.25
 state = {"step": 0, "train": float("nan"), "val": float("nan"), "nonfinite": 0, "ckpt": -1, "lr": lr, "gen": 0}
 
 with open("env.json", "w") as handle:
-    json.dump({k: v for k, v in os.environ.items() if k.startswith(("TRAINPILOT_", "CUDA_", "OMP_", "DS_", "FAKE_"))}, handle)
+    json.dump(
+        {k: v for k, v in os.environ.items() if k.startswith(("TRAINPILOT_", "CUDA_", "OMP_", "DS_", "FAKE_"))}, handle
+    )
 
 resume = config.get("resume_from")
 if resume and os.path.exists(os.path.join(resume, "latest")):
@@ -63,7 +65,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if not os.environ.get("FAKE_NO_SERVER"):
-    server = ThreadingHTTPServer((os.environ["TRAINPILOT_METRICS_ADDR"], int(os.environ["TRAINPILOT_METRICS_PORT"])), Handler)
+    server = ThreadingHTTPServer(
+        (os.environ["TRAINPILOT_METRICS_ADDR"], int(os.environ["TRAINPILOT_METRICS_PORT"])), Handler
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
@@ -77,8 +81,14 @@ def checkpoint() -> None:
 
 
 def finish(code: int) -> None:
-    result = {"trial": config["trial"], "step": state["step"], "train_loss": state["train"], "val_loss": state["val"],
-              "nonfinite_loss_total": state["nonfinite"], "exit_code": code}
+    result = {
+        "trial": config["trial"],
+        "step": state["step"],
+        "train_loss": state["train"],
+        "val_loss": state["val"],
+        "nonfinite_loss_total": state["nonfinite"],
+        "exit_code": code,
+    }
     time.sleep(linger)
     print("TRAINPILOT_RESULT " + json.dumps(result), flush=True)
     sys.stdout.flush()

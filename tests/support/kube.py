@@ -18,6 +18,7 @@ Example::
 Everything runs in threads of its own (the API server, the fake node, the operator), so a
 test may use the sync kubernetes client freely, from sync or async tests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,15 +43,15 @@ from typing import Any, TypeVar
 
 import kopf
 import kubernetes
-from tests.support.paths import REPO
 import pytest
 import yaml
 
 from tests.support.emulator import Emulator, EmulatorServer
 from tests.support.fake_node import FakeNode
+from tests.support.paths import REPO
 
 logger = logging.getLogger(__name__)
-T = TypeVar('T')
+T = TypeVar("T")
 REPO_ROOT = REPO
 
 
@@ -70,11 +71,13 @@ def _attempt(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
 
 
 def _timed_out(timeout: float, message: str, last_error: BaseException | None) -> AssertionError:
-    return AssertionError(f'Condition not met in {timeout}s{": " + message if message else ""}'
-                          + (f' (last error: {last_error!r})' if last_error else ''))
+    return AssertionError(
+        f"Condition not met in {timeout}s{': ' + message if message else ''}"
+        + (f" (last error: {last_error!r})" if last_error else "")
+    )
 
 
-def eventually(fn: Callable[[], T], timeout: float = 10, interval: float = 0.05, message: str = '') -> T:
+def eventually(fn: Callable[[], T], timeout: float = 10, interval: float = 0.05, message: str = "") -> T:
     """Call ``fn`` until it returns a truthy value (which is returned) or the time is out."""
     deadline = time.monotonic() + timeout
     while True:
@@ -86,8 +89,9 @@ def eventually(fn: Callable[[], T], timeout: float = 10, interval: float = 0.05,
         time.sleep(interval)
 
 
-async def aeventually(fn: Callable[[], T | Awaitable[T]], timeout: float = 10, interval: float = 0.05,
-                      message: str = '') -> T:
+async def aeventually(
+    fn: Callable[[], T | Awaitable[T]], timeout: float = 10, interval: float = 0.05, message: str = ""
+) -> T:
     """Like :func:`eventually`, for async tests: ``fn`` may also be async (a coroutine function);
     the loop is not blocked between calls."""
     deadline = time.monotonic() + timeout
@@ -108,6 +112,7 @@ async def aeventually(fn: Callable[[], T | Awaitable[T]], timeout: float = 10, i
 # ---------------------------------------------------------------------------------------------
 # The emulated cluster
 # ---------------------------------------------------------------------------------------------
+
 
 class Kube:
     """What the ``kube`` fixture yields: an emulated API server and ways to talk to it."""
@@ -148,14 +153,21 @@ class Kube:
         """Run ``fn`` inside the emulator's event loop (for direct state access)."""
         return self.server.call(fn)
 
-    def request(self, method: str, path: str, body: Any = None, *,
-                content_type: str = 'application/json', params: Mapping[str, str] | None = None) -> tuple[int, Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
         """A raw HTTP request; returns (status, parsed JSON or text). Never raises on HTTP errors."""
         url = self.url + path
         if params:
-            url += '?' + urllib.parse.urlencode(params)
+            url += "?" + urllib.parse.urlencode(params)
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers={'Content-Type': content_type})
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 status, raw = resp.status, resp.read()
@@ -164,21 +176,23 @@ class Kube:
         try:
             return status, json.loads(raw)
         except ValueError:
-            return status, raw.decode(errors='replace')
+            return status, raw.decode(errors="replace")
 
     def _path_for(self, manifest: Mapping[str, Any]) -> str:
-        api_version, kind = manifest['apiVersion'], manifest['kind']
-        group, _, version = api_version.rpartition('/')
+        api_version, kind = manifest["apiVersion"], manifest["kind"]
+        group, _, version = api_version.rpartition("/")
         emulator = self.emulator
-        spec = next((s for s in list(emulator._specs.values())
-                     if s.group == group and s.version == version and s.kind == kind), None)
+        spec = next(
+            (s for s in list(emulator._specs.values()) if s.group == group and s.version == version and s.kind == kind),
+            None,
+        )
         if spec is None:
-            raise LookupError(f'The emulator serves no {kind} in {api_version}.')
-        prefix = '/api/v1' if not group else f'/apis/{group}/{version}'
+            raise LookupError(f"The emulator serves no {kind} in {api_version}.")
+        prefix = "/api/v1" if not group else f"/apis/{group}/{version}"
         if spec.namespaced:
-            namespace = manifest.get('metadata', {}).get('namespace') or 'default'
-            return f'{prefix}/namespaces/{namespace}/{spec.plural}'
-        return f'{prefix}/{spec.plural}'
+            namespace = manifest.get("metadata", {}).get("namespace") or "default"
+            return f"{prefix}/namespaces/{namespace}/{spec.plural}"
+        return f"{prefix}/{spec.plural}"
 
     def apply(self, manifests: Mapping[str, Any] | list[Mapping[str, Any]] | str | os.PathLike[str]) -> list[Any]:
         """Create objects (or merge-patch them if they exist): dicts, lists, YAML text or files/dirs."""
@@ -188,9 +202,9 @@ class Kube:
         elif isinstance(manifests, list):
             docs = list(manifests)
         else:
-            path = Path(manifests) if not (isinstance(manifests, str) and '\n' in manifests) else None
+            path = Path(manifests) if not (isinstance(manifests, str) and "\n" in manifests) else None
             if path is not None and path.is_dir():
-                texts = [p.read_text() for p in sorted(path.glob('*.y*ml'))]
+                texts = [p.read_text() for p in sorted(path.glob("*.y*ml"))]
             elif path is not None and path.exists():
                 texts = [path.read_text()]
             else:
@@ -199,12 +213,12 @@ class Kube:
         results = []
         for doc in docs:
             path = self._path_for(doc)
-            status, body = self.request('POST', path, doc)
+            status, body = self.request("POST", path, doc)
             if status == 409:
-                name = doc['metadata']['name']
-                status, body = self.request('PATCH', f'{path}/{name}', doc, content_type='application/merge-patch+json')
+                name = doc["metadata"]["name"]
+                status, body = self.request("PATCH", f"{path}/{name}", doc, content_type="application/merge-patch+json")
             if status >= 400:
-                raise RuntimeError(f'Applying {doc.get("kind")} {doc.get("metadata", {}).get("name")} failed: {body}')
+                raise RuntimeError(f"Applying {doc.get('kind')} {doc.get('metadata', {}).get('name')} failed: {body}")
             results.append(body)
         return results
 
@@ -213,10 +227,11 @@ class Kube:
         return self.apply(path)
 
     def ensure_namespace(self, name: str) -> None:
-        status, body = self.request('POST', '/api/v1/namespaces', {'apiVersion': 'v1', 'kind': 'Namespace',
-                                                                   'metadata': {'name': name}})
+        status, body = self.request(
+            "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        )
         if status not in (201, 409):
-            raise RuntimeError(f'Cannot create namespace {name}: {body}')
+            raise RuntimeError(f"Cannot create namespace {name}: {body}")
 
 
 @contextlib.contextmanager
@@ -226,17 +241,27 @@ def emulated_cluster(directory: Path, crd_paths: list[str | os.PathLike[str]] = 
     server.start()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        kubeconfig = directory / 'kubeconfig'
-        kubeconfig.write_text(yaml.safe_dump({
-            'apiVersion': 'v1', 'kind': 'Config', 'preferences': {},
-            'clusters': [{'name': 'emulator', 'cluster': {'server': server.url}}],
-            'users': [{'name': 'tester', 'user': {'token': 'emulator-token'}}],
-            'contexts': [{'name': 'emulator', 'context': {'cluster': 'emulator', 'user': 'tester',
-                                                          'namespace': 'default'}}],
-            'current-context': 'emulator',
-        }))
+        kubeconfig = directory / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "preferences": {},
+                    "clusters": [{"name": "emulator", "cluster": {"server": server.url}}],
+                    "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
+                    "contexts": [
+                        {
+                            "name": "emulator",
+                            "context": {"cluster": "emulator", "user": "tester", "namespace": "default"},
+                        }
+                    ],
+                    "current-context": "emulator",
+                }
+            )
+        )
         kube = Kube(server, kubeconfig)
-        kube.ensure_namespace('default')
+        kube.ensure_namespace("default")
         for path in crd_paths:
             candidate = Path(path)
             kube.apply_crds(candidate if candidate.is_absolute() else REPO_ROOT / candidate)
@@ -255,14 +280,14 @@ def kube_crd_paths() -> list[str]:
 def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kube_crd_paths: list[str]) -> Iterator[Kube]:
     """An emulated API server on 127.0.0.1 (random port), namespace ``default``, KUBECONFIG set."""
     saved_default = kubernetes.client.Configuration._default
-    access_log = logging.getLogger('aiohttp.access')  # one line per request (pollers!) drowns kopf's logs
+    access_log = logging.getLogger("aiohttp.access")  # one line per request (pollers!) drowns kopf's logs
     saved_level = access_log.level
     access_log.setLevel(logging.WARNING)
-    with emulated_cluster(tmp_path / 'kube', kube_crd_paths) as cluster:
-        monkeypatch.setenv('KUBECONFIG', str(cluster.kubeconfig))
+    with emulated_cluster(tmp_path / "kube", kube_crd_paths) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
         # The client reads $KUBECONFIG once, at import time: point its default location here too.
-        monkeypatch.setattr(kubernetes.config.kube_config, 'KUBE_CONFIG_DEFAULT_LOCATION', str(cluster.kubeconfig))
-        monkeypatch.delenv('KUBERNETES_SERVICE_HOST', raising=False)  # never the in-cluster config
+        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(cluster.kubeconfig))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # never the in-cluster config
         try:
             yield cluster
         finally:
@@ -275,6 +300,7 @@ def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kube_crd_paths: list[s
 # The fake node
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def make_fake_node(kube: Kube, tmp_path: Path) -> Iterator[Callable[..., FakeNode]]:
     """
@@ -286,9 +312,9 @@ def make_fake_node(kube: Kube, tmp_path: Path) -> Iterator[Callable[..., FakeNod
     nodes: list[FakeNode] = []
 
     def make(**options: Any) -> FakeNode:
-        options.setdefault('name', f'fake-node-{len(nodes)}' if nodes else 'fake-node')
-        options.setdefault('run_jobs', not nodes)  # one job controller per cluster, on the first node
-        options.setdefault('workdir', tmp_path / options['name'])
+        options.setdefault("name", f"fake-node-{len(nodes)}" if nodes else "fake-node")
+        options.setdefault("run_jobs", not nodes)  # one job controller per cluster, on the first node
+        options.setdefault("workdir", tmp_path / options["name"])
         node = FakeNode(kube.url, **options)
         node.start_sync()
         nodes.append(node)
@@ -308,6 +334,7 @@ def _log_source(nodes: list[FakeNode]) -> Callable[[str, str, str | None], str |
             if text is not None:
                 return text
         return None
+
     return source
 
 
@@ -321,17 +348,18 @@ def fake_node(make_fake_node: Callable[..., FakeNode]) -> FakeNode:
 # A real kopf operator, in-process, in its own thread and event loop
 # ---------------------------------------------------------------------------------------------
 
+
 def default_operator_settings() -> kopf.OperatorSettings:
     """kopf settings that suit the emulator: short watch timeouts, no peering, quick exits."""
     settings = kopf.OperatorSettings()
-    settings.watching.server_timeout = 10      # the emulator closes watches after this (timeoutSeconds)
+    settings.watching.server_timeout = 10  # the emulator closes watches after this (timeoutSeconds)
     settings.watching.client_timeout = 15
     settings.watching.connect_timeout = 5
     settings.watching.reconnect_backoff = 0.1
     settings.networking.request_timeout = 15
     settings.networking.connect_timeout = 5
     settings.networking.error_backoffs = (0.1, 0.2, 0.5, 1)
-    queueing = getattr(settings, 'queueing', None) or settings.batching  # renamed in kopf 1.4x
+    queueing = getattr(settings, "queueing", None) or settings.batching  # renamed in kopf 1.4x
     queueing.idle_timeout = 2
     queueing.exit_timeout = 2
     settings.peering.standalone = True
@@ -342,21 +370,26 @@ def default_operator_settings() -> kopf.OperatorSettings:
 def _fresh_registry() -> kopf.OperatorRegistry:
     try:  # the registry kopf's CLI uses: login_via_client as a fallback login handler
         from kopf._core.intents.registries import SmartOperatorRegistry
+
         return SmartOperatorRegistry()
     except ImportError:  # pragma: no cover - a future kopf
         return kopf.OperatorRegistry()
 
 
 def _has_login_handler(registry: kopf.OperatorRegistry) -> bool:
-    activities = getattr(registry, '_activities', None)
-    handlers = getattr(activities, '_handlers', None)
+    activities = getattr(registry, "_activities", None)
+    handlers = getattr(activities, "_handlers", None)
     if handlers is None:
         return True  # cannot tell: trust the caller
-    return any(str(getattr(h, 'activity', '')).lower().endswith('authentication') for h in handlers)
+    return any(str(getattr(h, "activity", "")).lower().endswith("authentication") for h in handlers)
 
 
-def load_operator_registry(module_or_path: str | os.PathLike[str] | types.ModuleType | None,
-                           registry: kopf.OperatorRegistry | None = None, *, reload: bool = True) -> kopf.OperatorRegistry:
+def load_operator_registry(
+    module_or_path: str | os.PathLike[str] | types.ModuleType | None,
+    registry: kopf.OperatorRegistry | None = None,
+    *,
+    reload: bool = True,
+) -> kopf.OperatorRegistry:
     """
     Import a handlers module (dotted name, module object, or .py path) into a registry.
 
@@ -373,9 +406,9 @@ def load_operator_registry(module_or_path: str | os.PathLike[str] | types.Module
             if isinstance(module_or_path, types.ModuleType):
                 if reload:
                     importlib.reload(module_or_path)
-            elif str(module_or_path).endswith('.py') or os.sep in str(module_or_path):
+            elif str(module_or_path).endswith(".py") or os.sep in str(module_or_path):
                 path = Path(module_or_path).resolve()
-                name = f'_kopf_operator_{path.stem}_{uuid.uuid4().hex[:8]}'
+                name = f"_kopf_operator_{path.stem}_{uuid.uuid4().hex[:8]}"
                 spec = importlib.util.spec_from_file_location(name, path)
                 assert spec is not None and spec.loader is not None
                 module = importlib.util.module_from_spec(spec)
@@ -403,17 +436,17 @@ class KopfOperator:
     """
 
     def __init__(
-            self,
-            module_or_path: str | os.PathLike[str] | types.ModuleType | None = None,
-            *,
-            registry: kopf.OperatorRegistry | None = None,
-            namespace: str | None = 'default',
-            namespaces: list[str] | None = None,
-            clusterwide: bool = False,
-            settings: kopf.OperatorSettings | None = None,
-            configure: Callable[[kopf.OperatorSettings], None] | None = None,
-            memo: Any = None,
-            reload: bool = True,
+        self,
+        module_or_path: str | os.PathLike[str] | types.ModuleType | None = None,
+        *,
+        registry: kopf.OperatorRegistry | None = None,
+        namespace: str | None = "default",
+        namespaces: list[str] | None = None,
+        clusterwide: bool = False,
+        settings: kopf.OperatorSettings | None = None,
+        configure: Callable[[kopf.OperatorSettings], None] | None = None,
+        memo: Any = None,
+        reload: bool = True,
     ) -> None:
         self.registry = load_operator_registry(module_or_path, registry, reload=reload)
         self.settings = settings if settings is not None else default_operator_settings()
@@ -433,15 +466,15 @@ class KopfOperator:
         self._finished = threading.Event()
 
     def start(self, timeout: float = 20) -> KopfOperator:
-        self._thread = threading.Thread(target=self._run, name='kopf-operator', daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._ready_flag.wait(0.05):
             if self._finished.is_set():
-                raise RuntimeError('The kopf operator exited before it was ready.') from self._error
+                raise RuntimeError("The kopf operator exited before it was ready.") from self._error
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError('The kopf operator did not become ready in time.')
+                raise TimeoutError("The kopf operator did not become ready in time.")
         return self
 
     def stop(self, timeout: float = 20) -> None:
@@ -449,9 +482,9 @@ class KopfOperator:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                raise RuntimeError('The kopf operator did not stop in time.')
+                raise RuntimeError("The kopf operator did not stop in time.")
         if self._error is not None:
-            raise RuntimeError('The kopf operator failed.') from self._error
+            raise RuntimeError("The kopf operator failed.") from self._error
 
     @property
     def running(self) -> bool:
@@ -461,19 +494,21 @@ class KopfOperator:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(kopf.operator(
-                registry=self.registry,
-                settings=self.settings,
-                standalone=True,
-                clusterwide=self.clusterwide,
-                namespaces=self.namespaces,
-                stop_flag=self._stop_flag,
-                ready_flag=self._ready_flag,
-                memo=self.memo,
-            ))
+            loop.run_until_complete(
+                kopf.operator(
+                    registry=self.registry,
+                    settings=self.settings,
+                    standalone=True,
+                    clusterwide=self.clusterwide,
+                    namespaces=self.namespaces,
+                    stop_flag=self._stop_flag,
+                    ready_flag=self._ready_flag,
+                    memo=self.memo,
+                )
+            )
         except BaseException as e:  # noqa: BLE001 - re-raised in stop()
             self._error = e
-            logger.exception('The kopf operator failed.')
+            logger.exception("The kopf operator failed.")
         finally:
             try:
                 loop.run_until_complete(loop.shutdown_asyncgens())
@@ -484,8 +519,8 @@ class KopfOperator:
 
 @contextlib.asynccontextmanager
 async def run_kopf_operator(
-        module_or_path: str | os.PathLike[str] | types.ModuleType | None = None,
-        **kwargs: Any,
+    module_or_path: str | os.PathLike[str] | types.ModuleType | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[KopfOperator]:
     """
     Run a real kopf operator in the background for the duration of an ``async with`` block.
@@ -504,8 +539,9 @@ async def run_kopf_operator(
 
 
 @contextlib.contextmanager
-def kopf_operator(module_or_path: str | os.PathLike[str] | types.ModuleType | None = None,
-                  **kwargs: Any) -> Iterator[KopfOperator]:
+def kopf_operator(
+    module_or_path: str | os.PathLike[str] | types.ModuleType | None = None, **kwargs: Any
+) -> Iterator[KopfOperator]:
     """The same as :func:`run_kopf_operator`, for sync tests."""
     operator = KopfOperator(module_or_path, **kwargs).start()
     try:

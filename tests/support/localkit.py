@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainpilot.api.experiment import AgentExperimentSpec
-
 from tests.support.paths import QUICKSTART_PATH as QUICKSTART
 from tests.support.paths import REPO  # noqa: F401 - for callers
+from trainpilot.api.experiment import AgentExperimentSpec
 
 FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
 
@@ -104,21 +103,66 @@ def synthetic_run(run_dir: Path, experiment: str = "quickstart") -> dict:
 
     def rec(seq, second, action, trial=None, new_trial=None, reason="r", rationale="", outcome="executed", **kw):
         return DecisionRecord(
-            id=f"{experiment}-d{seq:05d}", seq=seq, time=time_at(second), experiment=experiment,
+            id=f"{experiment}-d{seq:05d}",
+            seq=seq,
+            time=time_at(second),
+            experiment=experiment,
             decision=Decision(action=action, policy="heuristic", reason=reason, rationale=rationale, trial=trial, **kw),
-            outcome=outcome, new_trial=new_trial, verdict="" if outcome == "executed" else "quota max_gpus is 0",
+            outcome=outcome,
+            new_trial=new_trial,
+            verdict="" if outcome == "executed" else "quota max_gpus is 0",
         )
 
     records = [
-        rec(0, 0, "launch", new_trial=t[0], reason="initial-trial", rationale="first initial trial", hyperparameters={"lr": 5.0}),
-        rec(1, 0, "launch", new_trial=t[1], reason="initial-trial", rationale="second initial trial", hyperparameters={"lr": 0.003}),
+        rec(
+            0,
+            0,
+            "launch",
+            new_trial=t[0],
+            reason="initial-trial",
+            rationale="first initial trial",
+            hyperparameters={"lr": 5.0},
+        ),
+        rec(
+            1,
+            0,
+            "launch",
+            new_trial=t[1],
+            reason="initial-trial",
+            rationale="second initial trial",
+            hyperparameters={"lr": 0.003},
+        ),
         rec(2, 6, "terminate", trial=t[0], reason="nonfinite-loss", rationale="loss became NaN at step 25"),
-        rec(3, 8, "launch", new_trial=t[2], reason="relaunch-after-divergence", rationale="lr 5 x 0.1 = 0.5",
-            hyperparameters={"lr": 0.5}, parent=t[0]),
-        rec(4, 40, "mutate", trial=t[1], reason="plateau", rationale="lower lr in place", hyperparameters={"lr": 0.002},
-            mode="in-place"),
+        rec(
+            3,
+            8,
+            "launch",
+            new_trial=t[2],
+            reason="relaunch-after-divergence",
+            rationale="lr 5 x 0.1 = 0.5",
+            hyperparameters={"lr": 0.5},
+            parent=t[0],
+        ),
+        rec(
+            4,
+            40,
+            "mutate",
+            trial=t[1],
+            reason="plateau",
+            rationale="lower lr in place",
+            hyperparameters={"lr": 0.002},
+            mode="in-place",
+        ),
         rec(5, 50, "scale", trial=t[1], reason="wants-gpus", rationale="more GPUs", outcome="rejected", nodes=2),
-        rec(6, 70, "launch", new_trial=t[3], reason="suggestion", rationale="TPE suggestion", hyperparameters={"lr": 0.0008}),
+        rec(
+            6,
+            70,
+            "launch",
+            new_trial=t[3],
+            reason="suggestion",
+            rationale="TPE suggestion",
+            hyperparameters={"lr": 0.0008},
+        ),
         rec(7, 90, "terminate", trial=t[3], reason="asha-rung", rationale=HOSTILE),
         rec(8, 100, "complete", reason="budget-spent", rationale="all trials done"),
     ]
@@ -129,23 +173,38 @@ def synthetic_run(run_dir: Path, experiment: str = "quickstart") -> dict:
     (run_dir / "ledger.jsonl").write_text("".join(ledger_format.encode(r) for r in records))
 
     def trial(i, lr, state, step, best, parent=None):
-        return TrialStatus(name=t[i], index=i, hyperparameters={"lr": lr, "weight_decay": 0.0}, state=state, step=step,
-                           max_steps=300, best_objective=best, objective=best, parent=parent,
-                           decision=records[[0, 1, 3, 6][i]].id, loss_floor=floor)
+        return TrialStatus(
+            name=t[i],
+            index=i,
+            hyperparameters={"lr": lr, "weight_decay": 0.0},
+            state=state,
+            step=step,
+            max_steps=300,
+            best_objective=best,
+            objective=best,
+            parent=parent,
+            decision=records[[0, 1, 3, 6][i]].id,
+            loss_floor=floor,
+        )
 
     status = AgentExperimentStatus(
-        phase="Succeeded", message="budget spent",
-        trials=[trial(0, 5.0, "Diverged", 30, None), trial(1, 0.002, "Succeeded", 300, 1.36),
-                trial(2, 0.5, "Succeeded", 300, 1.42, parent=t[0]), trial(3, 0.0008, "Terminated", 160, 1.9)],
+        phase="Succeeded",
+        message="budget spent",
+        trials=[
+            trial(0, 5.0, "Diverged", 30, None),
+            trial(1, 0.002, "Succeeded", 300, 1.36),
+            trial(2, 0.5, "Succeeded", 300, 1.42, parent=t[0]),
+            trial(3, 0.0008, "Terminated", 160, 1.9),
+        ],
         best_trial=BestTrial(name=t[1], objective=1.36, step=300, hyperparameters={"lr": 0.002, "weight_decay": 0.0}),
-        trials_launched=4, decisions_made=len(records),
+        trials_launched=4,
+        decisions_made=len(records),
     )
     (run_dir / "status.json").write_text(json.dumps(status.wire(), indent=2))
     return {"records": records, "trials": t, "status": status}
 
 
-@pytest.fixture
-def no_gpus(monkeypatch):
+def no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """count_gpus() imports torch; the tests never need CUDA, and the answer must not depend on the box."""
     monkeypatch.setattr("trainpilot.runtime.local.count_gpus", lambda: 0)
     monkeypatch.setattr("trainpilot.cli.run.count_gpus", lambda: 0)

@@ -111,15 +111,13 @@ def validate_schema(schema: dict[str, Any], value: Any, path: str, errors: list[
         if "minimum" in schema:
             low = schema["minimum"]
             if value < low or (schema.get("exclusiveMinimum") and value == low):
-                errors.append(
-                    f"{path}: Invalid value: {value}: must be greater than{'' if schema.get('exclusiveMinimum') else ' or equal to'} {low}"
-                )
+                bound = "" if schema.get("exclusiveMinimum") else " or equal to"
+                errors.append(f"{path}: Invalid value: {value}: must be greater than{bound} {low}")
         if "maximum" in schema:
             high = schema["maximum"]
             if value > high or (schema.get("exclusiveMaximum") and value == high):
-                errors.append(
-                    f"{path}: Invalid value: {value}: must be less than{'' if schema.get('exclusiveMaximum') else ' or equal to'} {high}"
-                )
+                bound = "" if schema.get("exclusiveMaximum") else " or equal to"
+                errors.append(f"{path}: Invalid value: {value}: must be less than{bound} {high}")
     if kind == "string":
         if "minLength" in schema and len(value) < schema["minLength"]:
             errors.append(

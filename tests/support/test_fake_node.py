@@ -1,4 +1,5 @@
 """The fake node runs batch/v1 Jobs as local processes, with Kubernetes' semantics."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -15,113 +16,138 @@ import pytest
 from tests.support.fake_node import FakeNode
 from tests.support.kube import Kube, aeventually, eventually
 
-INDEX = 'batch.kubernetes.io/job-completion-index'
+INDEX = "batch.kubernetes.io/job-completion-index"
 
 
-def indexed_job(name: str, script: str, *, nodes: int = 1, env: list[dict[str, Any]] | None = None,
-                volumes: list[dict[str, Any]] | None = None, mounts: list[dict[str, Any]] | None = None,
-                grace: int | None = None, subdomain: str | None = None, backoff_limit: int = 0) -> dict[str, Any]:
+def indexed_job(
+    name: str,
+    script: str,
+    *,
+    nodes: int = 1,
+    env: list[dict[str, Any]] | None = None,
+    volumes: list[dict[str, Any]] | None = None,
+    mounts: list[dict[str, Any]] | None = None,
+    grace: int | None = None,
+    subdomain: str | None = None,
+    backoff_limit: int = 0,
+) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
-        'restartPolicy': 'Never',
-        'containers': [{'name': 'trainer', 'image': 'trainpilot/trainer:test',
-                        'command': ['python', '-c', textwrap.dedent(script)],
-                        'env': env or [], 'volumeMounts': mounts or []}],
-        'volumes': volumes or [],
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "trainer",
+                "image": "trainpilot/trainer:test",
+                "command": ["python", "-c", textwrap.dedent(script)],
+                "env": env or [],
+                "volumeMounts": mounts or [],
+            }
+        ],
+        "volumes": volumes or [],
     }
     if grace is not None:
-        pod_spec['terminationGracePeriodSeconds'] = grace
+        pod_spec["terminationGracePeriodSeconds"] = grace
     if subdomain:
-        pod_spec['subdomain'] = subdomain
+        pod_spec["subdomain"] = subdomain
     return {
-        'apiVersion': 'batch/v1', 'kind': 'Job',
-        'metadata': {'name': name, 'labels': {'trainpilot.dev/experiment': 'exp', 'trainpilot.dev/trial': name}},
-        'spec': {
-            'completionMode': 'Indexed', 'completions': nodes, 'parallelism': nodes, 'backoffLimit': backoff_limit,
-            'template': {
-                'metadata': {'labels': {'trainpilot.dev/trial': name},
-                             'annotations': {'prometheus.io/scrape': 'true', 'prometheus.io/port': '9400'}},
-                'spec': pod_spec,
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": {"trainpilot.dev/experiment": "exp", "trainpilot.dev/trial": name}},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": backoff_limit,
+            "template": {
+                "metadata": {
+                    "labels": {"trainpilot.dev/trial": name},
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9400"},
+                },
+                "spec": pod_spec,
             },
         },
     }
 
 
 def job_condition(kube: Kube, name: str, kind: str) -> dict[str, Any] | None:
-    job = kube.batch_v1().read_namespaced_job(name, 'default')
+    job = kube.batch_v1().read_namespaced_job(name, "default")
     for condition in job.status.conditions or []:
-        if condition.type == kind and condition.status == 'True':
+        if condition.type == kind and condition.status == "True":
             return job.to_dict()
     return None
 
 
 def pods_of(kube: Kube, job: str) -> list[Any]:
-    return kube.core_v1().list_namespaced_pod('default', label_selector=f'batch.kubernetes.io/job-name={job}').items
+    return kube.core_v1().list_namespaced_pod("default", label_selector=f"batch.kubernetes.io/job-name={job}").items
 
 
-ENV_DUMP = '''
+ENV_DUMP = """
     import json, os, sys
     keys = ['JOB_COMPLETION_INDEX', 'POD_IP', 'HOSTNAME', 'RANK0']
     print(json.dumps({k: os.environ.get(k) for k in keys} | {'python': sys.executable, 'cwd': os.getcwd()}))
-'''
+"""
 
 
 def test_indexed_job_runs_to_completion(kube: Kube, fake_node: FakeNode) -> None:
-    env = [{'name': 'POD_IP', 'valueFrom': {'fieldRef': {'fieldPath': 'status.podIP'}}}]
-    kube.batch_v1().create_namespaced_job('default', indexed_job('trial-a', ENV_DUMP, nodes=2, env=env))
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    kube.batch_v1().create_namespaced_job("default", indexed_job("trial-a", ENV_DUMP, nodes=2, env=env))
 
-    job = eventually(lambda: job_condition(kube, 'trial-a', 'Complete'), timeout=15,
-                     message=f'the job completes; logs: {fake_node.logs()}')
-    assert job['status']['succeeded'] == 2
-    assert job['status']['completed_indexes'] == '0-1'
-    assert job['status']['start_time'] is not None and job['status']['completion_time'] is not None
-    assert not job['status'].get('active')
+    job = eventually(
+        lambda: job_condition(kube, "trial-a", "Complete"),
+        timeout=15,
+        message=f"the job completes; logs: {fake_node.logs()}",
+    )
+    assert job["status"]["succeeded"] == 2
+    assert job["status"]["completed_indexes"] == "0-1"
+    assert job["status"]["start_time"] is not None and job["status"]["completion_time"] is not None
+    assert not job["status"].get("active")
 
-    pods = sorted(pods_of(kube, 'trial-a'), key=lambda p: int(p.metadata.labels[INDEX]))
+    pods = sorted(pods_of(kube, "trial-a"), key=lambda p: int(p.metadata.labels[INDEX]))
     assert len(pods) == 2
     ips = []
     for index, pod in enumerate(pods):
-        assert re.fullmatch(rf'trial-a-{index}-[a-z0-9]{{5}}', pod.metadata.name)
-        assert pod.status.phase == 'Succeeded'
+        assert re.fullmatch(rf"trial-a-{index}-[a-z0-9]{{5}}", pod.metadata.name)
+        assert pod.status.phase == "Succeeded"
         assert pod.status.container_statuses[0].state.terminated.exit_code == 0
-        assert pod.status.container_statuses[0].state.terminated.reason == 'Completed'
-        assert pod.spec.hostname == f'trial-a-{index}'
-        assert pod.metadata.labels['job-name'] == 'trial-a'
-        assert pod.metadata.labels['batch.kubernetes.io/job-name'] == 'trial-a'
-        assert pod.metadata.labels['trainpilot.dev/trial'] == 'trial-a'
+        assert pod.status.container_statuses[0].state.terminated.reason == "Completed"
+        assert pod.spec.hostname == f"trial-a-{index}"
+        assert pod.metadata.labels["job-name"] == "trial-a"
+        assert pod.metadata.labels["batch.kubernetes.io/job-name"] == "trial-a"
+        assert pod.metadata.labels["trainpilot.dev/trial"] == "trial-a"
         assert pod.metadata.annotations[INDEX] == str(index)
-        assert pod.metadata.annotations['prometheus.io/scrape'] == 'true'
+        assert pod.metadata.annotations["prometheus.io/scrape"] == "true"
         owner = pod.metadata.owner_references[0]
-        assert (owner.kind, owner.name, owner.controller) == ('Job', 'trial-a', True)
+        assert (owner.kind, owner.name, owner.controller) == ("Job", "trial-a", True)
         ip = ipaddress.ip_address(pod.status.pod_ip)
-        assert ip.is_loopback and str(ip) != '127.0.0.1'
+        assert ip.is_loopback and str(ip) != "127.0.0.1"
         ips.append(str(ip))
 
         output = json.loads(fake_node.read_log(pod.metadata.name).strip().splitlines()[-1])
-        assert output['JOB_COMPLETION_INDEX'] == str(index)
-        assert output['POD_IP'] == pod.status.pod_ip
-        assert output['HOSTNAME'] == f'trial-a-{index}'
-        assert Path(output['python']).parent == Path(__import__('sys').executable).parent
-        assert output['cwd'] == str(fake_node.pod_root(pod.metadata.name) / 'root')
+        assert output["JOB_COMPLETION_INDEX"] == str(index)
+        assert output["POD_IP"] == pod.status.pod_ip
+        assert output["HOSTNAME"] == f"trial-a-{index}"
+        assert Path(output["python"]).parent == Path(__import__("sys").executable).parent
+        assert output["cwd"] == str(fake_node.pod_root(pod.metadata.name) / "root")
         # The log is also served by the API server, like `kubectl logs`.
-        assert kube.core_v1().read_namespaced_pod_log(pod.metadata.name, 'default').strip().endswith('}')
+        assert kube.core_v1().read_namespaced_pod_log(pod.metadata.name, "default").strip().endswith("}")
     assert len(set(ips)) == 2
 
 
 def test_failing_job_fails_with_the_exit_code(kube: Kube, fake_node: FakeNode) -> None:
-    kube.batch_v1().create_namespaced_job('default', indexed_job('trial-b', 'import sys; print("boom"); sys.exit(3)'))
-    job = eventually(lambda: job_condition(kube, 'trial-b', 'Failed'), timeout=15,
-                     message=f'the job fails; logs: {fake_node.logs()}')
-    condition = next(c for c in job['status']['conditions'] if c['type'] == 'Failed')
-    assert condition['reason'] == 'BackoffLimitExceeded'
-    assert job['status']['failed'] == 1
-    [pod] = pods_of(kube, 'trial-b')
-    assert pod.status.phase == 'Failed'
+    kube.batch_v1().create_namespaced_job("default", indexed_job("trial-b", 'import sys; print("boom"); sys.exit(3)'))
+    job = eventually(
+        lambda: job_condition(kube, "trial-b", "Failed"), timeout=15, message=f"the job fails; logs: {fake_node.logs()}"
+    )
+    condition = next(c for c in job["status"]["conditions"] if c["type"] == "Failed")
+    assert condition["reason"] == "BackoffLimitExceeded"
+    assert job["status"]["failed"] == 1
+    [pod] = pods_of(kube, "trial-b")
+    assert pod.status.phase == "Failed"
     terminated = pod.status.container_statuses[0].state.terminated
-    assert (terminated.exit_code, terminated.reason) == (3, 'Error')
-    assert 'boom' in fake_node.read_log(pod.metadata.name)
+    assert (terminated.exit_code, terminated.reason) == (3, "Error")
+    assert "boom" in fake_node.read_log(pod.metadata.name)
 
 
-CONFIG_WATCHER = '''
+CONFIG_WATCHER = """
     import json, os, pathlib, time
     config = pathlib.Path(os.environ['TRIAL_CONFIG'])
     out = pathlib.Path(os.environ['OUT'])
@@ -135,36 +161,44 @@ CONFIG_WATCHER = '''
             out.write_text(json.dumps({'current': current, 'frozen': frozen}))
             break
         time.sleep(0.05)
-'''
+"""
 
 
 def test_configmap_volumes_are_materialised_and_refreshed(kube: Kube, fake_node: FakeNode, tmp_path: Path) -> None:
     core = kube.core_v1()
-    core.create_namespaced_config_map('default', {'metadata': {'name': 'trial-c-config'},
-                                                  'data': {'trial.json': json.dumps({'lr': 0.1})}})
-    out = tmp_path / 'seen.json'
-    job = indexed_job('trial-c', CONFIG_WATCHER,
-                      env=[{'name': 'TRIAL_CONFIG', 'value': '/etc/trainpilot/trial.json'},
-                           {'name': 'FROZEN', 'value': '/etc/frozen.json'},
-                           {'name': 'OUT', 'value': str(out)}],
-                      volumes=[{'name': 'config', 'configMap': {'name': 'trial-c-config'}}],
-                      mounts=[{'name': 'config', 'mountPath': '/etc/trainpilot', 'readOnly': True},
-                              {'name': 'config', 'mountPath': '/etc/frozen.json', 'subPath': 'trial.json'}])
-    kube.batch_v1().create_namespaced_job('default', job)
-    eventually(lambda: out.with_suffix('.first').exists(), timeout=15, message=f'started; {fake_node.logs()}')
-    assert json.loads(out.with_suffix('.first').read_text()) == {'lr': 0.1}
+    core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "trial-c-config"}, "data": {"trial.json": json.dumps({"lr": 0.1})}}
+    )
+    out = tmp_path / "seen.json"
+    job = indexed_job(
+        "trial-c",
+        CONFIG_WATCHER,
+        env=[
+            {"name": "TRIAL_CONFIG", "value": "/etc/trainpilot/trial.json"},
+            {"name": "FROZEN", "value": "/etc/frozen.json"},
+            {"name": "OUT", "value": str(out)},
+        ],
+        volumes=[{"name": "config", "configMap": {"name": "trial-c-config"}}],
+        mounts=[
+            {"name": "config", "mountPath": "/etc/trainpilot", "readOnly": True},
+            {"name": "config", "mountPath": "/etc/frozen.json", "subPath": "trial.json"},
+        ],
+    )
+    kube.batch_v1().create_namespaced_job("default", job)
+    eventually(lambda: out.with_suffix(".first").exists(), timeout=15, message=f"started; {fake_node.logs()}")
+    assert json.loads(out.with_suffix(".first").read_text()) == {"lr": 0.1}
 
-    core.patch_namespaced_config_map('trial-c-config', 'default', {'data': {'trial.json': json.dumps({'lr': 0.01})}})
-    eventually(out.exists, timeout=10, message='the running process sees the new ConfigMap content')
+    core.patch_namespaced_config_map("trial-c-config", "default", {"data": {"trial.json": json.dumps({"lr": 0.01})}})
+    eventually(out.exists, timeout=10, message="the running process sees the new ConfigMap content")
     # The directory mount follows the ConfigMap; a subPath mount is frozen at start (as in Kubernetes).
-    assert json.loads(out.read_text()) == {'current': {'lr': 0.01}, 'frozen': {'lr': 0.1}}
-    [pod] = pods_of(kube, 'trial-c')
-    volume = fake_node.pod_root(pod.metadata.name) / 'volumes' / 'config'
-    assert (volume / '..data').is_symlink() and os.readlink(volume / 'trial.json') == '..data/trial.json'
-    eventually(lambda: job_condition(kube, 'trial-c', 'Complete'), timeout=10)
+    assert json.loads(out.read_text()) == {"current": {"lr": 0.01}, "frozen": {"lr": 0.1}}
+    [pod] = pods_of(kube, "trial-c")
+    volume = fake_node.pod_root(pod.metadata.name) / "volumes" / "config"
+    assert (volume / "..data").is_symlink() and os.readlink(volume / "trial.json") == "..data/trial.json"
+    eventually(lambda: job_condition(kube, "trial-c", "Complete"), timeout=10)
 
 
-SIGTERM_AWARE = '''
+SIGTERM_AWARE = """
     import os, pathlib, signal, sys, time
     def on_term(*_):
         pathlib.Path(os.environ['MARKER']).write_text('SIGTERM')
@@ -173,62 +207,75 @@ SIGTERM_AWARE = '''
     pathlib.Path(os.environ['MARKER'] + '.started').write_text('started')
     while True:
         time.sleep(0.05)
-'''
+"""
 
 
 async def test_deleting_a_running_job_terminates_its_processes(kube: Kube, fake_node: FakeNode, tmp_path: Path) -> None:
-    marker = tmp_path / 'marker'
+    marker = tmp_path / "marker"
     batch = kube.batch_v1()
-    batch.create_namespaced_job('default', indexed_job('trial-d', SIGTERM_AWARE, grace=5,
-                                                       env=[{'name': 'MARKER', 'value': str(marker)}]))
-    await aeventually(lambda: Path(f'{marker}.started').exists(), timeout=15, message=f'{fake_node.logs()}')
-    [pod] = pods_of(kube, 'trial-d')
-    await aeventually(lambda: kube.core_v1().read_namespaced_pod(pod.metadata.name, 'default').status.phase == 'Running')
-    await aeventually(lambda: (lambda s: s.active == 1 and s.ready == 1)(batch.read_namespaced_job('trial-d', 'default').status),
-                      message='the job controller counts the pod as active and ready')
+    batch.create_namespaced_job(
+        "default", indexed_job("trial-d", SIGTERM_AWARE, grace=5, env=[{"name": "MARKER", "value": str(marker)}])
+    )
+    await aeventually(lambda: Path(f"{marker}.started").exists(), timeout=15, message=f"{fake_node.logs()}")
+    [pod] = pods_of(kube, "trial-d")
+    await aeventually(
+        lambda: kube.core_v1().read_namespaced_pod(pod.metadata.name, "default").status.phase == "Running"
+    )
+    await aeventually(
+        lambda: (lambda s: s.active == 1 and s.ready == 1)(batch.read_namespaced_job("trial-d", "default").status),
+        message="the job controller counts the pod as active and ready",
+    )
 
     # Background propagation: the garbage collector deletes the pod; the kubelet sends SIGTERM.
-    batch.delete_namespaced_job('trial-d', 'default', propagation_policy='Background')
-    await aeventually(marker.exists, timeout=10, message='the process got SIGTERM')
-    assert marker.read_text() == 'SIGTERM'
-    await aeventually(lambda: not pods_of(kube, 'trial-d'), timeout=10, message='the pod is gone')
+    batch.delete_namespaced_job("trial-d", "default", propagation_policy="Background")
+    await aeventually(marker.exists, timeout=10, message="the process got SIGTERM")
+    assert marker.read_text() == "SIGTERM"
+    await aeventually(lambda: not pods_of(kube, "trial-d"), timeout=10, message="the pod is gone")
     runtime = fake_node.runtime(pod.metadata.name)
     assert runtime is not None and runtime.process is not None and runtime.process.returncode == 0
-    assert 'SIGTERM' in fake_node.read_log(pod.metadata.name)
+    assert "SIGTERM" in fake_node.read_log(pod.metadata.name)
 
 
-RANK_SCRIPT = '''
+RANK_SCRIPT = """
     import os
     print('RANK0', os.environ['MASTER_ADDR'], os.environ['MASTER_URL'], os.environ['BIND'], os.environ['CONFIG'])
-'''
+"""
 
 
 def test_pod_dns_names_resolve_to_pod_ips(kube: Kube, fake_node: FakeNode) -> None:
-    kube.core_v1().create_namespaced_service('default', {
-        'metadata': {'name': 'trial-e'}, 'spec': {'clusterIP': 'None', 'selector': {'trainpilot.dev/trial': 'trial-e'}}})
-    env = [{'name': 'MASTER_ADDR', 'value': 'trial-e-0.trial-e'},
-           {'name': 'MASTER_URL', 'value': 'tcp://trial-e-0.trial-e.default.svc.cluster.local:29500'},
-           {'name': 'BIND', 'value': '0.0.0.0'},
-           {'name': 'CONFIG', 'value': 'config.json'}]
-    kube.batch_v1().create_namespaced_job('default', indexed_job('trial-e', RANK_SCRIPT, nodes=2, env=env,
-                                                                 subdomain='trial-e'))
-    eventually(lambda: job_condition(kube, 'trial-e', 'Complete'), timeout=15, message=f'{fake_node.logs()}')
-    pods = {int(p.metadata.labels[INDEX]): p for p in pods_of(kube, 'trial-e')}
+    kube.core_v1().create_namespaced_service(
+        "default",
+        {
+            "metadata": {"name": "trial-e"},
+            "spec": {"clusterIP": "None", "selector": {"trainpilot.dev/trial": "trial-e"}},
+        },
+    )
+    env = [
+        {"name": "MASTER_ADDR", "value": "trial-e-0.trial-e"},
+        {"name": "MASTER_URL", "value": "tcp://trial-e-0.trial-e.default.svc.cluster.local:29500"},
+        {"name": "BIND", "value": "0.0.0.0"},
+        {"name": "CONFIG", "value": "config.json"},
+    ]
+    kube.batch_v1().create_namespaced_job(
+        "default", indexed_job("trial-e", RANK_SCRIPT, nodes=2, env=env, subdomain="trial-e")
+    )
+    eventually(lambda: job_condition(kube, "trial-e", "Complete"), timeout=15, message=f"{fake_node.logs()}")
+    pods = {int(p.metadata.labels[INDEX]): p for p in pods_of(kube, "trial-e")}
     rank0_ip = pods[0].status.pod_ip
-    for index, pod in pods.items():
-        line = next(l for l in fake_node.read_log(pod.metadata.name).splitlines() if l.startswith('RANK0'))
+    for pod in pods.values():
+        line = next(text for text in fake_node.read_log(pod.metadata.name).splitlines() if text.startswith("RANK0"))
         _, addr, url, bind, config = line.split()
         assert addr == rank0_ip
-        assert url == f'tcp://{rank0_ip}:29500'
+        assert url == f"tcp://{rank0_ip}:29500"
         assert bind == pod.status.pod_ip  # 0.0.0.0 -> the pod's own address (no network namespaces)
-        assert config == 'config.json'  # not a DNS name: untouched
+        assert config == "config.json"  # not a DNS name: untouched
 
 
 def test_max_pods_limits_concurrency(kube: Kube, make_fake_node: Callable[..., FakeNode], tmp_path: Path) -> None:
     node = make_fake_node(max_pods=1)
-    shared = tmp_path / 'shared'
+    shared = tmp_path / "shared"
     shared.mkdir()
-    script = '''
+    script = """
         import os, pathlib, time
         d = pathlib.Path(os.environ['DIR'])
         me = d / os.environ['JOB_COMPLETION_INDEX']
@@ -237,60 +284,64 @@ def test_max_pods_limits_concurrency(kube: Kube, make_fake_node: Callable[..., F
         others = [p.name for p in d.iterdir() if p != me and not p.name.endswith('.done')]
         (d / (me.name + '.done')).write_text(','.join(others))
         me.unlink()
-    '''
-    kube.batch_v1().create_namespaced_job('default', indexed_job('trial-f', script, nodes=2,
-                                                                 env=[{'name': 'DIR', 'value': str(shared)}]))
-    eventually(lambda: job_condition(kube, 'trial-f', 'Complete'), timeout=20, message=f'{node.logs()}')
-    assert (shared / '0.done').read_text() == '' and (shared / '1.done').read_text() == ''
+    """
+    kube.batch_v1().create_namespaced_job(
+        "default", indexed_job("trial-f", script, nodes=2, env=[{"name": "DIR", "value": str(shared)}])
+    )
+    eventually(lambda: job_condition(kube, "trial-f", "Complete"), timeout=20, message=f"{node.logs()}")
+    assert (shared / "0.done").read_text() == "" and (shared / "1.done").read_text() == ""
 
 
 def test_stop_kills_the_processes(kube: Kube, tmp_path: Path) -> None:
-    node = FakeNode(kube.url, workdir=tmp_path / 'node').start_sync()
-    marker = tmp_path / 'marker'
+    node = FakeNode(kube.url, workdir=tmp_path / "node").start_sync()
+    marker = tmp_path / "marker"
     try:
-        kube.batch_v1().create_namespaced_job('default', indexed_job('trial-g', SIGTERM_AWARE,
-                                                                     env=[{'name': 'MARKER', 'value': str(marker)}]))
-        eventually(lambda: Path(f'{marker}.started').exists(), timeout=15, message=f'{node.logs()}')
-        [pod] = pods_of(kube, 'trial-g')
+        kube.batch_v1().create_namespaced_job(
+            "default", indexed_job("trial-g", SIGTERM_AWARE, env=[{"name": "MARKER", "value": str(marker)}])
+        )
+        eventually(lambda: Path(f"{marker}.started").exists(), timeout=15, message=f"{node.logs()}")
+        [pod] = pods_of(kube, "trial-g")
         runtime = node.runtime(pod.metadata.name)
         assert runtime is not None and runtime.process is not None
         pid = runtime.process.pid
     finally:
         node.stop_sync()
     with pytest.raises(ProcessLookupError):
-        __import__('os').kill(pid, 0)
+        __import__("os").kill(pid, 0)
 
 
 def test_termination_messages_node_object_and_unschedulable_pods(
-        kube: Kube, make_fake_node: Callable[..., FakeNode]) -> None:
-    node = make_fake_node(extended_resources={'nvidia.com/gpu': 1}, labels={'pool': 'cpu'})
+    kube: Kube, make_fake_node: Callable[..., FakeNode]
+) -> None:
+    node = make_fake_node(extended_resources={"nvidia.com/gpu": 1}, labels={"pool": "cpu"})
     core = kube.core_v1()
-    registered = core.read_node('fake-node')
-    assert registered.status.allocatable['nvidia.com/gpu'] == '1'
-    assert [c.status for c in registered.status.conditions if c.type == 'Ready'] == ['True']
+    registered = core.read_node("fake-node")
+    assert registered.status.allocatable["nvidia.com/gpu"] == "1"
+    assert [c.status for c in registered.status.conditions if c.type == "Ready"] == ["True"]
 
     # The termination message: whatever the process wrote to its terminationMessagePath.
     script = 'import json, os; open(os.environ["RESULT"], "w").write(json.dumps({"val_loss": 1.5}))'
-    job = indexed_job('trial-h', script, env=[{'name': 'RESULT', 'value': '/dev/termination-log'}])
-    job['spec']['template']['spec']['containers'][0]['resources'] = {'limits': {'nvidia.com/gpu': '1'}}
-    kube.batch_v1().create_namespaced_job('default', job)
-    eventually(lambda: job_condition(kube, 'trial-h', 'Complete'), timeout=15, message=f'{node.logs()}')
-    [pod] = pods_of(kube, 'trial-h')
-    assert json.loads(pod.status.container_statuses[0].state.terminated.message) == {'val_loss': 1.5}
+    job = indexed_job("trial-h", script, env=[{"name": "RESULT", "value": "/dev/termination-log"}])
+    job["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    kube.batch_v1().create_namespaced_job("default", job)
+    eventually(lambda: job_condition(kube, "trial-h", "Complete"), timeout=15, message=f"{node.logs()}")
+    [pod] = pods_of(kube, "trial-h")
+    assert json.loads(pod.status.container_statuses[0].state.terminated.message) == {"val_loss": 1.5}
 
     # Pods that do not fit stay Pending and say why, as with a real scheduler.
-    too_big = indexed_job('trial-i', 'pass')
-    too_big['spec']['template']['spec']['containers'][0]['resources'] = {'limits': {'nvidia.com/gpu': '2'}}
-    elsewhere = indexed_job('trial-j', 'pass')
-    elsewhere['spec']['template']['spec']['nodeSelector'] = {'pool': 'gpu'}
-    kube.batch_v1().create_namespaced_job('default', too_big)
-    kube.batch_v1().create_namespaced_job('default', elsewhere)
+    too_big = indexed_job("trial-i", "pass")
+    too_big["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "2"}}
+    elsewhere = indexed_job("trial-j", "pass")
+    elsewhere["spec"]["template"]["spec"]["nodeSelector"] = {"pool": "gpu"}
+    kube.batch_v1().create_namespaced_job("default", too_big)
+    kube.batch_v1().create_namespaced_job("default", elsewhere)
 
     def unschedulable(job_name: str) -> str:
         [pod] = pods_of(kube, job_name)
-        assert pod.status.phase == 'Pending' and not pod.spec.node_name
-        [condition] = [c for c in pod.status.conditions or [] if c.type == 'PodScheduled']
-        assert condition.status == 'False' and condition.reason == 'Unschedulable'
+        assert pod.status.phase == "Pending" and not pod.spec.node_name
+        [condition] = [c for c in pod.status.conditions or [] if c.type == "PodScheduled"]
+        assert condition.status == "False" and condition.reason == "Unschedulable"
         return condition.message
-    assert 'Insufficient nvidia.com/gpu' in eventually(lambda: unschedulable('trial-i'), timeout=10)
-    assert 'node affinity/selector' in eventually(lambda: unschedulable('trial-j'), timeout=10)
+
+    assert "Insufficient nvidia.com/gpu" in eventually(lambda: unschedulable("trial-i"), timeout=10)
+    assert "node affinity/selector" in eventually(lambda: unschedulable("trial-j"), timeout=10)

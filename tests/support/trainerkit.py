@@ -33,7 +33,11 @@ def free_port() -> int:
 
 
 def trainer_env(port: int | None = None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.pop("TRAINPILOT_TRIAL_CONFIG", None)
     env.pop("TRAINPILOT_CONTROL_FILE", None)
     env.update(
@@ -126,9 +130,21 @@ def start_trainer(tmp_path):
     def start(config: Path, nproc: int = 0, **env: str) -> TrainerProcess:
         port = free_port()
         if nproc:
-            args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                    "-m", "trainpilot_trainer", "--config", str(config)]
+            args = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(nproc),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "trainpilot_trainer",
+                "--config",
+                str(config),
+            ]
         else:
             args = [sys.executable, "-m", "trainpilot_trainer", "--config", str(config)]
         process = TrainerProcess(args, trainer_env(port, **env), port, tmp_path)
@@ -142,8 +158,12 @@ def start_trainer(tmp_path):
             process.process.wait()
 
 
-def run_trainer(config: Path | None, cwd: Path, timeout: float = 180.0, args: list[str] | None = None, **env: str) -> Finished:
+def run_trainer(
+    config: Path | None, cwd: Path, timeout: float = 180.0, args: list[str] | None = None, **env: str
+) -> Finished:
     """Run the trainer to completion (config via --config, or via env when `config` is None)."""
     command = [sys.executable, "-m", "trainpilot_trainer", *(args if args is not None else ["--config", str(config)])]
-    completed = subprocess.run(command, env=trainer_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    completed = subprocess.run(
+        command, env=trainer_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     return Finished(completed.returncode, completed.stdout, completed.stderr)

@@ -25,8 +25,14 @@ CASES = {
     "cuda on a machine without GPU": (_hp(device="cuda"), "hyperparameters.device: cuda"),
     "negative lr": (_hp(lr=-0.1), "hyperparameters.lr: Input should be greater than 0"),
     "tokens without data_path": (_hp(dataset="tokens", vocab_size=50), "data_path: the tokens dataset needs a folder"),
-    "tokens folder without bins": (_hp(dataset="tokens", vocab_size=50, data_path=["/nonexistent/x"]), "hyperparameters.data_path"),
-    "text path missing": (_hp(dataset="text", data_path=["/nonexistent/corpus.txt"]), "hyperparameters.data_path: no such file"),
+    "tokens folder without bins": (
+        _hp(dataset="tokens", vocab_size=50, data_path=["/nonexistent/x"]),
+        "hyperparameters.data_path",
+    ),
+    "text path missing": (
+        _hp(dataset="text", data_path=["/nonexistent/corpus.txt"]),
+        "hyperparameters.data_path: no such file",
+    ),
     "wrong type": (_hp(n_layer="two"), "hyperparameters.n_layer: Input should be a valid integer"),
     "min_lr above lr": (_hp(lr=1e-3, min_lr=1e-2), "min_lr (0.01) must not exceed lr (0.001)"),
     "synthetic table too large": (_hp(vocab_size=64, synthetic_order=4), "vocab_size: synthetic data"),

@@ -40,11 +40,15 @@ def test_example_run_reaches_the_loss_floor_and_exports_metrics(tmp_path, start_
     # While running: the floor is known from the start, val_loss is NaN until the first eval.
     early = trainer.wait_for_metrics(lambda m: "trainpilot_step" in m)
     assert early["trainpilot_max_steps"] == max_steps
-    assert early["trainpilot_step"] >= config["hyperparameters"]["eval_interval"] or math.isnan(early["trainpilot_val_loss"])
+    assert early["trainpilot_step"] >= config["hyperparameters"]["eval_interval"] or math.isnan(
+        early["trainpilot_val_loss"]
+    )
     assert early["trainpilot_checkpoint_step"] == -1 or early["trainpilot_step"] >= 100
     eval_interval = config["hyperparameters"]["eval_interval"]
     assert early["trainpilot_eval_step"] == -1 or early["trainpilot_eval_step"] % eval_interval == 0
-    final = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] == max_steps and m["trainpilot_checkpoint_step"] == max_steps)
+    final = trainer.wait_for_metrics(
+        lambda m: m["trainpilot_step"] == max_steps and m["trainpilot_checkpoint_step"] == max_steps
+    )
     trainer.signal(signal.SIGTERM)
     finished = trainer.wait(timeout=30)
 
@@ -58,7 +62,9 @@ def test_example_run_reaches_the_loss_floor_and_exports_metrics(tmp_path, start_
     assert final["trainpilot_learning_rate"] == pytest.approx(Schedule.from_hyperparameters(hp).lr(max_steps - 1))
     result = finished.result
     assert result["exit_reason"] == "completed" and result["step"] == result["eval_step"] == max_steps
-    assert result["val_loss"] == pytest.approx(final["trainpilot_val_loss"]) and result["loss_floor"] == pytest.approx(floor)
+    assert result["val_loss"] == pytest.approx(final["trainpilot_val_loss"]) and result["loss_floor"] == pytest.approx(
+        floor
+    )
     # The loss fell: the first evaluation is well above the last.
     evals = [float(line.split("val_loss ")[1].split()[0]) for line in _lines(finished.stdout, "eval step")]
     assert evals[0] > evals[-1] + 0.05
@@ -95,7 +101,9 @@ def test_diverging_lr_counts_nonfinite_losses(tmp_path, start_trainer, fail_fast
 
 def test_sigterm_checkpoints_and_a_resume_continues_with_new_hyperparameters(tmp_path, start_trainer):
     checkpoints = tmp_path / "checkpoints"
-    first = write_config(tmp_path / "first.json", {"max_steps": 100_000, "eval_interval": 100_000}, checkpoint_dir=str(checkpoints))
+    first = write_config(
+        tmp_path / "first.json", {"max_steps": 100_000, "eval_interval": 100_000}, checkpoint_dir=str(checkpoints)
+    )
     trainer = start_trainer(first)
     trainer.wait_for_metrics(lambda m: m["trainpilot_step"] >= 30)
     trainer.signal(signal.SIGTERM)
@@ -108,10 +116,16 @@ def test_sigterm_checkpoints_and_a_resume_continues_with_new_hyperparameters(tmp
     # Resume with a changed lr and schedule: the new values apply from the loaded step on.
     changed = {"max_steps": step + 20, "lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0, "eval_interval": 10}
     second = write_config(
-        tmp_path / "second.json", changed, resume_from=str(checkpoints), checkpoint_dir=str(checkpoints), metrics_linger_seconds=30
+        tmp_path / "second.json",
+        changed,
+        resume_from=str(checkpoints),
+        checkpoint_dir=str(checkpoints),
+        metrics_linger_seconds=30,
     )
     resumed = start_trainer(second)
-    final = resumed.wait_for_metrics(lambda m: m["trainpilot_step"] == step + 20 and not math.isnan(m["trainpilot_val_loss"]))
+    final = resumed.wait_for_metrics(
+        lambda m: m["trainpilot_step"] == step + 20 and not math.isnan(m["trainpilot_val_loss"])
+    )
     resumed.signal(signal.SIGTERM)
     finished = resumed.wait(timeout=30)
     assert finished.returncode == 0, resumed.output()
@@ -125,7 +139,14 @@ def test_control_file_changes_lr_and_weight_decay_without_restart(tmp_path, star
     control = tmp_path / "control.json"
     path = write_config(
         tmp_path / "trial.json",
-        {"max_steps": 100_000, "eval_interval": 100_000, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.0},
+        {
+            "max_steps": 100_000,
+            "eval_interval": 100_000,
+            "lr": 1e-3,
+            "min_lr": 1e-3,
+            "warmup_steps": 5,
+            "weight_decay": 0.0,
+        },
     )
     # Through the environment, as the local runtime and the pod spec pass it.
     trainer = start_trainer(path, TRAINPILOT_CONTROL_FILE=str(control))
@@ -194,8 +215,17 @@ def test_bf16_zero2_grad_accum_and_text_data(tmp_path, start_trainer):
     default text dataset (the standard library's sources), where no loss floor is known."""
     path = write_config(
         tmp_path / "trial.json",
-        {"dataset": "text", "vocab_size": None, "precision": "bf16", "zero_stage": 2, "grad_accum": 2, "max_steps": 20,
-         "eval_interval": 10, "eval_batches": 2, "lr": 3e-3},
+        {
+            "dataset": "text",
+            "vocab_size": None,
+            "precision": "bf16",
+            "zero_stage": 2,
+            "grad_accum": 2,
+            "max_steps": 20,
+            "eval_interval": 10,
+            "eval_batches": 2,
+            "lr": 3e-3,
+        },
     )
     finished = start_trainer(path).wait(timeout=180)
     assert finished.returncode == 0, finished.stdout + finished.stderr

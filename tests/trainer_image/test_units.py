@@ -7,6 +7,7 @@ import json
 import math
 import os
 import urllib.request
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -107,7 +108,9 @@ def test_text_split_is_the_contiguous_tail(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"0123456789" * 30)
     (tmp_path / "a.txt").write_bytes(b"abcdefghij" * 30)
     (tmp_path / ".hidden").write_bytes(b"never read")
-    hp = Hyperparameters(dataset="text", data_path=[str(tmp_path)], block_size=8, micro_batch=2, eval_batches=2, val_fraction=0.2)
+    hp = Hyperparameters(
+        dataset="text", data_path=[str(tmp_path)], block_size=8, micro_batch=2, eval_batches=2, val_fraction=0.2
+    )
     data = build_dataset(hp)
     corpus = b"abcdefghij" * 30 + b"0123456789" * 30  # sorted file order
     assert data.vocab_size == 256 and data.loss_floor is None
@@ -169,7 +172,7 @@ def test_schedule_warmup_then_cosine_to_the_floor():
     assert schedule.lr(60) == pytest.approx(1e-3 + 0.5 * 9e-3)  # half way down the cosine
     assert schedule.lr(110) == pytest.approx(1e-3)
     decay = [schedule.lr(step) for step in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in pairwise(decay))
     assert Schedule(peak=1.0, floor=0.1, warmup_steps=0, max_steps=10).lr(0) == 1.0
 
 
@@ -234,7 +237,10 @@ def test_metrics_endpoint_and_control_path_from_the_environment():
         metrics_endpoint({"TRAINPILOT_METRICS_PORT": "http"})
     config = TrialConfig()
     assert control_file_path(config, {"TRAINPILOT_CONTROL_FILE": "/env"}) == "/env"
-    assert control_file_path(config.model_copy(update={"control_file": "/own"}), {"TRAINPILOT_CONTROL_FILE": "/env"}) == "/own"
+    assert (
+        control_file_path(config.model_copy(update={"control_file": "/own"}), {"TRAINPILOT_CONTROL_FILE": "/env"})
+        == "/own"
+    )
     assert control_file_path(config, {}) is None
 
 
@@ -303,7 +309,9 @@ def test_control_watcher_sees_a_configmap_style_symlink_swap(tmp_path):
     # Kubernetes mounts ConfigMap keys as key -> ..data/key, and swaps the ..data symlink.
     for version, generation in (("v1", 1), ("v2", 2)):
         (tmp_path / version).mkdir()
-        (tmp_path / version / "control.json").write_text(json.dumps({"generation": generation, "lr": 0.01 * generation}))
+        (tmp_path / version / "control.json").write_text(
+            json.dumps({"generation": generation, "lr": 0.01 * generation})
+        )
     os.symlink("v1", tmp_path / "..data")
     os.symlink("..data/control.json", tmp_path / "control.json")
     watcher = ControlWatcher(str(tmp_path / "control.json"))
@@ -347,9 +355,22 @@ def test_divergence_ceiling():
 
 def test_result_line_is_strict_json():
     result = RunResult(
-        exit_code=EXIT_DIVERGED, step=7, max_steps=300, train_loss=math.nan, val_loss=math.nan, eval_step=-1, loss_floor=1.25,
-        checkpoint_step=-1, learning_rate=0.1, weight_decay=0.0, grad_norm=math.inf, tokens_per_second=1e5,
-        nonfinite_loss_total=1, control_generation=0, tokens=1792, seconds=0.5,
+        exit_code=EXIT_DIVERGED,
+        step=7,
+        max_steps=300,
+        train_loss=math.nan,
+        val_loss=math.nan,
+        eval_step=-1,
+        loss_floor=1.25,
+        checkpoint_step=-1,
+        learning_rate=0.1,
+        weight_decay=0.0,
+        grad_norm=math.inf,
+        tokens_per_second=1e5,
+        nonfinite_loss_total=1,
+        control_generation=0,
+        tokens=1792,
+        seconds=0.5,
     )
     fields = json.loads(json.dumps(result.as_dict(), allow_nan=False))
     assert fields["exit_reason"] == "diverged" and fields["train_loss"] is None and fields["grad_norm"] is None
@@ -361,10 +382,21 @@ def test_termination_message_holds_the_final_gauges(tmp_path):
     from trainpilot_trainer.main import write_termination_message
 
     path = tmp_path / "termination-log"
-    summary = {"experiment": "e", "step": 300, "val_loss": 1.26, "train_loss": None, "nonfinite_loss_total": 0, "exit_reason": "completed"}
+    summary = {
+        "experiment": "e",
+        "step": 300,
+        "val_loss": 1.26,
+        "train_loss": None,
+        "nonfinite_loss_total": 0,
+        "exit_reason": "completed",
+    }
     write_termination_message(summary, str(path))
     metrics = final_metrics(path.read_text())
-    assert metrics.values == {"trainpilot_step": 300.0, "trainpilot_val_loss": 1.26, "trainpilot_nonfinite_loss_total": 0.0}
+    assert metrics.values == {
+        "trainpilot_step": 300.0,
+        "trainpilot_val_loss": 1.26,
+        "trainpilot_nonfinite_loss_total": 0.0,
+    }
     assert metrics.objective("val_loss") == 1.26
     write_termination_message(summary, str(tmp_path / "missing-dir" / "log"))  # logged, not raised
     assert final_metrics("not json") is None and final_metrics("[1, 2]") is None

@@ -62,7 +62,7 @@ class MarkovChain:
         self._shifted_cdf = (cumulative + np.arange(self.n_states)[:, None]).ravel()
 
     @classmethod
-    def random(cls, vocab_size: int, order: int, concentration: float, seed: int = DATA_SEED) -> "MarkovChain":
+    def random(cls, vocab_size: int, order: int, concentration: float, seed: int = DATA_SEED) -> MarkovChain:
         """Rows drawn from a symmetric Dirichlet: the lower the concentration, the peakier each row."""
         rng = np.random.default_rng((seed, vocab_size, order))
         return cls(rng.dirichlet(np.full(vocab_size, concentration), size=vocab_size**order), order)
@@ -126,7 +126,7 @@ class TokenStore:
     segment: int
 
     @classmethod
-    def whole(cls, tokens: np.ndarray) -> "TokenStore":
+    def whole(cls, tokens: np.ndarray) -> TokenStore:
         return cls(tokens, len(tokens))
 
     @property
@@ -295,7 +295,9 @@ def _tokens(hp: Hyperparameters) -> Dataset:
     for split in ("train", "val"):
         path = folder / f"{split}.bin"
         if not path.is_file():
-            raise ConfigError(f"hyperparameters.data_path: {str(path)!r} not found (tokens needs train.bin and val.bin)")
+            raise ConfigError(
+                f"hyperparameters.data_path: {str(path)!r} not found (tokens needs train.bin and val.bin)"
+            )
         # memmap: the corpus may be far larger than memory; windows are read on demand.
         arrays[split] = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, np.uint16)
     _check_long_enough(str(folder), len(arrays["train"]), len(arrays["val"]), hp.block_size)

@@ -33,9 +33,7 @@ def free_port() -> int:
 def prepare_environment(env: os._Environ | dict = os.environ) -> DistEnv:
     """Fill in a single-process world when no launcher did; returns this process's place in it."""
     if "RANK" not in env:
-        env.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     missing = [name for name in LAUNCHER_VARIABLES if name not in env]
     if missing:
         raise RuntimeError(f"RANK is set but {', '.join(missing)} is not: start the trainer with torchrun")

@@ -33,7 +33,6 @@ from .exitcodes import EXIT_CRASHED, EXIT_INVALID_CONFIG, EXIT_REASONS
 from .metrics import Metrics
 
 
-
 def print_result(fields: dict) -> None:
     """The final summary, one JSON object on one stdout line, for runtimes that read our output."""
     print(contract.RESULT_PREFIX + json.dumps(fields, separators=(",", ":")), flush=True)
@@ -53,7 +52,9 @@ def write_termination_message(summary: dict, path: str | None) -> None:
 
 def fail_config(message: str) -> int:
     print(f"trainpilot: {message}", file=sys.stderr, flush=True)
-    print_result({"exit_code": EXIT_INVALID_CONFIG, "exit_reason": EXIT_REASONS[EXIT_INVALID_CONFIG], "message": message})
+    print_result(
+        {"exit_code": EXIT_INVALID_CONFIG, "exit_reason": EXIT_REASONS[EXIT_INVALID_CONFIG], "message": message}
+    )
     return EXIT_INVALID_CONFIG
 
 
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         hp = config.hyperparameters
         endpoint = metrics_endpoint(os.environ)
         dist_env = prepare_environment(os.environ)
-        resume_tag = check_resume(config.resume_from, hp.zero_stage, dist_env.world_size) if config.resume_from else None
+        resume_tag = (
+            check_resume(config.resume_from, hp.zero_stage, dist_env.world_size) if config.resume_from else None
+        )
         import torch  # only now: the checks above must not wait for torch to import
 
         device = resolve_device(hp, torch.cuda.is_available())
@@ -90,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             port = metrics.serve(endpoint.addr, endpoint.port)
         except OSError as error:  # the port is taken: the environment's fault, not the config's
-            print(f"trainpilot: cannot serve metrics on {endpoint.addr}:{endpoint.port}: {error}", file=sys.stderr, flush=True)
+            print(
+                f"trainpilot: cannot serve metrics on {endpoint.addr}:{endpoint.port}: {error}",
+                file=sys.stderr,
+                flush=True,
+            )
             print_result({"exit_code": EXIT_CRASHED, "exit_reason": EXIT_REASONS[EXIT_CRASHED], "message": str(error)})
             return EXIT_CRASHED
         print(

@@ -43,17 +43,26 @@ class Metrics:
         )
         # prometheus_client appends _total to counters: this exposes trainpilot_nonfinite_loss_total.
         self.nonfinite_loss = Counter(
-            contract.METRIC_NONFINITE_LOSS.removesuffix("_total"), "Steps whose loss was NaN or infinite.", registry=registry
+            contract.METRIC_NONFINITE_LOSS.removesuffix("_total"),
+            "Steps whose loss was NaN or infinite.",
+            registry=registry,
         )
         self.step_seconds = Histogram(
-            contract.METRIC_STEP_SECONDS, "Wall time of one optimizer step.", buckets=STEP_SECONDS_BUCKETS, registry=registry
+            contract.METRIC_STEP_SECONDS,
+            "Wall time of one optimizer step.",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=registry,
         )
         # Present only when meaningful, so a scraper can tell "unknown" from a value.
-        self.loss_floor = None if loss_floor is None else gauge(
-            contract.METRIC_LOSS_FLOOR, "Best achievable loss (entropy rate of the data), nats/token.", loss_floor
+        self.loss_floor = (
+            None
+            if loss_floor is None
+            else gauge(
+                contract.METRIC_LOSS_FLOOR, "Best achievable loss (entropy rate of the data), nats/token.", loss_floor
+            )
         )
-        self.gpu_memory = None if not cuda else gauge(
-            contract.METRIC_GPU_MEMORY, "torch.cuda.memory_allocated() on rank 0.", 0
+        self.gpu_memory = (
+            None if not cuda else gauge(contract.METRIC_GPU_MEMORY, "torch.cuda.memory_allocated() on rank 0.", 0)
         )
         self._server = None
 

@@ -37,9 +37,7 @@ class CausalSelfAttention(nn.Module):
         batch, time, channels = x.shape
         # (B, T, 3C) -> three (B, heads, T, head_dim) tensors.
         q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, channels // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(batch, time, channels)
         return self.resid_dropout(self.proj(y))
 

@@ -19,7 +19,7 @@ class Schedule:
     max_steps: int
 
     @classmethod
-    def from_hyperparameters(cls, hp) -> "Schedule":
+    def from_hyperparameters(cls, hp) -> Schedule:
         return cls(peak=hp.lr, floor=hp.effective_min_lr, warmup_steps=hp.warmup_steps, max_steps=hp.max_steps)
 
     def lr(self, step: int) -> float:
@@ -31,7 +31,7 @@ class Schedule:
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return self.floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.peak - self.floor)
 
-    def with_peak(self, peak: float) -> "Schedule":
+    def with_peak(self, peak: float) -> Schedule:
         """The same curve scaled by peak / self.peak: warm-up and cosine shape, and the
         floor-to-peak ratio, are kept; only the height changes."""
         return replace(self, peak=peak, floor=self.floor * peak / self.peak)

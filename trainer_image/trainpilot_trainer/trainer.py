@@ -174,7 +174,8 @@ class Trainer:
             changes.append(f"weight_decay {control.weight_decay:g}")
         self.control.applied_generation = control.generation
         self.metrics.control_generation.set(control.generation)
-        self.log(f"control generation {control.generation} applied at step {self.step}: {', '.join(changes) or 'no changes'}", flush=True)
+        applied = ", ".join(changes) or "no changes"
+        self.log(f"control generation {control.generation} applied at step {self.step}: {applied}", flush=True)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -264,7 +265,11 @@ class Trainer:
             return local_loss, stop, control
         values = [local_loss, float(stop), 0.0, 0.0, 0.0]
         if control is not None:  # only rank 0 contributes these, so the sum is rank 0's value
-            values[2:] = [control.generation, control.lr or 0.0, -1.0 if control.weight_decay is None else control.weight_decay]
+            values[2:] = [
+                control.generation,
+                control.lr or 0.0,
+                -1.0 if control.weight_decay is None else control.weight_decay,
+            ]
         summed = torch.tensor(values, dtype=torch.float64, device=self._sync_device)
         dist.all_reduce(summed)
         total_loss, stops, generation, lr, weight_decay = summed.tolist()
@@ -335,7 +340,9 @@ class Trainer:
         return None
 
     def _stop(self) -> int:
-        self.log(f"stop requested ({', '.join(self.stop.signals) or 'by another rank'}) at step {self.step}", flush=True)
+        self.log(
+            f"stop requested ({', '.join(self.stop.signals) or 'by another rank'}) at step {self.step}", flush=True
+        )
         if self.config.checkpoint_dir and self.checkpoint_step != self.step:
             self.save_checkpoint()
         return EXIT_STOPPED

@@ -59,7 +59,14 @@ METRIC_MAX_STEPS = "trainpilot_max_steps"
 # Gauges the trainer sets on every step. Any other objective is an evaluation result, measured
 # at METRIC_EVAL_STEP when the trainer exports it.
 PER_STEP_METRICS = frozenset(
-    {METRIC_STEP, METRIC_TRAIN_LOSS, METRIC_LEARNING_RATE, METRIC_WEIGHT_DECAY, METRIC_GRAD_NORM, METRIC_TOKENS_PER_SECOND}
+    {
+        METRIC_STEP,
+        METRIC_TRAIN_LOSS,
+        METRIC_LEARNING_RATE,
+        METRIC_WEIGHT_DECAY,
+        METRIC_GRAD_NORM,
+        METRIC_TOKENS_PER_SECOND,
+    }
 )
 
 

@@ -77,9 +77,7 @@ def _rule(
 # --------------------------------------------------------------------------------------------
 
 _IN_SEARCH_SPACE = "self.searchSpace.exists(p, p.name == k)"
-_IN_RANGE = (
-    "self.searchSpace.all(p, p.name != k || !has(p.min) || !has(p.max) || (t[k] >= p.min && t[k] <= p.max))"
-)
+_IN_RANGE = "self.searchSpace.all(p, p.name != k || !has(p.min) || !has(p.max) || (t[k] >= p.min && t[k] <= p.max))"
 
 MODEL_RULES: dict[str, list[dict[str, str]]] = {
     "SearchParameter": [

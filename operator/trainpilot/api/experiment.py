@@ -71,16 +71,14 @@ class Objective(CamelModel):
 class SearchParameter(CamelModel):
     """One dimension the agent may move: a numeric range (min/max, optionally log) or a list of values."""
 
-    name: str = Field(
-        max_length=64, description="A hyperparameter name, e.g. lr, weight_decay, micro_batch."
-    )
+    name: str = Field(max_length=64, description="A hyperparameter name, e.g. lr, weight_decay, micro_batch.")
     min: float | None = Field(None, description="Lower bound (inclusive) of a range.")
     max: float | None = Field(None, description="Upper bound (inclusive) of a range.")
     log: bool = Field(False, description="Sample the range on a log scale (needs min > 0).")
     values: list[float] | None = Field(None, min_length=1, max_length=64, description="Allowed values.")
 
     @model_validator(mode="after")
-    def _check_shape(self) -> "SearchParameter":
+    def _check_shape(self) -> SearchParameter:
         if self.values is not None:
             if self.min is not None or self.max is not None:
                 raise ValueError(f"searchSpace[{self.name}]: give either values or min/max, not both")
@@ -179,7 +177,10 @@ class Budget(CamelModel):
     max_trials: int = Field(8, ge=1, le=500, description="Trials to launch at most, relaunches included.")
     parallel_trials: int = Field(2, ge=1, le=64, description="Trials running at once at most.")
     max_failed_trials: int = Field(
-        3, ge=0, le=500, description="Crashed trials tolerated; one more fails the experiment. Diverged trials do not count."
+        3,
+        ge=0,
+        le=500,
+        description="Crashed trials tolerated; one more fails the experiment. Diverged trials do not count.",
     )
     max_gpu_hours: float | None = Field(
         None, gt=0, alias="maxGPUHours", description="GPU-hours to spend at most (nodes x GPUs x hours)."
@@ -193,7 +194,9 @@ class HeuristicSettings(CamelModel):
     spike_factor: float = Field(3.0, gt=1, description="Terminate when smoothed loss exceeds this x its best.")
     smoothing: float = Field(0.5, gt=0, le=1, description="EMA weight of the newest loss in spike detection.")
     oscillation_window: int = Field(6, ge=3, le=50, description="Recent validation points checked for oscillation.")
-    oscillation_reversals: int = Field(4, ge=2, le=49, description="Direction changes in the window that count as oscillating.")
+    oscillation_reversals: int = Field(
+        4, ge=2, le=49, description="Direction changes in the window that count as oscillating."
+    )
     oscillation_min_amplitude: float = Field(0.05, ge=0, description="Relative swing below which reversals are noise.")
     rungs: list[float] = Field(
         default_factory=lambda: [0.25, 0.5],
@@ -248,7 +251,7 @@ class AgentExperimentSpec(CamelModel):
     )
 
     @model_validator(mode="after")
-    def _check_cross_fields(self) -> "AgentExperimentSpec":
+    def _check_cross_fields(self) -> AgentExperimentSpec:
         tunable = tunable_hyperparameters()
         names = [parameter.name for parameter in self.search_space]
         for parameter in self.search_space:
@@ -269,13 +272,10 @@ class AgentExperimentSpec(CamelModel):
         for index, trial in enumerate(self.initial_trials):
             for name, value in trial.items():
                 if name not in space:
-                    raise ValueError(
-                        f"initialTrials[{index}].{name}: not in searchSpace; add it there or drop it here"
-                    )
+                    raise ValueError(f"initialTrials[{index}].{name}: not in searchSpace; add it there or drop it here")
                 if not space[name].contains(value):
                     raise ValueError(
-                        f"initialTrials[{index}].{name}: {value} is outside the search space "
-                        f"({space[name].describe()})"
+                        f"initialTrials[{index}].{name}: {value} is outside the search space ({space[name].describe()})"
                     )
         fixed = set(self.trial_template.hyperparameters) & set(space)
         if fixed:
@@ -284,9 +284,7 @@ class AgentExperimentSpec(CamelModel):
             )
         # Every combination must make a valid trainer config; check the template with the space's corners.
         try:
-            Hyperparameters.model_validate(
-                {**self.trial_template.hyperparameters, **self.corner(low=True)}
-            )
+            Hyperparameters.model_validate({**self.trial_template.hyperparameters, **self.corner(low=True)})
         except ValidationError as error:
             raise ValueError(
                 "trialTemplate.hyperparameters with the search space's lower corner: "
@@ -350,9 +348,7 @@ class TrialStatus(CamelModel):
     nonfinite_losses: int = 0
     control_generation: int = 0
     loss_floor: float | None = None
-    history: list[list[float]] = Field(
-        default_factory=list, description="Recent [step, objective] points, bounded."
-    )
+    history: list[list[float]] = Field(default_factory=list, description="Recent [step, objective] points, bounded.")
     rung_objectives: dict[str, float] = Field(
         default_factory=dict, description="Objective when each ASHA rung step was passed."
     )

@@ -35,7 +35,6 @@ RESULT_ALIASES = {
 }
 
 
-
 class TrialMetrics(BaseModel):
     """One scrape of a trainer's rank-0 /metrics, reduced to the contract's gauges."""
 
@@ -44,7 +43,7 @@ class TrialMetrics(BaseModel):
     values: dict[str, float] = Field(default_factory=dict, description="trainpilot_* samples by name.")
 
     @classmethod
-    def from_result(cls, fields: Any) -> "TrialMetrics | None":
+    def from_result(cls, fields: Any) -> TrialMetrics | None:
         """The gauges in a trainer's final summary (result line or termination message); None if none."""
         if not isinstance(fields, Mapping):
             return None

@@ -87,7 +87,7 @@ class Hyperparameters(BaseModel):
     device: Device = Field("auto", description="auto picks CUDA when present.")
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "Hyperparameters":
+    def _check_consistency(self) -> Hyperparameters:
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -96,9 +96,7 @@ class Hyperparameters(BaseModel):
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.warmup_steps > self.max_steps:
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})"
-            )
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
         if self.dataset == "tokens":
             if not self.data_path:
                 raise ValueError("data_path: the tokens dataset needs a folder with train.bin and val.bin")

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
-from trainpilot.core.decision import DecisionRecord
 from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.decision import DecisionRecord
 
 STATE_STYLES = {
     "Pending": "dim",
@@ -118,7 +118,7 @@ class Progress:
             self._live.stop()
             self._live = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self.start()
         return self
 

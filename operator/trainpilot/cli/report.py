@@ -418,10 +418,21 @@ def plot(data: RunData, path: Path) -> Path:
         frameon=False,
     )
     decision_handles = [
-        Line2D([], [], linestyle="none", marker=MARKERS[a][0], markersize=9, color="0.6", markeredgecolor="black", label=MARKERS[a][1])
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker=MARKERS[a][0],
+            markersize=9,
+            color="0.6",
+            markeredgecolor="black",
+            label=MARKERS[a][1],
+        )
         for a in ("terminate", "mutate", "scale", "launch")
     ]
-    extra = [Line2D([], [], color="0.35", linestyle="--", label="loss floor (entropy rate)")] if floor is not None else []
+    extra = (
+        [Line2D([], [], color="0.35", linestyle="--", label="loss floor (entropy rate)")] if floor is not None else []
+    )
     fig.legend(
         handles=decision_handles + extra,
         title="decisions",
@@ -445,7 +456,7 @@ def _value_at(series: Series, objective: str, step: int) -> float | None:
     plot clamps to the top edge when it had already shot up).
     """
     for steps, values in (series.evaluations(objective), series.curve(TRAIN)):
-        earlier = [v for s, v in zip(steps, values) if s <= step]
+        earlier = [v for s, v in zip(steps, values, strict=True) if s <= step]
         if earlier:
             return earlier[-1]
     for key in (TRAIN, contract.objective_metric(objective)):
@@ -471,7 +482,8 @@ def _fmt(value: float | None) -> str:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;
+  color:#222;padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em}
 .meta{color:#555} img{max-width:100%;border:1px solid #ddd}
 table{border-collapse:collapse;width:100%;font-size:.88em}

@@ -25,8 +25,8 @@ from typing import Any
 from trainpilot.api.experiment import AgentExperiment, AgentExperimentSpec, AgentExperimentStatus
 from trainpilot.cli.manifest import ManifestError, load_experiment
 from trainpilot.cli.progress import Progress, fmt
-from trainpilot.runtime.local import LocalRuntime, TRAINER_MODULE, count_gpus
 from trainpilot.runtime.clock import local_now
+from trainpilot.runtime.local import TRAINER_MODULE, LocalRuntime, count_gpus
 
 logger = logging.getLogger("trainpilot.cli.run")
 
@@ -106,7 +106,9 @@ def _read_status(run_dir: Path) -> AgentExperimentStatus:
     try:
         return AgentExperimentStatus.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: unreadable status ({type(error).__name__}); the run directory needs repair") from None
+        raise UsageError(
+            f"{path}: unreadable status ({type(error).__name__}); the run directory needs repair"
+        ) from None
 
 
 def _lock_holder(path: Path) -> str:
@@ -188,9 +190,7 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
             notes.append(
                 f"--cpu: trialTemplate.gpusPerNode {template.gpus_per_node} is treated as 0; trials run on the CPU"
             )
-            spec = spec.model_copy(
-                update={"trial_template": template.model_copy(update={"gpus_per_node": 0})}
-            )
+            spec = spec.model_copy(update={"trial_template": template.model_copy(update={"gpus_per_node": 0})})
         elif gpus == 0:
             raise UsageError(
                 f"trialTemplate.gpusPerNode is {template.gpus_per_node} but this machine has no GPU; "
@@ -234,9 +234,7 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
                 )
             leftovers = [entry.name for entry in run_dir.iterdir() if entry.name != LOCK_NAME]
             if leftovers:
-                raise UsageError(
-                    f"{run_dir} is not empty and is not a trainpilot run directory; pass a new --run-dir"
-                )
+                raise UsageError(f"{run_dir} is not empty and is not a trainpilot run directory; pass a new --run-dir")
         if not _trainer_installed() and trainer_command()[-1] == TRAINER_MODULE:
             raise UsageError(
                 f"the trainer ({TRAINER_MODULE}) is not installed in this Python; "
@@ -449,7 +447,9 @@ async def drive(prepared: Prepared, *, live: bool, write_report: bool, out: Any 
     return exit_code
 
 
-def _final_words(prepared: Prepared, status: AgentExperimentStatus, exit_code: int, write_report: bool, out: Any) -> None:
+def _final_words(
+    prepared: Prepared, status: AgentExperimentStatus, exit_code: int, write_report: bool, out: Any
+) -> None:
     run_dir = prepared.run_dir
     spec = prepared.spec
     lines: list[str] = []
@@ -461,7 +461,9 @@ def _final_words(prepared: Prepared, status: AgentExperimentStatus, exit_code: i
     best = status.best_trial
     if best is not None:
         values = ", ".join(f"{k}={v:g}" for k, v in sorted(best.hyperparameters.items()))
-        lines.append(f"best trial: {best.name} {spec.objective.metric}={fmt(best.objective)} at step {best.step} ({values})")
+        lines.append(
+            f"best trial: {best.name} {spec.objective.metric}={fmt(best.objective)} at step {best.step} ({values})"
+        )
     else:
         lines.append("best trial: none yet")
     lines.append(f"run directory: {run_dir}")
@@ -473,7 +475,9 @@ def _final_words(prepared: Prepared, status: AgentExperimentStatus, exit_code: i
             png, html = make_report(run_dir, run_dir)
             lines.append(f"report:        {html}  (plot: {png})")
         except Exception as error:  # noqa: BLE001 - the run itself is done and recorded
-            lines.append(f"report:        not written ({type(error).__name__}: {error}); try: trainpilot report {run_dir}")
+            lines.append(
+                f"report:        not written ({type(error).__name__}: {error}); try: trainpilot report {run_dir}"
+            )
     else:
         lines.append(f"report:        trainpilot report {run_dir}")
     out.write("\n".join(lines) + "\n")

@@ -25,9 +25,9 @@ from trainpilot.core.conditions import set_condition
 from trainpilot.core.policy import make_policy
 from trainpilot.loop import run_cycle
 from trainpilot.runtime.base import RuntimeFailure
+from trainpilot.runtime.clock import cluster_now
 from trainpilot.runtime.kubernetes.api import KubeApi
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
-from trainpilot.runtime.clock import cluster_now
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,17 @@ async def mark_invalid(
     api: KubeApi, namespace: str, name: str, status: AgentExperimentStatus, message: str, generation: int | None
 ) -> AgentExperimentStatus:
     status = set_condition(
-        status, type="Valid", value="False", reason="InvalidSpec", message=message, now=cluster_now(), generation=generation
+        status,
+        type="Valid",
+        value="False",
+        reason="InvalidSpec",
+        message=message,
+        now=cluster_now(),
+        generation=generation,
     )
-    status = status.model_copy(update={"phase": "Invalid", "message": message[:1000], "observed_generation": generation})
+    status = status.model_copy(
+        update={"phase": "Invalid", "message": message[:1000], "observed_generation": generation}
+    )
     await api.patch_experiment_status(namespace, name, status.wire())
     return status
 
@@ -108,7 +116,9 @@ async def drive(
             continue
         reported_invalid = None
         if status.phase == "Invalid":
-            status = status.model_copy(update={"phase": "Running" if status.active_trials else "Pending", "message": ""})
+            status = status.model_copy(
+                update={"phase": "Running" if status.active_trials else "Pending", "message": ""}
+            )
 
         owner = {"metadata": dict(body["metadata"])}
         if runtime is None:

@@ -100,7 +100,9 @@ def observation_summary(status: AgentExperimentStatus, observation: Observation)
     shown = (active + finished)[:MAX_SUMMARY_TRIALS]
     return {
         "time": observation.time,
-        "best": {"trial": status.best_trial.name, "objective": status.best_trial.objective} if status.best_trial else None,
+        "best": {"trial": status.best_trial.name, "objective": status.best_trial.objective}
+        if status.best_trial
+        else None,
         "trials": {
             trial.name: {"state": trial.state, "step": trial.step, "objective": trial.objective} for trial in shown
         },

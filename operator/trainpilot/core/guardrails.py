@@ -276,11 +276,20 @@ def _allowances(
     # maxFailedTrials counts failures tolerated, so launching stops only once it is exceeded.
     lines.append(
         _Allowance(
-            "spec.budget.maxFailedTrials", budget.max_failed_trials, status.trials_failed, "trials failed", spend=True, tolerated=True
+            "spec.budget.maxFailedTrials",
+            budget.max_failed_trials,
+            status.trials_failed,
+            "trials failed",
+            spend=True,
+            tolerated=True,
         )
     )
     if budget.max_gpu_hours is not None:
-        lines.append(_Allowance("spec.budget.maxGPUHours", budget.max_gpu_hours, status.gpu_hours_used, "GPU-hours used", spend=True))
+        lines.append(
+            _Allowance(
+                "spec.budget.maxGPUHours", budget.max_gpu_hours, status.gpu_hours_used, "GPU-hours used", spend=True
+            )
+        )
     quota_lines = (
         ("max_trials_per_experiment", launched, "trials launched", 1, False),
         ("max_parallel_trials", running, "trials running", 1, False),

@@ -53,7 +53,15 @@ def format_table(records: list[DecisionRecord], width: int = 120) -> str:
         values = ", ".join(f"{k}={v:g}" for k, v in sorted(decision.hyperparameters.items()))
         action = decision.action + (f" ({values})" if values else "")
         rows.append(
-            (record.time[11:19] or record.time, record.id, decision.policy, action, record.trial or "-", record.outcome, why)
+            (
+                record.time[11:19] or record.time,
+                record.id,
+                decision.policy,
+                action,
+                record.trial or "-",
+                record.outcome,
+                why,
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = []

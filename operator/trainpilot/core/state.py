@@ -22,9 +22,9 @@ from trainpilot.api.experiment import (
     TrialState,
     TrialStatus,
 )
+from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import Hyperparameters
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.observation import Observation, TrialObservation, new_evaluation
 
 # A terminate with this reason means "it diverged": the heuristic uses it, and the suggester tells
@@ -339,4 +339,3 @@ def best_trial(spec: AgentExperimentSpec, trials: list[TrialStatus]) -> BestTria
         step=step,
         hyperparameters=dict(best.hyperparameters),
     )
-

@@ -53,11 +53,7 @@ class Suggester:
 
     def state_summary(self) -> dict[str, Any]:
         """The optimiser's view for an LLM policy: counts, the best, the top configurations."""
-        scored = [
-            trial
-            for trial in self.status.trials
-            if trial.finished and is_scored(trial)
-        ]
+        scored = [trial for trial in self.status.trials if trial.finished and is_scored(trial)]
         scored.sort(key=lambda trial: trial.best_objective, reverse=self.spec.objective.direction == "maximize")  # type: ignore[arg-type,return-value]
         top = [
             {"trial": trial.name, "value": trial.best_objective, "params": dict(trial.hyperparameters)}
@@ -82,7 +78,9 @@ class Suggester:
 
     def _told(self, optuna: Any, trial: TrialStatus, distributions: dict[str, Any]) -> Any:
         """A finished or running trial as Optuna sees it; None when it no longer fits the space."""
-        if any(not self._fits(parameter, trial.hyperparameters.get(parameter.name)) for parameter in self.spec.search_space):
+        if any(
+            not self._fits(parameter, trial.hyperparameters.get(parameter.name)) for parameter in self.spec.search_space
+        ):
             return None  # the space changed since it ran
         params = self._params(trial.hyperparameters)
         state = optuna.trial.TrialState

@@ -10,8 +10,7 @@ def trial_hyperparameters(spec: AgentExperimentSpec, trial: TrialStatus) -> Hype
     """Template values overlaid with the trial's searched values (integers stay integers)."""
     kinds = tunable_hyperparameters()
     searched = {
-        name: int(round(value)) if kinds.get(name) is int else value
-        for name, value in trial.hyperparameters.items()
+        name: int(round(value)) if kinds.get(name) is int else value for name, value in trial.hyperparameters.items()
     }
     return Hyperparameters.model_validate({**spec.trial_template.hyperparameters, **searched})
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def cluster_now() -> str:
     """Whole seconds with a Z, as Kubernetes writes metav1.Time (conditions, Events, status)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def local_now() -> str:
     """Microseconds: a run directory orders scrapes and decisions that fall within one second."""
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()

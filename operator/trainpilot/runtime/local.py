@@ -37,14 +37,14 @@ from typing import Any
 
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
+from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime.base import RuntimeFailure
-from trainpilot.runtime.scrape import scrape_all
 from trainpilot.runtime.clock import local_now
+from trainpilot.runtime.scrape import scrape_all
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +359,9 @@ class LocalRuntime:
         try:
             config = TrialConfig.model_validate_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            self._say(f"{trial.name}: cannot restart it ({type(error).__name__}: {error}); the loop will see it missing")
+            self._say(
+                f"{trial.name}: cannot restart it ({type(error).__name__}: {error}); the loop will see it missing"
+            )
             return False
         if self.has_checkpoint(trial.name):
             config = config.model_copy(update={"resume_from": self.checkpoint_dir(trial.name)})
@@ -514,11 +516,7 @@ class LocalRuntime:
                 self._release_gpus(local.name)
         names = [trial.name for trial in status.trials if not trial.finished]
         path = self.spec.metrics.path
-        urls = {
-            name: f"http://127.0.0.1:{self.trials[name].port}{path}"
-            for name in names
-            if name in self.trials
-        }
+        urls = {name: f"http://127.0.0.1:{self.trials[name].port}{path}" for name in names if name in self.trials}
         scraped = await scrape_all(urls, self.spec.metrics.scrape_timeout_seconds)
         observations: dict[str, TrialObservation] = {}
         for name in names:

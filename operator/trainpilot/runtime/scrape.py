@@ -66,4 +66,4 @@ async def scrape_all(urls: Mapping[str, str], timeout: float) -> dict[str, Trial
     client_timeout = aiohttp.ClientTimeout(total=timeout, connect=timeout)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
         results = await asyncio.gather(*(scrape(session, url, timeout) for url in urls.values()))
-    return dict(zip(urls.keys(), results))
+    return dict(zip(urls.keys(), results, strict=True))

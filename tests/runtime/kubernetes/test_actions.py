@@ -8,7 +8,6 @@ checkpoint under torchrun, with rendezvous at the rank-0 pod's DNS name."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,13 +16,13 @@ from tests.support.kube import Kube, aeventually
 from tests.support.paths import QUICKSTART_PATH
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentStatus, parse_spec
-from trainpilot.core.decision import Decision
 from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.decision import Decision
 from trainpilot.core.policy.base import PolicyContext
 from trainpilot.loop import run_cycle
+from trainpilot.runtime.clock import cluster_now
 from trainpilot.runtime.kubernetes.api import KubeApi
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
-from trainpilot.runtime.clock import cluster_now
 
 QUICKSTART = yaml.safe_load(QUICKSTART_PATH.read_text())
 NEW_LR, NEW_WEIGHT_DECAY = 0.002, 0.05
@@ -47,14 +46,18 @@ class Driven:
         body["spec"]["trialTemplate"].update(template or {})
         body["spec"]["trialTemplate"]["hyperparameters"].update(hyperparameters)
         kube.apply(body)
-        stored = kube.custom().get_namespaced_custom_object(contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, name)
+        stored = kube.custom().get_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, name
+        )
         self.name, self.policy = name, policy
         self.spec = parse_spec(stored["spec"])
         self.runtime = KubernetesRuntime(KubeApi(kube.api_client()), {"metadata": stored["metadata"]}, self.spec)
         self.status = AgentExperimentStatus()
 
     async def cycle(self) -> AgentExperimentStatus:
-        self.status = (await run_cycle(self.name, self.spec, self.status, self.runtime, self.policy, cluster_now())).status
+        self.status = (
+            await run_cycle(self.name, self.spec, self.status, self.runtime, self.policy, cluster_now())
+        ).status
         return self.status
 
     async def metrics(self, index: int = 0) -> TrialMetrics | None:
@@ -76,7 +79,16 @@ class MutateOnce:
         trial = context.status.trials[0]
         if trial.step > 0 and trial.control_generation == 0:
             changes = {"lr": NEW_LR, "weight_decay": NEW_WEIGHT_DECAY}
-            return [Decision(action="mutate", policy=self.name, reason="test", trial=trial.name, mode="in-place", hyperparameters=changes)]
+            return [
+                Decision(
+                    action="mutate",
+                    policy=self.name,
+                    reason="test",
+                    trial=trial.name,
+                    mode="in-place",
+                    hyperparameters=changes,
+                )
+            ]
         return []
 
 
@@ -127,12 +139,17 @@ class ScaleOnce:
 
 
 async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_path) -> None:
-    claim = {"metadata": {"name": "scaling-ckpt"}, "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}
+    claim = {
+        "metadata": {"name": "scaling-ckpt"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
     kube.core_v1().create_namespaced_persistent_volume_claim("default", claim)
     # The trial config names checkpoint paths inside a file, which the fake node cannot rewrite
     # the way it rewrites env values: mount the claim at a real host path instead.
     checkpoints = {"checkpoints": {"claimName": "scaling-ckpt", "mountPath": str(tmp_path / "ckpt")}}
-    experiment = Driven(kube, "scaling", ScaleOnce(), checkpoints, max_steps=200, eval_interval=50, checkpoint_interval=20)
+    experiment = Driven(
+        kube, "scaling", ScaleOnce(), checkpoints, max_steps=200, eval_interval=50, checkpoint_interval=20
+    )
 
     async def child_finished():
         trials = (await experiment.cycle()).trials
@@ -141,7 +158,9 @@ async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_pat
     try:
         child = await aeventually(child_finished, timeout=240, interval=0.5)
         job = kube.batch_v1().read_namespaced_job(child.name, "default")
-        pods = kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={child.name}").items
+        pods = (
+            kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={child.name}").items
+        )
     finally:
         await experiment.stop_all()
 

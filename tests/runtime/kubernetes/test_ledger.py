@@ -20,7 +20,9 @@ def record(seq: int, rationale: str = "") -> DecisionRecord:
         seq=seq,
         time="2026-11-22T07:00:00Z",
         experiment="exp",
-        decision=Decision(action="terminate", policy="heuristic", reason="loss-spike", trial="exp-t000", rationale=rationale),
+        decision=Decision(
+            action="terminate", policy="heuristic", reason="loss-spike", trial="exp-t000", rationale=rationale
+        ),
         outcome="executed",
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 from trainpilot.api.contract import objective_metric
 from trainpilot.api.experiment import MAX_TRIAL_HISTORY, HeuristicSettings, TrialStatus
@@ -114,14 +115,22 @@ class _Cycle:
         lr = trial.hyperparameters.get("lr")
         if space is not None and lr is not None and (lower := space.clamp(lr * factor)) < lr:
             resume = trial.name if trial.checkpoint_step is not None else None
-            start = f"resuming from its checkpoint at step {trial.checkpoint_step}" if resume else "from scratch (no checkpoint)"
+            start = (
+                f"resuming from its checkpoint at step {trial.checkpoint_step}"
+                if resume
+                else "from scratch (no checkpoint)"
+            )
             rationale = (
                 f"{trial.name}: {symptom}; {which} with lr {lr:g} x {factor:g} = {lower:g} "
                 f"(clamped into lr {space.describe()}), {start}"
             )
             self.relaunches.append(_Relaunch(trial, {**trial.hyperparameters, "lr": lower}, resume, rationale))
         else:
-            why = "lr is not in the search space" if space is None or lr is None else f"lr {lr:g} is already the lowest allowed"
+            why = (
+                "lr is not in the search space"
+                if space is None or lr is None
+                else f"lr {lr:g} is already the lowest allowed"
+            )
             rationale = f"{trial.name}: {symptom}; {why}, so {which} takes the next suggestion"
             self.relaunches.append(_Relaunch(trial, None, None, rationale))
 
@@ -217,10 +226,15 @@ class _Cycle:
         elif budget.max_gpu_hours is not None and status.gpu_hours_used >= budget.max_gpu_hours:
             # Running trials keep spending GPU hours, so this budget stops them rather than waits.
             outcome, reason = budget_outcome, "budget-spent"
-            rationale = f"{status.gpu_hours_used:.3g} GPU-hours used (maxGPUHours {budget.max_gpu_hours:g}); {best_text}"
+            rationale = (
+                f"{status.gpu_hours_used:.3g} GPU-hours used (maxGPUHours {budget.max_gpu_hours:g}); {best_text}"
+            )
         elif status.trials_launched >= budget.max_trials and not self.running():
             outcome, reason = budget_outcome, "budget-spent"
-            rationale = f"all {status.trials_launched} trials launched (maxTrials {budget.max_trials}) and none is running; {best_text}"
+            rationale = (
+                f"all {status.trials_launched} trials launched (maxTrials {budget.max_trials}) "
+                f"and none is running; {best_text}"
+            )
         else:
             return False
         if not self.may_propose("complete", None, reason):
@@ -228,7 +242,9 @@ class _Cycle:
         for trial in self.running():
             self.terminate(trial, COMPLETE_REASON, f"the experiment is completing ({reason})")
         self.decisions.append(
-            Decision(action="complete", policy=HeuristicPolicy.name, reason=reason, rationale=rationale, outcome=outcome)
+            Decision(
+                action="complete", policy=HeuristicPolicy.name, reason=reason, rationale=rationale, outcome=outcome
+            )
         )
         return True
 
@@ -280,7 +296,9 @@ class _Cycle:
             return
         self.stopping.add(trial.name)
         self.decisions.append(
-            Decision(action="terminate", policy=HeuristicPolicy.name, trial=trial.name, reason=reason, rationale=rationale)
+            Decision(
+                action="terminate", policy=HeuristicPolicy.name, trial=trial.name, reason=reason, rationale=rationale
+            )
         )
 
     def propose_launch(
@@ -327,11 +345,11 @@ class _Cycle:
 def count_reversals(values: list[float], min_amplitude: float) -> tuple[int, float]:
     """Direction changes between moves of at least `min_amplitude` (relative), and the largest move."""
     moves = []
-    for before, after in zip(values, values[1:]):
+    for before, after in pairwise(values):
         change = (after - before) / abs(before) if before else after - before
         if change and abs(change) >= min_amplitude:
             moves.append(change)
-    reversals = sum((a > 0) != (b > 0) for a, b in zip(moves, moves[1:]))
+    reversals = sum((a > 0) != (b > 0) for a, b in pairwise(moves))
     return reversals, max((abs(move) for move in moves), default=0.0)
 
 

@@ -176,9 +176,7 @@ def build_job(
         {"name": "control", "mountPath": CONTROL_MOUNT, "readOnly": True},
     ]
     if template.checkpoints is not None:
-        volumes.append(
-            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": template.checkpoints.claim_name}}
-        )
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": template.checkpoints.claim_name}})
         mounts.append({"name": "checkpoints", "mountPath": template.checkpoints.mount_path})
 
     container: dict[str, Any] = {

@@ -13,15 +13,15 @@ from typing import Any
 
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
+from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime import scrape
+from trainpilot.runtime.clock import cluster_now
 from trainpilot.runtime.kubernetes import builders
 from trainpilot.runtime.kubernetes.api import KubeApi, NotFound
 from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
-from trainpilot.runtime.clock import cluster_now
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,15 @@ class KubernetesRuntime:
     @staticmethod
     def _rank0(pods: list[Any]) -> Any | None:
         for pod in pods:
-            if (pod.metadata.labels or {}).get(contract.LABEL_COMPLETION_INDEX) == "0" and not pod.metadata.deletion_timestamp:
+            if (pod.metadata.labels or {}).get(
+                contract.LABEL_COMPLETION_INDEX
+            ) == "0" and not pod.metadata.deletion_timestamp:
                 return pod
         return None
 
-    def _observe_trial(self, trial: str, job: Any | None, pods: list[Any], metrics: TrialMetrics | None) -> TrialObservation:
+    def _observe_trial(
+        self, trial: str, job: Any | None, pods: list[Any], metrics: TrialMetrics | None
+    ) -> TrialObservation:
         if job is None:
             return TrialObservation(name=trial, phase="Missing", message=f"Job {trial} is gone")
         conditions = {c.type: c for c in (job.status.conditions or []) if c.status == "True"} if job.status else {}
@@ -118,7 +122,9 @@ class KubernetesRuntime:
         if metrics is None and terminated is not None:
             metrics = final_metrics(terminated.message)
         if "Complete" in conditions:
-            return TrialObservation(name=trial, phase="Succeeded", exit_reason="completed", exit_code=0, metrics=metrics)
+            return TrialObservation(
+                name=trial, phase="Succeeded", exit_reason="completed", exit_code=0, metrics=metrics
+            )
         if "Failed" in conditions:
             code = terminated.exit_code if terminated is not None else None
             failed = conditions["Failed"]
@@ -126,7 +132,12 @@ class KubernetesRuntime:
             if terminated is None and not pods:
                 message += " (its pods are gone)"
             return TrialObservation(
-                name=trial, phase="Failed", exit_reason=_exit_reason(code), exit_code=code, metrics=metrics, message=message
+                name=trial,
+                phase="Failed",
+                exit_reason=_exit_reason(code),
+                exit_code=code,
+                metrics=metrics,
+                message=message,
             )
         running = any(pod.status and pod.status.phase == "Running" for pod in pods)
         return TrialObservation(name=trial, phase="Running" if running else "Pending", metrics=metrics)
@@ -148,8 +159,16 @@ class KubernetesRuntime:
         owner, ns = self.owner, self.namespace
         control = ControlFile(generation=trial.control_generation)
         objects = [
-            ("config map", self.api.core.create_namespaced_config_map, builders.build_config_map(owner, trial.name, config)),
-            ("control map", self.api.core.create_namespaced_config_map, builders.build_control_map(owner, trial.name, control)),
+            (
+                "config map",
+                self.api.core.create_namespaced_config_map,
+                builders.build_config_map(owner, trial.name, config),
+            ),
+            (
+                "control map",
+                self.api.core.create_namespaced_config_map,
+                builders.build_control_map(owner, trial.name, control),
+            ),
             ("service", self.api.core.create_namespaced_service, builders.build_service(owner, trial.name)),
             ("job", self.api.batch.create_namespaced_job, builders.build_job(owner, self.spec, trial, record.id)),
         ]
@@ -161,8 +180,12 @@ class KubernetesRuntime:
         # Background propagation: the Job goes now, its pods get SIGTERM and their grace period
         # (the trainer checkpoints), and the API call does not wait for any of it.
         body = {"propagationPolicy": "Background"}
-        await self.api.delete_if_present(f"job {trial}", self.api.batch.delete_namespaced_job, trial, self.namespace, body=body)
-        await self.api.delete_if_present(f"service {trial}", self.api.core.delete_namespaced_service, trial, self.namespace)
+        await self.api.delete_if_present(
+            f"job {trial}", self.api.batch.delete_namespaced_job, trial, self.namespace, body=body
+        )
+        await self.api.delete_if_present(
+            f"service {trial}", self.api.core.delete_namespaced_service, trial, self.namespace
+        )
 
     async def set_control(self, trial: str, control: ControlFile) -> None:
         await self.api.call(
@@ -182,10 +205,14 @@ class KubernetesRuntime:
         event = builders.build_event(
             self.owner, record.id, reason, record.message(), warning=reason in WARNING_REASONS, now=record.time
         )
-        await self.api.create_if_absent(f"event {record.id}", self.api.core.create_namespaced_event, self.namespace, event)
+        await self.api.create_if_absent(
+            f"event {record.id}", self.api.core.create_namespaced_event, self.namespace, event
+        )
         compact = json.dumps(record.compact(), separators=(",", ":"))
         try:
-            await self.api.annotate_experiment(self.namespace, self.experiment, {contract.ANNOTATION_LAST_DECISION: compact})
+            await self.api.annotate_experiment(
+                self.namespace, self.experiment, {contract.ANNOTATION_LAST_DECISION: compact}
+            )
         except NotFound:
             logger.info("experiment %s is gone; not annotating %s", self.experiment, record.id)
         log = logger.warning if reason in WARNING_REASONS else logger.info
