@@ -226,21 +226,44 @@ def plot(data: RunData, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
-    metric = data.objective_metric
-    status = data.status
-    best = status.best_trial.name if status.best_trial else None
-    trial_names = list(data.series)
-    by_name = {trial.name: trial for trial in status.trials}
-    colors = plt.get_cmap("tab10")
+    y = _y_range(data)
+    fig, ax = plt.subplots(figsize=(14, 7.5), dpi=110)
+    fig.subplots_adjust(left=0.06, right=0.64, top=0.90, bottom=0.09)
+    color_of = {name: plt.get_cmap("tab10")(index % 10) for index, name in enumerate(data.series)}
+    handles = [_plot_trial(ax, data, name, color_of[name], y) for name in data.series]
+    _plot_decisions(ax, data, color_of, y)
+    _decorate(ax, data, y)
+    _legends(fig, handles, data.loss_floor())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
-    # A robust y range: a blown-up trial must not flatten everybody else's curves. A healthy loss
-    # stays below where training started, so the top is capped at twice the lowest first loss.
+
+@dataclass(frozen=True)
+class _YRange:
+    low: float
+    high: float
+
+    @property
+    def span(self) -> float:
+        return self.high - self.low
+
+    def clamp(self, value: float | None) -> float:
+        """Where a value is drawn: off-scale and non-finite values sit at the top edge."""
+        if value is None or not math.isfinite(value) or value > self.high:
+            return self.high
+        return max(value, self.low)
+
+
+def _y_range(data: RunData) -> _YRange:
+    """A robust y range: a blown-up trial must not flatten everybody else's curves. A healthy loss
+    stays below where training started, so the top is capped at twice the lowest first loss."""
     everything: list[float] = []
     firsts: list[float] = []
     for series in data.series.values():
-        for key in (TRAIN, metric):
+        for key in (TRAIN, data.objective_metric):
             _, values = series.curve(key)
             everything += values
             if values:
@@ -251,81 +274,77 @@ def plot(data: RunData, path: Path) -> Path:
     low = min(base + ([floor] if floor is not None else []))
     high = max(base)
     pad = max((high - low) * 0.06, 1e-3)
-    y_low, y_high = low - pad, high + pad
+    return _YRange(low - pad, high + pad)
 
-    def clamp(value: float | None) -> float:
-        if value is None or not math.isfinite(value) or value > y_high:
-            return y_high
-        return max(value, y_low)
 
-    fig, ax = plt.subplots(figsize=(14, 7.5), dpi=110)
-    fig.subplots_adjust(left=0.06, right=0.64, top=0.90, bottom=0.09)
-    handles: list[Any] = []
-    color_of: dict[str, Any] = {}
-    for index, name in enumerate(trial_names):
-        series = data.series[name]
-        color = colors(index % 10)
-        color_of[name] = color
-        is_best = name == best
-        train_steps, train_values = series.curve(TRAIN)
-        if train_steps:
-            ax.plot(
-                train_steps,
-                [clamp(v) for v in train_values],
-                color=color,
-                linewidth=0.9,
-                alpha=0.35,
-                zorder=2,
-            )
-        steps, values = series.evaluations(data.metric)
-        trial = by_name.get(name)
-        label = name
-        if trial is not None and trial.hyperparameters:
-            label += "  " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(trial.hyperparameters.items()))
-        if trial is not None:
-            label += f"  [{trial.state}]"
-        if is_best:
-            label = "★ best: " + label
-        if steps:
-            shown = [clamp(v) for v in values]
-            (line,) = ax.plot(
-                steps,
-                shown,
-                color=color,
-                linewidth=3.4 if is_best else 1.6,
-                marker="o" if len(steps) < 40 else None,
-                markersize=3.5 if not is_best else 4.5,
-                alpha=1.0 if is_best or best is None else 0.85,
-                zorder=5 if is_best else 3,
-                label=label,
-            )
-            handles.append(line)
-            if is_best and status.best_trial is not None:
-                at = status.best_trial.step if status.best_trial.step in steps else steps[-1]
-                value = shown[steps.index(at)]
-                # Beside the best point, on the side away from the rest of the curve where the
-                # axes leave room for two lines of text, else on the other side.
-                below = data.spec is None or data.spec.objective.direction == "minimize"
-                room = (value - y_low if below else y_high - value) / (y_high - y_low)
-                below = below if room > 0.2 else not below
-                ax.annotate(
-                    f"best {name}\n{data.metric} {status.best_trial.objective:.4g}",
-                    xy=(at, value),
-                    xytext=(-12, -40 if below else 28),
-                    textcoords="offset points",
-                    ha="right",
-                    fontsize=9,
-                    fontweight="bold",
-                    color=color,
-                    arrowprops={"arrowstyle": "-", "color": color, "lw": 1.0},
-                    zorder=7,
-                )
-        else:
-            handles.append(Line2D([], [], color=color, linewidth=1.6, label=label + " (never evaluated)"))
+def _trial_label(data: RunData, name: str) -> str:
+    trial = next((t for t in data.status.trials if t.name == name), None)
+    label = name
+    if trial is not None and trial.hyperparameters:
+        label += "  " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(trial.hyperparameters.items()))
+    if trial is not None:
+        label += f"  [{trial.state}]"
+    best = data.status.best_trial
+    return "★ best: " + label if best is not None and best.name == name else label
 
-    # Decisions on their trial's curve, at the step they were taken, labelled with their reason
-    # (and a relaunch with its parent) while there are few enough to read.
-    used_actions: set[str] = set()
+
+def _plot_trial(ax: Any, data: RunData, name: str, color: Any, y: _YRange) -> Any:
+    """One trial's curves (train loss thin and faded, the objective bold); returns its legend handle."""
+    from matplotlib.lines import Line2D
+
+    series = data.series[name]
+    best = data.status.best_trial
+    is_best = best is not None and best.name == name
+    train_steps, train_values = series.curve(TRAIN)
+    if train_steps:
+        ax.plot(train_steps, [y.clamp(v) for v in train_values], color=color, linewidth=0.9, alpha=0.35, zorder=2)
+    steps, values = series.evaluations(data.metric)
+    label = _trial_label(data, name)
+    if not steps:
+        return Line2D([], [], color=color, linewidth=1.6, label=label + " (never evaluated)")
+    shown = [y.clamp(v) for v in values]
+    (line,) = ax.plot(
+        steps,
+        shown,
+        color=color,
+        linewidth=3.4 if is_best else 1.6,
+        marker="o" if len(steps) < 40 else None,
+        markersize=3.5 if not is_best else 4.5,
+        alpha=1.0 if is_best or best is None else 0.85,
+        zorder=5 if is_best else 3,
+        label=label,
+    )
+    if is_best and best is not None:
+        at = best.step if best.step in steps else steps[-1]
+        _annotate_best(ax, data, name, color, (at, shown[steps.index(at)]), y)
+    return line
+
+
+def _annotate_best(ax: Any, data: RunData, name: str, color: Any, point: tuple[int, float], y: _YRange) -> None:
+    """Beside the best point, on the side away from the rest of the curve where the axes leave
+    room for two lines of text, else on the other side."""
+    assert data.status.best_trial is not None
+    at, value = point
+    below = data.spec is None or data.spec.objective.direction == "minimize"
+    room = (value - y.low if below else y.high - value) / y.span
+    below = below if room > 0.2 else not below
+    ax.annotate(
+        f"best {name}\n{data.metric} {data.status.best_trial.objective:.4g}",
+        xy=(at, value),
+        xytext=(-12, -40 if below else 28),
+        textcoords="offset points",
+        ha="right",
+        fontsize=9,
+        fontweight="bold",
+        color=color,
+        arrowprops={"arrowstyle": "-", "color": color, "lw": 1.0},
+        zorder=7,
+    )
+
+
+def _plot_decisions(ax: Any, data: RunData, color_of: dict[str, Any], y: _YRange) -> None:
+    """Decisions on their trial's curve, at the step they were taken, labelled with their reason
+    (and a relaunch with its parent) while there are few enough to read."""
     executed = [record for record in data.records if record.outcome == "executed"]
     label_marks = sum(len(_marker_targets(record)) for record in executed) <= 30
     # Labels of marks that (nearly) coincide are stacked downwards instead of printed over each other.
@@ -340,12 +359,11 @@ def plot(data: RunData, path: Path) -> Path:
             if step is None:
                 step = series.first_step()
             assert step is not None
-            value = _value_at(series, data.metric, step)
-            marker = MARKERS[action][0]
+            value = y.clamp(_value_at(series, data.metric, step))
             ax.scatter(
                 [step],
-                [clamp(value)],
-                marker=marker,
+                [value],
+                marker=MARKERS[action][0],
                 s=120 if action != "launch" else 55,
                 color=color_of.get(trial, "black"),
                 edgecolors="black",
@@ -353,23 +371,28 @@ def plot(data: RunData, path: Path) -> Path:
                 zorder=8,
                 clip_on=False,
             )
-            used_actions.add(action)
             note = _mark_label(record, action, at_start)
-            if label_marks and note:
-                where = (step / x_span, (clamp(value) - y_low) / (y_high - y_low))
-                stacked = sum(abs(where[0] - x) < 0.08 and abs(where[1] - y) < 0.03 for x, y in placed)
-                placed.append(where)
-                ax.annotate(
-                    note,
-                    xy=(step, clamp(value)),
-                    xytext=(7, (-11 if at_start or clamp(value) >= y_high else 7) - 9 * stacked),
-                    textcoords="offset points",
-                    fontsize=7.5,
-                    color="0.25",
-                    zorder=9,
-                    annotation_clip=False,
-                )
+            if not (label_marks and note):
+                continue
+            where = (step / x_span, (value - y.low) / y.span)
+            stacked = sum(abs(where[0] - x) < 0.08 and abs(where[1] - v) < 0.03 for x, v in placed)
+            placed.append(where)
+            ax.annotate(
+                note,
+                xy=(step, value),
+                xytext=(7, (-11 if at_start or value >= y.high else 7) - 9 * stacked),
+                textcoords="offset points",
+                fontsize=7.5,
+                color="0.25",
+                zorder=9,
+                annotation_clip=False,
+            )
 
+
+def _decorate(ax: Any, data: RunData, y: _YRange) -> None:
+    """Loss floor, axes, title, and a note when some values are drawn at the edge."""
+    status = data.status
+    floor = data.loss_floor()
     if floor is not None:
         ax.axhline(floor, color="0.35", linestyle="--", linewidth=1.2, zorder=1)
         ax.text(
@@ -382,7 +405,7 @@ def plot(data: RunData, path: Path) -> Path:
             color="0.3",
             transform=ax.get_yaxis_transform(),
         )
-    ax.set_ylim(y_low, y_high)
+    ax.set_ylim(y.low, y.high)
     ax.set_xlim(left=0)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{data.metric} (thick)  /  train loss (thin, faded)")
@@ -393,9 +416,9 @@ def plot(data: RunData, path: Path) -> Path:
         title += f"; best {status.best_trial.name} {data.metric}={status.best_trial.objective:.4g}"
     ax.set_title(title, fontsize=12, loc="left", pad=14)
     if any(
-        not math.isfinite(v) or v > y_high
+        not math.isfinite(v) or v > y.high
         for s in data.series.values()
-        for key in (metric, TRAIN)
+        for key in (data.objective_metric, TRAIN)
         for v in s.curve(key, finite=False)[1]
     ):
         ax.text(
@@ -408,8 +431,13 @@ def plot(data: RunData, path: Path) -> Path:
             fontsize=8,
             color="0.4",
         )
-    first = fig.legend(
-        handles=handles,
+
+
+def _legends(fig: Any, trial_handles: list[Any], floor: float | None) -> None:
+    from matplotlib.lines import Line2D
+
+    trials = fig.legend(
+        handles=trial_handles,
         title="trials (val loss thick, train loss faded)",
         loc="upper left",
         bbox_to_anchor=(0.655, 0.90),
@@ -442,11 +470,7 @@ def plot(data: RunData, path: Path) -> Path:
         title_fontsize=9,
         frameon=False,
     )
-    fig.add_artist(first)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    fig.add_artist(trials)  # a second fig.legend() replaces the first unless it is re-added
 
 
 def _value_at(series: Series, objective: str, step: int) -> float | None:
@@ -521,8 +545,20 @@ def render_html(data: RunData, png: bytes) -> str:
     if floor is not None:
         parts.append(f'<p class="meta">Loss floor known to the trainer: {_e(_fmt(floor))}</p>')
     parts.append(f'<img alt="loss curves and decisions of {_e(data.name)}" src="data:image/png;base64,{image}">')
+    parts += _trials_table(data)
+    parts += _decisions_table(data)
+    parts.append(
+        f'<p class="meta">Run directory: <code>{_e(data.run_dir)}</code>. '
+        "The full ledger is ledger.jsonl there (<code>trainpilot history</code> prints it).</p>"
+    )
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
 
-    # Trials.
+
+def _trials_table(data: RunData) -> list[str]:
+    status = data.status
+    best = status.best_trial
+    parts: list[str] = []
     searched = sorted({k for trial in status.trials for k in trial.hyperparameters})
     parts.append("<h2>Trials</h2><table><thead><tr><th>trial</th><th>state</th>")
     parts += [f"<th>{_e(name)}</th>" for name in searched]
@@ -543,7 +579,11 @@ def render_html(data: RunData, png: bytes) -> str:
         parts.append("".join(row))
     parts.append("</tbody></table>")
 
-    # Decisions.
+    return parts
+
+
+def _decisions_table(data: RunData) -> list[str]:
+    parts: list[str] = []
     parts.append(
         "<h2>Decisions</h2><table><thead><tr><th>id</th><th>time</th><th>policy</th><th>action</th>"
         "<th>trial</th><th>values</th><th>outcome</th><th>reason</th><th>rationale</th></tr></thead><tbody>"
@@ -562,12 +602,7 @@ def render_html(data: RunData, png: bytes) -> str:
             f"<td>{_e(decision.rationale)}</td></tr>"
         )
     parts.append("</tbody></table>")
-    parts.append(
-        f'<p class="meta">Run directory: <code>{_e(data.run_dir)}</code>. '
-        "The full ledger is ledger.jsonl there (<code>trainpilot history</code> prints it).</p>"
-    )
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return parts
 
 
 def _g(value: float | None) -> str:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,61 +149,95 @@ def _processes_per_trial(spec: AgentExperimentSpec) -> int:
 
 
 def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None = None) -> Prepared:
+    """Check the experiment, this machine and the run directory, then claim the run directory.
+
+    Every check runs before anything is written: bad input raises UsageError and leaves the
+    run directory as it was.
+    """
     notes: list[str] = []
     cpu_only = bool(getattr(args, "cpu", False))
-    resume = getattr(args, "resume", None)
-    if resume:
-        run_dir = Path(resume)
-        if not run_dir.is_dir():
-            raise UsageError(f"--resume {run_dir}: no such run directory")
-        manifest = run_dir / MANIFEST_NAME
-        if not manifest.is_file():
-            raise UsageError(
-                f"--resume {run_dir}: no {MANIFEST_NAME} there, so it is not a trainpilot run directory; "
-                f"start a new run with: trainpilot run EXPERIMENT.yaml --run-dir {run_dir}"
-            )
-        if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
-            raise UsageError("give either --resume RUN_DIR or --run-dir, not both")
-        experiment = _load(manifest)
-        if args.experiment:
-            given = _load(args.experiment)
-            if not _same_experiment(given, experiment):
-                raise UsageError(
-                    f"{run_dir} holds experiment {experiment.name!r} as first started, which differs from "
-                    f"{args.experiment}; resume it without a YAML, or pass a new --run-dir to start that one"
-                )
-    else:
+    resume: str | None = getattr(args, "resume", None)
+    experiment, run_dir = _choose_experiment(args, resume)
+    gpus = count_gpus() if gpus is None else gpus
+    cores = cores or os.cpu_count() or 1
+    spec = _fit_gpus(experiment.spec, gpus, cpu_only, notes)
+    lock_fd = _claim_run_dir(run_dir, experiment, resume)
+    if not resume:
+        assert args.experiment
+        tmp = run_dir / f".{MANIFEST_NAME}.tmp"
+        shutil.copyfile(args.experiment, tmp)
+        os.replace(tmp, run_dir / MANIFEST_NAME)
+    spec = _fit_parallel_trials(spec, cores, gpus, notes)
+    notes.insert(0, _cluster_fields_note(experiment, _processes_per_trial(spec)))
+    return Prepared(
+        run_dir=run_dir.resolve(),
+        experiment=experiment,
+        spec=spec,
+        resumed=bool(resume),
+        gpus=gpus,
+        cpu_only=cpu_only,
+        cores=cores,
+        lock_fd=lock_fd,
+        notes=notes,
+    )
+
+
+def _choose_experiment(args: argparse.Namespace, resume: str | None) -> tuple[AgentExperiment, Path]:
+    """The experiment to run and its run directory: from the YAML, or from a run to resume."""
+    if not resume:
         if not args.experiment:
             raise UsageError("give an experiment YAML (trainpilot run EXPERIMENT.yaml), or --resume RUN_DIR")
         experiment = _load(args.experiment)
         run_dir = Path(args.run_dir) if args.run_dir else Path("trainpilot-runs") / experiment.name
         if run_dir.exists() and not run_dir.is_dir():
             raise UsageError(f"--run-dir {run_dir}: exists and is not a directory")
+        return experiment, run_dir
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: no such run directory")
+    manifest = run_dir / MANIFEST_NAME
+    if not manifest.is_file():
+        raise UsageError(
+            f"--resume {run_dir}: no {MANIFEST_NAME} there, so it is not a trainpilot run directory; "
+            f"start a new run with: trainpilot run EXPERIMENT.yaml --run-dir {run_dir}"
+        )
+    if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
+        raise UsageError("give either --resume RUN_DIR or --run-dir, not both")
+    experiment = _load(manifest)
+    if args.experiment and not _same_experiment(_load(args.experiment), experiment):
+        raise UsageError(
+            f"{run_dir} holds experiment {experiment.name!r} as first started, which differs from "
+            f"{args.experiment}; resume it without a YAML, or pass a new --run-dir to start that one"
+        )
+    return experiment, run_dir
 
-    # What this machine can give.
-    spec = experiment.spec
+
+def _fit_gpus(spec: AgentExperimentSpec, gpus: int, cpu_only: bool, notes: list[str]) -> AgentExperimentSpec:
+    """The spec as this machine can run it: GPU trials on the CPU with --cpu, else refused if they do not fit."""
     template = spec.trial_template
-    gpus = count_gpus() if gpus is None else gpus
-    cores = cores or os.cpu_count() or 1
+    if template.gpus_per_node == 0:
+        return spec
+    if cpu_only:
+        notes.append(
+            f"--cpu: trialTemplate.gpusPerNode {template.gpus_per_node} is treated as 0; trials run on the CPU"
+        )
+        return spec.model_copy(update={"trial_template": template.model_copy(update={"gpus_per_node": 0})})
+    if gpus == 0:
+        raise UsageError(
+            f"trialTemplate.gpusPerNode is {template.gpus_per_node} but this machine has no GPU; "
+            "pass --cpu to run the trials on the CPU instead"
+        )
     per_trial_gpus = template.nodes * template.gpus_per_node
-    if template.gpus_per_node > 0:
-        if cpu_only:
-            notes.append(
-                f"--cpu: trialTemplate.gpusPerNode {template.gpus_per_node} is treated as 0; trials run on the CPU"
-            )
-            spec = spec.model_copy(update={"trial_template": template.model_copy(update={"gpus_per_node": 0})})
-        elif gpus == 0:
-            raise UsageError(
-                f"trialTemplate.gpusPerNode is {template.gpus_per_node} but this machine has no GPU; "
-                "pass --cpu to run the trials on the CPU instead"
-            )
-        elif per_trial_gpus > gpus:
-            raise UsageError(
-                f"one trial needs trialTemplate.nodes x gpusPerNode = {per_trial_gpus} GPUs but this machine has "
-                f"{gpus}; lower trialTemplate.gpusPerNode, or pass --cpu to run on the CPU"
-            )
+    if per_trial_gpus > gpus:
+        raise UsageError(
+            f"one trial needs trialTemplate.nodes x gpusPerNode = {per_trial_gpus} GPUs but this machine has "
+            f"{gpus}; lower trialTemplate.gpusPerNode, or pass --cpu to run on the CPU"
+        )
+    return spec
 
-    # Run directory state: checked (under its lock, when one exists) before anything is written.
+
+def _claim_run_dir(run_dir: Path, experiment: AgentExperiment, resume: str | None) -> int:
+    """Check the run directory's state under its lock, then create it; returns the held lock."""
     lock_fd = _acquire_lock(run_dir, create=False) if run_dir.is_dir() else None
     try:
         if resume:
@@ -210,31 +245,7 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
             if status.finished:
                 raise _AlreadyFinished(run_dir, status)
         elif run_dir.is_dir():
-            manifest = run_dir / MANIFEST_NAME
-            if manifest.exists():
-                try:
-                    stored: AgentExperiment | None = load_experiment(manifest)
-                except ManifestError:
-                    stored = None
-                status = _read_status(run_dir)
-                if stored is None or not _same_experiment(stored, experiment):
-                    held = f"experiment {stored.name!r}" if stored else "an unreadable experiment"
-                    raise UsageError(
-                        f"{run_dir} already holds a different run ({held}); pass --resume {run_dir} to continue "
-                        "that one, or a new --run-dir for this one (nothing was changed)"
-                    )
-                if status.finished:
-                    raise UsageError(
-                        f"{run_dir} already holds a finished run of {experiment.name!r} ({status.phase}); "
-                        f"pass a new --run-dir to run it again (see `trainpilot report {run_dir}`)"
-                    )
-                raise UsageError(
-                    f"{run_dir} already holds a stopped run of {experiment.name!r}; continue it with "
-                    f"`trainpilot run --resume {run_dir}`, or pass a new --run-dir (nothing was changed)"
-                )
-            leftovers = [entry.name for entry in run_dir.iterdir() if entry.name != LOCK_NAME]
-            if leftovers:
-                raise UsageError(f"{run_dir} is not empty and is not a trainpilot run directory; pass a new --run-dir")
+            _refuse_occupied_run_dir(run_dir, experiment)
         if not _trainer_installed() and trainer_command()[-1] == TRAINER_MODULE:
             raise UsageError(
                 f"the trainer ({TRAINER_MODULE}) is not installed in this Python; "
@@ -249,13 +260,40 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
             os.close(lock_fd)
         raise
     _write_lock_pid(lock_fd)
-    if not resume:
-        assert args.experiment
-        tmp = run_dir / f".{MANIFEST_NAME}.tmp"
-        shutil.copyfile(args.experiment, tmp)
-        os.replace(tmp, run_dir / MANIFEST_NAME)
+    return lock_fd
 
-    # Parallel trials: bounded by the cores (and the GPUs) of this machine.
+
+def _refuse_occupied_run_dir(run_dir: Path, experiment: AgentExperiment) -> None:
+    """A new run goes into an empty directory only; say how to continue what is already there."""
+    manifest = run_dir / MANIFEST_NAME
+    if not manifest.exists():
+        if any(entry.name != LOCK_NAME for entry in run_dir.iterdir()):
+            raise UsageError(f"{run_dir} is not empty and is not a trainpilot run directory; pass a new --run-dir")
+        return
+    try:
+        stored: AgentExperiment | None = load_experiment(manifest)
+    except ManifestError:
+        stored = None
+    status = _read_status(run_dir)
+    if stored is None or not _same_experiment(stored, experiment):
+        held = f"experiment {stored.name!r}" if stored else "an unreadable experiment"
+        raise UsageError(
+            f"{run_dir} already holds a different run ({held}); pass --resume {run_dir} to continue "
+            "that one, or a new --run-dir for this one (nothing was changed)"
+        )
+    if status.finished:
+        raise UsageError(
+            f"{run_dir} already holds a finished run of {experiment.name!r} ({status.phase}); "
+            f"pass a new --run-dir to run it again (see `trainpilot report {run_dir}`)"
+        )
+    raise UsageError(
+        f"{run_dir} already holds a stopped run of {experiment.name!r}; continue it with "
+        f"`trainpilot run --resume {run_dir}`, or pass a new --run-dir (nothing was changed)"
+    )
+
+
+def _fit_parallel_trials(spec: AgentExperimentSpec, cores: int, gpus: int, notes: list[str]) -> AgentExperimentSpec:
+    """Parallel trials bounded by the cores (and the GPUs) of this machine."""
     processes = _processes_per_trial(spec)
     wanted = spec.budget.parallel_trials
     parallel = min(wanted, max(1, cores // processes))
@@ -264,26 +302,18 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
     if gpus_per_trial > 0 and gpus // gpus_per_trial < parallel:
         parallel = max(1, gpus // gpus_per_trial)
         why = f"{gpus} GPUs / {gpus_per_trial} per trial"
-    if parallel < wanted:
-        notes.append(f"running {parallel} trial(s) at a time instead of budget.parallelTrials {wanted} ({why})")
-        spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"parallel_trials": parallel})})
+    if parallel >= wanted:
+        return spec
+    notes.append(f"running {parallel} trial(s) at a time instead of budget.parallelTrials {wanted} ({why})")
+    return spec.model_copy(update={"budget": spec.budget.model_copy(update={"parallel_trials": parallel})})
+
+
+def _cluster_fields_note(experiment: AgentExperiment, processes: int) -> str:
     template = experiment.spec.trial_template
-    notes.insert(
-        0,
+    return (
         f"local run: trialTemplate.image ({template.image}) and command are for clusters and are ignored here; "
         f"each trial runs `{Path(sys.executable).name} -m {TRAINER_MODULE}` from this Python environment"
-        + (" (under torch.distributed.run; several nodes become several local processes)" if processes > 1 else ""),
-    )
-    return Prepared(
-        run_dir=run_dir.resolve(),
-        experiment=experiment,
-        spec=spec,
-        resumed=bool(resume),
-        gpus=gpus,
-        cpu_only=cpu_only,
-        cores=cores,
-        lock_fd=lock_fd,
-        notes=notes,
+        + (" (under torch.distributed.run; several nodes become several local processes)" if processes > 1 else "")
     )
 
 
@@ -335,20 +365,39 @@ def _teardown_logging(handlers: list[logging.Handler]) -> None:
 
 
 async def drive(prepared: Prepared, *, live: bool, write_report: bool, out: Any = None) -> int:
-    from trainpilot.core.policy import make_policy
-    from trainpilot.loop import run_cycle
-    from trainpilot.runtime.base import RuntimeFailure
-
+    """Run the experiment to its end (or to Ctrl-C), then print where everything is."""
     out = out or sys.stdout
-    experiment = prepared.experiment
-    name = experiment.name
+    progress = Progress(prepared.experiment.name, prepared.spec, live=live, stream=out)
+    handlers = _setup_logging(prepared.run_dir, progress)
+    runtime = _local_runtime(prepared, progress)
+    stop = asyncio.Event()
+    remove_signal_handlers = _stop_on_signals(stop, progress, runtime)
+    progress.start()
+    sampler = asyncio.create_task(runtime.run_sampler(SAMPLE_SECONDS))
+    try:
+        status = await _start(prepared, runtime, progress)
+        status = await _cycle_until_done(prepared, runtime, progress, status, stop)
+        exit_code = await _shut_down(runtime, progress, status, interrupted=stop.is_set() and not status.finished)
+    except BaseException:
+        logger.exception("trainpilot run failed")
+        runtime.kill_all()
+        await runtime.close(grace=5.0)
+        raise
+    finally:
+        sampler.cancel()
+        progress.stop()
+        remove_signal_handlers()
+        _teardown_logging(handlers)
+
+    _final_words(prepared, status, exit_code, write_report, out)
+    return exit_code
+
+
+def _local_runtime(prepared: Prepared, progress: Progress) -> LocalRuntime:
     spec = prepared.spec
-    run_dir = prepared.run_dir
-    progress = Progress(name, spec, live=live, stream=out)
-    handlers = _setup_logging(run_dir, progress)
     runtime = LocalRuntime(
-        run_dir,
-        name,
+        prepared.run_dir,
+        prepared.experiment.name,
         spec,
         gpus=prepared.gpus,
         cpu_only=prepared.cpu_only,
@@ -359,13 +408,13 @@ async def drive(prepared: Prepared, *, live: bool, write_report: bool, out: Any 
         on_message=progress.message,
     )
     progress.fresh_metrics = lambda: runtime.latest
-    limits = LocalLimits(max_gpus=prepared.gpus, max_parallel_trials=spec.budget.parallel_trials)
-    policy = make_policy(spec)
-    status = runtime.load_status()
-    interval = float(spec.policy.interval_seconds)
+    return runtime
 
+
+def _stop_on_signals(stop: asyncio.Event, progress: Progress, runtime: LocalRuntime) -> Callable[[], None]:
+    """First Ctrl-C (or SIGTERM): finish the cycle, then stop the trials so they checkpoint.
+    The second kills them at once. Returns the function that removes the handlers."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     interrupts = 0
 
     def on_interrupt(signame: str) -> None:
@@ -381,70 +430,84 @@ async def drive(prepared: Prepared, *, live: bool, write_report: bool, out: Any 
             progress.message(f"{signame} again: killing every trial now")
             runtime.kill_all()
 
-    for signum, signame in ((signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")):
+    signals = ((signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM"))
+    for signum, signame in signals:
         loop.add_signal_handler(signum, on_interrupt, signame)
 
-    exit_code = EXIT_OK
-    progress.start()
-    sampler = asyncio.create_task(runtime.run_sampler(SAMPLE_SECONDS))
-    try:
-        for note in prepared.notes:
-            progress.message(note)
-        if prepared.resumed:
-            progress.remember(status)
-            progress.message(
-                f"resuming {name} from {run_dir}: {status.decisions_made} decisions so far, "
-                f"{len(status.active_trials)} trial(s) to restart"
-            )
-            for trial in status.active_trials:
-                await runtime.resume_trial(trial)
-        else:
-            progress.message(f"running {name}: run directory {run_dir}")
-        failures = 0
-        while True:
-            started = time.monotonic()
-            try:
-                result = await run_cycle(name, spec, status, runtime, policy, local_now(), limits=limits)
-                status = result.status
-                failures = 0
-            except RuntimeFailure as error:
-                failures += 1
-                progress.message(f"cycle failed, retrying next cycle: {error}")
-            progress.update(status)
-            if status.finished or stop.is_set():
-                break
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=max(0.05, interval - (time.monotonic() - started)))
-            except TimeoutError:
-                pass
-            if stop.is_set():
-                break
-
-        if stop.is_set() and not status.finished:
-            running = runtime.running()
-            if running:
-                progress.message(f"stopping {len(running)} trial(s): SIGTERM, they checkpoint and exit")
-            await runtime.close(grace=STOP_GRACE_SECONDS)
-            await runtime.save_status(status)
-            exit_code = EXIT_INTERRUPTED
-        else:
-            # Finished: the loop stopped what was running; let the trainers exit (they linger briefly).
-            await runtime.close(grace=STOP_GRACE_SECONDS)
-            exit_code = EXIT_OK if status.phase == "Succeeded" else EXIT_FAILED
-    except BaseException:
-        logger.exception("trainpilot run failed")
-        runtime.kill_all()
-        await runtime.close(grace=5.0)
-        raise
-    finally:
-        sampler.cancel()
-        progress.stop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+    def remove() -> None:
+        for signum, _ in signals:
             loop.remove_signal_handler(signum)
-        _teardown_logging(handlers)
 
-    _final_words(prepared, status, exit_code, write_report, out)
-    return exit_code
+    return remove
+
+
+async def _start(prepared: Prepared, runtime: LocalRuntime, progress: Progress) -> AgentExperimentStatus:
+    """Status to start from: fresh, or a stopped run's, with its interrupted trials restarted."""
+    status = runtime.load_status()
+    for note in prepared.notes:
+        progress.message(note)
+    name, run_dir = prepared.experiment.name, prepared.run_dir
+    if not prepared.resumed:
+        progress.message(f"running {name}: run directory {run_dir}")
+        return status
+    progress.remember(status)
+    progress.message(
+        f"resuming {name} from {run_dir}: {status.decisions_made} decisions so far, "
+        f"{len(status.active_trials)} trial(s) to restart"
+    )
+    for trial in status.active_trials:
+        await runtime.resume_trial(trial)
+    return status
+
+
+async def _cycle_until_done(
+    prepared: Prepared,
+    runtime: LocalRuntime,
+    progress: Progress,
+    status: AgentExperimentStatus,
+    stop: asyncio.Event,
+) -> AgentExperimentStatus:
+    """One agent-loop cycle every spec.policy.intervalSeconds until the experiment ends or `stop` is set."""
+    from trainpilot.core.policy import make_policy
+    from trainpilot.loop import run_cycle
+    from trainpilot.runtime.base import RuntimeFailure
+
+    spec, name = prepared.spec, prepared.experiment.name
+    limits = LocalLimits(max_gpus=prepared.gpus, max_parallel_trials=spec.budget.parallel_trials)
+    policy = make_policy(spec)
+    interval = float(spec.policy.interval_seconds)
+    while True:
+        started = time.monotonic()
+        try:
+            result = await run_cycle(name, spec, status, runtime, policy, local_now(), limits=limits)
+            status = result.status
+        except RuntimeFailure as error:
+            progress.message(f"cycle failed, retrying next cycle: {error}")
+        progress.update(status)
+        if status.finished or stop.is_set():
+            return status
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=max(0.05, interval - (time.monotonic() - started)))
+        except TimeoutError:
+            pass
+        if stop.is_set():
+            return status
+
+
+async def _shut_down(
+    runtime: LocalRuntime, progress: Progress, status: AgentExperimentStatus, *, interrupted: bool
+) -> int:
+    """Stop what still runs (trainers checkpoint on SIGTERM) and choose the exit code."""
+    if not interrupted:
+        # Finished: the loop stopped what was running; let the trainers exit (they linger briefly).
+        await runtime.close(grace=STOP_GRACE_SECONDS)
+        return EXIT_OK if status.phase == "Succeeded" else EXIT_FAILED
+    running = runtime.running()
+    if running:
+        progress.message(f"stopping {len(running)} trial(s): SIGTERM, they checkpoint and exit")
+    await runtime.close(grace=STOP_GRACE_SECONDS)
+    await runtime.save_status(status)
+    return EXIT_INTERRUPTED
 
 
 def _final_words(

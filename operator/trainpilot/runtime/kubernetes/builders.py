@@ -132,90 +132,14 @@ def build_job(
     trial: TrialStatus,
     decision_id: str,
 ) -> dict[str, Any]:
-    experiment = owner["metadata"]["name"]
-    namespace = owner["metadata"]["namespace"]
-    template = spec.trial_template
-    nodes, gpus = trial.nodes, trial.gpus_per_node
-    processes = template.processes_per_node or max(gpus, 1)
-    labels = child_labels(experiment, trial.name)
-
-    env: list[dict[str, Any]] = [
-        {"name": contract.ENV_TRIAL_CONFIG, "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
-        {"name": contract.ENV_CONTROL_FILE, "value": f"{CONTROL_MOUNT}/{CONTROL_KEY}"},
-        {"name": contract.ENV_METRICS_PORT, "value": str(spec.metrics.port)},
-        # Bind to the pod's own address: the same in a real pod, and it keeps trials on a
-        # shared host network (or a test's fake node) from fighting over one port.
-        _field_env(contract.ENV_METRICS_ADDR, "status.podIP"),
-        {"name": contract.ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
-    if nodes * processes > 1:
-        index_path = f"metadata.annotations['{contract.LABEL_COMPLETION_INDEX}']"
-        env += [
-            _field_env("PET_NODE_RANK", index_path),
-            {"name": "PET_NNODES", "value": str(nodes)},
-            {"name": "PET_NPROC_PER_NODE", "value": str(processes)},
-            {"name": "PET_MASTER_ADDR", "value": f"{trial.name}-0.{trial.name}"},
-            {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-        ]
-    if gpus == 0:
-        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
-    env += [{"name": key, "value": value} for key, value in sorted(template.env.items())]
-
-    resources = {kind: dict(values) for kind, values in template.resources.items()}
-    if gpus:
-        # The kubernetes client validates quantities as strings.
-        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
-
-    volumes: list[dict[str, Any]] = [
-        {"name": "trial-config", "configMap": {"name": config_map_name(trial.name)}},
-        {"name": "control", "configMap": {"name": control_map_name(trial.name)}},
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "trial-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-        {"name": "control", "mountPath": CONTROL_MOUNT, "readOnly": True},
-    ]
-    if template.checkpoints is not None:
-        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": template.checkpoints.claim_name}})
-        mounts.append({"name": "checkpoints", "mountPath": template.checkpoints.mount_path})
-
-    container: dict[str, Any] = {
-        "name": CONTAINER_NAME,
-        "image": template.image,
-        "imagePullPolicy": template.image_pull_policy,
-        "command": trainer_command(template.command, nodes, processes),
-        "env": env,
-        "ports": [
-            {"name": "metrics", "containerPort": spec.metrics.port},
-            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
-        ],
-        "volumeMounts": mounts,
-        # The trainer writes its final result here; the kubelet copies it into the pod status,
-        # so the last metrics survive even when no scrape caught them.
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "File",
-    }
-    if resources:
-        container["resources"] = resources
-
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "subdomain": trial.name,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if template.node_selector:
-        pod_spec["nodeSelector"] = dict(template.node_selector)
-    if template.service_account_name:
-        pod_spec["serviceAccountName"] = template.service_account_name
-
+    """The trial's Indexed Job: completions = parallelism = nodes, one trainer container per pod."""
+    labels = child_labels(owner["metadata"]["name"], trial.name)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": trial.name,
-            "namespace": namespace,
+            "namespace": owner["metadata"]["namespace"],
             "labels": labels,
             "annotations": {
                 contract.ANNOTATION_HYPERPARAMETERS: json.dumps(trial.hyperparameters, sort_keys=True),
@@ -225,8 +149,8 @@ def build_job(
         },
         "spec": {
             "completionMode": "Indexed",
-            "completions": nodes,
-            "parallelism": nodes,
+            "completions": trial.nodes,
+            "parallelism": trial.nodes,
             # A failed trial is a fact for the policy to weigh, not something to retry blindly.
             "backoffLimit": 0,
             "template": {
@@ -238,10 +162,107 @@ def build_job(
                         "prometheus.io/path": spec.metrics.path,
                     },
                 },
-                "spec": pod_spec,
+                "spec": build_pod_spec(spec, trial),
             },
         },
     }
+
+
+def build_pod_spec(spec: AgentExperimentSpec, trial: TrialStatus) -> dict[str, Any]:
+    template = spec.trial_template
+    volumes, mounts = _volumes(spec, trial)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": trial.name,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "containers": [_trainer_container(spec, trial, mounts)],
+        "volumes": volumes,
+    }
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.service_account_name:
+        pod_spec["serviceAccountName"] = template.service_account_name
+    return pod_spec
+
+
+def _trainer_container(spec: AgentExperimentSpec, trial: TrialStatus, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    template = spec.trial_template
+    processes = _processes_per_pod(spec, trial)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": template.image,
+        "imagePullPolicy": template.image_pull_policy,
+        "command": trainer_command(template.command, trial.nodes, processes),
+        "env": _trainer_env(spec, trial, processes),
+        "ports": [
+            {"name": "metrics", "containerPort": spec.metrics.port},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+        ],
+        "volumeMounts": mounts,
+        # The trainer writes its final result here; the kubelet copies it into the pod status,
+        # so the last metrics survive even when no scrape caught them.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+    resources = _resources(spec, trial)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _processes_per_pod(spec: AgentExperimentSpec, trial: TrialStatus) -> int:
+    return spec.trial_template.processes_per_node or max(trial.gpus_per_node, 1)
+
+
+def _trainer_env(spec: AgentExperimentSpec, trial: TrialStatus, processes: int) -> list[dict[str, Any]]:
+    """What the operator injects (the contract's TRAINPILOT_* names, torchrun's PET_*), then the user's env."""
+    env: list[dict[str, Any]] = [
+        {"name": contract.ENV_TRIAL_CONFIG, "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
+        {"name": contract.ENV_CONTROL_FILE, "value": f"{CONTROL_MOUNT}/{CONTROL_KEY}"},
+        {"name": contract.ENV_METRICS_PORT, "value": str(spec.metrics.port)},
+        # Bind to the pod's own address: the same in a real pod, and it keeps trials on a
+        # shared host network (or a test's fake node) from fighting over one port.
+        _field_env(contract.ENV_METRICS_ADDR, "status.podIP"),
+        {"name": contract.ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if trial.nodes * processes > 1:
+        index_path = f"metadata.annotations['{contract.LABEL_COMPLETION_INDEX}']"
+        env += [
+            _field_env("PET_NODE_RANK", index_path),
+            {"name": "PET_NNODES", "value": str(trial.nodes)},
+            {"name": "PET_NPROC_PER_NODE", "value": str(processes)},
+            {"name": "PET_MASTER_ADDR", "value": f"{trial.name}-0.{trial.name}"},
+            {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
+    if trial.gpus_per_node == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    return env + [{"name": key, "value": value} for key, value in sorted(spec.trial_template.env.items())]
+
+
+def _resources(spec: AgentExperimentSpec, trial: TrialStatus) -> dict[str, dict[str, str]]:
+    resources = {kind: dict(values) for kind, values in spec.trial_template.resources.items()}
+    if trial.gpus_per_node:
+        # The kubernetes client validates quantities as strings.
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(trial.gpus_per_node)
+    return resources
+
+
+def _volumes(spec: AgentExperimentSpec, trial: TrialStatus) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the trainer's mounts of them: trial config, control file, checkpoints."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "trial-config", "configMap": {"name": config_map_name(trial.name)}},
+        {"name": "control", "configMap": {"name": control_map_name(trial.name)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "trial-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "control", "mountPath": CONTROL_MOUNT, "readOnly": True},
+    ]
+    checkpoints = spec.trial_template.checkpoints
+    if checkpoints is not None:
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoints.claim_name}})
+        mounts.append({"name": "checkpoints", "mountPath": checkpoints.mount_path})
+    return volumes, mounts
 
 
 def build_event(owner: dict[str, Any], name: str, reason: str, message: str, warning: bool, now: str) -> dict[str, Any]:
