@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from trainpilot.runtime.scrape import parse_metrics, scrape_all
+from trainpilot.runtime.scrape import metrics_url, parse_metrics, scrape_all
 
 
 def exposition() -> str:
@@ -76,3 +76,26 @@ async def test_scrape_all_is_concurrent_and_bounded_by_timeout():
     assert results["hang1"] is None and results["hang2"] is None
     assert results["broken"] is None and results["absent"] is None
     assert elapsed < 5  # two hanging endpoints did not add up: they were scraped at once
+
+
+async def test_a_trainer_on_an_ipv6_pod_address_is_scraped():
+    """Dual-stack and IPv6-only clusters give pods IPv6 addresses: the URL needs brackets."""
+
+    async def metrics(_request):
+        return web.Response(text=exposition())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "::1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        url = metrics_url("::1", port, "/metrics")
+        results = await scrape_all({"t": url}, timeout=2)
+    finally:
+        await runner.cleanup()
+    assert url == f"http://[::1]:{port}/metrics"
+    assert results["t"] is not None and results["t"].step == 120
+    assert metrics_url("10.1.2.3", 9400, "/metrics") == "http://10.1.2.3:9400/metrics"

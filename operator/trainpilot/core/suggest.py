@@ -39,6 +39,9 @@ class Suggester:
             # again; offsetting by the number of trials keeps runs deterministic yet moving.
             seed=self.seed + len(self.status.trials),
             n_startup_trials=self.spec.policy.heuristic.startup_trials,
+            # Running trials count as bad while they run, so a batch (and the next cycle's
+            # suggestion) moves away from points already being tried. Optuna's default is off.
+            constant_liar=True,
         )
         study = optuna.create_study(direction=self.spec.objective.direction, sampler=sampler)
         for trial in self.status.trials:
@@ -48,7 +51,7 @@ class Suggester:
         for initial in self.initial_remaining[:count]:
             # Dimensions an initial trial leaves out are sampled like any other suggestion.
             study.enqueue_trial(self._params(initial))
-        # Asked trials stay RUNNING in the study, so TPE (constant liar) spreads a batch out.
+        # Asked trials stay RUNNING in the study, so the constant liar spreads a batch out too.
         return [self._plain(study.ask(distributions).params) for _ in range(count)]
 
     def state_summary(self) -> dict[str, Any]:

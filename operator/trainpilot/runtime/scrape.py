@@ -8,6 +8,7 @@ sample count are bounded, and nothing in it is interpreted beyond a float.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 from collections.abc import Mapping
@@ -24,6 +25,16 @@ MAX_SAMPLES = 256
 PREFIX = "trainpilot_"
 # Histogram internals are not gauges a policy reasons about.
 SKIPPED_SUFFIXES = ("_bucket", "_created")
+
+
+def metrics_url(host: str, port: int, path: str) -> str:
+    """The URL of a trainer's /metrics; an IPv6 address (a dual-stack or IPv6 pod) goes in brackets."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass  # a host name
+    return f"http://{host}:{port}{path}"
 
 
 def parse_metrics(text: str) -> TrialMetrics:

@@ -114,3 +114,18 @@ def test_service_config_maps_and_event_validate():
     assert len(event["message"]) <= 1024
     assert event["metadata"]["name"] == "lr-search-d00001"
     assert event["involvedObject"]["uid"] == "0000-1111"
+
+
+@pytest.mark.parametrize(
+    "gpus,processes,shared_memory", [(0, None, False), (1, None, False), (4, None, True), (0, 2, True)]
+)
+def test_pods_with_several_processes_get_a_memory_backed_dev_shm(gpus, processes, shared_memory):
+    template = {"processesPerNode": processes} if processes else {}
+    job = builders.build_job(OWNER, make_spec(**template), make_trial(gpus=gpus), "d")
+    client.V1Job.model_validate(job)
+    pod = job["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in pod["containers"][0]["volumeMounts"]}
+    assert ("/dev/shm" in mounts) == shared_memory
+    if shared_memory:
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}

@@ -262,6 +262,11 @@ def _volumes(spec: AgentExperimentSpec, trial: TrialStatus) -> tuple[list[dict[s
     if checkpoints is not None:
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoints.claim_name}})
         mounts.append({"name": "checkpoints", "mountPath": checkpoints.mount_path})
+    if _processes_per_pod(spec, trial) > 1:
+        # Processes of one pod talk through shared memory (NCCL between GPUs, torch's worker
+        # queues); a container runtime's default /dev/shm is 64 MiB, which makes NCCL fail or crawl.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
 
 

@@ -94,7 +94,7 @@ class KubernetesRuntime:
         for trial in active:
             rank0 = self._rank0(pods_by_trial.get(trial, []))
             if rank0 is not None and rank0.status and rank0.status.pod_ip and rank0.status.phase == "Running":
-                urls[trial] = f"http://{rank0.status.pod_ip}:{self.spec.metrics.port}{self.spec.metrics.path}"
+                urls[trial] = scrape.metrics_url(rank0.status.pod_ip, self.spec.metrics.port, self.spec.metrics.path)
         scraped = await scrape.scrape_all(urls, self.spec.metrics.scrape_timeout_seconds)
 
         for trial in active:
