@@ -7,10 +7,11 @@ import pytest
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentStatus, parse_spec
 from trainpilot.api.metrics import TrialMetrics
-from trainpilot.core.decision import DecisionRecord
+from trainpilot.core.decision import Decision, DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.core.policy import HeuristicPolicy
 from trainpilot.loop import run_cycle
+from trainpilot.runtime.base import Departure, LedgerConflict, PermanentFailure, RuntimeFailure
 
 
 class Crash(Exception):
@@ -18,7 +19,14 @@ class Crash(Exception):
 
 
 class MemoryRuntime:
-    """Records calls; trials report whatever the test scripts for them."""
+    """Records calls; trials report whatever the test scripts for them.
+
+    `refuse[(call, trial)] = message` makes that call fail for good (a 403 from the API server);
+    `fail_ledger` / `fail_save` make every ledger append / status save fail (transiently);
+    `sneak` is a record another writer appends under the same id just before this one does;
+    a stopped trial in `lingering` still has processes (departed() is None), and `reported_steps`
+    holds the checkpoint step each stopped trial reported on its way out.
+    """
 
     name = "memory"
 
@@ -26,17 +34,34 @@ class MemoryRuntime:
         self.calls: list[tuple[str, str]] = []
         self.records: list[DecisionRecord] = []
         self.saved: AgentExperimentStatus | None = None
+        self.saves = 0
         self.metrics: dict[str, dict[str, float]] = {}
         self.exits: dict[str, int] = {}
         self.crash_on_launch = False
         self.announced: list[str] = []
+        self.events: list[tuple[str, str]] = []
+        self.refuse: dict[tuple[str, str], str] = {}
+        self.fail_ledger: str | None = None
+        self.fail_save: str | None = None
+        self.sneak: DecisionRecord | None = None
+        self.lingering: set[str] = set()
+        self.fail_observe: RuntimeFailure | None = None
+        self.reported_steps: dict[str, int] = {}
 
     def checkpoint_dir(self, trial):
         return f"/ckpt/{trial}"
 
+    def _maybe_refuse(self, call, trial):
+        message = self.refuse.get((call, trial))
+        if message is not None:
+            self.calls.append((f"refused {call}", trial))
+            raise PermanentFailure(message)
+
     async def observe(self, status):
+        if self.fail_observe is not None:
+            raise self.fail_observe
         observation = Observation(time="t")
-        for trial in status.active_trials:
+        for trial in status.launched_trials:
             code = self.exits.get(trial.name)
             phase = "Running" if code is None else ("Succeeded" if code == 0 else "Failed")
             reason = None if code is None else contract.EXIT_REASONS[code]
@@ -46,28 +71,50 @@ class MemoryRuntime:
             )
         return observation
 
-    async def launch(self, trial, config, record):
+    async def launch(self, trial, config):
         if self.crash_on_launch:
             raise Crash("operator killed mid-cycle")
+        self._maybe_refuse("launch", trial.name)
         self.calls.append(("launch", trial.name))
         self.configs = getattr(self, "configs", {}) | {trial.name: config}
 
     async def stop(self, trial, reason):
+        self._maybe_refuse("stop", trial)
         self.calls.append(("stop", trial))
 
+    async def departed(self, trial):
+        if trial in self.lingering:
+            return None
+        return Departure(checkpoint_step=self.reported_steps.get(trial))
+
     async def set_control(self, trial, control):
+        self._maybe_refuse("control", trial)
         self.calls.append(("control", trial))
 
     async def record(self, record):
+        if self.fail_ledger:
+            raise RuntimeFailure(self.fail_ledger)
+        if self.sneak is not None and self.sneak.id == record.id:
+            self.records.append(self.sneak)
+            self.sneak = None
+        stored = next((r for r in self.records if r.id == record.id), None)
+        if stored is not None and stored != record:
+            raise LedgerConflict(record, stored)
         self.announced.append(record.id)
-        if record.id not in {r.id for r in self.records}:
+        if stored is None:
             self.records.append(record)
 
-    async def ledger(self):
-        return list(self.records)
+    async def ledger(self, since=0):
+        return [r for r in self.records if r.seq >= since]
+
+    async def announce(self, reason, message):
+        self.events.append((reason, message))
 
     async def save_status(self, status):
+        if self.fail_save:
+            raise RuntimeFailure(self.fail_save)
         self.saved = status
+        self.saves += 1
 
 
 SPEC = parse_spec(
@@ -165,3 +212,507 @@ def test_daemons_spread_over_the_interval():
     assert slot_wait("default", "exp-1", 30.0, 1000.0) == slot_wait("default", "exp-1", 30.0, 1000.0)
     slots = {round((1000.0 + wait) % 30.0) for wait in waits}
     assert len(slots) > 20  # not one burst: the phases cover the interval
+
+
+# ---- nothing wedges, nothing spins silently -------------------------------------------------
+
+FORBIDDEN = 'jobs.batch is forbidden: User "system:serviceaccount:trainpilot:trainpilot" cannot create resource "jobs"'
+
+
+def condition(status, type_):
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+async def test_a_launch_refused_for_good_fails_that_trial_with_the_api_message_and_the_loop_goes_on():
+    runtime = MemoryRuntime()
+    runtime.refuse[("launch", "exp-t000")] = FORBIDDEN
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+
+    failed = status.trial("exp-t000")
+    assert failed.state == "Failed" and FORBIDDEN in failed.message
+    assert ("launch", "exp-t001") in runtime.calls  # the other decision of the cycle was carried out
+    follow_up = runtime.records[-1]
+    assert follow_up.outcome == "failed" and follow_up.follows == "exp-d00000" and follow_up.seq == 2
+    assert follow_up.event_reason() == contract.REASON_DECISION_FAILED and FORBIDDEN in follow_up.verdict
+    assert status.decisions[-1].outcome == "failed" and status.decisions_made == 3
+    health = condition(status, contract.CONDITION_ACTIONS_HEALTHY)
+    assert health.status == "False" and health.reason == "DecisionFailed" and FORBIDDEN in health.message
+    assert runtime.saved == status
+
+    # The next cycle fills the slot again, and the refusal is not retried.
+    runtime.calls.clear()
+    status = (await cycle(runtime, status, now="2026-11-22T06:00:10Z")).status
+    assert [call for call in runtime.calls if call[0] == "launch"] == [("launch", "exp-t002")]
+    assert condition(status, contract.CONDITION_ACTIONS_HEALTHY).status == "True"
+
+
+async def test_a_refused_launch_is_not_retried_when_its_follow_up_is_replayed():
+    runtime = MemoryRuntime()
+    runtime.refuse[("launch", "exp-t000")] = FORBIDDEN
+    await cycle(runtime, AgentExperimentStatus())
+    runtime.calls.clear()
+    # A restart with nothing saved: the ledger holds the launch and the follow-up that refused it.
+    status = (await cycle(runtime, AgentExperimentStatus(), now="2026-11-22T06:00:10Z")).status
+    assert ("refused launch", "exp-t000") not in runtime.calls
+    assert status.trial("exp-t000").state == "Failed"
+    assert [r.seq for r in runtime.records] == list(range(len(runtime.records)))
+
+
+async def test_a_stop_refused_for_good_fails_that_trial():
+    runtime = MemoryRuntime()
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+    runtime.metrics["exp-t000"] = {contract.METRIC_STEP: 60, contract.METRIC_NONFINITE_LOSS: 1}
+    runtime.refuse[("stop", "exp-t000")] = "jobs.batch is forbidden: cannot delete"
+    status = (await cycle(runtime, status, now="2026-11-22T06:00:10Z")).status
+    trial = status.trial("exp-t000")
+    assert trial.state == "Failed" and "stopping exp-t000 failed" in trial.message and "cannot delete" in trial.message
+    assert any(r.outcome == "failed" and r.decision.action == "terminate" for r in runtime.records)
+
+
+class MutateInPlace:
+    name = "scripted"
+
+    async def decide(self, context):
+        if not context.status.trials:
+            return [Decision(action="launch", policy=self.name, reason="t", hyperparameters={"lr": 0.01})]
+        trial = context.status.trials[0]
+        return [
+            Decision(
+                action="mutate",
+                policy=self.name,
+                reason="t",
+                trial=trial.name,
+                mode="in-place",
+                hyperparameters={"lr": 0.002},
+            )
+        ]
+
+
+async def test_a_control_update_refused_for_good_leaves_the_trial_as_it_runs():
+    runtime = MemoryRuntime()
+    policy = MutateInPlace()
+    status = (await run_cycle("exp", SPEC, AgentExperimentStatus(), runtime, policy, "2026-11-22T06:00:00Z")).status
+    runtime.refuse[("control", "exp-t000")] = 'configmaps "exp-t000-control" is forbidden'
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:00:10Z")).status
+    trial = status.trial("exp-t000")
+    assert trial.state == "Running" and trial.hyperparameters == {"lr": 0.01} and trial.control_generation == 0
+    assert "changing exp-t000 failed" in trial.message and runtime.records[-1].outcome == "failed"
+
+
+async def test_a_ledger_that_cannot_be_written_stops_all_acting_and_fails_the_experiment_after_the_limit(caplog):
+    from trainpilot.loop import MAX_UNRECORDED_CYCLES, LoopMemory
+
+    runtime, memory = MemoryRuntime(), LoopMemory()
+    runtime.fail_ledger = 'configmaps "exp-ledger" is forbidden: cannot update'
+    status = AgentExperimentStatus()
+    for number in range(1, MAX_UNRECORDED_CYCLES + 1):
+        result = await run_cycle(
+            "exp", SPEC, status, runtime, HeuristicPolicy(), f"2026-11-22T06:00:{number:02d}Z", memory=memory
+        )
+        status = result.status
+        assert runtime.calls == [] and runtime.records == []  # write-ahead: nothing it could not record
+        assert "cannot update" in result.unrecorded
+        assert runtime.events[-1][0] == contract.REASON_RECORDING_FAILED and "cannot update" in runtime.events[-1][1]
+        assert "exp: could not write its ledger: " in caplog.text and f"({number} cycle(s) in a row" in caplog.text
+        health = condition(runtime.saved, contract.CONDITION_RECORDING_HEALTHY)
+        assert health.status == "False" and "cannot update" in health.message
+        assert (status.phase == "Failed") == (number == MAX_UNRECORDED_CYCLES)
+    assert "cannot update" in runtime.saved.message and runtime.saved.phase == "Failed"
+
+
+async def test_recording_recovers_before_the_limit():
+    from trainpilot.loop import LoopMemory
+
+    runtime, memory = MemoryRuntime(), LoopMemory()
+    runtime.fail_ledger = "etcdserver: request timed out"
+    status = (
+        await run_cycle("exp", SPEC, AgentExperimentStatus(), runtime, HeuristicPolicy(), "t0", memory=memory)
+    ).status
+    runtime.fail_ledger = None
+    status = (await run_cycle("exp", SPEC, status, runtime, HeuristicPolicy(), "t1", memory=memory)).status
+    assert memory.unrecorded_cycles == 0 and len(status.trials) == 2
+    assert condition(runtime.saved, contract.CONDITION_RECORDING_HEALTHY).status == "True"
+
+
+async def test_a_status_that_cannot_be_saved_fails_the_experiment_in_the_ledger_after_the_limit(caplog):
+    from trainpilot.loop import MAX_UNRECORDED_CYCLES, LoopMemory
+
+    runtime, memory = MemoryRuntime(), LoopMemory()
+    runtime.fail_save = 'agentexperiments.trainpilot.dev "exp" is invalid: status.trials: Too many'
+    status = AgentExperimentStatus()
+    for number in range(MAX_UNRECORDED_CYCLES):
+        result = await run_cycle(
+            "exp", SPEC, status, runtime, HeuristicPolicy(), f"2026-11-22T06:00:{number:02d}Z", memory=memory
+        )
+        status = result.status
+        assert "could not write its status" in caplog.text and "Too many" in result.unrecorded
+    assert status.phase == "Failed" and "Too many" in status.message
+    last = runtime.records[-1]
+    assert (last.decision.action, last.decision.policy, last.decision.outcome) == ("complete", "trainpilot", "failed")
+    assert ("stop", "exp-t000") in runtime.calls  # the failing is recorded, so it is carried out
+    assert runtime.saved is None
+
+
+class Broken:
+    name = "broken"
+
+    def __init__(self, failures: int = 10**6) -> None:
+        self.failures = failures
+
+    async def decide(self, context):
+        if self.failures:
+            self.failures -= 1
+            raise ModuleNotFoundError("No module named 'optuna'")
+        return []
+
+
+async def test_a_policy_that_keeps_raising_is_reported_and_fails_the_experiment_after_the_limit(caplog):
+    spec = SPEC.model_copy(deep=True)
+    spec.policy.max_consecutive_failures = 3
+    runtime, status = MemoryRuntime(), AgentExperimentStatus()
+    for number in range(1, 4):
+        status = (await run_cycle("exp", spec, status, runtime, Broken(), f"2026-11-22T06:00:0{number}Z")).status
+        health = condition(status, contract.CONDITION_POLICY_HEALTHY)
+        assert health.status == "False" and health.reason == "PolicyFailing"
+        assert "No module named 'optuna'" in health.message and f"failed {number} cycle(s) in a row" in health.message
+        assert runtime.events[-1][0] == contract.REASON_POLICY_FAILING
+        assert f"exp: policy broken failed {number} cycle(s)" in caplog.text
+        assert (status.phase == "Failed") == (number == 3)
+    assert "maxConsecutiveFailures 3" in status.message and "optuna" in status.message
+    [record] = runtime.records
+    assert record.decision.policy == "trainpilot" and record.event_reason() == contract.REASON_EXPERIMENT_FAILED
+
+
+async def test_a_policy_that_recovers_is_healthy_again():
+    runtime, status, policy = MemoryRuntime(), AgentExperimentStatus(), Broken(failures=2)
+    for number in range(3):
+        status = (await run_cycle("exp", SPEC, status, runtime, policy, f"2026-11-22T06:00:0{number}Z")).status
+    health = condition(status, contract.CONDITION_POLICY_HEALTHY)
+    assert health.status == "True" and status.policy_failures == 0 and status.phase == "Pending"
+
+
+# ---- the ledger is data: replayed records are checked again -----------------------------------
+
+
+def forged(seq: int, **decision) -> DecisionRecord:
+    decision.setdefault("policy", "heuristic")
+    decision.setdefault("reason", "initial-trial")
+    return DecisionRecord(
+        id=f"exp-d{seq:05d}",
+        seq=seq,
+        time="2026-11-22T05:00:00Z",
+        experiment="exp",
+        decision=Decision(**decision),
+        outcome="executed",
+        new_trial=f"exp-t{seq:03d}" if decision["action"] == "launch" else None,
+    )
+
+
+async def test_a_forged_executed_record_is_rejected_on_replay_and_never_carried_out():
+    runtime = MemoryRuntime()
+    # Written into the ledger by someone who may edit ConfigMaps, beyond what status has seen.
+    runtime.records.append(forged(0, action="launch", hyperparameters={"lr": 1e9}))
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+
+    assert ("launch", "exp-t000") not in runtime.calls or status.trial("exp-t000").hyperparameters["lr"] != 1e9
+    assert all(t.hyperparameters["lr"] != 1e9 for t in status.trials)
+    [rejection] = [r for r in runtime.records if r.follows == "exp-d00000"]
+    assert rejection.outcome == "rejected" and rejection.event_reason() == contract.REASON_DECISION_REJECTED
+    assert "no longer passes the guardrails" in rejection.verdict and "searchSpace" in rejection.verdict
+    assert status.decisions[0].outcome == "rejected"
+    assert [r.seq for r in runtime.records] == list(range(len(runtime.records)))
+
+    # Replayed again after another restart: still never carried out, and no second rejection.
+    runtime.calls.clear()
+    await cycle(runtime, AgentExperimentStatus(), now="2026-11-22T06:00:10Z")
+    assert [r.follows for r in runtime.records].count("exp-d00000") == 1
+    assert all(c[1] != "exp-t000" or runtime.configs[c[1]].hyperparameters.lr != 1e9 for c in runtime.calls)
+
+
+async def test_a_replayed_record_naming_a_trial_the_engine_would_not_is_rejected():
+    runtime = MemoryRuntime()
+    hijack = forged(0, action="launch", hyperparameters={"lr": 0.01}).model_copy(update={"new_trial": "kube-system"})
+    runtime.records.append(hijack)
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+    assert status.trial("kube-system") is None and ("launch", "kube-system") not in runtime.calls
+    [rejection] = [r for r in runtime.records if r.follows == "exp-d00000"]
+    assert "names new trial 'kube-system'" in rejection.verdict
+
+
+async def test_a_replayed_action_the_spec_no_longer_allows_is_rejected():
+    runtime = MemoryRuntime()
+    runtime.records.append(forged(0, action="launch", hyperparameters={"lr": 0.01}))
+    spec = SPEC.model_copy(deep=True)
+    spec.policy.allowed_actions = ["terminate", "complete"]
+    status = (await cycle(runtime, AgentExperimentStatus(), spec=spec)).status
+    assert runtime.calls == [] and status.trials == []
+    assert "allowedActions" in runtime.records[-1].verdict
+
+
+async def test_a_genuine_record_beyond_status_is_still_carried_out():
+    runtime = MemoryRuntime()
+    runtime.records.append(forged(0, action="launch", hyperparameters={"lr": 0.01}))
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+    assert ("launch", "exp-t000") in runtime.calls and status.trial("exp-t000").hyperparameters == {"lr": 0.01}
+    assert not any(r.follows for r in runtime.records)
+
+
+async def test_a_record_decided_apart_from_the_ledger_is_recorded_as_rejected_and_never_carried_out():
+    runtime = MemoryRuntime()
+    # Another writer, with a status of its own, recorded a different decision under the same id.
+    runtime.sneak = forged(0, action="launch", hyperparameters={"lr": 0.2})
+    result = await cycle(runtime, AgentExperimentStatus())
+    assert runtime.calls == [] and runtime.saved is None  # stale: nothing acted on, nothing saved
+    rejection = runtime.records[-1]
+    assert rejection.seq == 1 and rejection.outcome == "rejected" and rejection.decision.hyperparameters == {"lr": 5.0}
+    assert "two writers decided apart" in rejection.verdict and rejection.follows is None
+    # The next cycle replays what the ledger holds: the other writer's launch, then the rejection.
+    status = (await cycle(runtime, result.status, now="2026-11-22T06:00:10Z")).status
+    assert status.trial("exp-t000").hyperparameters == {"lr": 0.2}
+    assert status.decisions[1].outcome == "rejected"
+    assert [r.seq for r in runtime.records] == list(range(len(runtime.records)))
+
+
+# ---- what the trainer never exports ---------------------------------------------------------
+
+
+async def test_an_objective_the_trainer_never_exports_fails_the_experiment_naming_what_it_does():
+    from trainpilot.core.engine import MAX_EVALUATIONS_WITHOUT_OBJECTIVE
+
+    spec = SPEC.model_copy(deep=True)
+    spec.objective.metric = "accuracy"
+    runtime, status = MemoryRuntime(), AgentExperimentStatus()
+    status = (await cycle(runtime, status, spec=spec)).status
+    for evaluation in range(MAX_EVALUATIONS_WITHOUT_OBJECTIVE):
+        assert status.phase != "Failed"
+        for trial in status.active_trials:
+            runtime.metrics[trial.name] = {
+                contract.METRIC_STEP: 50 * (evaluation + 1),
+                contract.METRIC_EVAL_STEP: 50 * (evaluation + 1),
+                contract.METRIC_VAL_LOSS: 2.0,
+            }
+        status = (await cycle(runtime, status, now=f"2026-11-22T06:0{evaluation + 1}:00Z", spec=spec)).status
+    assert status.phase == "Failed"
+    assert "'accuracy'" in status.message and "trainpilot_accuracy" in status.message
+    assert "trainpilot_val_loss" in status.message and "val_loss" in status.message
+    assert f"advanced {MAX_EVALUATIONS_WITHOUT_OBJECTIVE} times" in status.message
+    assert runtime.records[-1].decision.reason == "objective-not-exported"
+
+
+async def test_an_exported_objective_never_trips_the_limit():
+    runtime, status = MemoryRuntime(), AgentExperimentStatus()
+    status = (await cycle(runtime, status)).status
+    for evaluation in range(6):
+        for trial in status.active_trials:
+            runtime.metrics[trial.name] = {
+                contract.METRIC_STEP: 40 * (evaluation + 1),
+                contract.METRIC_EVAL_STEP: 40 * (evaluation + 1),
+                contract.METRIC_VAL_LOSS: 2.0 - 0.1 * evaluation,
+            }
+        status = (await cycle(runtime, status, now=f"2026-11-22T06:0{evaluation + 1}:00Z")).status
+    assert status.phase == "Running" and status.trials[1].evaluations == 6
+
+
+# ---- a trial that ran all its steps ---------------------------------------------------------
+
+
+async def test_a_trial_that_ran_all_its_steps_is_succeeded_when_the_experiment_completes():
+    spec = SPEC.model_copy(deep=True)
+    spec.objective.goal = 1.5
+    runtime = MemoryRuntime()
+    status = (await cycle(runtime, AgentExperimentStatus(), spec=spec)).status
+    runtime.metrics["exp-t000"] = {
+        contract.METRIC_STEP: 300,
+        contract.METRIC_VAL_LOSS: 1.4,
+        contract.METRIC_EVAL_STEP: 300,
+    }
+    runtime.metrics["exp-t001"] = {
+        contract.METRIC_STEP: 120,
+        contract.METRIC_VAL_LOSS: 2.0,
+        contract.METRIC_EVAL_STEP: 100,
+    }
+    status = (await cycle(runtime, status, now="2026-11-22T06:00:10Z", spec=spec)).status
+    assert status.phase == "Succeeded"
+    assert status.trial("exp-t000").state == "Succeeded" and status.trial("exp-t001").state == "Terminated"
+    assert status.trials_succeeded == 1 and status.best_trial.name == "exp-t000"
+
+
+async def test_a_replayed_stop_of_a_trial_gone_since_keeps_its_reason():
+    runtime = MemoryRuntime()
+    saved = (await cycle(runtime, AgentExperimentStatus())).status
+    runtime.metrics["exp-t000"] = {contract.METRIC_STEP: 60, contract.METRIC_NONFINITE_LOSS: 1}
+    crashed_after = await cycle(runtime, saved, now="2026-11-22T06:00:10Z")  # stop carried out; status never saved
+    assert ("stop", "exp-t000") in runtime.calls and crashed_after.records
+    runtime.exits["exp-t000"] = 4  # its process is gone since: stopped by us, not crashed
+    status = (await cycle(runtime, saved, now="2026-11-22T06:00:20Z")).status
+    stopped = status.trial("exp-t000")
+    assert (stopped.state, stopped.message) == ("Terminated", "nonfinite-loss") and status.trials_failed == 0
+    assert not any(r.outcome == "rejected" for r in runtime.records)
+
+
+async def test_a_replayed_launch_into_a_slot_freed_since_the_last_save_stands():
+    runtime = MemoryRuntime()
+    saved = (await cycle(runtime, AgentExperimentStatus())).status  # two trials, parallelTrials 2
+    runtime.exits["exp-t000"] = 0  # it finished; the next cycle fills its slot, then the operator dies
+    await cycle(runtime, saved, now="2026-11-22T06:00:10Z")
+    assert ("launch", "exp-t002") in runtime.calls
+    runtime.calls.clear()
+    status = (await cycle(runtime, saved, now="2026-11-22T06:00:20Z")).status  # restarted from the older status
+    assert status.trial("exp-t002") is not None and ("launch", "exp-t002") in runtime.calls
+    assert not any(r.outcome == "rejected" for r in runtime.records)
+
+
+async def test_a_forged_record_under_another_id_cannot_take_a_genuine_records_place():
+    runtime = MemoryRuntime()
+    impostor = forged(0, action="launch", hyperparameters={"lr": 0.01}).model_copy(update={"id": "exp-d00000-x"})
+    runtime.records.extend([impostor, forged(0, action="launch", hyperparameters={"lr": 0.02})])
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+    assert status.trial("exp-t000").hyperparameters == {"lr": 0.02}  # the genuine one was carried out
+    [rejection] = [r for r in runtime.records if r.follows == "exp-d00000-x"]
+    assert rejection.outcome == "rejected" and "is not an id of exp's decisions" in rejection.verdict
+    await cycle(runtime, AgentExperimentStatus(), now="2026-11-22T06:00:10Z")  # replayed again: no second rejection
+    assert [r.follows for r in runtime.records].count("exp-d00000-x") == 1
+
+
+# ---- the hand-off of a restart: the child starts once the parent's pods are gone ---------------
+
+
+class Scripted:
+    """Proposes the decisions it is given, one per cycle."""
+
+    name = "scripted"
+
+    def __init__(self, *decisions: Decision) -> None:
+        self.queue = list(decisions)
+
+    async def decide(self, context):
+        return [self.queue.pop(0)] if self.queue else []
+
+
+RESTART = Decision(
+    action="mutate", policy="scripted", reason="lower-lr", trial="exp-t000", mode="restart",
+    hyperparameters={"lr": 0.001},
+)  # fmt: skip
+
+
+async def restarted_while_the_parent_lingers(runtime, checkpoint_step=100):
+    """exp-t000 launched, then restarted while its process is still saving its checkpoint."""
+    launch = Decision(action="launch", policy="scripted", reason="initial-trial", hyperparameters={"lr": 0.003})
+    policy = Scripted(launch, RESTART)
+    status = (await run_cycle("exp", SPEC, AgentExperimentStatus(), runtime, policy, "2026-11-22T06:00:00Z")).status
+    runtime.metrics["exp-t000"] = {contract.METRIC_STEP: 120}
+    if checkpoint_step is not None:
+        runtime.metrics["exp-t000"][contract.METRIC_CHECKPOINT_STEP] = checkpoint_step
+    runtime.lingering.add("exp-t000")
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:00:10Z")).status
+    return status, policy
+
+
+async def test_a_restarted_trials_child_starts_after_its_parent_is_gone_from_the_step_it_reported():
+    runtime = MemoryRuntime()
+    status, policy = await restarted_while_the_parent_lingers(runtime)
+    assert ("stop", "exp-t000") in runtime.calls and ("launch", "exp-t001") not in runtime.calls
+    child = status.trial("exp-t001")
+    assert (child.state, child.waiting_for, child.parent) == ("Pending", "exp-t000", "exp-t000")
+    assert runtime.saved.trial("exp-t001").waiting_for == "exp-t000"  # a restarted operator waits too
+
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:00:20Z")).status
+    assert ("launch", "exp-t001") not in runtime.calls  # still saving: still waiting
+
+    runtime.lingering.clear()
+    runtime.reported_steps["exp-t000"] = 130  # its save on SIGTERM, after the last scrape (100)
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:00:30Z")).status
+    assert ("launch", "exp-t001") in runtime.calls
+    config = runtime.configs["exp-t001"]
+    assert (config.resume_from, config.resume_tag) == ("/ckpt/exp-t000", contract.checkpoint_tag(130))
+    assert config.hyperparameters.lr == 0.001
+    child = status.trial("exp-t001")
+    assert (child.waiting_for, child.resumed_from_step) == (None, 130)
+    assert child.message == "resumed exp-t000's checkpoint at step 130"
+    assert runtime.saved.trial("exp-t001").resumed_from_step == 130
+
+
+@pytest.mark.parametrize(("scraped", "tag"), [(100, contract.checkpoint_tag(100)), (None, None)])
+async def test_a_parent_that_reported_nothing_on_its_way_out_hands_off_what_it_reported_before(scraped, tag):
+    runtime = MemoryRuntime()
+    status, policy = await restarted_while_the_parent_lingers(runtime, checkpoint_step=scraped)
+    runtime.lingering.clear()  # gone, its last report unseen (the operator restarted meanwhile, say)
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:00:20Z")).status
+    config = runtime.configs["exp-t001"]
+    assert config.resume_tag == tag and config.resume_from == ("/ckpt/exp-t000" if scraped else None)
+    assert status.trial("exp-t001").resumed_from_step == scraped
+
+
+async def test_a_parent_whose_pods_never_go_holds_its_child_back_only_up_to_the_handoff_timeout():
+    runtime = MemoryRuntime()
+    status, policy = await restarted_while_the_parent_lingers(runtime)
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:04:59Z")).status
+    assert ("launch", "exp-t001") not in runtime.calls
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:05:10Z")).status
+    assert ("launch", "exp-t001") in runtime.calls
+    assert runtime.configs["exp-t001"].resume_tag == contract.checkpoint_tag(100)  # complete by then
+    assert "still there 300 s after its stop" in status.trial("exp-t001").message
+
+
+async def test_a_child_that_cannot_be_launched_after_the_handoff_fails_with_the_api_message():
+    runtime = MemoryRuntime()
+    status, policy = await restarted_while_the_parent_lingers(runtime)
+    runtime.lingering.clear()
+    runtime.refuse[("launch", "exp-t001")] = "jobs.batch is forbidden"
+    status = (await run_cycle("exp", SPEC, status, runtime, policy, "2026-11-22T06:00:20Z")).status
+    child = status.trial("exp-t001")
+    assert child.state == "Failed" and "jobs.batch is forbidden" in child.message
+    [failed] = [r for r in runtime.records if r.outcome == "failed"]
+    assert failed.follows == child.decision and failed.new_trial == "exp-t001"
+
+
+# ---- trials that cannot be observed -------------------------------------------------------------
+
+
+async def test_trials_refused_for_good_to_be_observed_fail_the_experiment_after_the_limit():
+    from trainpilot.loop import MAX_UNOBSERVED_CYCLES, LoopMemory
+
+    runtime, memory = MemoryRuntime(), LoopMemory()
+    status = (
+        await run_cycle("exp", SPEC, AgentExperimentStatus(), runtime, HeuristicPolicy(), "2026-11-22T06:00:00Z")
+    ).status
+    runtime.fail_observe = PermanentFailure(
+        'list trial pods: API error 403: pods is forbidden: cannot list resource "pods"'
+    )
+    for n in range(1, MAX_UNOBSERVED_CYCLES):
+        now = f"2026-11-22T06:0{n}:00Z"
+        status = (await run_cycle("exp", SPEC, status, runtime, HeuristicPolicy(), now, memory=memory)).status
+        observed = condition(status, contract.CONDITION_OBSERVATION_HEALTHY)
+        assert (observed.status, observed.reason) == ("False", contract.REASON_OBSERVATION_FAILED)
+        assert f"({n} cycle(s) in a row; the limit is {MAX_UNOBSERVED_CYCLES})" in observed.message
+        assert "pods is forbidden" in runtime.events[-1][1] and status.phase == "Running"
+        assert runtime.saved == status  # the condition is on the object for kubectl describe
+    status = (
+        await run_cycle("exp", SPEC, status, runtime, HeuristicPolicy(), "2026-11-22T06:09:00Z", memory=memory)
+    ).status
+    assert status.phase == "Failed" and "pods is forbidden" in status.message
+    assert [t.state for t in status.trials] == ["Terminated", "Terminated"]
+    assert runtime.records[-1].decision.reason == "observation-failing"
+
+
+async def test_an_api_server_that_does_not_answer_is_waited_out_and_said_so():
+    from trainpilot.loop import MAX_UNOBSERVED_CYCLES, LoopMemory
+
+    runtime, memory = MemoryRuntime(), LoopMemory()
+    status = (
+        await run_cycle("exp", SPEC, AgentExperimentStatus(), runtime, HeuristicPolicy(), "2026-11-22T06:00:00Z")
+    ).status
+    runtime.fail_observe = RuntimeFailure("list trial jobs: no answer from the API server (ConnectionRefusedError)")
+    for n in range(2 * MAX_UNOBSERVED_CYCLES):
+        status = (
+            await run_cycle(
+                "exp", SPEC, status, runtime, HeuristicPolicy(), f"2026-11-22T06:{10 + n}:00Z", memory=memory
+            )
+        ).status
+    assert status.phase == "Running" and condition(status, contract.CONDITION_OBSERVATION_HEALTHY).status == "False"
+    assert runtime.events[-1][0] == contract.REASON_OBSERVATION_FAILED and "no answer" in runtime.events[-1][1]
+    runtime.fail_observe = None
+    status = (
+        await run_cycle("exp", SPEC, status, runtime, HeuristicPolicy(), "2026-11-22T06:30:00Z", memory=memory)
+    ).status
+    assert condition(status, contract.CONDITION_OBSERVATION_HEALTHY).status == "True"

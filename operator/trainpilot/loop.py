@@ -1,28 +1,64 @@
-"""One turn of the agent loop over any Runtime: recover, observe, decide, act, record.
+"""One turn of the agent loop over any Runtime: observe, recover, decide, act, record.
 
 The same function drives the Kubernetes operator (from a kopf daemon) and `trainpilot run` (local
 processes). Crash safety comes from the ordering: every decision is appended to the durable
-ledger *before* it is acted on, and status (which counts decisions made) is saved after. A cycle
-that starts and finds ledger records beyond status's count finishes their effects first, with
-the same names and ids, so a restart neither loses nor repeats a decision.
+ledger *before* it is acted on (nothing is carried out that could not be recorded), and status
+(which counts decisions made) is saved after. A cycle that finds ledger records beyond status's
+count finishes their effects first, with the same names and ids, so a restart neither loses nor
+repeats a decision; each such record passes the guardrails again first, since a ledger line is
+data like any proposal.
+
+Nothing wedges and nothing fails silently: an action the world refuses for good fails that trial
+or decision (a follow-up record, the ActionsHealthy condition) and the loop goes on; a policy that
+keeps raising, a ledger or status that cannot be written, each set a condition, post an Event,
+log a line naming the experiment, and fail it after a named limit.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
+from trainpilot.api import contract
+from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile
-from trainpilot.core.conditions import set_condition
-from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.engine import plan
+from trainpilot.core.conditions import ConditionValue, set_condition
+from trainpilot.core.decision import DecisionRecord, decision_id, decision_seq
+from trainpilot.core.engine import (
+    CyclePlan,
+    failed_record,
+    failure_record,
+    recheck,
+    rejection_record,
+)
+from trainpilot.core.handoff import handoff_overdue, handoff_step, handoff_words
+from trainpilot.core.pending import plan_with_timeouts
 from trainpilot.core.policy import Policy
 from trainpilot.core.state import apply_record, fold_observation
 from trainpilot.core.trials import build_trial_config
-from trainpilot.runtime.base import Runtime
+from trainpilot.runtime.base import LedgerConflict, PermanentFailure, Runtime, RuntimeFailure
 
 logger = logging.getLogger(__name__)
+
+# Cycles in a row whose ledger or status write failed before the experiment is failed with why.
+MAX_UNRECORDED_CYCLES = 5
+RECORDING_FAILING = "recording-failing"
+# Cycles in a row whose trials could not be observed, refused for good (a 403 listing pods, say),
+# before the experiment is failed. A transient failure (the API server down) sets the condition
+# and an Event each cycle but never fails it: waiting out an outage beats losing the experiment.
+MAX_UNOBSERVED_CYCLES = 5
+OBSERVATION_FAILING = "observation-failing"
+
+
+@dataclass
+class LoopMemory:
+    """What one caller keeps between cycles of one experiment. Kept in memory on purpose: it counts
+    failures to persist anything."""
+
+    unrecorded_cycles: int = 0
+    unobserved_cycles: int = 0  # refused for good, in a row
 
 
 @dataclass
@@ -30,6 +66,28 @@ class CycleResult:
     status: AgentExperimentStatus
     records: list[DecisionRecord] = field(default_factory=list)
     recovered: list[DecisionRecord] = field(default_factory=list)
+    unrecorded: str | None = None  # why this cycle could not write its ledger or its status
+
+
+class _Unrecorded(Exception):
+    """The ledger or status could not be written (or the ledger read): the cycle stops acting."""
+
+    def __init__(self, what: str, failure: RuntimeFailure, status: AgentExperimentStatus) -> None:
+        super().__init__(f"{what}: {failure}")
+        self.status = status
+
+
+class _Unobserved(Exception):
+    """The trials could not be observed: the cycle decides nothing on what it cannot see."""
+
+    def __init__(self, failure: RuntimeFailure, status: AgentExperimentStatus) -> None:
+        super().__init__(str(failure))
+        self.permanent = isinstance(failure, PermanentFailure)
+        self.status = status
+
+
+class _Stale(Exception):
+    """Another writer's records hold this cycle's ids: end it unsaved; the next one replays them."""
 
 
 async def run_cycle(
@@ -41,122 +99,461 @@ async def run_cycle(
     now: str,
     generation: int | None = None,
     limits: object | None = None,
+    memory: LoopMemory | None = None,
 ) -> CycleResult:
-    result = CycleResult(status=status)
-    if status.started_at is None:
-        status = status.model_copy(update={"started_at": now})
-
-    # 1. Recover: finish what a previous, interrupted cycle recorded but did not save.
-    for record in await runtime.ledger():
-        if record.seq >= status.decisions_made:
-            logger.info("recovering decision %s recorded before a restart", record.id)
-            await runtime.record(record)  # idempotent: re-posts an Event or annotation that was lost
-            status = await _act(experiment, spec, status, runtime, record, now)
-            result.recovered.append(record)
-
-    # 2. Observe.
-    observation = await runtime.observe(status)
-    status = fold_observation(spec, status, observation, now)
-    status = _with_generation(status, generation, now)
-
-    # 3. Decide, unless the experiment is over or paused.
-    if status.finished:
-        result.status = status
-        await runtime.save_status(status)
-        return result
-    if spec.suspend:
-        status = status.model_copy(update={"phase": "Suspended", "message": "suspended by spec.suspend"})
-        result.status = status
-        await runtime.save_status(status)
-        return result
-    if status.phase == "Suspended":
-        status = status.model_copy(update={"phase": "Running" if status.active_trials else "Pending", "message": ""})
-
-    records, _ = await plan(
-        experiment,
-        spec,
-        status,
-        observation,
-        policy,
-        now,
-        limits,
-        on_policy_error=_log_policy_error(experiment, policy),
-    )
-
-    # 4. Record first (write-ahead), then act, then fold the effect into status.
-    for record in records:
-        await runtime.record(record)
-        status = await _act(experiment, spec, status, runtime, record, now)
-        result.records.append(record)
-
-    result.status = status
-    await runtime.save_status(status)
-    return result
+    memory = memory if memory is not None else LoopMemory()
+    cycle = _Cycle(experiment, spec, runtime, policy, now, limits, status)
+    try:
+        status = await cycle.advance(status, generation)
+        memory.unobserved_cycles = 0
+        status = _healthy_again(
+            status, contract.CONDITION_RECORDING_HEALTHY, "Recorded", "ledger and status written", now
+        )
+        await cycle.save(status)
+    except _Stale:
+        return cycle.result
+    except _Unobserved as failure:
+        status = await cycle.unobserved(failure, memory)
+    except _Unrecorded as failure:
+        status = await cycle.unrecorded(failure, memory)
+        cycle.result.unrecorded = str(failure)
+    else:
+        memory.unrecorded_cycles = 0
+    cycle.result.status = status
+    return cycle.result
 
 
-async def _act(
-    experiment: str,
-    spec: AgentExperimentSpec,
-    status: AgentExperimentStatus,
-    runtime: Runtime,
-    record: DecisionRecord,
-    now: str,
-) -> AgentExperimentStatus:
-    """Carry out an executed record (idempotently) and return status with its effect applied."""
-    before = status
-    status = apply_record(spec, status, record, now)
-    if record.outcome != "executed":
+@dataclass
+class _Refusal:
+    record: DecisionRecord
+    trial: str
+    message: str
+
+
+class _Cycle:
+    """One cycle's work and what it has done so far."""
+
+    def __init__(
+        self,
+        experiment: str,
+        spec: AgentExperimentSpec,
+        runtime: Runtime,
+        policy: Policy,
+        now: str,
+        limits: object | None,
+        status: AgentExperimentStatus,
+    ) -> None:
+        self.experiment, self.spec, self.runtime, self.policy = experiment, spec, runtime, policy
+        self.now, self.limits = now, limits
+        self.result = CycleResult(status=status)
+        self.acted = 0
+        self.refusals: list[_Refusal] = []  # this cycle's, for the ActionsHealthy condition
+        self._follow_ups: list[Callable[[int], DecisionRecord]] = []  # records still to write, by seq
+
+    async def advance(self, status: AgentExperimentStatus, generation: int | None) -> AgentExperimentStatus:
+        if status.started_at is None:
+            status = status.model_copy(update={"started_at": self.now})
+        try:
+            self.observation = await self.runtime.observe(status)
+        except RuntimeFailure as failure:
+            raise _Unobserved(failure, status) from None
+        status = _healthy_again(status, contract.CONDITION_OBSERVATION_HEALTHY, "Observed", "trials observed", self.now)
+        # The ledger's records apply before what was seen since: a trial the interrupted cycle
+        # stopped is Terminated for its reason, not a crash because its Job is gone.
+        status = await self.recover(status)
+        status = fold_observation(self.spec, status, self.observation, self.now)
+        status = _with_generation(status, generation, self.now)
+        return self._action_health(await self.decide(status))
+
+    async def decide(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Plan and carry out this cycle's decisions, unless the experiment is over or paused."""
+        if status.finished:
+            return status
+        if self.spec.suspend:
+            return status.model_copy(update={"phase": "Suspended", "message": "suspended by spec.suspend"})
+        if status.phase == "Suspended":
+            status = status.model_copy(
+                update={"phase": "Running" if status.active_trials else "Pending", "message": ""}
+            )
+        status = await self.start_waiting(status)
+        planned = await self.plan(status)
+        return await self.carry_out(planned.status, planned.records)
+
+    async def plan(self, status: AgentExperimentStatus) -> CyclePlan:
+        planned = await plan_with_timeouts(  # engine.plan_cycle, after stopping trials that cannot start
+            self.experiment,
+            self.spec,
+            status,
+            self.observation,
+            self.policy,
+            self.now,
+            self.limits,
+            on_policy_error=self._log_policy_error,
+        )
+        if planned.policy_failure is not None:
+            logger.warning("%s: %s", self.experiment, planned.policy_failure)
+            await self.runtime.announce(contract.REASON_POLICY_FAILING, planned.policy_failure)
+        return planned
+
+    def _log_policy_error(self, error: BaseException) -> None:
+        # The warning with the message comes from plan(); the traceback goes to the log file only.
+        logger.info("%s: policy %s raised", self.experiment, self.policy.name, exc_info=error)
+
+    # ---------------------------------------------------------------- recover
+
+    async def recover(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Finish what a previous, interrupted cycle recorded but did not save."""
+        try:
+            pending = await self.runtime.ledger(status.decisions_made)
+        except RuntimeFailure as failure:
+            raise _Unrecorded("ledger", failure, status) from None
+        # A later record may already say what became of an earlier one (refused, or voided).
+        settled = {record.follows: record.outcome for record in pending if record.follows}
+        for record in pending:
+            if record.id != decision_id(self.experiment, record.seq):
+                # Not a line of this experiment's sequence (it would take a genuine record's place).
+                logger.warning("%s: ledger record %r is not %s; skipped", self.experiment, record.id, record.seq)
+                if record.id not in settled:
+                    verdict = f"{record.id!r} is not an id of {self.experiment}'s decisions"
+                    self._reject_later(record, verdict)
+                continue
+            if record.seq != status.decisions_made:
+                logger.warning(
+                    "%s: ledger record %s is out of sequence (next is %d); skipped",
+                    self.experiment,
+                    record.id,
+                    status.decisions_made,
+                )
+                continue
+            logger.info("%s: recovering decision %s recorded before a restart", self.experiment, record.id)
+            status = await self._replay(status, record, settled.get(record.id))
+            self.result.recovered.append(record)
+        return await self._write_follow_ups(status)
+
+    async def _replay(
+        self, status: AgentExperimentStatus, record: DecisionRecord, settled: str | None
+    ) -> AgentExperimentStatus:
+        if record.outcome == "executed" and settled is None:
+            verdict = recheck(self.experiment, self.spec, status, record, self.limits)
+            if not verdict.executed:
+                # What the interrupted cycle decided on knew this cycle's news (a trial that had
+                # finished, freeing a slot): valid against either view, it stands.
+                seen = fold_observation(self.spec, status, self.observation, self.now)
+                verdict = recheck(self.experiment, self.spec, seen, record, self.limits)
+            if not verdict.executed:
+                logger.warning("%s: not carrying out %s: %s", self.experiment, record.id, verdict.reason)
+                self._reject_later(record, verdict.reason)
+                settled = "rejected"
+        if settled == "rejected":  # voided: it counts in the sequence and has no effect
+            voided = record.model_copy(update={"outcome": "rejected", "new_trial": None})
+            return apply_record(self.spec, status, voided, self.now)
+        await self._record(record, status)  # idempotent: re-posts an Event or annotation that was lost
+        if settled == "failed":  # already refused once: the follow-up after it says so
+            return apply_record(self.spec, status, record, self.now)
+        return await self._act(status, record)
+
+    def _reject_later(self, record: DecisionRecord, verdict: str) -> None:
+        """Record `record` as rejected (DecisionRejected) once the records before it are replayed."""
+        self._follow_ups.append(
+            partial(rejection_record, self.experiment, record=record, verdict=verdict, now=self.now, follows=record.id)
+        )
+
+    # ---------------------------------------------------------------- act
+
+    async def carry_out(self, status: AgentExperimentStatus, records: list[DecisionRecord]) -> AgentExperimentStatus:
+        """Record first (write-ahead), then act, then fold the effect into status."""
+        for record in records:
+            await self._record(record, status)
+            status = await self._act(status, record)
+            self.result.records.append(record)
+        return await self._write_follow_ups(status)
+
+    async def _record(self, record: DecisionRecord, status: AgentExperimentStatus) -> None:
+        try:
+            await self.runtime.record(record)
+        except LedgerConflict as conflict:
+            await self._decided_apart(conflict)
+            raise _Stale() from None
+        except RuntimeFailure as failure:
+            raise _Unrecorded("ledger", failure, status) from None
+
+    async def _decided_apart(self, conflict: LedgerConflict) -> None:
+        """Record this cycle's decision as rejected after everything the ledger holds; never act on it."""
+        verdict = f"two writers decided apart: {conflict}; this one was never carried out"
+        logger.warning("%s: %s", self.experiment, verdict)
+        try:
+            tail = await self.runtime.ledger(conflict.record.seq)
+            seq = max(record.seq for record in tail) + 1
+            await self.runtime.record(rejection_record(self.experiment, seq, conflict.record, verdict, self.now, None))
+        except (RuntimeFailure, ValueError) as failure:
+            logger.warning("%s: the rejection of %s was not recorded: %s", self.experiment, conflict.record.id, failure)
+
+    async def _act(self, status: AgentExperimentStatus, record: DecisionRecord) -> AgentExperimentStatus:
+        """Carry out an executed record (idempotently) and return status with its effect applied."""
+        before = status
+        status = apply_record(self.spec, status, record, self.now)
+        if record.outcome != "executed":
+            return status
+        self.acted += 1
+        for trial, action in _actions(self.runtime, before, status, record):
+            await self._attempt(record, trial, action)
+        if record.new_trial is not None:
+            status = await self._start(status, record.new_trial, record)
         return status
+
+    async def _attempt(self, record: DecisionRecord, trial: str, action: Callable[[], Awaitable[None]]) -> bool:
+        """Run one runtime call of `record`; a refusal for good fails that trial (a follow-up record)."""
+        try:
+            await action()
+        except PermanentFailure as failure:
+            logger.warning("%s: %s refused for good: %s", self.experiment, trial, failure)
+            self.refusals.append(_Refusal(record, trial, str(failure)))
+            self._follow_ups.append(
+                partial(failed_record, self.experiment, record=record, trial=trial, message=str(failure), now=self.now)
+            )
+            return False
+        return True
+
+    async def start_waiting(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Start the children of restarts whose parents' pods are gone since (core.handoff)."""
+        for trial in status.trials:
+            if trial.waiting_for is not None and not trial.finished:
+                status = await self._start(status, trial.name, None)
+        return status
+
+    async def _start(
+        self, status: AgentExperimentStatus, name: str, record: DecisionRecord | None
+    ) -> AgentExperimentStatus:
+        """Launch trial `name` (of `record`, or of a record made earlier), unless it must wait."""
+        trial = status.trial(name)
+        if trial is None or trial.finished:
+            return status
+        update: dict[str, object] = {}
+        if trial.waiting_for is not None:
+            parent = trial.waiting_for
+            departure = await self.runtime.departed(parent)
+            overdue = departure is None and handoff_overdue(trial, self.now)
+            if departure is None and not overdue:
+                return status  # the parent is still saving or stopping: a later cycle starts it
+            step = handoff_step(status.trial(parent), departure.checkpoint_step if departure else None)
+            source = parent if step is not None else None
+            update = {"waiting_for": None, "resumed_from_step": step, "message": handoff_words(parent, step, overdue)}
+        else:
+            source, step = _resume_source(status, record)
+        record = record or await self._record_of(trial.decision)
+        launched = trial.model_copy(update=update)
+        if record is None:
+            return status  # its record is not in the ledger (yet): it cannot be launched under it
+        started = await self._attempt(
+            record, name, lambda: _launch(self.experiment, self.spec, self.runtime, launched, source, step)
+        )
+        if not started:
+            return status  # the follow-up record fails it
+        return status.model_copy(
+            update={"trials": [launched if other.name == name else other for other in status.trials]}
+        )
+
+    async def _record_of(self, id: str) -> DecisionRecord | None:
+        seq = decision_seq(self.experiment, id)
+        if seq is None:
+            return None
+        try:
+            records = await self.runtime.ledger(seq)
+        except RuntimeFailure as failure:
+            raise _Unrecorded("ledger", failure, self.result.status) from None
+        return next((record for record in records if record.id == id), None)
+
+    async def _write_follow_ups(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Records about earlier ones (refused, or rejected on replay), numbered after them."""
+        while self._follow_ups:
+            record = self._follow_ups.pop(0)(status.decisions_made)
+            await self._record(record, status)
+            status = apply_record(self.spec, status, record, self.now)
+            self.result.records.append(record)
+        return status
+
+    def _action_health(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        if self.refusals:
+            last = self.refusals[-1]
+            message = f"{len(self.refusals)} action(s) refused this cycle; the last: {last.trial}: {last.message}"
+            return _condition(
+                status, contract.CONDITION_ACTIONS_HEALTHY, "False", contract.REASON_DECISION_FAILED, message, self.now
+            )
+        if self.acted:
+            return _healthy_again(
+                status, contract.CONDITION_ACTIONS_HEALTHY, "ActionsCarriedOut", "actions carried out", self.now
+            )
+        return status
+
+    # ---------------------------------------------------------------- save
+
+    async def save(self, status: AgentExperimentStatus) -> None:
+        try:
+            await self.runtime.save_status(status)
+        except RuntimeFailure as failure:
+            raise _Unrecorded("status", failure, status) from None
+
+    async def unrecorded(self, failure: _Unrecorded, memory: LoopMemory) -> AgentExperimentStatus:
+        """Say why nothing more was done, each cycle; fail the experiment after MAX_UNRECORDED_CYCLES."""
+        memory.unrecorded_cycles += 1
+        count = memory.unrecorded_cycles
+        message = (
+            f"could not write its {failure} ({count} cycle(s) in a row; the limit is {MAX_UNRECORDED_CYCLES}); "
+            "nothing that could not be recorded was carried out"
+        )
+        status = await self._report(
+            failure.status, contract.CONDITION_RECORDING_HEALTHY, contract.REASON_RECORDING_FAILED, message
+        )
+        if count >= MAX_UNRECORDED_CYCLES and not status.finished:
+            status = await self._fail_unrecorded(status, message)
+        return await self._save_anyway(status)
+
+    async def unobserved(self, failure: _Unobserved, memory: LoopMemory) -> AgentExperimentStatus:
+        """Say why nothing was decided, each cycle; fail the experiment after MAX_UNOBSERVED_CYCLES
+        refusals for good in a row."""
+        if failure.permanent:
+            memory.unobserved_cycles += 1
+            count = memory.unobserved_cycles
+            message = (
+                f"could not observe its trials, refused for good: {failure} ({count} cycle(s) in a row; "
+                f"the limit is {MAX_UNOBSERVED_CYCLES}); nothing was decided"
+            )
+        else:
+            count = 0
+            message = f"could not observe its trials: {failure}; nothing was decided, retrying next cycle"
+        status = await self._report(
+            failure.status, contract.CONDITION_OBSERVATION_HEALTHY, contract.REASON_OBSERVATION_FAILED, message
+        )
+        if count >= MAX_UNOBSERVED_CYCLES and not status.finished:
+            try:
+                status = await self._fail(status, OBSERVATION_FAILING, message)
+            except _Unrecorded as unrecorded:
+                return await self.unrecorded(unrecorded, memory)
+            except _Stale:
+                return status
+        return await self._save_anyway(status)
+
+    async def _report(
+        self, status: AgentExperimentStatus, condition: str, reason: str, message: str
+    ) -> AgentExperimentStatus:
+        """What keeps the experiment from progressing: a log line naming it, an Event, a False condition."""
+        logger.warning("%s: %s", self.experiment, message)
+        await self.runtime.announce(reason, message)
+        return _condition(status, condition, "False", reason, message, self.now)
+
+    async def _save_anyway(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Save status after a failed cycle, so kubectl shows why; a failure here is only logged."""
+        try:
+            await self.runtime.save_status(status)
+        except RuntimeFailure as again:
+            logger.warning("%s: status not saved either: %s", self.experiment, again)
+        return status
+
+    async def _fail(self, status: AgentExperimentStatus, reason: str, message: str) -> AgentExperimentStatus:
+        """Record the experiment as failed with `message`, then stop its trials."""
+        record = failure_record(self.experiment, status, reason, message, self.now)
+        await self._record(record, status)
+        self.result.records.append(record)
+        return await self._write_follow_ups(await self._act(status, record))
+
+    async def _fail_unrecorded(self, status: AgentExperimentStatus, message: str) -> AgentExperimentStatus:
+        record = failure_record(self.experiment, status, RECORDING_FAILING, message, self.now)
+        try:
+            await self.runtime.record(record)
+        except RuntimeFailure:
+            # Not even this can be recorded: fail it in status alone, and act on nothing.
+            text = f"{message}; trials still running were left to finish, since nothing unrecorded is carried out"
+            return status.model_copy(update={"phase": "Failed", "message": text[:1000], "finished_at": self.now})
+        self.result.records.append(record)
+        return await self._act(status, record)
+
+
+def _actions(
+    runtime: Runtime,
+    before: AgentExperimentStatus,
+    after: AgentExperimentStatus,
+    record: DecisionRecord,
+) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    """The stops and control changes an executed record asks for, each with the trial it concerns
+    (a new trial is started apart: it may have to wait for the one it resumes from)."""
     decision = record.decision
     action = decision.action
     restarts = action == "scale" or (action == "mutate" and decision.mode == "restart")
+    calls: list[tuple[str, Callable[[], Awaitable[None]]]] = []
 
-    if action == "terminate" or restarts:
-        if decision.trial:
-            await runtime.stop(decision.trial, decision.reason)
+    def stop(trial: str, reason: str) -> None:
+        calls.append((trial, lambda: runtime.stop(trial, reason)))
+
+    if (action == "terminate" or restarts) and decision.trial:
+        stop(decision.trial, decision.reason)
     if action == "complete":
         for trial in before.active_trials:
-            await runtime.stop(trial.name, "experiment-complete")
+            stop(trial.name, "experiment-complete")
     if action == "mutate" and decision.mode == "in-place" and decision.trial:
-        trial = status.trial(decision.trial)
-        if trial is not None:
+        target = after.trial(decision.trial)
+        if target is not None:
             control = ControlFile(
-                generation=trial.control_generation,
-                lr=trial.hyperparameters.get("lr"),
-                weight_decay=trial.hyperparameters.get("weight_decay"),
+                generation=target.control_generation,
+                lr=target.hyperparameters.get("lr"),
+                weight_decay=target.hyperparameters.get("weight_decay"),
             )
-            await runtime.set_control(trial.name, control)
-    if (action == "launch" or restarts) and record.new_trial:
-        trial = status.trial(record.new_trial)
-        if trial is not None:
-            source = decision.resume_from or (decision.trial if restarts else None)
-            source_trial = before.trial(source) if source else None
-            if source_trial is None or source_trial.checkpoint_step is None:
-                source = None  # nothing saved yet: start fresh rather than fail on a missing checkpoint
-            config = build_trial_config(
-                experiment,
-                spec,
-                trial,
-                checkpoint_dir=runtime.checkpoint_dir(trial.name),
-                resume_from=runtime.checkpoint_dir(source) if source else None,
-            )
-            await runtime.launch(trial, config, record)
-    return status
+            calls.append((target.name, lambda: runtime.set_control(target.name, control)))
+    return calls
 
 
-def _log_policy_error(experiment: str, policy: Policy):
-    def log(error: BaseException) -> None:
-        # A failing policy costs this cycle's decisions, never the loop: log it and go on.
-        logger.error("%s: policy %s failed, no decisions this cycle: %r", experiment, policy.name, error)
+def _resume_source(status: AgentExperimentStatus, record: DecisionRecord | None) -> tuple[str | None, int | None]:
+    """A launch's checkpoint to resume (resumeFrom, a finished trial) and its step; (None, None): fresh."""
+    source = record.decision.resume_from if record is not None else None
+    source_trial = status.trial(source) if source else None
+    if source_trial is None or source_trial.checkpoint_step is None:
+        return None, None  # nothing saved yet: start fresh rather than fail on a missing checkpoint
+    return source_trial.name, source_trial.checkpoint_step
 
-    return log
+
+async def _launch(
+    experiment: str,
+    spec: AgentExperimentSpec,
+    runtime: Runtime,
+    trial: TrialStatus,
+    source: str | None,
+    step: int | None,
+) -> None:
+    """Start `trial`, resuming checkpoint `step` of trial `source` when given."""
+    try:
+        config = build_trial_config(
+            experiment,
+            spec,
+            trial,
+            checkpoint_dir=runtime.checkpoint_dir(trial.name),
+            resume_from=runtime.checkpoint_dir(source) if source else None,
+            resume_step=step if source else None,
+        )
+    except ValueError as error:  # the same spec makes the same config: retrying cannot help
+        raise PermanentFailure(f"its trial config is invalid: {error}") from error
+    await runtime.launch(trial, config)
+
+
+def _condition(
+    status: AgentExperimentStatus, type: str, value: ConditionValue, reason: str, message: str, now: str
+) -> AgentExperimentStatus:
+    return set_condition(status, type=type, value=value, reason=reason, message=message, now=now)
+
+
+def _healthy_again(
+    status: AgentExperimentStatus, type: str, reason: str, message: str, now: str
+) -> AgentExperimentStatus:
+    """A condition that was False turns True; one never set stays unset (nothing was ever wrong)."""
+    current = next((c for c in status.conditions if c.type == type), None)
+    if current is None or current.status == "True":
+        return status
+    return _condition(status, type, "True", reason, message, now)
 
 
 def _with_generation(status: AgentExperimentStatus, generation: int | None, now: str) -> AgentExperimentStatus:
     """Mark the spec generation this cycle acted on (kubectl and Argo CD read it)."""
     status = set_condition(
         status,
-        type="Valid",
+        type=contract.CONDITION_VALID,
         value="True",
         reason="SpecAccepted",
         message="spec passed validation",

@@ -9,6 +9,7 @@ separately, so the gap is written down rather than discovered.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from tests.support.openapi import admit
 from tests.support.paths import REPO
 from trainpilot.api import contract
 from trainpilot.api.crd import build_crds
-from trainpilot.api.experiment import check_experiment_name, parse_spec
+from trainpilot.api.experiment import EXPERIMENT_NAME_RULE, TrialStatus, check_experiment_name, parse_spec
 from trainpilot.api.quota import parse_quota_policy
 
 ROOT = REPO
@@ -40,7 +41,7 @@ GOOD: dict[str, Any] = {
             "image": "trainpilot/trainer:0.1.0",
             "nodes": 2,
             "gpusPerNode": 1,
-            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"nvidia.com/gpu": "1"}},
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
             "hyperparameters": {"dataset": "synthetic", "n_layer": 2, "n_head": 2, "n_embd": 32, "max_steps": 300},
             "checkpoints": {"claimName": "ckpt"},
             "env": {"OMP_NUM_THREADS": "2"},
@@ -121,6 +122,14 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
     ("resources-key", lambda s: s["trialTemplate"]["resources"].update(claims=s["trialTemplate"]["resources"].pop("limits")), "spec.trialTemplate.resources: Invalid value: trialTemplate.resources: only requests and limits", "only requests and limits are allowed"),
     ("rungs-unsorted", lambda s: s["policy"]["heuristic"].update(rungs=[0.5, 0.25]), "spec.policy.heuristic.rungs: Invalid value: policy.heuristic.rungs: list the fractions in increasing order", "rungs must be strictly increasing"),
     ("rungs-repeated", lambda s: s["policy"]["heuristic"].update(rungs=[0.5, 0.5]), "spec.policy.heuristic.rungs: Duplicate value", "rungs must be strictly increasing"),
+    # GPUs come only from gpusPerNode, which the budget and the QuotaPolicy count.
+    ("gpu-in-limits", lambda s: s["trialTemplate"]["resources"]["limits"].update({"nvidia.com/gpu": "1"}), "spec.trialTemplate.resources: Invalid value: trialTemplate.resources: GPUs (*/gpu) are asked for with trialTemplate.gpusPerNode", "limits.nvidia.com/gpu: GPUs are asked for with trialTemplate.gpusPerNode"),
+    ("amd-gpu-in-requests", lambda s: s["trialTemplate"]["resources"]["requests"].update({"amd.com/gpu": "2"}), "spec.trialTemplate.resources: Invalid value: trialTemplate.resources: GPUs (*/gpu)", "requests.amd.com/gpu: GPUs are asked for with trialTemplate.gpusPerNode"),
+    # What the operator and torchrun inject cannot be overridden.
+    ("env-trial-config", lambda s: s["trialTemplate"]["env"].update(TRAINPILOT_TRIAL_CONFIG="/tmp/mine.json"), "spec.trialTemplate.env: Invalid value: trialTemplate.env may not set TRAINPILOT_*", "spec.trialTemplate.env: TRAINPILOT_TRIAL_CONFIG: the operator or torchrun sets these"),
+    ("env-torchrun-rank", lambda s: s["trialTemplate"]["env"].update(PET_NNODES="8"), "spec.trialTemplate.env: Invalid value: trialTemplate.env may not set", "PET_NNODES: the operator or torchrun sets these"),
+    ("env-visible-gpus", lambda s: s["trialTemplate"]["env"].update(NVIDIA_VISIBLE_DEVICES="all"), "spec.trialTemplate.env: Invalid value: trialTemplate.env may not set", "NVIDIA_VISIBLE_DEVICES: the operator or torchrun sets these"),
+    ("env-world-size", lambda s: s["trialTemplate"]["env"].update(WORLD_SIZE="1"), "spec.trialTemplate.env: Invalid value: trialTemplate.env may not set", "WORLD_SIZE: the operator or torchrun sets these"),
 ]  # fmt: skip
 
 
@@ -139,18 +148,51 @@ def test_bad_spec_is_rejected_by_the_api_server_and_by_pydantic(
     assert pydantic_says in str(raised.value)
 
 
-def test_long_name_is_rejected_by_cel_and_by_the_operator(crds: dict[str, dict]) -> None:
+# Children are `<experiment>-tNNN` Jobs and Services (a Service name is a DNS-1035 label: it
+# starts with a letter), `<experiment>-tNNN-config` and `<experiment>-ledger-N` ConfigMaps and
+# `<job>-<index>` pod hostnames: each of these names would make one of them invalid.
+BAD_NAMES = ["x" * 41, "1st-try", "lr.search", "LR-search", "lr_search", "lr-", "-lr", ""]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_names_that_make_invalid_child_names_are_refused_by_cel_and_by_the_operator(
+    crds: dict[str, dict], name: str
+) -> None:
     obj = copy.deepcopy(GOOD)
-    obj["metadata"]["name"] = "x" * 41
+    obj["metadata"]["name"] = name
     _, errors = admit(crds[contract.EXPERIMENT_KIND], obj)
-    assert errors == [
-        "Invalid value: metadata.name must be at most 40 characters so trial pod hostnames stay valid "
-        "DNS labels; choose a shorter name"
-    ]
-    with pytest.raises(ValueError, match="metadata.name"):
-        check_experiment_name(obj["metadata"]["name"])
-    obj["metadata"]["name"] = "x" * 40
+    # One message, from the API server and from the operator, that says what a name may be.
+    assert errors == [f"Invalid value: {EXPERIMENT_NAME_RULE}"]
+    assert EXPERIMENT_NAME_RULE.startswith("metadata.name must be 1-40 lowercase letters, digits or '-', starting")
+    with pytest.raises(ValueError) as raised:
+        check_experiment_name(name)
+    assert str(raised.value) == f"{EXPERIMENT_NAME_RULE}; {name!r} is not"
+
+
+@pytest.mark.parametrize("name", ["x" * 40, "lr-search-2", "a", "q1"])
+def test_names_that_make_valid_child_names_are_admitted(crds: dict[str, dict], name: str) -> None:
+    obj = copy.deepcopy(GOOD)
+    obj["metadata"]["name"] = name
     assert admit(crds[contract.EXPERIMENT_KIND], obj)[1] == []
+    check_experiment_name(name)
+    # The longest child name stays a DNS-1035 label, whatever the trial and pod index.
+    longest = f"{name}-t999-63"
+    assert len(longest) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", longest)
+
+
+def test_every_variable_the_operator_injects_is_reserved() -> None:
+    """builders.py and the validation share contract.RESERVED_ENV: nothing injected may be overridden."""
+    from trainpilot.runtime.kubernetes.builders import build_job
+
+    owner = {"metadata": {"name": "quickstart", "namespace": "ml", "uid": "u"}}
+    spec = parse_spec({**GOOD["spec"], "trialTemplate": {**GOOD["spec"]["trialTemplate"], "env": {}}})
+    injected: set[str] = set()
+    for nodes, gpus in ((1, 0), (2, 0), (2, 4)):
+        trial = TrialStatus(name="quickstart-t000", index=0, nodes=nodes, gpus_per_node=gpus)
+        (container,) = build_job(owner, spec, trial, "quickstart-d00000")["spec"]["template"]["spec"]["containers"]
+        injected |= {entry["name"] for entry in container["env"]}
+    assert {"TRAINPILOT_TRIAL_CONFIG", "PET_NNODES", "PET_MASTER_ADDR", "DS_ACCELERATOR"} <= injected
+    assert [name for name in sorted(injected) if not contract.is_reserved_env(name)] == []
 
 
 def test_cel_sees_numbers_as_doubles(crds: dict[str, dict]) -> None:
@@ -193,10 +235,13 @@ def test_quota_policies(crds: dict[str, dict]) -> None:
             "maxGPUHoursPerExperiment": 100.5,
             "allowedActions": ["launch", "terminate", "complete"],
             "requireApprovalFor": ["scale"],
+            "allowedImages": ["ghcr.io/org/trainer:", "ghcr.io/org/trainer@"],
+            "allowedServiceAccounts": ["trainer", "ci.bots"],
         },
     }
     assert admit(crd, good)[1] == []
     assert parse_quota_policy(good).spec.max_gpus == 16
+    assert parse_quota_policy(good).spec.allowed_service_accounts == ["trainer", "ci.bots"]
     assert admit(crd, {**good, "spec": {}})[1] == []
     for spec, server_says, pydantic_says in [
         ({"maxGPUs": -1}, "spec.maxGPUs: Invalid value: -1", "spec.maxGPUs"),
@@ -208,6 +253,12 @@ def test_quota_policies(crds: dict[str, dict]) -> None:
             "spec.namespaceSelector.matchNames",
         ),
         ({"maxNodesPerTrial": 0}, "spec.maxNodesPerTrial: Invalid value: 0", "spec.maxNodesPerTrial"),
+        ({"allowedImages": [""]}, "spec.allowedImages[0]: Invalid value", "spec.allowedImages.0"),
+        (
+            {"allowedServiceAccounts": ["Admin_SA"]},
+            "spec.allowedServiceAccounts[0]: Invalid value",
+            "spec.allowedServiceAccounts.0",
+        ),
     ]:
         obj = {**good, "spec": spec}
         errors = admit(crd, obj)[1]

@@ -53,21 +53,22 @@ async def test_operator_command_serves_healthz_runs_an_experiment_and_history_re
     kube: Kube, fake_node, tmp_path: Path
 ) -> None:
     liveness = f"http://127.0.0.1:{free_port()}/healthz"
-    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}  # a user's (an admin's), for `history`
     env.pop("KUBERNETES_SERVICE_HOST", None)
+    # The operator runs as the chart's Deployment would: its ServiceAccount, its watch arguments.
+    operator_env = {**env, "KUBECONFIG": str(kube.operator_kubeconfig)}
     log = (tmp_path / "operator.log").open("w")
     command = [
         sys.executable,
         "-m",
         "trainpilot.cli",
         "operator",
-        "--namespace",
-        "default",
+        *kube.release.cli_args(),
         "--liveness",
         liveness,
         "--standalone",
     ]
-    operator = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    operator = subprocess.Popen(command, env=operator_env, stdout=log, stderr=subprocess.STDOUT)
     try:
         await aeventually(lambda: healthy(liveness), timeout=60, message="liveness endpoint")
         body = copy.deepcopy(QUICKSTART)
@@ -77,6 +78,7 @@ async def test_operator_command_serves_healthz_runs_an_experiment_and_history_re
         kube.apply(body)
         await aeventually(lambda: phase(kube, "one-trial") == "Succeeded", timeout=180, interval=1)
         assert operator.poll() is None, "the operator exited"
+        assert [d.attributes for d in kube.forbidden()] == []  # the chart's RBAC was enough
     finally:
         operator.send_signal(signal.SIGINT)
         try:

@@ -101,3 +101,29 @@ def test_live_table_renders_trials_and_decisions():
     assert "quickstart-t000" in text and "quickstart-t001 ★" in text
     assert "150/300" in text  # the fresher sample wins over the last cycle's step
     assert "asha-rung" in text and "[bold]not markup[/bold]" in text  # rationales are text, not markup
+
+
+def test_a_condition_that_turns_false_and_back_is_a_line_each_time():
+    from trainpilot.core.conditions import set_condition
+
+    out = io.StringIO()
+    progress = Progress("quickstart", make_spec(), live=False, stream=out, summary_every=1e9)
+    healthy = set_condition(
+        status("Running"), type="PolicyHealthy", value="True", reason="PolicyAnswered", message="ok", now="t0"
+    )
+    progress.update(healthy)
+    assert "PolicyHealthy" not in out.getvalue()  # nothing to say while all is well
+    failing = set_condition(
+        healthy,
+        type="PolicyHealthy",
+        value="False",
+        reason="PolicyFailing",
+        message="policy heuristic failed 1 cycle(s) in a row: ModuleNotFoundError: No module named 'optuna'",
+        now="t1",
+    )
+    progress.update(failing)
+    progress.update(failing)  # said once, not every cycle
+    lines = [line for line in out.getvalue().splitlines() if "PolicyHealthy" in line]
+    assert len(lines) == 1 and "PolicyHealthy is False (PolicyFailing)" in lines[0] and "optuna" in lines[0]
+    progress.update(healthy)
+    assert "PolicyHealthy is True again (PolicyAnswered)" in out.getvalue()

@@ -2,7 +2,8 @@
 
 The fake node under tests/support runs each trial pod's command as a local process, so these
 tests exercise the whole path: Job -> pod -> trainer -> /metrics -> scrape -> policy -> guardrails
--> Events, annotation, status and ledger.
+-> Events, annotation, status and ledger. The operator is the Helm chart's ServiceAccount, with
+exactly the RBAC the chart grants (tests/support/kube.py); the test client is a cluster admin.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import pytest
 import yaml
 
+from tests.support.chart import ALL_NAMESPACES, SINGLE_NAMESPACE, OperatorRelease
 from tests.support.kube import Kube, aeventually, run_kopf_operator
 from tests.support.paths import QUICKSTART_PATH
 from trainpilot.api import contract
@@ -41,9 +43,11 @@ def finished(kube: Kube, name: str) -> dict | None:
 
 
 def events_of(kube: Kube, name: str) -> list:
+    """Every decision Event posted for the experiment. Events expire (in seconds here, after an hour
+    on a real cluster), so this reads what the emulator saw posted, not what is still listed."""
     return [
         event
-        for event in kube.core_v1().list_namespaced_event("default").items
+        for event in kube.events_posted("default")
         if event.involved_object.name == name and event.reason in REASONS
     ]
 
@@ -74,13 +78,22 @@ def manifest(name: str = "quickstart", **spec_changes) -> dict:
     return body
 
 
-async def test_quickstart_runs_to_success_and_records_every_decision(kube: Kube, fake_node) -> None:
+@pytest.mark.parametrize(
+    "kube_release",
+    [pytest.param(SINGLE_NAMESPACE, id="single-namespace"), pytest.param(ALL_NAMESPACES, id="all-namespaces")],
+)
+async def test_quickstart_runs_to_success_and_records_every_decision(
+    kube: Kube, fake_node, kube_release: OperatorRelease
+) -> None:
+    """As a cluster admin installs the chart, in either namespace mode: the operator is its
+    ServiceAccount, with exactly the chart's RBAC, watching what the Deployment's arguments say."""
     applied = manifest()
-    async with run_kopf_operator(HANDLERS, namespace="default"):
+    async with run_kopf_operator(HANDLERS, **kube_release.kopf_options()):
         kube.apply(applied)
         status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
 
     assert status["phase"] == "Succeeded", status.get("message")
+    assert [d.attributes for d in kube.forbidden()] == []  # no 403 on the way (tests/controller/test_rbac.py)
     assert status["bestTrial"]["objective"] < 2.0
     assert status["observedGeneration"] == experiment(kube, "quickstart")["metadata"]["generation"]
 
@@ -94,8 +107,9 @@ async def test_quickstart_runs_to_success_and_records_every_decision(kube: Kube,
 
     # Every record is announced once, under the contract's reasons, with a deterministic name.
     events = events_of(kube, "quickstart")
-    assert sorted(event.metadata.name for event in events) == sorted(r.id for r in records)
-    by_name = {event.metadata.name: event for event in events}
+    uid = experiment(kube, "quickstart")["metadata"]["uid"]  # Event names: <decision id>.<experiment uid>
+    assert sorted(event.metadata.name for event in events) == sorted(f"{r.id}.{uid}" for r in records)
+    by_name = {event.metadata.name.removesuffix(f".{uid}"): event for event in events}
     assert by_name[diverging.id].reason == contract.REASON_TRIAL_TERMINATED
     assert by_name[relaunch.id].reason == contract.REASON_TRIAL_LAUNCHED
     assert by_name[records[-1].id].reason == contract.REASON_EXPERIMENT_SUCCEEDED
@@ -146,61 +160,98 @@ async def test_operator_restarts_mid_run_without_duplicates(kube: Kube, fake_nod
     assert [r.seq for r in records] == list(range(len(records)))
     launched = [r.new_trial for r in records if r.outcome == "executed" and r.new_trial]
     assert len(launched) == len(set(launched)) == len(status["trials"])
-    assert len(events_of(kube, "quickstart")) == len(records)
+    # One Event per record, by name. The restarted operator re-posts the Events of the records it
+    # replays (idempotent on a real cluster, where they live an hour); here they may have expired
+    # in the 5 s since, and then come back: the same Event again, never a second one.
+    uid = experiment(kube, "quickstart")["metadata"]["uid"]
+    assert {event.metadata.name for event in events_of(kube, "quickstart")} == {f"{r.id}.{uid}" for r in records}
 
 
-INVALID_SPECS = {
-    "min above max": ({"searchSpace": [{"name": "lr", "min": 1.0, "max": 0.1}]}, "must be below max"),
+# What the API server refuses at admission (the CRD's schema and CEL rules): 422, with the field
+# the cause names and the message the CRD gives. Such a spec never reaches the operator.
+REFUSED_BY_THE_API_SERVER = {
+    "min above max": (
+        {"searchSpace": [{"name": "lr", "min": 1.0, "max": 0.1}]},
+        "spec.searchSpace[0]",
+        "min must be below max",
+    ),
     "unknown hyperparameter": (
         {"searchSpace": [{"name": "learning_rate", "min": 0.1, "max": 1.0}]},
-        "unknown hyperparameter",
+        "spec.searchSpace[0].name",
+        'Unsupported value: "learning_rate"',
     ),
-    "initial trial outside": ({"initialTrials": [{"lr": 50.0}]}, "initialTrials[0].lr"),
-    "parallel over max": ({"budget": {"maxTrials": 1, "parallelTrials": 2}}, "budget.parallelTrials"),
+    "initial trial outside": (
+        {"initialTrials": [{"lr": 50.0}]},
+        "spec.initialTrials",
+        "every value must lie within [min, max]",
+    ),
+    "parallel over max": (
+        {"budget": {"maxTrials": 1, "parallelTrials": 2}},
+        "spec.budget.parallelTrials",
+        "budget.parallelTrials must not exceed budget.maxTrials",
+    ),
+    "log with zero min": (
+        {"searchSpace": [{"name": "lr", "min": 0.0, "max": 1.0, "log": True}]},
+        "spec.searchSpace[0]",
+        "log: true needs min > 0",
+    ),
+    "range and values": (
+        {"searchSpace": [{"name": "lr", "min": 0.1, "max": 1.0, "values": [0.5]}]},
+        "spec.searchSpace[0]",
+        "give either values, or both min and max",
+    ),
+    "duplicate parameter": (
+        {"searchSpace": [{"name": "lr", "min": 0.1, "max": 1.0}, {"name": "lr", "min": 0.2, "max": 0.3}]},
+        "spec.searchSpace",
+        "Duplicate value",
+    ),
+}
+# What only the operator can judge (the trainer's own settings, the policy's availability): the
+# API server admits these, and the operator marks them Valid=False with its message.
+JUDGED_BY_THE_OPERATOR = {
     "bad template value": (
         {"trialTemplate": {"hyperparameters": {"n_embd": 30, "n_head": 4}}},
         "n_embd (30) must be divisible by n_head (4)",
     ),
     "fp16 on cpu": ({"trialTemplate": {"hyperparameters": {"precision": "fp16", "device": "cpu"}}}, "fp16"),
-    "log with zero min": (
-        {"searchSpace": [{"name": "lr", "min": 0.0, "max": 1.0, "log": True}]},
-        "log scale needs min > 0",
-    ),
-    "range and values": ({"searchSpace": [{"name": "lr", "min": 0.1, "max": 1.0, "values": [0.5]}]}, "not both"),
     "fixed and searched": ({"trialTemplate": {"hyperparameters": {"lr": 0.1}}}, "which searchSpace also moves"),
     "claude not available": ({"policy": {"type": "claude"}}, "spec.policy.type"),
     "typo in template field": ({"trialTemplate": {"hyperparameters": {"n_layers": 2}}}, "n_layers"),
-    "duplicate parameter": (
-        {"searchSpace": [{"name": "lr", "min": 0.1, "max": 1.0}, {"name": "lr", "min": 0.2, "max": 0.3}]},
-        "more than once",
-    ),
 }
 
 
 async def test_invalid_experiments_are_reported_and_the_operator_stays_up(kube: Kube, fake_node) -> None:
-    """What the CRD schema can express, the API server refuses; the rest becomes Valid=False."""
+    """What the CRD's schema and CEL rules express, the API server refuses; the rest becomes Valid=False."""
     base = {
         "searchSpace": [{"name": "lr", "min": 1e-4, "max": 1.0, "log": True}],
         "budget": {"maxTrials": 1, "parallelTrials": 1},
     }
-    reached_operator: dict[str, tuple[str, str]] = {}
+    path = f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/default/{contract.EXPERIMENT_PLURAL}"
+
+    def body(name: str, spec_change: dict) -> dict:
+        return {
+            "apiVersion": contract.API_VERSION,
+            "kind": contract.EXPERIMENT_KIND,
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {**base, **spec_change},
+        }
+
     async with run_kopf_operator(HANDLERS, namespace="default"):
-        for index, (label, (spec_change, expected)) in enumerate(INVALID_SPECS.items()):
-            body = {"apiVersion": contract.API_VERSION, "kind": contract.EXPERIMENT_KIND}
-            body["metadata"] = {"name": f"bad-{index}", "namespace": "default"}
-            body["spec"] = {**base, **spec_change}
-            try:
-                kube.apply(body)
-            except RuntimeError as refused:  # 422 from the schema, naming the field
-                assert "is invalid: spec." in str(refused), (label, refused)
-                continue
-            reached_operator[label] = (f"bad-{index}", expected)
+        for index, (label, (spec_change, field, message)) in enumerate(REFUSED_BY_THE_API_SERVER.items()):
+            status, reply = kube.request("POST", path, body(f"refused-{index}", spec_change))
+            assert (status, reply.get("reason")) == (422, "Invalid"), (label, reply)
+            assert message in reply["message"], (label, reply["message"])
+            assert field in [cause["field"] for cause in reply["details"]["causes"]], (label, reply["details"])
+        names = {}
+        for index, (label, (spec_change, _)) in enumerate(JUDGED_BY_THE_OPERATOR.items()):
+            status, reply = kube.request("POST", path, body(f"judged-{index}", spec_change))
+            assert status == 201, (label, reply)
+            names[label] = f"judged-{index}"
         # A valid experiment next to them still runs to the end.
         good = manifest("still-works", budget={"maxTrials": 1, "parallelTrials": 1}, initialTrials=[{"lr": 0.01}])
         kube.apply(good)
-        # CEL rules are not run by the emulator, so these are the operator's own checks.
-        assert len(reached_operator) >= 8, sorted(reached_operator)
-        for label, (name, expected) in reached_operator.items():
+        for label, (_, expected) in JUDGED_BY_THE_OPERATOR.items():
+            name = names[label]
             status = await aeventually(
                 lambda name=name: (
                     (experiment(kube, name).get("status") or {}).get("phase") == "Invalid"
@@ -215,6 +266,11 @@ async def test_invalid_experiments_are_reported_and_the_operator_stays_up(kube: 
             assert kube.batch_v1().list_namespaced_job("default", label_selector=selector).items == []
         done = await aeventually(lambda: finished(kube, "still-works"), timeout=180, interval=1)
         assert done["phase"] == "Succeeded"
+    # Nothing the API server refused ever existed for the operator to see.
+    listed = kube.custom().list_namespaced_custom_object(
+        contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL
+    )["items"]
+    assert not [e for e in listed if e["metadata"]["name"].startswith("refused-")]
 
 
 async def test_a_failing_job_and_a_hanging_scrape_are_survived(kube: Kube, fake_node) -> None:

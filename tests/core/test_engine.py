@@ -89,7 +89,7 @@ async def test_a_failing_policy_yields_no_decisions():
     status = status_of(spec)
     errors = []
     records, after = await plan(EXPERIMENT, spec, status, observation(), Broken(), NOW, on_policy_error=errors.append)
-    assert records == [] and after == status
+    assert records == [] and after.trials == status.trials and after.decisions_made == status.decisions_made
     assert [str(error) for error in errors] == ["model unavailable"]
 
 
@@ -187,3 +187,76 @@ async def test_heuristic_through_the_engine_launches_initial_trials():
         ("suggested", "executed", "exp-t001"),
     ]
     assert after.trials[0].hyperparameters == {"lr": 0.5, "weight_decay": 0.0}
+
+
+async def test_a_failing_policy_is_counted_and_fails_the_experiment_at_its_limit():
+    from trainpilot.core.engine import plan_cycle
+
+    class Broken:
+        name = "broken"
+
+        async def decide(self, context):
+            return "launch everything"  # not a list: a failure like any other
+
+    spec = make_spec(policy={"maxConsecutiveFailures": 2})
+    first = await plan_cycle(EXPERIMENT, spec, status_of(spec), observation(), Broken(), NOW)
+    condition = next(c for c in first.status.conditions if c.type == "PolicyHealthy")
+    assert first.records == [] and first.status.policy_failures == 1 and condition.status == "False"
+    assert "answered with str, not a list" in first.policy_failure
+    second = await plan_cycle(EXPERIMENT, spec, first.status, observation(), Broken(), NOW)
+    [failed] = second.records
+    assert (failed.decision.action, failed.decision.outcome, failed.decision.policy) == (
+        "complete",
+        "failed",
+        "trainpilot",
+    )
+    assert second.provisional.phase == "Failed" and "maxConsecutiveFailures 2" in second.provisional.message
+
+
+async def test_an_objective_never_exported_fails_the_experiment_before_the_policy_is_asked():
+    from tests.support.builders import seen
+    from trainpilot.core.engine import MAX_EVALUATIONS_WITHOUT_OBJECTIVE, plan_cycle
+
+    spec = make_spec(objective={"metric": "accuracy"})
+    status = status_of(spec, trial("exp-t000", 0, evaluations=MAX_EVALUATIONS_WITHOUT_OBJECTIVE, step=150))
+    scrape = observation(seen("exp-t000", step=150, val_loss=2.0, eval_step=150))
+    policy = Scripted([launch()])
+    planned = await plan_cycle(EXPERIMENT, spec, status, scrape, policy, NOW)
+    [failed] = planned.records
+    assert policy.context is None and failed.decision.reason == "objective-not-exported"
+    message = failed.decision.rationale
+    assert "'accuracy'" in message and "never exported trainpilot_accuracy" in message
+    assert "trainpilot_val_loss" in message and "trainpilot_eval_step" in message
+    fewer = status_of(spec, trial("exp-t000", 0, evaluations=MAX_EVALUATIONS_WITHOUT_OBJECTIVE - 1, step=150))
+    assert (await plan_cycle(EXPERIMENT, spec, fewer, scrape, Scripted([]), NOW)).records == []
+
+
+def test_replayed_records_are_checked_again():
+    from trainpilot.core.decision import DecisionRecord
+    from trainpilot.core.engine import recheck
+
+    spec = make_spec()
+    status = status_of(spec)
+
+    def recorded(seq=0, new_trial="exp-t000", **fields):
+        return DecisionRecord(
+            id=f"exp-d{seq:05d}",
+            seq=seq,
+            time=NOW,
+            experiment=EXPERIMENT,
+            decision=launch(**fields),
+            outcome="executed",
+            new_trial=new_trial,
+        )
+
+    assert recheck(EXPERIMENT, spec, status, recorded(), None).executed
+    assert (
+        "outside spec.searchSpace"
+        in recheck(EXPERIMENT, spec, status, recorded(hyperparameters={"lr": 50.0, "weight_decay": 0.0}), None).reason
+    )
+    assert (
+        "is not exp-d00000" in recheck(EXPERIMENT, spec, status, recorded().model_copy(update={"id": "x"}), None).reason
+    )
+    assert "names new trial" in recheck(EXPERIMENT, spec, status, recorded(new_trial="exp-t007"), None).reason
+    held = recheck(EXPERIMENT, spec, status, recorded(), SimpleNamespace(max_parallel_trials=0))
+    assert not held.executed and "max_parallel_trials" in held.reason

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support.builders import make_spec, status_of, trial
+from trainpilot.api.quota import effective_limits
 from trainpilot.core.decision import Decision
 from trainpilot.core.guardrails import check, launch_capacity
 
@@ -206,3 +207,88 @@ def test_launch_capacity_takes_the_tightest_limit():
     assert launch_capacity(spec, status) == 3
     assert launch_capacity(spec, status, SimpleNamespace(max_gpus=6)) == 2
     assert launch_capacity(spec, status, SimpleNamespace(max_gpus=6), releasing={"a"}) == 3
+
+
+def quota_policy(name: str, namespaces: list[str] | None = None, **spec) -> dict:
+    if namespaces is not None:
+        spec["namespaceSelector"] = {"matchNames": namespaces}
+    return {"apiVersion": "trainpilot.dev/v1alpha1", "kind": "QuotaPolicy", "metadata": {"name": name}, "spec": spec}
+
+
+def test_quota_max_gpus_counts_every_experiment_the_policy_matches():
+    spec = make_spec(trialTemplate={"gpusPerNode": 2}, budget={"parallelTrials": 8})
+    status = status_of(spec, trial("a", 0, gpus_per_node=2))
+    team = [quota_policy("team", ["ml"], maxGPUs=8)]
+    # Other experiments in "ml" hold 6 GPUs: with this one's 2, the policy's 8 are all in use.
+    limits = effective_limits(team, "ml", {"ml": 6, "web": 40})
+    assert rejected(
+        check(launch(), spec, status, limits),
+        "QuotaPolicy team maxGPUs is 8",
+        "8 GPUs in use (6 of them by its other experiments)",
+        "needs 2 more",
+    )
+    assert launch_capacity(spec, status, limits) == 0
+    # The same experiment alone in its namespace still fits (GPUs in "web" are not the policy's).
+    assert check(launch(), spec, status, effective_limits(team, "ml", {"web": 40})).executed
+    room = effective_limits(team, "ml", {"ml": 2})
+    assert check(launch(), spec, status, room).executed
+    assert launch_capacity(spec, status, room) == 2
+    # A scale replaces the trial's own GPUs, and is held to the shared total as well.
+    assert check(act("scale", trial="a", gpus_per_node=4), spec, status, room).executed
+    assert rejected(
+        check(act("scale", trial="a", gpus_per_node=4), spec, status, effective_limits(team, "ml", {"ml": 5})),
+        "QuotaPolicy team maxGPUs is 8",
+        "needs 4 more",
+    )
+
+
+def test_every_matching_policy_keeps_its_own_pool():
+    spec = make_spec(trialTemplate={"gpusPerNode": 4})
+    status = status_of(spec)
+    policies = [quota_policy("cluster", maxGPUs=16), quota_policy("team", ["ml"], maxGPUs=12)]
+    # "team" has room (4 used in ml), but the cluster-wide pool is nearly full (14 used anywhere).
+    limits = effective_limits(policies, "ml", {"ml": 4, "web": 10})
+    assert rejected(check(launch(), spec, status, limits), "QuotaPolicy cluster maxGPUs is 16", "14 of them")
+    assert check(launch(), spec, status, effective_limits(policies, "ml", {"ml": 4, "web": 8})).executed
+
+
+def test_a_cpu_trial_needs_no_gpus_from_a_full_pool():
+    spec = make_spec()
+    limits = effective_limits([quota_policy("team", maxGPUs=4)], "ml", {"ml": 9})
+    assert check(launch(), spec, status_of(spec), limits).executed
+
+
+@pytest.mark.parametrize(
+    ("template", "policy_spec", "words"),
+    [
+        (
+            {},
+            {"allowedImages": ["ghcr.io/org/trainer:"]},
+            ("trialTemplate.image", "QuotaPolicy trust", "allowedImages"),
+        ),
+        (
+            {"image": "ghcr.io/org/trainer:1", "serviceAccountName": "cluster-admin"},
+            {"allowedImages": ["ghcr.io/org/"], "allowedServiceAccounts": ["trainer"]},
+            ("trialTemplate.serviceAccountName 'cluster-admin'", "QuotaPolicy trust", "allowedServiceAccounts"),
+        ),
+    ],
+)
+def test_pods_with_an_image_or_account_a_policy_does_not_allow_are_never_created(template, policy_spec, words):
+    spec = make_spec(trialTemplate=template)
+    status = status_of(spec, trial("a", 0))
+    limits = effective_limits([quota_policy("trust", **policy_spec)], "ml")
+    creating = [
+        launch(),
+        act("scale", trial="a", nodes=2),
+        act("mutate", trial="a", mode="restart", hyperparameters={"weight_decay": 0.05}),
+    ]
+    for decision in creating:
+        assert rejected(check(decision, spec, status, limits), *words), decision.action
+    # What creates no pod goes on: stopping a trial, changing lr in place, finishing.
+    assert check(act("terminate", trial="a"), spec, status, limits).executed
+    assert check(
+        act("mutate", trial="a", mode="in-place", hyperparameters={"lr": 0.001}), spec, status, limits
+    ).executed
+    assert check(act("complete", outcome="failed"), spec, status, limits).executed
+    allowed = make_spec(trialTemplate={"image": "ghcr.io/org/trainer:1", "serviceAccountName": "trainer"})
+    assert check(launch(), allowed, status_of(allowed), limits).executed

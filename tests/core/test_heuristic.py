@@ -132,6 +132,38 @@ async def test_loss_spike_is_terminated():
     assert stop.reason == "loss-spike" and "6.5" in stop.rationale and "3.25x" in stop.rationale
 
 
+async def test_loss_spike_is_relaunched_with_a_lower_lr_from_the_checkpoint_before_it():
+    spec = make_spec()  # divergenceLrFactor 0.1
+    spiking = healthy(
+        "a", 0, smoothed_train_loss=6.5, best_train_loss=2.0, checkpoint_step=40, unstable_since=45, step=50
+    )
+    decisions = await heuristic(spec, status_of(spec, spiking))
+    [relaunch] = by(decisions, "launch", "relaunch-after-divergence")
+    assert relaunch.hyperparameters["lr"] == pytest.approx(0.001) and relaunch.parent == "a"
+    assert relaunch.resume_from == "a" and "checkpoint at step 40" in relaunch.rationale
+    assert "3.25x" in relaunch.rationale  # the symptom, quoted
+
+
+async def test_loss_spike_checkpointed_after_the_first_bad_sign_relaunches_from_scratch():
+    spec = make_spec()
+    spiking = healthy(
+        "a", 0, smoothed_train_loss=6.5, best_train_loss=2.0, checkpoint_step=50, unstable_since=45, step=55
+    )
+    [relaunch] = by(await heuristic(spec, status_of(spec, spiking)), "launch", "relaunch-after-divergence")
+    assert relaunch.resume_from is None
+    assert "from scratch" in relaunch.rationale and "after the first bad sign at step 45" in relaunch.rationale
+
+
+async def test_a_trial_stopped_for_a_spike_is_relaunched_later_and_counts_against_max_relaunches():
+    spec = make_spec(policy={"heuristic": {"maxRelaunches": 1}})
+    stopped = trial("a", 0, "Terminated", message="loss-spike", checkpoint_step=20, unstable_since=30)
+    [relaunch] = by(await heuristic(spec, status_of(spec, stopped)), "launch", "relaunch-after-divergence")
+    assert "stopped on a loss spike" in relaunch.rationale and relaunch.resume_from == "a"
+    child = trial("b", 1, "Terminated", message="loss-spike", parent="a", hyperparameters={"lr": 0.001})
+    decisions = await heuristic(spec, status_of(spec, stopped, child))
+    assert by(decisions, "launch", "relaunch-after-divergence") == []  # maxRelaunches 1 is used up
+
+
 async def test_loss_below_the_spike_factor_is_fine():
     spec = make_spec()
     status = status_of(spec, healthy("a", smoothed_train_loss=5.9, best_train_loss=2.0))
@@ -282,8 +314,9 @@ async def test_a_slot_freed_this_cycle_is_refilled_relaunches_first():
         ("terminate", "nonfinite-loss"),
         ("terminate", "loss-spike"),
         ("launch", "relaunch-after-divergence"),
-        ("launch", "suggested"),
+        ("launch", "relaunch-after-divergence"),  # a loss spike is a divergence too
     ]
+    assert [d.parent for d in decisions[2:]] == ["a", "b"]
 
 
 async def test_launches_respect_the_quota():

@@ -2,7 +2,8 @@
 
 The toy trainer's validation loss is a smooth function of lr and step (best near lr = 0.01), and
 any lr above DIVERGENT_LR produces non-finite losses a few steps in (like fail_fast=false: it
-keeps running until someone stops it). The core must notice, stop it, relaunch it lower from its
+keeps running until someone stops it); an lr above SPIKING_LR makes the loss spike, finite, a bit
+later. The core must notice, stop it, relaunch it lower from its
 last checkpoint, and finish with a best trial.
 """
 
@@ -19,13 +20,15 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.engine import plan
+from trainpilot.core.engine import plan_cycle
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.core.policy import make_policy
 from trainpilot.core.state import apply_record, fold_observation
 
 DIVERGENT_LR = 0.2
 DIVERGES_AT = 30
+SPIKING_LR = 0.1  # above this (and up to DIVERGENT_LR) the loss spikes, finite, from SPIKES_AT on
+SPIKES_AT = 45
 CHECKPOINT_EVERY = 20
 EVAL_EVERY = 20
 STEPS_PER_CYCLE = 10
@@ -66,6 +69,8 @@ class ToyTrainer:
         if self.stopped:
             return TrialObservation(name=name, phase="Failed", exit_reason="terminated", exit_code=4)
         train = math.nan if self.nonfinite else val_loss(self.lr, self.step) - 0.05
+        if self.lr > SPIKING_LR and self.step >= SPIKES_AT:
+            train *= 8
         metrics = TrialMetrics(
             values={
                 contract.METRIC_STEP: self.step,
@@ -125,12 +130,13 @@ async def simulate(spec: AgentExperimentSpec, max_cycles: int = 300):
         status = fold_observation(spec, status, cluster.observe(status, now), now)
         if status.finished:
             break
-        records, provisional = await plan(EXPERIMENT, spec, status, Observation(time=now), policy, now)
-        for record in records:
+        planned = await plan_cycle(EXPERIMENT, spec, status, Observation(time=now), policy, now)
+        status = planned.status
+        for record in planned.records:
             status = apply_record(spec, status, record, now)
             cluster.act(record, status)
-        assert status == provisional  # what the engine predicted is what applying the records gives
-        history.extend(records)
+        assert status == planned.provisional  # what the engine predicted is what applying the records gives
+        history.extend(planned.records)
     return status, history
 
 
@@ -179,3 +185,23 @@ async def test_experiment_without_a_goal_spends_its_budget_and_succeeds():
     best = status.best_trial
     assert best is not None and val_loss(best.hyperparameters["lr"], MAX_STEPS) < val_loss(0.05, MAX_STEPS)
     assert all(r.outcome == "executed" for r in records)  # the heuristic never proposes what guardrails refuse
+
+
+async def test_a_loss_spike_is_relaunched_lower_from_the_checkpoint_before_it():
+    spec = spec_for(initialTrials=[{"lr": 0.15}, {"lr": 0.02}], objective={"goal": 1.6})
+    status, records = await simulate(spec)
+    executed = [r for r in records if r.outcome == "executed"]
+
+    [stop] = [r for r in executed if r.decision.reason == "loss-spike"]
+    assert stop.decision.trial == "exp-t000"
+    spiked = status.trial("exp-t000")
+    assert spiked.unstable_since == 50 and spiked.checkpoint_step == 40
+    [relaunch] = [r for r in executed if r.decision.parent == "exp-t000"]
+    assert relaunch.decision.reason == "relaunch-after-divergence"
+    assert relaunch.decision.hyperparameters["lr"] == pytest.approx(0.015)
+    assert relaunch.decision.resume_from == "exp-t000"
+    child = status.trial(relaunch.new_trial)
+    assert child.resumed_from_step == 40 and child.generation == 1  # the last checkpoint before the spike
+
+    assert status.phase == "Succeeded" and status.trials_diverged == 1
+    assert status.best_trial is not None and status.best_trial.name != "exp-t000"

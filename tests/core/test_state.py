@@ -171,21 +171,47 @@ def test_rung_objective_recorded_the_first_time_the_rung_is_passed():
     assert status.trials[0].rung_objectives == {"50": 2.8, "100": 2.4}
 
 
-def test_evaluations_sit_at_the_step_the_trainer_measured_them():
+def test_evaluations_sit_at_the_step_the_trainer_measured_them_and_a_rung_takes_only_its_own():
     spec = make_spec(policy={"heuristic": {"rungs": [0.25, 0.5]}})  # max_steps 200: rungs at 50, 100
     status = status_of(spec, trial("t0"))
     status = fold(spec, status, seen("t0", step=30, val_loss=math.nan, eval_step=-1))
     assert status.trials[0].history == [] and status.trials[0].rung_objectives == {}
     status = fold(spec, status, seen("t0", step=63, val_loss=2.8, eval_step=40))
-    # Scraped past rung 50, but measured before it: the rung waits for the next evaluation.
+    # Scraped past rung 50, but measured before it: the rung waits.
     assert status.trials[0].history == [[40.0, 2.8]] and status.trials[0].rung_objectives == {}
     status = fold(spec, status, seen("t0", step=71, val_loss=2.8, eval_step=40))
-    status = fold(spec, status, seen("t0", step=85, val_loss=2.8, eval_step=80))  # same value, new evaluation
-    assert status.trials[0].history == [[40.0, 2.8], [80.0, 2.8]]
+    status = fold(spec, status, seen("t0", step=85, val_loss=2.7, eval_step=80))
+    # Measured at 80, not at 50: a later evaluation never stands in for the rung's own.
+    assert status.trials[0].history == [[40.0, 2.8], [80.0, 2.7]] and status.trials[0].rung_objectives == {}
+    status = fold(spec, status, seen("t0", step=101, val_loss=2.5, eval_step=100))
+    assert status.trials[0].rung_objectives == {"100": 2.5}
+    assert status.best_trial.step == 100
+
+
+def test_the_rung_gauges_carry_a_rungs_evaluation_past_later_ones():
+    """Tried as a new user would with intervalSeconds 2: by the next scrape the trainer had evaluated
+    at rung 150 and again at 200. Rung 150 holds the step-150 value, not the step-200 one."""
+    spec = make_spec(policy={"heuristic": {"rungs": [0.75]}})  # max_steps 200: rung at 150
+    status = status_of(spec, trial("t0"))
+    values = {"val_loss": 2.4, "eval_step": 200, "rung_step": 150, "rung_val_loss": 2.6}
+    status = fold(spec, status, seen("t0", step=203, **values))
+    assert status.trials[0].rung_objectives == {"150": 2.6}
+    assert status.trials[0].history == [[200.0, 2.4]]
+
+
+def test_a_resumed_trials_final_value_fills_no_rung_it_did_not_evaluate_at():
+    spec = make_spec(policy={"heuristic": {"rungs": [0.375, 0.75]}})  # max_steps 200: rungs at 75, 150
+    status = status_of(spec, trial("t0", resumed_from_step=160))
+    status = fold(spec, status, seen("t0", step=200, val_loss=2.2, eval_step=200, rung_step=-1))
+    assert status.trials[0].rung_objectives == {}
+
+
+def test_a_trainer_that_does_not_say_where_it_measured_fills_a_rung_with_its_first_evaluation_past_it():
+    spec = make_spec(policy={"heuristic": {"rungs": [0.25, 0.5]}})  # max_steps 200: rungs at 50, 100
+    status = status_of(spec, trial("t0"))
+    status = fold(spec, status, seen("t0", step=60, val_loss=2.8))
+    status = fold(spec, status, seen("t0", step=80, val_loss=2.6))
     assert status.trials[0].rung_objectives == {"50": 2.8}
-    status = fold(spec, status, seen("t0", step=130, val_loss=2.5, eval_step=120))
-    assert status.trials[0].rung_objectives == {"50": 2.8, "100": 2.5}
-    assert status.best_trial.step == 120
 
 
 def test_a_per_step_objective_ignores_the_evaluation_step():
@@ -337,7 +363,10 @@ def test_restart_stops_the_old_trial_and_launches_a_child(action):
     status = apply_record(spec, status, record(0, decision, new_trial="exp-t001"), NOW)
     old, child = status.trials
     assert old.state == "Terminated"
-    assert (child.parent, child.generation, child.resumed_from_step, child.state) == ("exp-t000", 1, 80, "Pending")
+    assert (child.parent, child.generation, child.state) == ("exp-t000", 1, "Pending")
+    # It starts once exp-t000's pods are gone, from the step exp-t000 reports then (the loop's hand-off).
+    assert (child.waiting_for, child.waiting_since, child.resumed_from_step) == ("exp-t000", NOW, None)
+    assert status.launched_trials == [] and status.active_trials == [child]
     if action == "mutate":
         assert child.hyperparameters == {"lr": 0.01, "weight_decay": 0.05} and child.nodes == 1
     else:
@@ -362,3 +391,68 @@ def test_status_keeps_only_the_newest_decision_summaries():
         status = apply_record(spec, status, record(seq, launch(), outcome="rejected"), NOW)
     assert len(status.decisions) == MAX_STATUS_DECISIONS
     assert status.decisions[-1].id == decision_id(EXPERIMENT, MAX_STATUS_DECISIONS + 4)
+
+
+def test_a_trial_that_ran_all_its_steps_is_succeeded_not_terminated_when_the_experiment_completes():
+    spec = make_spec()  # max_steps 200
+    status = status_of(spec, trial("exp-t000", 0, step=200), trial("exp-t001", 1, step=120))
+    decision = Decision(action="complete", policy="test", reason="goal-reached", outcome="succeeded")
+    status = apply_record(spec, status, record(0, decision), at(9))
+    assert [t.state for t in status.trials] == ["Succeeded", "Terminated"]
+    assert status.trials[0].message == "ran all 200 steps" and status.trials_succeeded == 1
+    # The same for the terminate the heuristic sends each running trial before it completes.
+    status = status_of(spec, trial("exp-t000", 0, step=200))
+    stop = Decision(action="terminate", policy="test", reason="experiment-complete", trial="exp-t000")
+    assert apply_record(spec, status, record(0, stop), at(9)).trials[0].state == "Succeeded"
+    other = Decision(action="terminate", policy="test", reason="asha-rung", trial="exp-t000")
+    assert apply_record(spec, status, record(0, other), at(9)).trials[0].state == "Terminated"
+
+
+def test_a_refused_launch_fails_its_trial_and_a_refused_control_update_is_undone():
+    spec = make_spec()
+    status = apply_record(spec, AgentExperimentStatus(), record(0, launch(), new_trial="exp-t000"), NOW)
+    refused = record(1, launch(), outcome="failed", new_trial="exp-t000").model_copy(
+        update={"verdict": "launching exp-t000 failed: 403 forbidden", "follows": "exp-d00000"}
+    )
+    after = apply_record(spec, status, refused, NOW)
+    assert (after.trials[0].state, after.trials[0].message) == ("Failed", "launching exp-t000 failed: 403 forbidden")
+    assert after.trials_failed == 1 and after.decisions[-1].outcome == "failed"
+
+    mutate = Decision(
+        action="mutate", policy="t", reason="t", trial="exp-t000", mode="in-place", hyperparameters={"lr": 0.002}
+    )
+    changed = apply_record(
+        spec, status, record(1, mutate).model_copy(update={"before": {"lr": 0.01, "weight_decay": 0.0}}), NOW
+    )
+    assert changed.trials[0].hyperparameters["lr"] == 0.002 and changed.trials[0].control_generation == 1
+    undone = apply_record(
+        spec,
+        changed,
+        record(2, mutate, outcome="failed").model_copy(
+            update={"verdict": "changing exp-t000 failed: 403", "before": {"lr": 0.01, "weight_decay": 0.0}}
+        ),
+        NOW,
+    )
+    assert undone.trials[0].hyperparameters == {"lr": 0.01, "weight_decay": 0.0}
+    assert undone.trials[0].control_generation == 0 and undone.trials[0].state == "Pending"
+
+
+def test_evaluations_are_counted_as_the_evaluation_step_advances():
+    spec = make_spec()
+    status = status_of(spec, trial("t0", 0))
+    for step, eval_step in ((10, -1), (50, 40), (60, 40), (90, 80), (130, 120)):
+        status = fold(spec, status, seen("t0", step=step, eval_step=eval_step))
+    assert (status.trials[0].evaluations, status.trials[0].eval_step) == (3, 120)
+
+
+def test_the_first_bad_sign_is_remembered():
+    spec = make_spec()  # spikeFactor 3
+    status = status_of(spec, trial("t0", 0))
+    status = fold(spec, status, seen("t0", step=10, train_loss=2.0))
+    status = fold(spec, status, seen("t0", step=20, train_loss=5.0))  # below 3 x 2.0
+    assert status.trials[0].unstable_since is None
+    status = fold(spec, status, seen("t0", step=30, train_loss=7.0))
+    status = fold(spec, status, seen("t0", step=40, train_loss=9.0, nonfinite=1))
+    assert status.trials[0].unstable_since == 30  # the first one, not the latest
+    status = status_of(spec, trial("t1", 0))
+    assert fold(spec, status, seen("t1", step=25, nonfinite=2)).trials[0].unstable_since == 25

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.support import chart as chart_support
 from tests.support.openapi import admit
 from tests.support.paths import CHART
 from trainpilot.api import crd
@@ -17,32 +17,48 @@ helm = pytest.importorskip("helm_python")
 
 RELEASE_NAMESPACE = "trainpilot-system"
 
-# What the operator does, per API group and resource: kopf's watches and patches, trial Jobs,
-# rendezvous Services, ledger ConfigMaps, metric scraping from pods, decision Events.
+# What the operator does, per API group and resource, and nothing more (least privilege: the
+# end-to-end tests in tests/controller/test_rbac.py run the operator with exactly the chart's
+# rules and fail on a 403 or on a rule it never uses): kopf's watches and patches, the finalizers
+# its children's blocking ownerReferences need, trial Jobs, rendezvous Services, trial/control/
+# ledger ConfigMaps (the ledger is replaced with PUT: update), metric scraping from pods and a
+# restarted trial's pods watched until gone, the checkpoint claim's access modes, decision Events.
 NAMESPACED_NEEDS: list[tuple[str, str, set[str]]] = [
-    ("trainpilot.dev", "agentexperiments", {"get", "list", "watch", "patch", "update"}),
-    ("trainpilot.dev", "agentexperiments/status", {"get", "patch", "update"}),
-    ("batch", "jobs", {"create", "get", "list", "watch", "patch", "delete"}),
-    ("", "services", {"create", "get", "list", "watch", "patch", "delete"}),
-    ("", "configmaps", {"create", "get", "list", "watch", "patch", "delete"}),
-    ("", "pods", {"get", "list", "watch"}),
+    ("trainpilot.dev", "agentexperiments", {"list", "watch", "patch"}),
+    ("trainpilot.dev", "agentexperiments/status", {"patch"}),
+    ("trainpilot.dev", "agentexperiments/finalizers", {"update"}),
+    ("batch", "jobs", {"create", "get", "list", "delete"}),
+    ("", "services", {"create", "get", "list", "delete"}),
+    ("", "configmaps", {"create", "get", "list", "patch", "update"}),
+    ("", "pods", {"list", "watch"}),
+    ("", "persistentvolumeclaims", {"get"}),
     ("", "events", {"create", "patch"}),
 ]
 CLUSTER_NEEDS: list[tuple[str, str, set[str]]] = [
-    ("trainpilot.dev", "quotapolicies", {"get", "list", "watch"}),
-    ("apiextensions.k8s.io", "customresourcedefinitions", {"get", "list", "watch"}),
-    ("", "namespaces", {"get", "list", "watch"}),
+    ("trainpilot.dev", "quotapolicies", {"list", "watch"}),
+    ("apiextensions.k8s.io", "customresourcedefinitions", {"list", "watch"}),
 ]
+# Only when watching named namespaces: kopf lists and watches namespaces to see them come and go.
+SINGLE_NAMESPACE_CLUSTER_NEEDS: list[tuple[str, str, set[str]]] = [("", "namespaces", {"list", "watch"})]
 
 
 def render(values: dict[str, Any] | None = None, namespace: str = RELEASE_NAMESPACE) -> list[dict[str, Any]]:
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values=values or {}, name="tp", namespace=namespace, is_install=True)
-    documents = []
-    for name, text in sorted(manifests.items()):
-        if name.endswith(".yaml"):
-            documents.extend(d for d in yaml.safe_load_all(text) if d)
-    return documents
+    return chart_support.render(values, namespace)
+
+
+def granted(rules: list[dict]) -> set[tuple[str, str, str]]:
+    """Every (API group, resource, verb) the rules grant (the chart uses no wildcards)."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+def expand(needs: list[tuple[str, str, set[str]]]) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for group, resource, verbs in needs for verb in verbs}
 
 
 def one(documents: list[dict], kind: str) -> dict:
@@ -117,6 +133,9 @@ def test_single_namespace_mode() -> None:
     cluster_role = one(documents, "ClusterRole")
     for group, resource, verbs in CLUSTER_NEEDS:
         assert grants(cluster_role["rules"], group, resource, verbs), (group, resource)
+    # Exactly what is needed, nothing more.
+    assert granted(role["rules"]) == expand(NAMESPACED_NEEDS)
+    assert granted(cluster_role["rules"]) == expand(CLUSTER_NEEDS + SINGLE_NAMESPACE_CLUSTER_NEEDS)
     # Nothing namespaced is granted cluster-wide in this mode.
     for group, resource, _ in NAMESPACED_NEEDS:
         assert not grants(cluster_role["rules"], group, resource, {"get"}), resource
@@ -146,6 +165,7 @@ def test_all_namespaces_mode() -> None:
     cluster_role = one(documents, "ClusterRole")
     for group, resource, verbs in NAMESPACED_NEEDS + CLUSTER_NEEDS:
         assert grants(cluster_role["rules"], group, resource, verbs), (group, resource)
+    assert granted(cluster_role["rules"]) == expand(NAMESPACED_NEEDS + CLUSTER_NEEDS)
     binding = one(documents, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
 

@@ -17,7 +17,7 @@ from trainpilot.api.trial import ControlFile
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import Decision, DecisionRecord
 from trainpilot.core.trials import build_trial_config
-from trainpilot.runtime.base import RuntimeFailure
+from trainpilot.runtime.base import Departure, LedgerConflict, PermanentFailure, RuntimeFailure
 from trainpilot.runtime.local import LocalRuntime, atomic_write, parse_result_line
 
 EXPERIMENT = "quickstart"
@@ -48,7 +48,7 @@ def trial_status(name: str, lr: float = 0.003, index: int = 0, **extra) -> Trial
 
 async def launch(runtime: LocalRuntime, trial: TrialStatus, seq: int = 0) -> None:
     config = build_trial_config(EXPERIMENT, runtime.spec, trial, runtime.checkpoint_dir(trial.name), None)
-    await runtime.launch(trial, config, record(seq, "launch", trial.name))
+    await runtime.launch(trial.model_copy(update={"decision": record(seq, "launch", trial.name).id}), config)
 
 
 def long_runtime(tmp_path: Path, fake_command, env=None, **kwargs) -> LocalRuntime:
@@ -185,6 +185,19 @@ async def test_stop_sends_sigterm_and_trial_checkpoints(tmp_path, fake_command):
     await runtime.stop("never-launched", "x")  # already gone is success
 
 
+async def test_a_stopped_trial_has_departed_once_its_process_is_gone_with_the_step_it_saved(tmp_path, fake_command):
+    runtime = long_runtime(tmp_path, fake_command, env={"FAKE_LINGER": "1"})
+    trial, status = await start_running(runtime)
+    await asyncio.sleep(0.3)
+    await runtime.stop(trial.name, "restart")
+    assert await runtime.departed(trial.name) is None  # saving, then lingering a second before it exits
+    await observe_until(runtime, status, trial.name, {"Failed"})
+    departure = await runtime.departed(trial.name)
+    saved = int((Path(runtime.checkpoint_dir(trial.name)) / "latest").read_text())
+    assert departure is not None and departure.checkpoint_step == saved > 0
+    assert await runtime.departed("never-launched") == Departure(checkpoint_step=None)
+
+
 async def test_sigkill_escalation_after_grace(tmp_path, fake_command):
     runtime = long_runtime(tmp_path, fake_command, env={"FAKE_IGNORE_TERM": "1"}, kill_after=0.5)
     messages: list[str] = []
@@ -252,6 +265,24 @@ async def test_ledger_append_is_idempotent_and_survives_a_torn_line(tmp_path, fa
     assert [r.id for r in await again.ledger()] == [first.id, second.id, third.id]
 
 
+async def test_a_different_record_under_a_taken_id_is_a_conflict_and_since_reads_the_tail(tmp_path, fake_command):
+    runtime = make_runtime(tmp_path, fake_command)
+    for seq in range(3):
+        await runtime.record(record(seq, "launch", f"quickstart-t00{seq}"))
+    assert [r.seq for r in await runtime.ledger(since=1)] == [1, 2]
+    other = record(1, "terminate", "quickstart-t000", rationale="decided elsewhere")
+    for writer in (runtime, make_runtime(tmp_path, fake_command)):  # this one, and a new one after a restart
+        with pytest.raises(LedgerConflict, match="quickstart-d00001 is already in the ledger"):
+            await writer.record(other)
+    assert [r.decision.action for r in await runtime.ledger()] == ["launch"] * 3
+
+
+async def test_a_trainer_that_cannot_start_is_refused_for_good(tmp_path):
+    runtime = make_runtime(tmp_path, [str(tmp_path / "no-such-python"), "-m", "trainpilot_trainer"])
+    with pytest.raises(PermanentFailure, match="cannot start quickstart-t000"):
+        await launch(runtime, trial_status("quickstart-t000"))
+
+
 async def test_save_status_is_atomic(tmp_path, fake_command, monkeypatch):
     runtime = make_runtime(tmp_path, fake_command)
     status = AgentExperimentStatus(phase="Running", trials=[trial_status("quickstart-t000")], decisions_made=3)
@@ -265,7 +296,7 @@ async def test_save_status_is_atomic(tmp_path, fake_command, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(RuntimeFailure, match="disk full"):  # the loop's to report, as a cluster's 5xx would be
         await runtime.save_status(status.model_copy(update={"phase": "Succeeded"}))
     assert json.loads(runtime.status_path.read_text())["phase"] == "Running"
 

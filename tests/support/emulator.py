@@ -24,8 +24,20 @@ and replaces the request parsing and the write path with API-server semantics:
   optimistic concurrency (409 Conflict on a stale resourceVersion);
 * the status subresource for resources that declare it: writes to the main resource ignore
   ``.status``, writes to ``/status`` change only ``.status``; create drops ``.status``;
-* errors as ``Status`` objects: 404 NotFound, 409 AlreadyExists / Conflict, 422 Invalid,
-  400 BadRequest, 415 UnsupportedMediaType, 403 Forbidden (terminating namespace);
+* errors as ``Status`` objects: 404 NotFound, 409 AlreadyExists / Conflict, 422 Invalid (with
+  the fields as causes, ``<Kind>.<group> "name" is invalid: ...``), 400 BadRequest, 415
+  UnsupportedMediaType, 401 Unauthorized, 403 Forbidden (RBAC, admission, terminating namespace);
+* authentication by bearer token (``tokens``; none is ``system:anonymous``) and RBAC
+  authorization of every request from the stored ClusterRoles/Roles and their bindings, with the
+  API server's 403 messages (tests/support/rbac.py); every decision is kept in ``authorizations``;
+* the OwnerReferencesPermissionEnforcement admission plugin: setting ``blockOwnerDeletion`` needs
+  ``update`` on the owner's ``<plural>/finalizers``, changing an object's ownerReferences needs
+  ``delete`` on it;
+* quantities in pods and Job templates decoded as the API server does (``"4x"``: 400
+  BadRequest), container resources validated (negative, non-integer extended resources,
+  requests above limits: 422; tests/support/quantity.py);
+* Events expire ``event_ttl`` seconds after their last write (--event-ttl; watchers see them
+  DELETED), what expired is kept in ``expired_events`` for tests;
 * deletion: finalizers (deletionTimestamp; the object goes once the finalizers are empty),
   garbage collection through ownerReferences (Background; Foreground behaves the same;
   Orphan strips the references); batch/v1 Jobs default to **Orphan** when no
@@ -35,8 +47,11 @@ and replaces the request parsing and the write path with API-server semantics:
   with their contents;
 * namespaced objects need an existing namespace (404 otherwise), as in a real cluster;
 * CustomResourceDefinitions created through the API are served (discovery, scope, short
-  names, status subresource), and their structural schema prunes unknown fields, applies
-  defaults and checks types/enums/required fields (422), as a real API server does;
+  names, status subresource), and their structural schema prunes unknown fields
+  (``fieldValidation=Strict``: 400), applies defaults, checks types, enums, bounds, lengths,
+  patterns, item and property counts, required fields and list types, then runs the CRD's CEL
+  rules (``x-kubernetes-validations``, transition rules with ``oldSelf`` on updates) with
+  cel-python (422, tests/support/openapi.py), as a real API server does;
 * events.k8s.io/v1 Events are the core v1 Events seen through the other schema (note/message,
   regarding/involvedObject, ...), one store as in a real cluster;
 * API-server defaulting for Jobs (selector and controller-uid labels, backoffLimit 6,
@@ -45,7 +60,8 @@ and replaces the request parsing and the write path with API-server semantics:
 * ``pods/{name}/binding`` (what a scheduler uses) and ``pods/{name}/log`` (served from the
   fake node's log files when one is attached).
 
-Not emulated: admission webhooks, RBAC, quotas/LimitRanges, server-side apply field
+Not emulated: admission webhooks, ClusterRole aggregation (aggregationRule), impersonation,
+CRD validation ratcheting, ``optionalOldSelf``, quotas/LimitRanges, server-side apply field
 ownership (apply patches are treated as merge patches), managedFields, protobuf/CBOR, the
 watch cache's bookmarks every minute, Service clusterIP allocation, and every controller
 except the garbage collector and the namespace lifecycle (the fake node plays the job
@@ -60,6 +76,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import copy
 import datetime
 import json
@@ -76,6 +93,8 @@ import aiohttp.web
 import attrs
 import kmock
 from kmock._internal import rendering as _kmock_rendering  # StreamingError: kmock's own wrapper
+
+from tests.support import openapi, quantity, rbac
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +129,10 @@ _NO_GENERATION = {
     ("", "persistentvolumeclaims"),
     ("events.k8s.io", "events"),
     ("coordination.k8s.io", "leases"),
+    ("rbac.authorization.k8s.io", "clusterroles"),
+    ("rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("rbac.authorization.k8s.io", "roles"),
+    ("rbac.authorization.k8s.io", "rolebindings"),
 }
 
 # Resources whose default deletion propagation is Orphan (legacy API-server behaviour).
@@ -146,6 +169,10 @@ class ResourceSpec:
     @property
     def qualified(self) -> str:  # as in error messages: "jobs.batch", "pods"
         return self.plural if not self.group else f"{self.plural}.{self.group}"
+
+    @property
+    def qualified_kind(self) -> str:  # as in 422 messages: "Job.batch", "Pod", "AgentExperiment.trainpilot.dev"
+        return self.kind if not self.group else f"{self.kind}.{self.group}"
 
 
 BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
@@ -224,7 +251,18 @@ BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     ResourceSpec(
         group="events.k8s.io", version="v1", plural="events", kind="Event", namespaced=True, shortnames=("ev",)
     ),
+    ResourceSpec(group=rbac.RBAC_GROUP, version="v1", plural="clusterroles", kind="ClusterRole", namespaced=False),
+    ResourceSpec(
+        group=rbac.RBAC_GROUP,
+        version="v1",
+        plural="clusterrolebindings",
+        kind="ClusterRoleBinding",
+        namespaced=False,
+    ),
+    ResourceSpec(group=rbac.RBAC_GROUP, version="v1", plural="roles", kind="Role", namespaced=True),
+    ResourceSpec(group=rbac.RBAC_GROUP, version="v1", plural="rolebindings", kind="RoleBinding", namespaced=True),
 )
+_RBAC_PLURALS = {"clusterroles", "clusterrolebindings", "roles", "rolebindings"}
 
 # The public contract of TrainPilot (design.md). Replaced by the real CRDs once they are applied.
 TRAINPILOT_RESOURCES: tuple[ResourceSpec, ...] = (
@@ -305,6 +343,10 @@ def _convert_events(payload: Any) -> Any:
     return payload
 
 
+# Who sent the request being handled (None: the emulator's own work, e.g. the garbage collector).
+_REQUEST_USER: contextvars.ContextVar[rbac.User | None] = contextvars.ContextVar("request_user", default=None)
+
+
 class ApiError(kmock.KubernetesError):
     """Raised by the emulator's handlers; rendered as a Kubernetes Status object."""
 
@@ -330,6 +372,7 @@ class K8sPath:
     namespace: str | None = None
     name: str | None = None
     subresource: str | None = None
+    watch: bool = False  # the deprecated /watch/ form of a watch
 
 
 def parse_k8s_path(path: str) -> K8sPath:
@@ -349,6 +392,8 @@ def parse_k8s_path(path: str) -> K8sPath:
     version, rest = rest[0], rest[1:]
     if not rest:
         return K8sPath(group=group, version=version)
+    if rest[0] == "watch" and len(rest) > 1:
+        return attrs.evolve(parse_k8s_path("/".join(parts[: len(parts) - len(rest)] + rest[1:])), watch=True)
     # /namespaces, /namespaces/{name}, /namespaces/{name}/status|finalize are the namespace resource.
     if rest[0] == "namespaces" and (len(rest) <= 2 or (len(rest) == 3 and rest[2] in ("status", "finalize"))):
         return K8sPath(
@@ -586,64 +631,67 @@ def json_patch(doc: Any, ops: list[JsonDict]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Structural schemas (CRDs): pruning, defaulting, basic validation
+# Structural schemas (CRDs): pruning here; defaulting, validation and CEL in tests/support/openapi
 # ---------------------------------------------------------------------------------------------
 
 
-def _type_ok(value: Any, schema: JsonDict) -> bool:
-    if value is None:
-        return bool(schema.get("nullable"))
-    if schema.get("x-kubernetes-int-or-string"):
-        return isinstance(value, (int, str)) and not isinstance(value, bool)
-    expected = schema.get("type")
-    return {
-        None: True,
-        "object": isinstance(value, dict),
-        "array": isinstance(value, list),
-        "string": isinstance(value, str),
-        "boolean": isinstance(value, bool),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-    }.get(expected, True)
-
-
-def apply_schema(value: Any, schema: JsonDict | None, path: str, errors: list[str]) -> Any:
-    """Prune unknown fields, apply defaults, collect type/enum/required errors (in place)."""
+def prune(value: Any, schema: JsonDict | None, path: str = "", unknown: list[str] | None = None) -> Any:
+    """Drop the fields a structural schema does not know, silently like the API server (in place);
+    their paths go to `unknown` (what fieldValidation=Strict refuses)."""
     if not schema:
         return value
-    if not _type_ok(value, schema):
-        errors.append(
-            f"{path}: Invalid value: {json.dumps(value)[:80]}: {path} in body must be of type {schema.get('type')}"
-        )
-        return value
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(
-            f"{path}: Unsupported value: {json.dumps(value)}: supported values: "
-            + ", ".join(json.dumps(v) for v in schema["enum"])
-        )
     if isinstance(value, dict):
         props: JsonDict | None = schema.get("properties")
         extra = schema.get("additionalProperties")
         preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
         for key in list(value):
             if props is not None and key in props:
-                value[key] = apply_schema(value[key], props[key], f"{path}.{key}", errors)
+                value[key] = prune(value[key], props[key], f"{path}.{key}", unknown)
             elif isinstance(extra, dict):
-                value[key] = apply_schema(value[key], extra, f"{path}.{key}", errors)
+                value[key] = prune(value[key], extra, f"{path}.{key}", unknown)
             elif extra is True or preserve or schema.get("x-kubernetes-embedded-resource"):
                 pass
             elif props is not None or schema.get("type") == "object":
-                del value[key]  # pruned, silently, like the real API server
-        for key, subschema in (props or {}).items():
-            if key not in value and isinstance(subschema, dict) and "default" in subschema:
-                value[key] = apply_schema(copy.deepcopy(subschema["default"]), subschema, f"{path}.{key}", errors)
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}.{key}: Required value")
+                del value[key]
+                if unknown is not None:
+                    unknown.append(f"{path}.{key}".lstrip("."))
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
-            value[index] = apply_schema(item, schema["items"], f"{path}[{index}]", errors)
+            value[index] = prune(item, schema["items"], f"{path}[{index}]", unknown)
     return value
+
+
+def _custom_resource_errors(
+    schema: JsonDict, obj: JsonDict, old: JsonDict | None, *, status_only: bool, unknown: list[str]
+) -> list[str]:
+    """What the API server does with a custom resource's body: prune, default, validate the schema
+    (types, enums, bounds, lengths, patterns, item and property counts, required, list types),
+    then, on an object that passed, the CEL rules (transition rules against `old` on updates)."""
+    errors: list[str] = []
+    props: JsonDict = schema.get("properties", {})
+    for key in list(obj):
+        if key in ("apiVersion", "kind", "metadata"):
+            continue
+        if key in props:
+            obj[key] = prune(obj[key], props[key], key, unknown)
+        elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+            del obj[key]
+            unknown.append(key)
+    openapi.apply_defaults(schema, obj)
+    checked = ["status"] if status_only else [k for k in obj if k not in ("apiVersion", "kind", "metadata")]
+    for key in checked:
+        if key in obj and key in props:
+            openapi.validate_schema(props[key], obj[key], key, errors)
+    if not status_only:
+        errors += [f"{key}: Required value" for key in schema.get("required", []) if key not in obj]
+    if not errors:
+        if status_only:
+            if "status" in obj and "status" in props:
+                old_status = (old or {}).get("status", openapi.NO_OLD)
+                openapi.validate_cel(props["status"], obj["status"], "status", errors, old=old_status)
+        else:
+            openapi.validate_cel(schema, obj, "", errors, root=True, old=old if old is not None else openapi.NO_OLD)
+    return [error.lstrip(".").removeprefix(": ") for error in errors]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,6 +799,27 @@ def _job_spec_violations(old: JsonDict, new: JsonDict) -> list[str]:
     return errors
 
 
+# The cause types of field errors (k8s.io/apimachinery/pkg/util/validation/field), by their text.
+_CAUSE_TYPES = {
+    "Invalid value": "FieldValueInvalid",
+    "Required value": "FieldValueRequired",
+    "Unsupported value": "FieldValueNotSupported",
+    "Too long": "FieldValueTooLong",
+    "Too many": "FieldValueTooMany",
+    "Duplicate value": "FieldValueDuplicate",
+    "Forbidden": "FieldValueForbidden",
+}
+
+
+def field_cause(error: str) -> JsonDict:
+    """A "<field>: <what>" error as a Status cause: {reason, message (without the field), field}."""
+    field, body = "", error
+    if not any(error.startswith(text) for text in _CAUSE_TYPES):
+        field, _, body = error.partition(": ")
+    reason = next((cause for text, cause in _CAUSE_TYPES.items() if body.startswith(text)), "FieldValueInvalid")
+    return {"reason": reason, "message": body, "field": field}
+
+
 # ---------------------------------------------------------------------------------------------
 # The emulator
 # ---------------------------------------------------------------------------------------------
@@ -772,7 +841,20 @@ class Emulator(kmock.KubernetesEmulator):
     # pod log source: (namespace, name, container) -> text or None; set by the fake node fixture.
     pod_log_source: Callable[[str, str, str | None], str | None] | None = None
 
+    # Authentication: bearer token -> user (a static token file). No token is system:anonymous.
+    tokens: dict[str, rbac.User] = attrs.field(factory=dict)
+    # Every authorization decision (requests, and the admission plugin's checks), oldest first.
+    authorizations: list[rbac.Decision] = attrs.field(factory=list, init=False)
+    authorization_log_size: int = 500_000
+    # The OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift, off by default
+    # in kube-apiserver; on here: the stricter of the two).
+    owner_references_permission_enforcement: bool = True
+    # The API server's --event-ttl (1 h by default): an Event goes this long after its last write.
+    event_ttl: float | None = 3600.0
+    expired_events: list[JsonDict] = attrs.field(factory=list, init=False)  # what the TTL dropped
+
     _specs: dict[tuple[str, str, str], ResourceSpec] = attrs.field(factory=dict, init=False)
+    _policy: rbac.Policy | None = attrs.field(default=None, init=False)
     _rv: int = attrs.field(default=100, init=False)
     _log: list[JsonDict] = attrs.field(factory=list, init=False)
     _tick: asyncio.Event | None = attrs.field(default=None, init=False)
@@ -783,6 +865,19 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         for spec in BUILTIN_RESOURCES + TRAINPILOT_RESOURCES:
             self.register(spec)
+        for obj in rbac.BOOTSTRAP_OBJECTS:
+            self.seed(obj)
+
+    def seed(self, manifest: Mapping[str, Any]) -> JsonDict:
+        """Create an object directly, as the cluster's own bootstrapping does (no request, no checks)."""
+        group, _, version = manifest["apiVersion"].rpartition("/")
+        spec = next(
+            s for s in self._specs.values() if (s.group, s.version, s.kind) == (group, version, manifest["kind"])
+        )
+        obj = copy.deepcopy(dict(manifest))
+        meta = obj.setdefault("metadata", {})
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
+        return self._store(spec, self._key(spec, meta.get("namespace"), meta["name"]), obj, None)
 
     # -- resources ----------------------------------------------------------------------------
 
@@ -820,6 +915,9 @@ class Emulator(kmock.KubernetesEmulator):
             self._requests.append(request)
             if len(self._requests) > self.request_log_size:  # pollers would grow it forever
                 del self._requests[: len(self._requests) - self.request_log_size]
+            user = self._authenticate(raw_request)
+            self._authorize_request(user, raw_request)
+            _REQUEST_USER.set(user)
             try:
                 return await self._handle(request)
             except _kmock_rendering.StreamingError as e:
@@ -837,6 +935,122 @@ class Emulator(kmock.KubernetesEmulator):
             await self._stream_error(e, raw_response)
             await raw_response.write_eof()
             return raw_response
+
+    # -- authentication, authorization, OwnerReferencesPermissionEnforcement ---------------------
+
+    def _authenticate(self, raw: aiohttp.web.BaseRequest) -> rbac.User:
+        header = raw.headers.get("Authorization", "")
+        if not header:
+            return rbac.ANONYMOUS
+        scheme, _, token = header.partition(" ")
+        user = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
+            raise _status_error(401, "Unauthorized", "Unauthorized")
+        return user
+
+    @property
+    def policy(self) -> rbac.Policy:
+        """The RBAC objects now stored (rebuilt after any of them changes, as the authorizer's cache)."""
+        if self._policy is None:
+            self._policy = rbac.Policy.from_objects(
+                obj for key, obj in self._live() if key[0].group == rbac.RBAC_GROUP and key[0].plural in _RBAC_PLURALS
+            )
+        return self._policy
+
+    def authorize(self, attributes: rbac.Attributes, source: str = "request") -> rbac.Decision:
+        """Decide as the API server's authorizers do, and record the decision."""
+        allowed, reason = self.policy.authorize(attributes)
+        decision = rbac.Decision(attributes=attributes, allowed=allowed, reason=reason, source=source)
+        self.authorizations.append(decision)
+        if len(self.authorizations) > self.authorization_log_size:
+            del self.authorizations[: len(self.authorizations) - self.authorization_log_size]
+        return decision
+
+    def _authorize_request(self, user: rbac.User, raw: aiohttp.web.BaseRequest) -> None:
+        attributes = rbac.request_attributes(user, raw.method, raw.path, dict(raw.query))
+        decision = self.authorize(attributes)
+        if not decision.allowed:
+            details = (
+                {"group": attributes.api_group, "kind": attributes.resource} if attributes.resource_request else {}
+            )
+            if attributes.name:
+                details["name"] = attributes.name
+            raise _status_error(403, "Forbidden", rbac.forbidden_message(attributes, decision.reason), **details)
+
+    def _enforce_owner_references(
+        self, spec: ResourceSpec, request: kmock.Request, new: JsonDict, old: JsonDict | None
+    ) -> None:
+        """OwnerReferencesPermissionEnforcement: changing ownerReferences on an update needs `delete`
+        on the object; setting blockOwnerDeletion needs `update` on the owner's finalizers."""
+        user = _REQUEST_USER.get()
+        if user is None or not self.owner_references_permission_enforcement:
+            return
+        if (spec.group, spec.plural, request.subresource) == ("", "pods", "status"):
+            return  # the plugin's whitelist
+        new_refs = new.get("metadata", {}).get("ownerReferences") or []
+        old_refs = (old or {}).get("metadata", {}).get("ownerReferences") or []
+        if (old is None and not new_refs) or (old is not None and new_refs == old_refs):
+            return
+        namespace = new["metadata"].get("namespace") or ""
+        name = new["metadata"].get("name") or ""
+
+        def forbidden(error: str) -> ApiError:
+            return _status_error(
+                403,
+                "Forbidden",
+                rbac.forbidden_status_message(spec.qualified, name, error),
+                name=name,
+                group=spec.group,
+                kind=spec.plural,
+            )
+
+        source = "OwnerReferencesPermissionEnforcement"
+        if old is not None:
+            delete = rbac.Attributes(
+                user=user,
+                verb="delete",
+                resource_request=True,
+                api_group=spec.group,
+                api_version=spec.version,
+                resource=spec.plural,
+                subresource=request.subresource or "",
+                namespace=namespace,
+                name=name,
+            )
+            decision = self.authorize(delete, source)
+            if not decision.allowed:
+                raise forbidden(f"cannot set an ownerRef on a resource you can't delete: {decision.reason}, <nil>")
+        was_blocking = {r.get("uid") for r in old_refs if r.get("blockOwnerDeletion")}
+        for ref in new_refs:
+            if not ref.get("blockOwnerDeletion") or ref.get("uid") in was_blocking:
+                continue
+            group, _, version = str(ref.get("apiVersion", "")).rpartition("/")
+            owners = [s for s in self._specs.values() if (s.group, s.kind) == (group, ref.get("kind"))]
+            owners = [s for s in owners if s.version == version] or owners
+            if not owners:
+                raise forbidden(
+                    f"cannot set blockOwnerDeletion in this case because cannot find RESTMapping for APIVersion "
+                    f'{ref.get("apiVersion")} Kind {ref.get("kind")}: no matches for kind "{ref.get("kind")}" '
+                    f'in version "{ref.get("apiVersion")}"'
+                )
+            owner = owners[0]
+            finalizers = rbac.Attributes(
+                user=user,
+                verb="update",
+                resource_request=True,
+                api_group=owner.group,
+                api_version=owner.version,
+                resource=owner.plural,
+                subresource="finalizers",
+                namespace=namespace if owner.namespaced else "",
+                name=str(ref.get("name", "")),
+            )
+            decision = self.authorize(finalizers, source)
+            if not decision.allowed:
+                raise forbidden(
+                    "cannot set blockOwnerDeletion if an ownerReference refers to a resource you can't set "
+                    f"finalizers on: {decision.reason}, <nil>"
+                )
 
     async def _parse_request(self, raw: aiohttp.web.BaseRequest) -> kmock.Request:
         body = await raw.read()
@@ -858,7 +1072,7 @@ class Emulator(kmock.KubernetesEmulator):
             if method == "GET":
                 action = (
                     kmock.action.WATCH
-                    if params.get("watch") in ("true", "1")
+                    if params.get("watch") in ("true", "1") or path.watch
                     else kmock.action.FETCH
                     if path.name
                     else kmock.action.LIST
@@ -1002,11 +1216,36 @@ class Emulator(kmock.KubernetesEmulator):
         self._schedule_gc()
         if (spec.group, spec.plural) == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._crd_removed(final)
+        if spec.group == rbac.RBAC_GROUP:
+            self._policy = None
         return final
 
     def _after_write(self, spec: ResourceSpec, new: JsonDict, old: JsonDict | None) -> None:
         if (spec.group, spec.plural) == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._crd_written(new)
+        if spec.group == rbac.RBAC_GROUP:
+            self._policy = None
+        if (spec.group, spec.plural) == ("", "events") and self.event_ttl is not None:
+            self._expire_later(spec, new)
+
+    def _expire_later(self, spec: ResourceSpec, event: JsonDict) -> None:
+        """Drop the Event `event_ttl` seconds after this write, unless it is written again by then
+        (each write renews its lease in etcd); watchers see it DELETED, as with a real lease expiry."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        key = self._key(spec, event["metadata"].get("namespace"), event["metadata"]["name"])
+        version = event["metadata"]["resourceVersion"]
+
+        def expire() -> None:
+            current = self._current(key)
+            if current is not None and current["metadata"]["resourceVersion"] == version:
+                self.expired_events.append(copy.deepcopy(current))
+                self._remove(spec, key, current)
+
+        assert self.event_ttl is not None
+        loop.call_later(self.event_ttl, expire)
 
     # -- CRDs -----------------------------------------------------------------------------------
 
@@ -1042,26 +1281,28 @@ class Emulator(kmock.KubernetesEmulator):
 
     # -- defaulting and validation ----------------------------------------------------------------
 
-    def _prepare(self, spec: ResourceSpec, obj: JsonDict, *, creating: bool) -> None:
-        """Kind/apiVersion, schema pruning/defaulting/validation, built-in defaults."""
+    def _prepare(
+        self,
+        spec: ResourceSpec,
+        obj: JsonDict,
+        *,
+        creating: bool,
+        old: JsonDict | None = None,
+        status_only: bool = False,
+        strict: bool = False,
+    ) -> None:
+        """Kind/apiVersion, schema pruning/defaulting/validation (CEL included), built-in defaults
+        and checks. `strict`: fieldValidation=Strict, unknown fields are refused (400)."""
         obj["apiVersion"] = spec.api_version
         obj["kind"] = spec.kind
-        errors = _validate_metadata(spec, obj)
+        errors = [] if status_only else _validate_metadata(spec, obj)
         if spec.schema:
-            for key in list(obj):
-                if key in ("apiVersion", "kind", "metadata"):
-                    continue
-                props = spec.schema.get("properties", {})
-                if key in props:
-                    obj[key] = apply_schema(obj[key], props[key], key, errors)
-                elif not spec.schema.get("x-kubernetes-preserve-unknown-fields"):
-                    del obj[key]
-            for key, subschema in spec.schema.get("properties", {}).items():
-                if key not in obj and key not in ("apiVersion", "kind", "metadata") and "default" in subschema:
-                    obj[key] = copy.deepcopy(subschema["default"])
-            for key in spec.schema.get("required", []):
-                if key not in obj:
-                    errors.append(f"{key}: Required value")
+            unknown: list[str] = []
+            errors += _custom_resource_errors(spec.schema, obj, old, status_only=status_only, unknown=unknown)
+            if strict and unknown:
+                raise self._undecodable(
+                    spec, "strict decoding error: " + ", ".join(f'unknown field "{u}"' for u in unknown)
+                )
         if (spec.group, spec.plural) == ("batch", "jobs") and creating:
             self._default_job(obj)
         if (spec.group, spec.plural) == ("batch", "jobs"):
@@ -1075,18 +1316,39 @@ class Emulator(kmock.KubernetesEmulator):
             containers = obj.get("spec", {}).get("containers") or []
             if not containers:
                 errors.append("spec.containers: Required value")
+        errors += quantity.resource_requirement_errors(spec.group, spec.plural, obj)
         if errors:
             raise self._invalid(spec, obj.get("metadata", {}).get("name"), errors)
 
+    def _decode(self, spec: ResourceSpec, body: JsonDict, *, patched: bool = False) -> None:
+        """What fails while the API server decodes a body into its Go type: unparseable quantities.
+        A create or replace is 400 BadRequest; a patch whose result does not decode, 422 on `patch`."""
+        problems = quantity.undecodable_quantities(spec.group, spec.plural, body)
+        if not problems:
+            return
+        if patched:
+            raise self._invalid(spec, body.get("metadata", {}).get("name"), [
+                f"patch: Invalid value: {json.dumps(body, sort_keys=True)[:200]}: {problems[0][1]}"
+            ])  # fmt: skip
+        raise self._undecodable(spec, problems[0][1])
+
+    @staticmethod
+    def _undecodable(spec: ResourceSpec, detail: str) -> ApiError:
+        return _status_error(
+            400, "BadRequest", f'{spec.kind} in version "{spec.version}" cannot be handled as a {spec.kind}: {detail}'
+        )
+
     def _invalid(self, spec: ResourceSpec, name: str | None, errors: list[str]) -> ApiError:
+        """422 Invalid as apierrors.NewInvalid builds it: every error a cause with its field."""
+        aggregate = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
         return _status_error(
             422,
             "Invalid",
-            f'{spec.kind} "{name}" is invalid: ' + ", ".join(errors),
+            f'{spec.qualified_kind} "{name}" is invalid: {aggregate}',
             name=name,
             group=spec.group,
             kind=spec.kind,
-            causes=[{"reason": "FieldValueInvalid", "message": e} for e in errors],
+            causes=[field_cause(error) for error in errors],
         )
 
     @staticmethod
@@ -1464,6 +1726,7 @@ class Emulator(kmock.KubernetesEmulator):
         if not isinstance(body, dict):
             raise _status_error(400, "BadRequest", "the request body is not a JSON object")
         obj = copy.deepcopy(body)
+        self._decode(spec, obj)
         meta = obj.setdefault("metadata", {})
         if meta.get("resourceVersion"):
             raise _status_error(400, "BadRequest", "resourceVersion should not be set on objects to be created")
@@ -1506,7 +1769,8 @@ class Emulator(kmock.KubernetesEmulator):
         else:
             meta.pop("generation", None)
         self._reset_status_on_create(spec, obj)
-        self._prepare(spec, obj, creating=True)
+        self._prepare(spec, obj, creating=True, strict=request.params.get("fieldValidation") == "Strict")
+        self._enforce_owner_references(spec, request, obj, None)
         if request.params.get("dryRun"):
             return kmock.Response(status=201, payload=obj)
         stored = self._store(spec, key, obj, None)
@@ -1558,6 +1822,7 @@ class Emulator(kmock.KubernetesEmulator):
             if not isinstance(body, dict):
                 raise _status_error(400, "BadRequest", "the request body is not a JSON object")
             candidate = copy.deepcopy(body)
+            self._decode(spec, candidate)
             candidate_meta = candidate.setdefault("metadata", {})
             wanted_rv = candidate_meta.get("resourceVersion")
             if candidate_meta.get("name") not in (None, request.name):
@@ -1600,6 +1865,7 @@ class Emulator(kmock.KubernetesEmulator):
                 ) from None
             if not isinstance(candidate, dict):
                 raise _status_error(422, "Invalid", "the patched object is not a JSON object")
+            self._decode(spec, candidate, patched=True)
             candidate.setdefault("metadata", {})
             wanted_rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
 
@@ -1618,7 +1884,9 @@ class Emulator(kmock.KubernetesEmulator):
         new = self._merge_update(spec, old, candidate, status_only=request.subresource == "status")
         if new == old:
             return copy.deepcopy(old)  # a no-op write: no new resourceVersion, no event
-        self._prepare(spec, new, creating=False)
+        status_only = request.subresource == "status"
+        strict = request.params.get("fieldValidation") == "Strict"
+        self._prepare(spec, new, creating=False, old=old, status_only=status_only, strict=strict)
         if new == old:
             return copy.deepcopy(old)
         errors: list[str] = []
@@ -1628,6 +1896,7 @@ class Emulator(kmock.KubernetesEmulator):
             errors += _job_spec_violations(old, new)
         if errors:
             raise self._invalid(spec, request.name, errors)
+        self._enforce_owner_references(spec, request, new, old)
         if (spec.group, spec.plural) not in _NO_GENERATION:
             strip = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
             if "status" not in spec.subresources:

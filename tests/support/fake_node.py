@@ -16,13 +16,29 @@ What it does, following the real components' semantics:
   pods with the controller's exponential back-off (10 s, 20 s, ... by default: see
   ``retry_backoff``); writes ``status``: active, ready, succeeded, failed, terminating,
   startTime, completionTime, completedIndexes, conditions Complete / Failed / Suspended.
-  A pod deleted while active counts as failed, as with the real job-tracking finalizers.
+  ``podFailurePolicy``: a failed pod is matched against the rules in order (``onExitCodes``
+  with In/NotIn and containerName, never exit code 0; ``onPodConditions`` type/status): Ignore
+  does not count it (no backoffLimit, no back-off) and replaces it, FailJob fails the Job with
+  reason PodFailurePolicy and the controller's message, Count (and FailIndex) counts it.
+  ``podReplacementPolicy`` (Failed by default with a podFailurePolicy, else TerminatingOrFailed):
+  under Failed a terminating pod keeps its index until it has stopped. Pods carry the
+  ``batch.kubernetes.io/job-tracking`` finalizer, so a deleted pod stays (terminating, then
+  terminal) until the controller has counted how it ended and removes it; it also releases
+  pods whose Job is gone, and marks unscheduled pods that are being deleted Failed, as the
+  pod garbage collector does. A pod deleted while active (by anyone but the controller) counts
+  as failed at once under TerminatingOrFailed, and once it has stopped under Failed (where the
+  podFailurePolicy then decides); one that vanishes anyway while active counts as failed.
 * **scheduler**: binds pending pods (``pods/{name}/binding``) to this node when they fit: pod
-  count (``max_pods``), ``nodeSelector`` against the node's ``labels``, and extended resources
-  such as ``nvidia.com/gpu`` against ``extended_resources`` (none by default: a GPU pod stays
-  Pending, as on a CPU-only cluster); others stay Pending with PodScheduled=False/Unschedulable
-  and the scheduler's message ("0/1 nodes are available: 1 Insufficient nvidia.com/gpu.").
-  The node registers its v1 Node object (Ready, capacity, labels) at start.
+  count (``max_pods``), ``nodeSelector`` against the node's ``labels``, cpu and memory requests
+  (a limit stands for a missing request; init containers as the scheduler counts them) against
+  ``capacity`` (16 cpu, 64Gi by default: the processes share the host, so this is a budget,
+  not a measurement), and extended resources such as ``nvidia.com/gpu`` against
+  ``extended_resources`` (none by default: a GPU pod stays Pending, as on a CPU-only cluster);
+  others stay Pending with PodScheduled=False/Unschedulable and the scheduler's message ("0/1
+  nodes are available: 1 Insufficient nvidia.com/gpu."). Preemption: ``node.preempt(pod)``
+  does to a victim what the scheduler does (DisruptionTarget reason PreemptionByScheduler,
+  then a graceful delete); ``node.evict(pod)`` what the eviction API does (reason
+  EvictionByEvictionAPI). The node registers its v1 Node object (Ready, capacity, labels).
 * **kubelet**: runs the pods bound to this node as local processes (only ``containers[0]``
   and the ``initContainers`` before it; ``command`` + ``args``, or ``image_commands[image]``
   for images with an entrypoint), each in its own process group and working directory under a
@@ -32,7 +48,13 @@ What it does, following the real components' semantics:
   terminated with exitCode and reason Completed/Error; 128+signal when killed), conditions
   PodScheduled/Initialized/ContainersReady/Ready (readiness probes: httpGet, tcpSocket, exec);
   copies the container's termination message (what it wrote to ``terminationMessagePath``,
-  or its log tail with FallbackToLogsOnError) into ``state.terminated.message``;
+  or its log tail with FallbackToLogsOnError) into ``state.terminated.message``; images in
+  ``image_pull_errors`` are never pulled (the pod stays Pending, its container waiting in
+  ErrImagePull, then ImagePullBackOff, retried with the kubelet's back-off from
+  ``kubelet_backoff``), and env from a missing ConfigMap/Secret or key leaves it waiting in
+  CreateContainerConfigError (retried the same way); status writes keep the conditions that
+  others own (DisruptionTarget) as the kubelet's status manager does; a pod deleted before
+  its container ends gets a terminal phase before the deletion is confirmed;
   restarts containers in place for restartPolicy OnFailure/Always (restartCount); deletes
   gracefully: SIGTERM, ``deletionGracePeriodSeconds`` (from terminationGracePeriodSeconds,
   default 30), SIGKILL, then confirms the deletion with gracePeriodSeconds=0.
@@ -70,11 +92,12 @@ Stand-ins for what a local process cannot have (the documented differences):
   spec.nodeName/serviceAccountName, status.podIP/hostIP; configMapKeyRef; secretKeyRef;
   resourceFieldRef) and ``envFrom``.
 
-Not emulated: cpu/memory requests and limits (no accounting, no OOM kills), affinity and
-taints/tolerations, probes other than readiness, lifecycle hooks, sidecars and containers after
-the first, downwardAPI/projected volumes, podFailurePolicy, backoffLimitPerIndex,
-successPolicy, the job-tracking finalizers on pods (the controller counts in memory), the
-SuccessCriteriaMet/FailureTarget interim conditions, node heartbeats, image pulls.
+Not emulated: cpu/memory limits (no OOM kills), priority-based preemption (only ``preempt()``),
+affinity and taints/tolerations, probes other than readiness, lifecycle hooks, sidecars and
+containers after the first, downwardAPI/projected volumes, backoffLimitPerIndex (so FailIndex
+counts like Count), successPolicy, ``status.uncountedTerminatedPods`` (the controller counts in
+memory before it releases a pod), the SuccessCriteriaMet/FailureTarget interim conditions, node
+heartbeats, image pulls that take time.
 
 Each pod's stdout+stderr go to a log file: ``node.read_log(pod, namespace)``; the fixture
 also serves it as ``GET .../pods/{name}/log`` through the emulator.
@@ -101,17 +124,58 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests.support.quantity import parse_quantity
 
 logger = logging.getLogger(__name__)
 
 JsonDict = dict[str, Any]
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
 _TERMINAL = ("Succeeded", "Failed")
+DEFAULT_CAPACITY = {"cpu": "16", "memory": "64Gi"}
+# Pod conditions the kubelet writes; it leaves every other one (DisruptionTarget, readiness gates) alone.
+_KUBELET_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled")
+
+
+def pod_failure_verdict(policy: JsonDict | None, pod: JsonDict) -> tuple[str, str] | None:
+    """The action of the first podFailurePolicy rule a failed pod matches, with the job controller's
+    message for it; None when no rule matches (the failure counts, as without a policy)."""
+    meta, status = pod["metadata"], pod.get("status") or {}
+    where = f"{meta.get('namespace')}/{meta['name']}"
+    for index, rule in enumerate((policy or {}).get("rules") or []):
+        action = rule.get("action", "Count")
+        codes = rule.get("onExitCodes")
+        if codes is not None:
+            values = set(codes.get("values") or [])
+            statuses = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+            for cs in statuses:
+                if codes.get("containerName") and cs.get("name") != codes["containerName"]:
+                    continue
+                code = ((cs.get("state") or {}).get("terminated") or {}).get("exitCode")
+                if code is None or code == 0:  # a container that succeeded never matches
+                    continue
+                if (code in values) == (codes.get("operator") == "In"):
+                    message = (
+                        f"Container {cs.get('name')} for pod {where} failed with exit code {code} "
+                        f"matching {action} rule at index {index}"
+                    )
+                    return action, message
+        for pattern in rule.get("onPodConditions") or []:
+            wanted = pattern.get("status", "True")
+            if any(
+                c.get("type") == pattern.get("type") and c.get("status") == wanted
+                for c in status.get("conditions") or []
+            ):
+                condition = pattern.get("type")
+                return action, f"Pod {where} has condition {condition} matching {action} rule at index {index}"
+    return None
 
 
 def _now() -> str:
@@ -247,6 +311,9 @@ class PodRuntime:
 class _JobTracking:
     succeeded: dict[str, int | None] = field(default_factory=dict)  # pod uid -> index
     failed: set[str] = field(default_factory=set)
+    ignored: set[str] = field(default_factory=set)  # failed pods a podFailurePolicy Ignore rule matched
+    deleted: set[str] = field(default_factory=set)  # pods the controller itself deleted (not failures)
+    fail_job: str | None = None  # the message of a FailJob rule that matched
     seen_active: dict[str, int | None] = field(default_factory=dict)
     last_failure: float = 0.0
     start_time: str | None = None
@@ -279,6 +346,9 @@ class FakeNode:
         run_jobs: bool = True,
         labels: Mapping[str, str] | None = None,
         extended_resources: Mapping[str, int] | None = None,
+        capacity: Mapping[str, str] | None = None,
+        image_pull_errors: Mapping[str, str] | None = None,
+        kubelet_backoff: float = 10.0,
         register_node: bool = True,
         headers: Mapping[str, str] | None = None,
     ) -> None:
@@ -303,6 +373,12 @@ class FakeNode:
             **(labels or {}),
         }
         self.extended_resources = dict(extended_resources or {})  # e.g. {'nvidia.com/gpu': 8}
+        # Allocatable cpu and memory the scheduler fits requests into (the processes share the host).
+        self.capacity = {**DEFAULT_CAPACITY, **(capacity or {})}
+        # image -> why its pull fails; the kubelet reports ErrImagePull, then ImagePullBackOff, and
+        # retries with back-off (a test may drop an entry: the next retry pulls it).
+        self.image_pull_errors = dict(image_pull_errors or {})
+        self.kubelet_backoff = kubelet_backoff  # the kubelet's first retry delay (doubling, at most 300 s)
         self.register_node = register_node
         self._headers = dict(headers or {})
 
@@ -424,8 +500,7 @@ class FakeNode:
     async def _register_node(self) -> None:
         """Create (or refresh) this node's v1 Node object, Ready, with its capacity and labels."""
         capacity = {
-            "cpu": str(os.cpu_count() or 1),
-            "memory": "16Gi",
+            **self.capacity,
             "ephemeral-storage": "64Gi",
             "pods": str(self.max_pods if self.max_pods is not None else 110),
             **{k: str(v) for k, v in self.extended_resources.items()},
@@ -505,6 +580,45 @@ class FakeNode:
     def pvc_dir(self, claim: str, namespace: str = "default") -> Path:
         return self.workdir / "pvcs" / namespace / claim
 
+    async def evict(self, name: str, namespace: str = "default", grace_seconds: int | None = None) -> None:
+        """What the eviction API (POST .../pods/{name}/eviction, once PodDisruptionBudgets allow it)
+        does to a pod: the DisruptionTarget condition (EvictionByEvictionAPI), then a graceful delete."""
+        await self._in_node_loop(
+            self._disrupt(namespace, name, "EvictionByEvictionAPI", "Eviction API: evicting", grace_seconds)
+        )
+
+    async def preempt(self, name: str, namespace: str = "default") -> None:
+        """What the scheduler does to a victim it preempts for a higher-priority pod: the
+        DisruptionTarget condition (PreemptionByScheduler), then a graceful delete."""
+        message = "default-scheduler: preempting to accommodate a higher priority pod"
+        await self._in_node_loop(self._disrupt(namespace, name, "PreemptionByScheduler", message, None))
+
+    def evict_sync(self, name: str, namespace: str = "default", grace_seconds: int | None = None) -> None:
+        self._run_in_node_loop(
+            self._disrupt(namespace, name, "EvictionByEvictionAPI", "Eviction API: evicting", grace_seconds)
+        )
+
+    async def _in_node_loop(self, coroutine: Any) -> None:
+        assert self._loop is not None, "the node is not started"
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+
+    def _run_in_node_loop(self, coroutine: Any, timeout: float = 30) -> None:
+        assert self._loop is not None, "the node is not started"
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _disrupt(self, namespace: str, name: str, reason: str, message: str, grace: int | None) -> None:
+        condition = {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": reason,
+            "message": message,
+            "lastProbeTime": None,
+            "lastTransitionTime": _now(),
+        }
+        await self._write_pod_status(namespace, name, {"conditions": [condition]}, owned=("DisruptionTarget",))
+        params = {"gracePeriodSeconds": str(grace)} if grace is not None else {}
+        await self._api.delete(_ns_path(namespace, "pods", name), **params)
+
     # -- API plumbing -----------------------------------------------------------------------
 
     def _list_path(self, group: str, version: str, plural: str) -> str:
@@ -554,6 +668,7 @@ class FakeNode:
                 except ApiError as e:
                     if e.status not in (404, 409):
                         logger.warning("Job %s sync failed: %s", job["metadata"]["name"], e)
+            await self._collect_pods(pods, jobs)
             pods = (await self._api.get(self._list_path("", "v1", "pods")))["items"]
         await self._schedule(pods)
         await self._kubelet(pods)
@@ -570,8 +685,18 @@ class FakeNode:
         )
         track = self._jobs.setdefault(uid, _JobTracking())
         job_path = _ns_path(ns, "jobs", name, group="batch")
+        pods = [
+            p
+            for p in all_pods
+            if any(
+                ref.get("uid") == uid and ref.get("controller") for ref in p["metadata"].get("ownerReferences") or []
+            )
+        ]
 
         if finished is not None:
+            for p in pods:  # accounted for: nothing holds them any more
+                if (p.get("status") or {}).get("phase") in _TERMINAL or p["metadata"].get("deletionTimestamp"):
+                    await self._release(p)
             ttl = spec.get("ttlSecondsAfterFinished")
             done_at = _parse_time(status.get("completionTime") or finished.get("lastTransitionTime"))
             if (
@@ -586,13 +711,10 @@ class FakeNode:
         if meta.get("deletionTimestamp"):
             return
 
-        pods = [
-            p
-            for p in all_pods
-            if any(
-                ref.get("uid") == uid and ref.get("controller") for ref in p["metadata"].get("ownerReferences") or []
-            )
-        ]
+        failure_policy = spec.get("podFailurePolicy")
+        # With a podFailurePolicy the API server defaults (and only allows) Failed: a replacement
+        # waits until the pod it replaces has stopped.
+        replacement = spec.get("podReplacementPolicy") or ("Failed" if failure_policy else "TerminatingOrFailed")
         indexed = spec.get("completionMode") == "Indexed"
         completions = spec.get("completions")
         parallelism = spec.get("parallelism", 1) if spec.get("parallelism") is not None else 1
@@ -607,15 +729,32 @@ class FakeNode:
         present = {p["metadata"]["uid"] for p in pods}
         for p in pods:
             puid, phase = p["metadata"]["uid"], (p.get("status") or {}).get("phase")
-            if phase == "Succeeded":
+            if phase == "Succeeded" and puid not in track.failed:
                 track.succeeded[puid] = index_of(p)
                 track.seen_active.pop(puid, None)
             elif phase == "Failed":
-                if puid not in track.failed:
-                    track.last_failure = time.time()
-                track.failed.add(puid)
+                if puid not in track.failed and puid not in track.ignored:
+                    verdict = pod_failure_verdict(failure_policy, p)
+                    if verdict is not None and verdict[0] == "Ignore":
+                        track.ignored.add(puid)  # not a failure: no backoffLimit, no back-off, replaced
+                    else:
+                        track.failed.add(puid)
+                        track.last_failure = time.time()
+                        if verdict is not None and verdict[0] == "FailJob":
+                            track.fail_job = track.fail_job or verdict[1]
                 track.seen_active.pop(puid, None)
-            else:
+            elif (
+                p["metadata"].get("deletionTimestamp")
+                and replacement == "TerminatingOrFailed"
+                and puid not in track.deleted
+                and phase != "Succeeded"
+            ):
+                # Deleted by someone else while active: a failure at once, and replaced at once.
+                if puid not in track.failed:
+                    track.failed.add(puid)
+                    track.last_failure = time.time()
+                track.seen_active.pop(puid, None)
+            elif phase != "Succeeded":
                 track.seen_active[puid] = index_of(p)
         for puid in list(track.seen_active):
             if puid not in present:
@@ -659,7 +798,9 @@ class FakeNode:
             (c for c in conditions if c.get("type") == "Suspended" and c.get("status") == "True"), None
         )
         failure: tuple[str, str] | None = None
-        if failed_count + restarts > backoff_limit:
+        if track.fail_job is not None:
+            failure = ("PodFailurePolicy", track.fail_job)
+        elif failed_count + restarts > backoff_limit:
             failure = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
         elif spec.get("activeDeadlineSeconds") is not None and start_time and not suspended:
             started = _parse_time(start_time)
@@ -720,9 +861,11 @@ class FakeNode:
             if track.failed:
                 delay = min(self.retry_backoff * (2 ** (len(track.failed) - 1)), 360.0)
             may_create = not track.failed or time.time() >= track.last_failure + delay
-            slots = max(0, parallelism - len(active))
+            # Terminating pods hold their place until they have stopped under podReplacementPolicy Failed.
+            occupying = active + (terminating if replacement == "Failed" else [])
+            slots = max(0, parallelism - len(occupying))
             if indexed and completions is not None:
-                busy = {index_of(p) for p in active}
+                busy = {index_of(p) for p in occupying}
                 for index in range(completions):
                     if slots <= 0 or not may_create:
                         break
@@ -732,7 +875,7 @@ class FakeNode:
                     slots -= 1
             elif not indexed:
                 wanted = (completions if completions is not None else 1) - succeeded_count
-                for _ in range(max(0, min(slots, wanted - len(active)))):
+                for _ in range(max(0, min(slots, wanted - len(occupying)))):
                     if not may_create:
                         break
                     await self._create_job_pod(job, None)
@@ -740,6 +883,7 @@ class FakeNode:
                 self._loop.call_later(max(0.05, track.last_failure + delay - time.time()), self._wake.set)
 
         for pod in to_delete:
+            track.deleted.add(pod["metadata"]["uid"])
             with contextlib.suppress(ApiError):
                 await self._api.delete(_ns_path(ns, "pods", pod["metadata"]["name"]))
 
@@ -764,6 +908,38 @@ class FakeNode:
         changed = any((status.get(k) if k in status else None) != v for k, v in new_status.items())
         if changed:
             await self._api.merge_patch(job_path + "/status", {"status": new_status})
+        for p in pods:  # counted above (or ignored by the podFailurePolicy): the pod may go now
+            if (p.get("status") or {}).get("phase") in _TERMINAL or p["metadata"]["uid"] in track.failed:
+                await self._release(p)
+
+    async def _release(self, pod: JsonDict) -> None:
+        """Remove the job-tracking finalizer, as the job controller does once it has counted the pod."""
+        meta = pod["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if TRACKING_FINALIZER not in finalizers:
+            return
+        rest = [f for f in finalizers if f != TRACKING_FINALIZER]
+        patch = {"metadata": {"finalizers": rest or None, "resourceVersion": meta["resourceVersion"]}}
+        with contextlib.suppress(ApiError):  # changed meanwhile (409) or gone (404): the next sync sees it
+            await self._api.merge_patch(_ns_path(meta["namespace"], "pods", meta["name"]), patch)
+        meta["finalizers"] = rest
+
+    async def _collect_pods(self, pods: list[JsonDict], jobs: list[JsonDict]) -> None:
+        """The control plane's part for pods no kubelet finishes: the job controller releases the
+        tracking finalizer of pods whose Job is gone (orphans), and the pod garbage collector marks
+        unscheduled pods that are being deleted Failed (gcUnscheduledTerminating)."""
+        job_uids = {job["metadata"]["uid"] for job in jobs}
+        for pod in pods:
+            meta = pod["metadata"]
+            owner = next((r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+            if owner not in job_uids:
+                await self._release(pod)
+            elif (
+                meta.get("deletionTimestamp")
+                and not pod.get("spec", {}).get("nodeName")
+                and (pod.get("status") or {}).get("phase") not in _TERMINAL
+            ):
+                await self._write_pod_status(meta["namespace"], meta["name"], {"phase": "Failed"}, owned=())
 
     async def _create_job_pod(self, job: JsonDict, index: int | None) -> None:
         meta, spec = job["metadata"], job["spec"]
@@ -814,6 +990,8 @@ class FakeNode:
                         "blockOwnerDeletion": True,
                     }
                 ],
+                # The pod stays (terminating) until the controller has counted how it ended.
+                "finalizers": [TRACKING_FINALIZER],
             },
             "spec": tspec,
         }
@@ -834,6 +1012,29 @@ class FakeNode:
                     wanted[name] = wanted.get(name, 0) + int(str(value))
         return wanted
 
+    @staticmethod
+    def _compute_requests(pod: JsonDict) -> dict[str, Decimal]:
+        """cpu and memory requests, as the scheduler sums them: the containers' requests (a limit
+        stands in for a missing request), or the largest init container's when that is larger."""
+
+        def of(containers: list[JsonDict]) -> list[dict[str, Decimal]]:
+            found = []
+            for container in containers:
+                resources = container.get("resources") or {}
+                amounts = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+                found.append({k: parse_quantity(v) for k, v in amounts.items() if k in ("cpu", "memory")})
+            return found
+
+        spec = pod.get("spec", {})
+        wanted: dict[str, Decimal] = {}
+        for amounts in of(spec.get("containers") or []):
+            for name, amount in amounts.items():
+                wanted[name] = wanted.get(name, Decimal(0)) + amount
+        for amounts in of(spec.get("initContainers") or []):
+            for name, amount in amounts.items():
+                wanted[name] = max(wanted.get(name, Decimal(0)), amount)
+        return wanted
+
     async def _schedule(self, pods: list[JsonDict]) -> None:
         """The scheduler's part: bind pending pods that fit (pod count, nodeSelector, extended resources)."""
         mine = [
@@ -846,6 +1047,10 @@ class FakeNode:
         for pod in mine:
             for name, amount in self._extended_requests(pod).items():
                 free[name] = free.get(name, 0) - amount
+        free_compute = {name: parse_quantity(value) for name, value in self.capacity.items()}
+        for pod in mine:
+            for name, amount in self._compute_requests(pod).items():
+                free_compute[name] -= amount
         for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", "")):
             spec, meta = pod.get("spec", {}), pod["metadata"]
             if (
@@ -862,7 +1067,9 @@ class FakeNode:
             if any(self.labels.get(k) != v for k, v in selector.items()):
                 reason = "1 node(s) didn't match Pod's node affinity/selector"
             wanted = self._extended_requests(pod)
-            short = [name for name, amount in wanted.items() if free.get(name, 0) < amount]
+            compute = self._compute_requests(pod)
+            short = [name for name, amount in compute.items() if free_compute[name] < amount]
+            short += [name for name, amount in wanted.items() if free.get(name, 0) < amount]
             if reason is None and short:
                 reason = ", ".join(f"1 Insufficient {name}" for name in short)
             if reason is None and room is not None and room <= 0:
@@ -871,23 +1078,17 @@ class FakeNode:
                 message = f"0/1 nodes are available: {reason}."
                 conds = (pod.get("status") or {}).get("conditions") or []
                 if not any(c.get("type") == "PodScheduled" and c.get("message") == message for c in conds):
+                    condition = {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": message,
+                        "lastProbeTime": None,
+                        "lastTransitionTime": _now(),
+                    }
                     with contextlib.suppress(ApiError):
-                        await self._api.merge_patch(
-                            path + "/status",
-                            {
-                                "status": {
-                                    "conditions": [
-                                        {
-                                            "type": "PodScheduled",
-                                            "status": "False",
-                                            "reason": "Unschedulable",
-                                            "message": message,
-                                            "lastProbeTime": None,
-                                            "lastTransitionTime": _now(),
-                                        }
-                                    ]
-                                }
-                            },
+                        await self._write_pod_status(
+                            meta["namespace"], meta["name"], {"conditions": [condition]}, owned=("PodScheduled",)
                         )
                 continue
             try:
@@ -905,6 +1106,8 @@ class FakeNode:
                     room -= 1
                 for name, amount in wanted.items():
                     free[name] = free.get(name, 0) - amount
+                for name, amount in compute.items():
+                    free_compute[name] -= amount
             except ApiError as e:
                 if e.status not in (404, 409):
                     raise
@@ -924,8 +1127,9 @@ class FakeNode:
                 if (pod.get("status") or {}).get("phase") in _TERMINAL:
                     continue
                 if meta.get("deletionTimestamp"):
-                    # Never started: just confirm the deletion.
+                    # Never started: the kubelet still gives it a terminal phase, then confirms the deletion.
                     with contextlib.suppress(ApiError):
+                        await self._write_pod_status(meta["namespace"], meta["name"], {"phase": "Failed"}, owned=())
                         await self._api.delete(
                             _ns_path(meta["namespace"], "pods", meta["name"]), gracePeriodSeconds="0"
                         )
@@ -989,11 +1193,35 @@ class FakeNode:
             os.killpg(rt.process.pid, sig)
 
     async def _patch_pod_status(self, rt: PodRuntime, status: JsonDict) -> None:
-        try:
-            await self._api.merge_patch(_ns_path(rt.namespace, "pods", rt.name) + "/status", {"status": status})
-        except ApiError as e:
-            if e.status != 404:
-                raise
+        await self._write_pod_status(rt.namespace, rt.name, status, owned=_KUBELET_CONDITIONS)
+
+    async def _write_pod_status(self, namespace: str, name: str, status: JsonDict, *, owned: tuple[str, ...]) -> None:
+        """Write a pod's status as the kubelet's status manager does: read the pod, keep the conditions
+        that others own (DisruptionTarget from the eviction API or the scheduler, readiness gates),
+        and write against the resourceVersion read, again on a conflict. `owned`: condition types
+        the writer owns, dropped unless it writes them."""
+        path = _ns_path(namespace, "pods", name)
+        for _attempt in range(10):
+            try:
+                current = await self._api.get(path)
+                body = dict(status)
+                if "conditions" in status:
+                    written = {c.get("type") for c in status["conditions"]}
+                    kept = [
+                        c
+                        for c in (current.get("status") or {}).get("conditions") or []
+                        if c.get("type") not in written and c.get("type") not in owned
+                    ]
+                    body["conditions"] = kept + list(status["conditions"])
+                version = current["metadata"]["resourceVersion"]
+                patch = {"metadata": {"resourceVersion": version}, "status": body}
+                await self._api.merge_patch(path + "/status", patch)
+                return
+            except ApiError as e:
+                if e.status == 404:
+                    return
+                if e.status != 409:
+                    raise
 
     def _log(self, rt: PodRuntime, line: str) -> None:
         with rt.log_path.open("a") as f:
@@ -1006,11 +1234,13 @@ class FakeNode:
         try:
             if not await self._prepare_volumes(rt):
                 return  # deleted while waiting for its volumes
+            if not await self._pull_images(rt):
+                return  # deleted while its image could not be pulled
             env_cache: dict[str, str] = {}
             for init in pod.get("spec", {}).get("initContainers") or []:
                 if rt.terminate.is_set():
                     break
-                code = await self._run_container(rt, init, env_cache, init=True)
+                code = await self._start_container(rt, init, env_cache, init=True)
                 if code != 0:
                     await self._finish(
                         rt, containers[0] if containers else init, code, reason="Init:Error", phase="Failed"
@@ -1018,7 +1248,7 @@ class FakeNode:
                     return
             container = containers[0]
             while True:
-                code = await self._run_container(rt, container, env_cache, init=False)
+                code = await self._start_container(rt, container, env_cache, init=False)
                 rt.exit_code = code
                 if rt.terminate.is_set() or policy == "Never" or (policy == "OnFailure" and code == 0) or code is None:
                     break
@@ -1035,6 +1265,8 @@ class FakeNode:
             await self._finish(rt, container, rt.exit_code if rt.exit_code is not None else 137, phase=phase)
         except asyncio.CancelledError:
             raise
+        except _Deleted:
+            pass  # deleted while the kubelet was waiting to start a container: below
         except Exception as e:  # noqa: BLE001 - report on the pod, like a kubelet would
             logger.exception("Fake kubelet failed to run pod %s/%s", rt.namespace, rt.name)
             self.errors.append(f"{rt.namespace}/{rt.name}: {e!r}")
@@ -1044,9 +1276,56 @@ class FakeNode:
         finally:
             if rt.terminate.is_set():
                 with contextlib.suppress(Exception):
+                    if rt.phase not in _TERMINAL:  # deleted before its container ended (or started)
+                        rt.phase = "Failed"
+                        await self._patch_pod_status(rt, {"phase": "Failed"})
                     await self._api.delete(_ns_path(rt.namespace, "pods", rt.name), gracePeriodSeconds="0")
             if self._wake is not None:
                 self._wake.set()
+
+    async def _back_off(self, rt: PodRuntime, attempt: int) -> bool:
+        """Wait the kubelet's back-off before retry `attempt` (0, 1, ...); False if the pod was deleted."""
+        delay = min(self.kubelet_backoff * 2**attempt, 300.0)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(rt.terminate.wait(), timeout=delay)
+        return not rt.terminate.is_set()
+
+    async def _pull_images(self, rt: PodRuntime) -> bool:
+        """Pull every container's image: one the node cannot pull leaves the pod Pending with
+        ErrImagePull, then ImagePullBackOff between retries, as the kubelet reports it."""
+        spec = rt.pod.get("spec", {})
+        for container in (spec.get("initContainers") or []) + (spec.get("containers") or [])[:1]:
+            image = container.get("image", "")
+            attempt = 0
+            while image in self.image_pull_errors:
+                error = self.image_pull_errors[image]
+                self._log(rt, f"failed to pull image {image!r}: {error}")
+                pulled = f'failed to pull and unpack image "{image}": {error}'
+                await self._patch_pod_status(rt, self._status(rt, container, waiting="ErrImagePull", why=pulled))
+                await self._patch_pod_status(
+                    rt, self._status(rt, container, waiting="ImagePullBackOff", why=f'Back-off pulling image "{image}"')
+                )
+                if not await self._back_off(rt, attempt):
+                    return False
+                attempt += 1
+        return True
+
+    async def _start_container(
+        self, rt: PodRuntime, container: JsonDict, env_cache: dict[str, str], *, init: bool
+    ) -> int | None:
+        """Run a container once its config resolves: until then (a missing ConfigMap or Secret, or
+        key) the pod waits in CreateContainerConfigError and the kubelet retries with back-off."""
+        attempt = 0
+        while True:
+            try:
+                return await self._run_container(rt, container, env_cache, init=init)
+            except _ContainerConfigError as error:
+                self._log(rt, f"cannot create container {container.get('name')!r}: {error}")
+                waiting = self._status(rt, container, waiting="CreateContainerConfigError", why=str(error))
+                await self._patch_pod_status(rt, waiting)
+                if not await self._back_off(rt, attempt):
+                    raise _Deleted() from None
+                attempt += 1
 
     async def _finish(
         self, rt: PodRuntime, container: JsonDict, code: int, *, phase: str, reason: str | None = None
@@ -1063,6 +1342,7 @@ class FakeNode:
         exit_code: int | None = None,
         reason: str | None = None,
         waiting: str | None = None,
+        why: str | None = None,
         last_exit: int | None = None,
     ) -> JsonDict:
         now = _now()
@@ -1090,7 +1370,7 @@ class FakeNode:
             ready_status = "False"
             reason_word = "PodCompleted" if rt.phase in _TERMINAL else "ContainersNotReady"
         elif waiting is not None:
-            cstatus["state"] = {"waiting": {"reason": waiting}}
+            cstatus["state"] = {"waiting": {"reason": waiting, **({"message": why} if why else {})}}
             if last_exit is not None:
                 cstatus["lastState"] = {
                     "terminated": {
@@ -1376,7 +1656,7 @@ class FakeNode:
             obj = await get_obj(kind, ref.get("name", ""))
             if obj is None:
                 if not ref.get("optional"):
-                    raise RuntimeError(f'{kind} "{ref.get("name")}" not found (envFrom)')
+                    raise _ContainerConfigError(f'{kind[:-1]} "{ref.get("name")}" not found')
                 continue
             for key, value in (obj.get("data") or {}).items():
                 env[source.get("prefix", "") + key] = decode(kind, value)
@@ -1411,9 +1691,13 @@ class FakeNode:
                 obj = await get_obj(kind, ref["name"])
                 value = (obj or {}).get("data", {}).get(ref["key"]) if obj else None
                 if value is None:
-                    if not ref.get("optional"):
-                        raise RuntimeError(f"couldn't find key {ref['key']} in {kind} {rt.namespace}/{ref['name']}")
-                    continue
+                    if ref.get("optional"):
+                        continue
+                    if obj is None:
+                        raise _ContainerConfigError(f'{kind[:-1]} "{ref["name"]}" not found')
+                    title = "ConfigMap" if kind == "configmaps" else "Secret"
+                    where = f"{rt.namespace}/{ref['name']}"
+                    raise _ContainerConfigError(f"couldn't find key {ref['key']} in {title} {where}")
                 env[name] = decode(kind, value)
             elif "resourceFieldRef" in source:
                 resource = source["resourceFieldRef"]["resource"]
@@ -1618,6 +1902,14 @@ class FakeNode:
                 rt.ready = ok
                 await self._patch_pod_status(rt, self._status(rt, container))
             await asyncio.sleep(period)
+
+
+class _ContainerConfigError(Exception):
+    """A container's config (env from a ConfigMap or Secret) cannot be resolved yet."""
+
+
+class _Deleted(Exception):
+    """The pod was deleted while the kubelet waited to start a container."""
 
 
 def _expand(value: str, env: Mapping[str, str]) -> str:

@@ -87,6 +87,7 @@ def finish(code: int) -> None:
         "train_loss": state["train"],
         "val_loss": state["val"],
         "nonfinite_loss_total": state["nonfinite"],
+        "checkpoint_step": state["ckpt"],
         "exit_code": code,
     }
     time.sleep(linger)

@@ -2,6 +2,15 @@
 pytest fixtures and helpers: an emulated API server (``kube``), a fake node (``fake_node``,
 ``make_fake_node``) and a real kopf operator running against them (``run_kopf_operator``).
 
+Identities, as on a real cluster: the tests' own clients (``kube.core_v1()``, ``kube.request``,
+``kube.kubeconfig``, $KUBECONFIG) and the fake node are cluster admins; the operator under test
+(``run_kopf_operator``, ``kopf_operator``, ``kube.operator_api_client()``,
+``kube.operator_kubeconfig``) is the Helm chart's ServiceAccount, with exactly the RBAC that Helm
+renders from helm/trainpilot for the ``kube_release`` fixture's values (default: the chart's own,
+installed in ``default``; override it, or parametrize it, with tests.support.chart's
+SINGLE_NAMESPACE / ALL_NAMESPACES). Every authorization decision is recorded:
+``kube.decisions()`` (the operator's), ``kube.forbidden()`` (its 403s).
+
 Register with ``pytest_plugins = ["tests.support.kube"]`` in tests/conftest.py.
 
 Example::
@@ -46,6 +55,8 @@ import kubernetes
 import pytest
 import yaml
 
+from tests.support import rbac
+from tests.support.chart import OperatorRelease
 from tests.support.emulator import Emulator, EmulatorServer
 from tests.support.fake_node import FakeNode
 from tests.support.paths import REPO
@@ -53,6 +64,14 @@ from tests.support.paths import REPO
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 REPO_ROOT = REPO
+
+# Bearer tokens of the emulated cluster's identities.
+ADMIN_TOKEN = "emulator-admin-token"
+NODE_TOKEN = "emulator-node-token"  # the fake node: kubelet, scheduler and job controller in one
+OPERATOR_TOKEN = "emulator-operator-token"  # the chart's ServiceAccount
+# How long an Event lives in tests (a real API server's --event-ttl is 1 h): nothing may depend
+# on an Event staying around, so tests find out within seconds.
+TEST_EVENT_TTL = 5.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +136,48 @@ async def aeventually(
 class Kube:
     """What the ``kube`` fixture yields: an emulated API server and ways to talk to it."""
 
-    def __init__(self, server: EmulatorServer, kubeconfig: Path) -> None:
+    def __init__(
+        self,
+        server: EmulatorServer,
+        kubeconfig: Path,
+        operator_kubeconfig: Path | None = None,
+        release: OperatorRelease | None = None,
+    ) -> None:
         self.server = server
-        self.kubeconfig = kubeconfig
+        self.kubeconfig = kubeconfig  # a cluster admin's
+        self.operator_kubeconfig = operator_kubeconfig or kubeconfig  # the chart's ServiceAccount's
+        self.release = release
+
+    @property
+    def operator_user(self) -> rbac.User | None:
+        return self.release.user if self.release is not None else None
+
+    def operator_api_client(self) -> kubernetes.client.ApiClient:
+        """An ApiClient that is the operator: the chart's ServiceAccount, with the chart's RBAC."""
+        return kubernetes.config.new_client_from_config(config_file=str(self.operator_kubeconfig))
+
+    def decisions(self, user: rbac.User | None = None) -> list[rbac.Decision]:
+        """Every authorization decision about `user` (default: the operator), oldest first."""
+        who = user or self.operator_user
+        return [d for d in list(self.emulator.authorizations) if d.attributes.user == who]
+
+    def forbidden(self, user: rbac.User | None = None) -> list[rbac.Decision]:
+        """The decisions that refused `user` (default: the operator): each was a 403."""
+        return [d for d in self.decisions(user) if not d.allowed]
+
+    def events_posted(self, namespace: str | None = None) -> list[kubernetes.client.CoreV1Event]:
+        """Every core v1 Event stored so far, in its last state, whether or not its TTL has dropped
+        it since (``list_namespaced_event`` shows only the live ones, as on a real cluster)."""
+        live = self.call(
+            lambda: [obj for key, obj in self.emulator._live() if (key[0].group, key[0].plural) == ("", "events")]
+        )
+        found = [e for e in list(self.emulator.expired_events) + live]
+        client = kubernetes.client.ApiClient()
+        return [
+            client.deserialize(json.dumps(e), "CoreV1Event", "application/json")
+            for e in found
+            if namespace is None or e["metadata"].get("namespace") == namespace
+        ]
 
     @property
     def url(self) -> str:
@@ -161,13 +219,18 @@ class Kube:
         *,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
+        token: str | None = ADMIN_TOKEN,
     ) -> tuple[int, Any]:
-        """A raw HTTP request; returns (status, parsed JSON or text). Never raises on HTTP errors."""
+        """A raw HTTP request (as `token`'s owner; None: anonymous); returns (status, parsed JSON or
+        text). Never raises on HTTP errors."""
         url = self.url + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
+        headers = {"Content-Type": content_type}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 status, raw = resp.status, resp.read()
@@ -234,37 +297,71 @@ class Kube:
             raise RuntimeError(f"Cannot create namespace {name}: {body}")
 
 
+def _write_kubeconfig(path: Path, server: str, user: str, token: str, namespace: str) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "preferences": {},
+                "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+                "users": [{"name": user, "user": {"token": token}}],
+                "contexts": [
+                    {"name": "emulator", "context": {"cluster": "emulator", "user": user, "namespace": namespace}}
+                ],
+                "current-context": "emulator",
+            }
+        )
+    )
+    return path
+
+
+def install_release(kube: Kube, release: OperatorRelease) -> None:
+    """`helm install`: the release's namespaces, then its ServiceAccount, RBAC and QuotaPolicies."""
+    for namespace in release.namespaces():
+        kube.ensure_namespace(namespace)
+    kube.apply(release.installed_objects())
+
+
 @contextlib.contextmanager
-def emulated_cluster(directory: Path, crd_paths: list[str | os.PathLike[str]] = ()) -> Iterator[Kube]:
-    """Start an emulated API server and write a kubeconfig for it (KUBECONFIG is not touched)."""
-    server = EmulatorServer()
+def emulated_cluster(
+    directory: Path,
+    crd_paths: list[str | os.PathLike[str]] = (),  # type: ignore[assignment]
+    release: OperatorRelease | None = None,
+    event_ttl: float | None = None,
+) -> Iterator[Kube]:
+    """Start an emulated API server and write kubeconfigs for it (KUBECONFIG is not touched).
+
+    `release`: the chart installation whose ServiceAccount the operator kubeconfig logs in as
+    (default: the chart's defaults in `default`). `event_ttl`: the API server's --event-ttl
+    (default: a real server's hour)."""
+    release = release if release is not None else OperatorRelease()
+    tokens = {
+        ADMIN_TOKEN: rbac.admin_user("kubernetes-admin"),
+        NODE_TOKEN: rbac.admin_user("system:fake-node"),
+        OPERATOR_TOKEN: release.user,
+    }
+    options: dict[str, Any] = {"tokens": tokens}
+    if event_ttl is not None:
+        options["event_ttl"] = event_ttl
+    server = EmulatorServer(emulator_factory=lambda: Emulator(**options))
     server.start()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        kubeconfig = directory / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "preferences": {},
-                    "clusters": [{"name": "emulator", "cluster": {"server": server.url}}],
-                    "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
-                    "contexts": [
-                        {
-                            "name": "emulator",
-                            "context": {"cluster": "emulator", "user": "tester", "namespace": "default"},
-                        }
-                    ],
-                    "current-context": "emulator",
-                }
-            )
+        kubeconfig = _write_kubeconfig(directory / "kubeconfig", server.url, "tester", ADMIN_TOKEN, "default")
+        operator_kubeconfig = _write_kubeconfig(
+            directory / "operator-kubeconfig",
+            server.url,
+            release.user.name,
+            OPERATOR_TOKEN,
+            release.watched_namespace or release.namespace,
         )
-        kube = Kube(server, kubeconfig)
+        kube = Kube(server, kubeconfig, operator_kubeconfig, release)
         kube.ensure_namespace("default")
         for path in crd_paths:
             candidate = Path(path)
             kube.apply_crds(candidate if candidate.is_absolute() else REPO_ROOT / candidate)
+        install_release(kube, release)
         yield kube
     finally:
         server.stop()
@@ -277,13 +374,48 @@ def kube_crd_paths() -> list[str]:
 
 
 @pytest.fixture
-def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kube_crd_paths: list[str]) -> Iterator[Kube]:
-    """An emulated API server on 127.0.0.1 (random port), namespace ``default``, KUBECONFIG set."""
+def kube_release() -> OperatorRelease:
+    """The chart installation the operator runs as. Override, or parametrize the test with
+    ``@pytest.mark.parametrize("kube_release", [SINGLE_NAMESPACE, ALL_NAMESPACES])``."""
+    return OperatorRelease()
+
+
+@pytest.fixture
+def kube_event_ttl() -> float | None:
+    """The emulated API server's event TTL in seconds (None: never)."""
+    return TEST_EVENT_TTL
+
+
+@pytest.fixture
+def kube(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kube_crd_paths: list[str],
+    kube_release: OperatorRelease,
+    kube_event_ttl: float | None,
+) -> Iterator[Kube]:
+    """An emulated API server on 127.0.0.1 (random port), namespace ``default``, KUBECONFIG set
+    (an admin's); the chart installed; operators started with ``run_kopf_operator`` log in as its
+    ServiceAccount."""
+    with kube_session(tmp_path / "kube", monkeypatch, kube_crd_paths, kube_release, kube_event_ttl) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def kube_session(
+    directory: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crd_paths: list[str],
+    release: OperatorRelease,
+    event_ttl: float | None = TEST_EVENT_TTL,
+) -> Iterator[Kube]:
+    """What the ``kube`` fixture provides, for fixtures of a wider scope (with their own monkeypatch)."""
     saved_default = kubernetes.client.Configuration._default
     access_log = logging.getLogger("aiohttp.access")  # one line per request (pollers!) drowns kopf's logs
     saved_level = access_log.level
     access_log.setLevel(logging.WARNING)
-    with emulated_cluster(tmp_path / "kube", kube_crd_paths) as cluster:
+    with emulated_cluster(directory, crd_paths, release, event_ttl) as cluster:
+        monkeypatch.setattr(sys.modules[__name__], "_operator_kubeconfig", cluster.operator_kubeconfig)
         monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
         # The client reads $KUBECONFIG once, at import time: point its default location here too.
         monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(cluster.kubeconfig))
@@ -309,22 +441,32 @@ def make_fake_node(kube: Kube, tmp_path: Path) -> Iterator[Callable[..., FakeNod
     Several nodes make a multi-node cluster: each schedules and runs pods, and only the first
     one plays the job controller (``run_jobs``). All are stopped (processes killed) at teardown.
     """
+    with fake_nodes(kube, tmp_path) as make:
+        yield make
+
+
+@contextlib.contextmanager
+def fake_nodes(kube: Kube, directory: Path) -> Iterator[Callable[..., FakeNode]]:
+    """What ``make_fake_node`` provides, for fixtures of a wider scope."""
     nodes: list[FakeNode] = []
 
     def make(**options: Any) -> FakeNode:
         options.setdefault("name", f"fake-node-{len(nodes)}" if nodes else "fake-node")
         options.setdefault("run_jobs", not nodes)  # one job controller per cluster, on the first node
-        options.setdefault("workdir", tmp_path / options["name"])
+        options.setdefault("workdir", directory / options["name"])
+        options.setdefault("headers", {"Authorization": f"Bearer {NODE_TOKEN}"})
         node = FakeNode(kube.url, **options)
         node.start_sync()
         nodes.append(node)
         kube.emulator.pod_log_source = _log_source(nodes)
         return node
 
-    yield make
-    kube.emulator.pod_log_source = None
-    for node in nodes:
-        node.stop_sync()
+    try:
+        yield make
+    finally:
+        kube.emulator.pod_log_source = None
+        for node in nodes:
+            node.stop_sync()
 
 
 def _log_source(nodes: list[FakeNode]) -> Callable[[str, str, str | None], str | None]:
@@ -427,12 +569,37 @@ def load_operator_registry(
     return target
 
 
+# The operator's kubeconfig in the current test (set by the ``kube`` fixture): the chart's ServiceAccount.
+_operator_kubeconfig: Path | None = None
+
+
+@contextlib.contextmanager
+def _default_kubeconfig(path: Path | None) -> Iterator[None]:
+    """Point the kubernetes client's default kubeconfig (what kopf.login_via_client and the
+    operator's own load_credentials() read) at `path` for as long as the operator runs."""
+    if path is None:
+        yield
+        return
+    saved_env, saved_location = os.environ.get("KUBECONFIG"), kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    os.environ["KUBECONFIG"] = str(path)
+    kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)
+    try:
+        yield
+    finally:
+        kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_location
+        if saved_env is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = saved_env
+
+
 class KopfOperator:
     """
     ``kopf.operator()`` in a thread with its own event loop; ``start()`` waits until it is
     ready, ``stop()`` sets its stop flag, waits for a clean exit and re-raises its failure.
-    It logs in with ``kopf.login_via_client`` (i.e. via KUBECONFIG, which ``kube`` sets) unless
-    the handlers bring their own ``@kopf.on.login``.
+    It logs in with ``kopf.login_via_client`` unless the handlers bring their own
+    ``@kopf.on.login``, from ``kubeconfig``: by default the operator's (the chart's
+    ServiceAccount, see the ``kube`` fixture); pass ``kube.kubeconfig`` to run as an admin.
     """
 
     def __init__(
@@ -447,7 +614,10 @@ class KopfOperator:
         configure: Callable[[kopf.OperatorSettings], None] | None = None,
         memo: Any = None,
         reload: bool = True,
+        kubeconfig: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.kubeconfig = Path(kubeconfig) if kubeconfig is not None else _operator_kubeconfig
+        self._identity: contextlib.ExitStack | None = None
         self.registry = load_operator_registry(module_or_path, registry, reload=reload)
         self.settings = settings if settings is not None else default_operator_settings()
         if configure is not None:
@@ -466,11 +636,14 @@ class KopfOperator:
         self._finished = threading.Event()
 
     def start(self, timeout: float = 20) -> KopfOperator:
+        self._identity = contextlib.ExitStack()
+        self._identity.enter_context(_default_kubeconfig(self.kubeconfig))
         self._thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._ready_flag.wait(0.05):
             if self._finished.is_set():
+                self._identity.close()
                 raise RuntimeError("The kopf operator exited before it was ready.") from self._error
             if time.monotonic() > deadline:
                 self.stop()
@@ -479,10 +652,14 @@ class KopfOperator:
 
     def stop(self, timeout: float = 20) -> None:
         self._stop_flag.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise RuntimeError("The kopf operator did not stop in time.")
+        try:
+            if self._thread is not None:
+                self._thread.join(timeout)
+                if self._thread.is_alive():
+                    raise RuntimeError("The kopf operator did not stop in time.")
+        finally:
+            if self._identity is not None:
+                self._identity.close()
         if self._error is not None:
             raise RuntimeError("The kopf operator failed.") from self._error
 
@@ -528,7 +705,8 @@ async def run_kopf_operator(
     ``module_or_path``: a dotted module name, a module, or a .py file with kopf handlers; or
     None with ``registry=`` for handlers registered into an explicit registry. Keyword options:
     ``namespace`` (default "default"), ``namespaces``, ``clusterwide``, ``settings``,
-    ``configure`` (a callback to adjust :func:`default_operator_settings`), ``memo``, ``reload``.
+    ``configure`` (a callback to adjust :func:`default_operator_settings`), ``memo``, ``reload``,
+    ``kubeconfig`` (default: the chart's ServiceAccount's, see :class:`KopfOperator`).
     """
     operator = KopfOperator(module_or_path, **kwargs)
     await asyncio.to_thread(operator.start)

@@ -99,8 +99,9 @@ def validate_schema(schema: dict[str, Any], value: Any, path: str, errors: list[
             errors.append(f"{path}: Invalid value: null: must not be null")
         return
     kind = schema.get("type")
-    if kind is None:
-        assert schema.get("x-kubernetes-preserve-unknown-fields") or schema.get("x-kubernetes-int-or-string")
+    if kind is None:  # x-kubernetes-preserve-unknown-fields or x-kubernetes-int-or-string: anything goes
+        if schema.get("x-kubernetes-int-or-string") and (isinstance(value, bool) or not isinstance(value, (int, str))):
+            errors.append(f"{path}: Invalid value: {json.dumps(value)}: must be of type integer or string")
         return
     if not _type_ok(kind, value):
         errors.append(f"{path}: Invalid value: {json.dumps(value)}: must be of type {kind}")
@@ -192,12 +193,38 @@ def to_cel(schema: dict[str, Any], value: Any, *, root: bool = False) -> Any:
     return celpy.json_to_cel(value)
 
 
-def validate_cel(schema: dict[str, Any], value: Any, path: str, errors: list[str], *, root: bool = False) -> None:
-    """Evaluate every x-kubernetes-validations rule at and below this node."""
+NO_OLD = object()  # no old value: a create, or a value an update cannot correlate with an old one
+
+
+def _correlated_items(schema: dict[str, Any], value: list[Any], old: Any) -> list[Any]:
+    """The old value of each list item: only lists of type map correlate (by their keys)."""
+    if schema.get("x-kubernetes-list-type") != "map" or not isinstance(old, list):
+        return [NO_OLD] * len(value)
+    keys = schema.get("x-kubernetes-list-map-keys") or []
+
+    def key_of(item: Any) -> Any:
+        return tuple(json.dumps(item.get(k)) for k in keys) if isinstance(item, dict) else None
+
+    by_key = {key_of(item): item for item in old}
+    return [by_key.get(key_of(item), NO_OLD) for item in value]
+
+
+def validate_cel(
+    schema: dict[str, Any], value: Any, path: str, errors: list[str], *, root: bool = False, old: Any = NO_OLD
+) -> None:
+    """Evaluate every x-kubernetes-validations rule at and below this node.
+
+    `old` is the value before an update: transition rules (those that use oldSelf) run only where
+    there is one, as the API server does; a create or an uncorrelatable value skips them."""
     if value is None:
         return
     for rule in schema.get("x-kubernetes-validations", []):
+        transition = "oldSelf" in rule["rule"]
+        if transition and (old is NO_OLD or old is None):
+            continue  # (optionalOldSelf is not supported: cel-python has no optional types)
         activation = {"self": to_cel(schema, value, root=root)}
+        if transition:
+            activation["oldSelf"] = to_cel(schema, old, root=root)
         try:
             result = compile_cel(rule["rule"]).evaluate(activation)
         except celpy.CELEvalError as error:
@@ -212,14 +239,16 @@ def validate_cel(schema: dict[str, Any], value: Any, path: str, errors: list[str
             errors.append(f"{path}{rule.get('fieldPath', '')}: Invalid value: {message}")
     kind = schema.get("type")
     if kind == "object" and isinstance(value, dict):
+        old_map = old if isinstance(old, dict) else {}
         for key, item in value.items():
-            if key in schema.get("properties", {}):
-                validate_cel(schema["properties"][key], item, f"{path}.{key}", errors)
-            elif isinstance(schema.get("additionalProperties"), dict):
-                validate_cel(schema["additionalProperties"], item, f"{path}.{key}", errors)
+            child = schema.get("properties", {}).get(key)
+            if child is None and isinstance(schema.get("additionalProperties"), dict):
+                child = schema["additionalProperties"]
+            if child is not None:
+                validate_cel(child, item, f"{path}.{key}", errors, old=old_map.get(key, NO_OLD))
     elif kind == "array" and isinstance(value, list):
-        for index, item in enumerate(value):
-            validate_cel(schema["items"], item, f"{path}[{index}]", errors)
+        for index, (item, old_item) in enumerate(zip(value, _correlated_items(schema, value, old), strict=True)):
+            validate_cel(schema["items"], item, f"{path}[{index}]", errors, old=old_item)
 
 
 def admit(crd: dict[str, Any], obj: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

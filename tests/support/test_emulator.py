@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 import threading
@@ -13,7 +14,17 @@ import kubernetes
 import pytest
 from kubernetes.client import ApiException
 
-from tests.support.kube import REPO_ROOT, Kube, aeventually, eventually, kopf_operator, run_kopf_operator
+from tests.support import rbac
+from tests.support.kube import (
+    ADMIN_TOKEN,
+    OPERATOR_TOKEN,
+    REPO_ROOT,
+    Kube,
+    aeventually,
+    eventually,
+    kopf_operator,
+    run_kopf_operator,
+)
 
 GROUP, VERSION = "trainpilot.dev", "v1alpha1"
 
@@ -441,7 +452,11 @@ def test_jobs_orphan_their_pods_by_default(kube: Kube) -> None:
         },
     )
     # No propagationPolicy: a real API server orphans a batch/v1 Job's pods and warns about it.
-    request = urllib.request.Request(kube.url + "/apis/batch/v1/namespaces/default/jobs/j", method="DELETE")
+    request = urllib.request.Request(
+        kube.url + "/apis/batch/v1/namespaces/default/jobs/j",
+        method="DELETE",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
     with urllib.request.urlopen(request) as response:
         assert response.status == 200
         assert "child pods are preserved by default" in response.headers["Warning"]
@@ -656,6 +671,444 @@ def test_namespace_deletion_takes_its_contents(kube: Kube) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Authentication and RBAC (the operator is the chart's ServiceAccount; see tests/support/rbac.py)
+# ---------------------------------------------------------------------------------------------
+
+OPERATOR = "system:serviceaccount:default:tp-trainpilot"  # the chart's defaults, installed in `default`
+
+
+def as_operator(kube: Kube, method: str, path: str, body: object = None, **options: object) -> tuple[int, dict]:
+    return kube.request(method, path, body, token=OPERATOR_TOKEN, **options)  # type: ignore[arg-type]
+
+
+def test_what_the_chart_does_not_grant_is_403_with_the_api_servers_message(kube: Kube) -> None:
+    kube.ensure_namespace("other")
+    job = _job("j")
+    cases = [
+        # (method, path, body, the message a real API server sends)
+        ("POST", "/apis/batch/v1/namespaces/other/jobs", job,
+         f'jobs.batch is forbidden: User "{OPERATOR}" cannot create resource "jobs" in API group "batch" '
+         'in the namespace "other"'),
+        ("GET", "/api/v1/namespaces/other/configmaps/x", None,
+         f'configmaps "x" is forbidden: User "{OPERATOR}" cannot get resource "configmaps" in API group "" '
+         'in the namespace "other"'),
+        ("GET", "/api/v1/namespaces/default/secrets?watch=true", None,
+         f'secrets is forbidden: User "{OPERATOR}" cannot watch resource "secrets" in API group "" '
+         'in the namespace "default"'),
+        ("GET", "/api/v1/watch/namespaces/default/services", None,
+         f'services is forbidden: User "{OPERATOR}" cannot watch resource "services" in API group "" '
+         'in the namespace "default"'),
+        ("DELETE", "/api/v1/namespaces/default/configmaps", None,
+         f'configmaps is forbidden: User "{OPERATOR}" cannot deletecollection resource "configmaps" '
+         'in API group "" in the namespace "default"'),
+        ("GET", "/api/v1/namespaces/default/pods/p/log", None,
+         f'pods "p" is forbidden: User "{OPERATOR}" cannot get resource "pods/log" in API group "" '
+         'in the namespace "default"'),
+        ("PUT", f"/apis/{GROUP}/{VERSION}/namespaces/default/agentexperiments/e/status", _aexp("e"),
+         f'agentexperiments.{GROUP} "e" is forbidden: User "{OPERATOR}" cannot update resource '
+         f'"agentexperiments/status" in API group "{GROUP}" in the namespace "default"'),
+        ("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles", None,
+         f'clusterroles.rbac.authorization.k8s.io is forbidden: User "{OPERATOR}" cannot list resource '
+         '"clusterroles" in API group "rbac.authorization.k8s.io" at the cluster scope'),
+        ("GET", "/api/v1/namespaces/default", None,
+         f'namespaces "default" is forbidden: User "{OPERATOR}" cannot get resource "namespaces" '
+         'in API group "" in the namespace "default"'),
+    ]  # fmt: skip
+    for method, path, body, message in cases:
+        path, _, query = path.partition("?")
+        status, reply = as_operator(kube, method, path, body, params=dict([query.split("=")]) if query else None)
+        assert (status, reply["reason"], reply["message"]) == (403, "Forbidden", message), (method, path)
+        assert reply["kind"] == "Status" and reply["code"] == 403
+    status, reply = as_operator(kube, "POST", "/apis/batch/v1/namespaces/other/jobs", job)
+    assert reply["details"] == {"group": "batch", "kind": "jobs"}
+
+    # What the Role grants in its namespace passes; the same in another namespace does not.
+    assert as_operator(kube, "GET", "/api/v1/namespaces/default/configmaps")[0] == 200
+    assert as_operator(kube, "GET", "/api/v1/namespaces/other/configmaps")[0] == 403
+    # A list for one name (fieldSelector metadata.name=x) is about that object, as for the real authorizer.
+    decision = kube.decisions()[-1]
+    assert (decision.attributes.verb, decision.attributes.namespace, decision.allowed) == ("list", "other", False)
+    as_operator(kube, "GET", "/api/v1/namespaces/default/pods", params={"fieldSelector": "metadata.name=p"})
+    assert kube.decisions()[-1].attributes.name == "p"
+    # Discovery is for every authenticated user; nothing is for anonymous ones; bad tokens are 401.
+    assert as_operator(kube, "GET", "/apis")[0] == 200
+    status, reply = kube.request("GET", "/api/v1/namespaces/default/pods", token=None)
+    assert reply["message"] == (
+        'pods is forbidden: User "system:anonymous" cannot list resource "pods" in API group "" '
+        'in the namespace "default"'
+    )
+    status, reply = kube.request("GET", "/api", token=None)
+    assert (status, reply["message"]) == (403, 'forbidden: User "system:anonymous" cannot get path "/api"')
+    assert kube.request("GET", "/api", token="not-a-token")[0] == 401
+    # Every decision is recorded, and admins are never refused.
+    assert len(kube.forbidden()) >= len(cases) + 2
+    assert all(d.allowed for d in kube.emulator.authorizations if d.attributes.user.name == "kubernetes-admin")
+
+
+def test_rbac_rules_match_as_in_kubernetes() -> None:
+    user = rbac.service_account_user("ns", "sa")
+    subject = {"kind": "ServiceAccount", "name": "sa", "namespace": "ns"}
+
+    def role(kind: str, name: str, rules: list, namespace: str | None = None) -> dict:
+        meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+        return {"kind": kind, "metadata": meta, "rules": rules}
+
+    def binding(kind: str, name: str, role_kind: str, role_name: str, namespace: str | None = None) -> dict:
+        meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+        return {
+            "kind": kind,
+            "metadata": meta,
+            "roleRef": {"kind": role_kind, "name": role_name},
+            "subjects": [subject],
+        }
+
+    policy = rbac.Policy.from_objects(
+        [
+            role("ClusterRole", "readers", [{"apiGroups": ["*"], "resources": ["*/status"], "verbs": ["get"]}]),
+            binding("ClusterRoleBinding", "readers", "ClusterRole", "readers"),
+            role("ClusterRole", "cm", [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["*"],
+                                        "resourceNames": ["a"]}]),
+            binding("RoleBinding", "cm", "ClusterRole", "cm", namespace="ns"),  # a ClusterRole, bound in one namespace
+            role("Role", "jobs", [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create"]}], "ns"),
+            binding("RoleBinding", "jobs", "Role", "jobs", namespace="ns"),
+            binding("RoleBinding", "dangling", "Role", "missing", namespace="ns"),
+        ]
+    )  # fmt: skip
+
+    def allowed(verb: str, group: str, resource: str, namespace: str = "ns", name: str = "", sub: str = "") -> bool:
+        attributes = rbac.Attributes(
+            user=user, verb=verb, resource_request=True, api_group=group, resource=resource,
+            subresource=sub, namespace=namespace, name=name,
+        )  # fmt: skip
+        return policy.authorize(attributes)[0]
+
+    assert allowed("get", "apps", "deployments", sub="status", namespace="")  # */status, any group, cluster-wide
+    assert not allowed("get", "apps", "deployments")  # ...but not the resource itself
+    assert allowed("delete", "", "configmaps", name="a") and not allowed("delete", "", "configmaps", name="b")
+    assert not allowed("list", "", "configmaps")  # resourceNames never match a list of everything
+    assert not allowed("get", "", "configmaps", namespace="other", name="a")  # a RoleBinding stays in its namespace
+    assert allowed("create", "batch", "jobs") and not allowed("create", "batch", "jobs", namespace="other")
+    attributes = rbac.Attributes(user=user, verb="create", resource_request=True, resource="pods", namespace="ns")
+    assert policy.authorize(attributes) == (False, 'RBAC: role.rbac.authorization.k8s.io "missing" not found')
+    assert rbac.forbidden_message(attributes, policy.authorize(attributes)[1]).endswith(
+        'in the namespace "ns": RBAC: role.rbac.authorization.k8s.io "missing" not found'
+    )
+
+
+def test_block_owner_deletion_needs_update_on_the_owners_finalizers(kube: Kube) -> None:
+    """OwnerReferencesPermissionEnforcement, as a user with a narrow Role meets it."""
+    kube.apply(
+        [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "alice", "namespace": "default"},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "update"]}],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "alice", "namespace": "default"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "alice"},
+                "subjects": [{"kind": "User", "name": "alice"}],
+            },
+        ]
+    )
+    alice = rbac.User("alice", (rbac.AUTHENTICATED,))
+    kube.call(lambda: kube.emulator.tokens.__setitem__("alice-token", alice))
+    owner = kube.custom().create_namespaced_custom_object(GROUP, VERSION, "default", "agentexperiments", _aexp("e"))
+    ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AgentExperiment", "name": "e", "uid": owner["metadata"]["uid"]}
+    path = "/api/v1/namespaces/default/configmaps"
+
+    def config_map(name: str, *refs: dict) -> dict:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "ownerReferences": list(refs)}}
+
+    status, reply = kube.request(
+        "POST", path, config_map("cm", {**ref, "blockOwnerDeletion": True}), token="alice-token"
+    )
+    assert (status, reply["reason"], reply["message"]) == (
+        403,
+        "Forbidden",
+        'configmaps "cm" is forbidden: cannot set blockOwnerDeletion if an ownerReference refers to a resource '
+        "you can't set finalizers on: , <nil>",
+    )
+    check = kube.decisions(alice)[-1]
+    assert (check.source, check.attributes.verb, check.attributes.combined_resource, check.attributes.name) == (
+        "OwnerReferencesPermissionEnforcement",
+        "update",
+        "agentexperiments/finalizers",
+        "e",
+    )
+    # Without blockOwnerDeletion the reference needs nothing more.
+    status, created = kube.request("POST", path, config_map("cm", ref), token="alice-token")
+    assert status == 201
+    # Changing the references of an existing object needs `delete` on it, which alice lacks.
+    changed = {**created, "metadata": {**created["metadata"], "ownerReferences": []}}
+    status, reply = kube.request("PUT", f"{path}/cm", changed, token="alice-token")
+    assert (status, reply["message"]) == (
+        403,
+        """configmaps "cm" is forbidden: cannot set an ownerRef on a resource you can't delete: , <nil>""",
+    )
+    # Granted update on agentexperiments/finalizers (as the chart grants its ServiceAccount), it passes.
+    kube.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "alice", "namespace": "default"},
+            "rules": [
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "update"]},
+                {"apiGroups": [GROUP], "resources": ["agentexperiments/finalizers"], "verbs": ["update"]},
+            ],
+        }
+    )
+    status, _ = kube.request("POST", path, config_map("cm2", {**ref, "blockOwnerDeletion": True}), token="alice-token")
+    assert status == 201
+    # The chart's ServiceAccount may, too; and admins always may.
+    status, _ = as_operator(kube, "POST", path, config_map("cm3", {**ref, "blockOwnerDeletion": True}))
+    assert status == 201
+    assert kube.request("POST", path, config_map("cm4", {**ref, "blockOwnerDeletion": True}))[0] == 201
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation as the API server does it
+# ---------------------------------------------------------------------------------------------
+
+
+def _pod(name: str, resources: dict) -> dict:
+    container = {"name": "main", "image": "x", "resources": resources}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
+
+
+def test_quantities_that_do_not_parse_are_refused_while_decoding(kube: Kube) -> None:
+    """A real API server cannot even decode these into a Pod: 400 BadRequest, before validation."""
+    for value, problem in [
+        ("4x", "quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"),
+        ("1.5.3", "quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"),
+        ("4kk", "unable to parse quantity's suffix"),
+    ]:
+        status, reply = kube.request("POST", "/api/v1/namespaces/default/pods", _pod("p", {"limits": {"cpu": value}}))
+        assert (status, reply["reason"]) == (400, "BadRequest"), value
+        assert reply["message"] == f'Pod in version "v1" cannot be handled as a Pod: {problem}'
+    job = _job("j")
+    job["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"memory": "1.5.3Gi"}}
+    status, reply = kube.request("POST", "/apis/batch/v1/namespaces/default/jobs", job)
+    assert (status, reply["message"].split(":")[0]) == (400, 'Job in version "v1" cannot be handled as a Job')
+    for index, good in enumerate(("500m", "1.5Gi", "1e3", 2, 0.5, "+1", " 1", "1E")):
+        pod = _pod(f"ok-{index}", {"limits": {"cpu": good}})
+        assert kube.request("POST", "/api/v1/namespaces/default/pods", pod)[0] == 201, good
+
+
+def test_resource_requirements_are_validated_with_their_field(kube: Kube) -> None:
+    cases = [
+        ({"requests": {"cpu": "2"}, "limits": {"cpu": "1"}},
+         "spec.containers[0].resources.requests", 'Invalid value: "2": must be less than or equal to cpu limit of 1'),
+        ({"requests": {"memory": "-1"}},
+         "spec.containers[0].resources.requests[memory]", 'Invalid value: "-1": must be greater than or equal to 0'),
+        ({"limits": {"nvidia.com/gpu": "0.5"}},
+         "spec.containers[0].resources.limits[nvidia.com/gpu]", 'Invalid value: "0.5": must be an integer'),
+        ({"requests": {"nvidia.com/gpu": 1}},
+         "spec.containers[0].resources.limits", "Required value: Limit must be set for non overcommitable resources"),
+        ({"limits": {"gpu": 1}},
+         "spec.containers[0].resources.limits[gpu]",
+         'Invalid value: "gpu": must be a standard resource for containers'),
+    ]  # fmt: skip
+    for resources, field, message in cases:
+        status, reply = kube.request("POST", "/api/v1/namespaces/default/pods", _pod("p", resources))
+        assert (status, reply["reason"]) == (422, "Invalid"), resources
+        assert reply["message"] == f'Pod "p" is invalid: {field}: {message}'
+        assert reply["details"]["causes"] == [
+            {"reason": reply["details"]["causes"][0]["reason"], "message": message, "field": field}
+        ]
+    job = _job("j")
+    job["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"cpu": "-2"}}
+    status, reply = kube.request("POST", "/apis/batch/v1/namespaces/default/jobs", job)
+    assert status == 422 and reply["message"].startswith('Job.batch "j" is invalid: ')
+    assert reply["details"]["causes"][0]["field"] == "spec.template.spec.containers[0].resources.limits[cpu]"
+
+
+def _experiment(name: str = "exp", **spec: object) -> dict:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AgentExperiment", "metadata": {"name": name}}
+    body["spec"] = {"searchSpace": [{"name": "lr", "min": 0.001, "max": 0.1}], **spec}
+    return body
+
+
+def test_the_crds_bounds_and_cel_rules_are_enforced_on_create_and_update(kube: Kube) -> None:
+    kube.apply_crds(REPO_ROOT / "crds")
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/default/agentexperiments"
+    # A bound of the schema (minimum): 422 with the field.
+    status, reply = kube.request("POST", path, _experiment(budget={"maxTrials": 0, "parallelTrials": 1}))
+    assert (status, reply["reason"]) == (422, "Invalid")
+    assert reply["message"].startswith(
+        f'AgentExperiment.{GROUP} "exp" is invalid: spec.budget.maxTrials: Invalid value: 0'
+    )
+    assert [c["field"] for c in reply["details"]["causes"]] == ["spec.budget.maxTrials"]
+    # A CEL rule, with its message and fieldPath.
+    status, reply = kube.request("POST", path, _experiment(budget={"maxTrials": 2, "parallelTrials": 3}))
+    assert status == 422
+    (cause,) = reply["details"]["causes"]
+    assert cause["field"] == "spec.budget.parallelTrials"
+    assert "budget.parallelTrials must not exceed budget.maxTrials" in cause["message"]
+    # The root's rule on the name (its message, no field).
+    status, reply = kube.request("POST", path, _experiment(name="1st-try"))
+    assert status == 422 and "metadata.name must be" in reply["message"]
+    # A valid object passes, and an update that breaks a rule is refused as well.
+    assert kube.request("POST", path, _experiment())[0] == 201
+    status, reply = kube.request(
+        "PATCH",
+        f"{path}/exp",
+        {"spec": {"searchSpace": [{"name": "lr", "min": 0.5, "max": 0.1}]}},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 422 and "min must be below max" in reply["message"]
+    # fieldValidation=Strict (kubectl's default) refuses unknown fields instead of pruning them.
+    status, reply = kube.request(
+        "POST", path, _experiment(name="strict", budget={"maxTrails": 3}), params={"fieldValidation": "Strict"}
+    )
+    assert (status, reply["message"]) == (
+        400,
+        'AgentExperiment in version "v1alpha1" cannot be handled as a AgentExperiment: '
+        'strict decoding error: unknown field "spec.budget.maxTrails"',
+    )
+
+
+GADGET_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "gadgets.example.test"},
+    "spec": {
+        "group": "example.test",
+        "scope": "Namespaced",
+        "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "maxProperties": 3,
+                                "properties": {
+                                    "size": {
+                                        "type": "integer",
+                                        "x-kubernetes-validations": [
+                                            {"rule": "self >= oldSelf", "message": "size may only grow"}
+                                        ],
+                                    },
+                                    "code": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 5},
+                                    "parts": {
+                                        "type": "array",
+                                        "maxItems": 2,
+                                        "x-kubernetes-list-type": "map",
+                                        "x-kubernetes-list-map-keys": ["name"],
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["name"],
+                                            "properties": {
+                                                "name": {"type": "string"},
+                                                "weight": {
+                                                    "type": "number",
+                                                    "exclusiveMinimum": True,
+                                                    "minimum": 0,
+                                                    "x-kubernetes-validations": [
+                                                        {"rule": "self == oldSelf", "message": "weight is fixed"}
+                                                    ],
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                            "status": {
+                                "type": "object",
+                                "properties": {"count": {"type": "integer", "maximum": 10}},
+                            },
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+def test_schema_bounds_and_transition_rules_of_any_crd(kube: Kube) -> None:
+    kube.apply(GADGET_CRD)
+    path = "/apis/example.test/v1/namespaces/default/gadgets"
+
+    def gadget(name: str, **spec: object) -> dict:
+        return {"apiVersion": "example.test/v1", "kind": "Gadget", "metadata": {"name": name}, "spec": spec}
+
+    def causes(reply: dict) -> list[str]:
+        return [f"{c['field']}: {c['message']}" for c in reply["details"]["causes"]]
+
+    status, reply = kube.request("POST", path, gadget("g", code="ABCDEF", parts=[{"name": "a", "weight": 0}]))
+    assert status == 422
+    assert causes(reply) == [
+        "spec.code: Too long: may not be more than 5 bytes",
+        "spec.code: Invalid value: \"ABCDEF\": should match '^[a-z]+$'",
+        "spec.parts[0].weight: Invalid value: 0: must be greater than 0",
+    ]
+    status, reply = kube.request("POST", path, gadget("g", parts=[{"name": "a"}, {"name": "b"}, {"name": "c"}]))
+    assert causes(reply) == ["spec.parts: Too many: 3: must have at most 2 items"]
+    # A create has no old value: transition rules do not run.
+    assert kube.request("POST", path, gadget("g", size=5, parts=[{"name": "a", "weight": 1.0}]))[0] == 201
+    patch = "application/merge-patch+json"
+    status, reply = kube.request("PATCH", f"{path}/g", {"spec": {"size": 4}}, content_type=patch)
+    assert (status, causes(reply)) == (422, ["spec.size: Invalid value: size may only grow"])
+    assert kube.request("PATCH", f"{path}/g", {"spec": {"size": 6}}, content_type=patch)[0] == 200
+    # List items of a map list correlate by key with their old selves.
+    status, reply = kube.request(
+        "PATCH", f"{path}/g", {"spec": {"parts": [{"name": "a", "weight": 2.0}]}}, content_type=patch
+    )
+    assert causes(reply) == ["spec.parts[0].weight: Invalid value: weight is fixed"]
+    renamed = {"spec": {"parts": [{"name": "b", "weight": 2.0}]}}  # a new item: no old self
+    assert kube.request("PATCH", f"{path}/g", renamed, content_type=patch)[0] == 200
+    # The status subresource is validated too; maxProperties on the spec.
+    status, reply = kube.request("PATCH", f"{path}/g/status", {"status": {"count": 11}}, content_type=patch)
+    assert causes(reply) == ["status.count: Invalid value: 11: must be less than or equal to 10"]
+    status, reply = kube.request("PATCH", f"{path}/g", {"spec": {"code": "ab", "extra": 1, "x": 2}}, content_type=patch)
+    assert status == 200  # unknown fields are pruned before maxProperties counts (3 known at most)
+
+
+# ---------------------------------------------------------------------------------------------
+# Events expire
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_events_expire_after_the_ttl_unless_written_again(kube: Kube) -> None:
+    core = kube.core_v1()
+    kube.call(lambda: setattr(kube.emulator, "event_ttl", 1.0))
+
+    def event(name: str) -> dict:
+        return {
+            "metadata": {"name": name},
+            "reason": "TrialLaunched",
+            "message": "launched",
+            "involvedObject": {"kind": "AgentExperiment", "name": "exp", "namespace": "default"},
+        }
+
+    core.create_namespaced_event("default", event("old"))
+    core.create_namespaced_event("default", event("renewed"))
+    assert {e.metadata.name for e in core.list_namespaced_event("default").items} == {"old", "renewed"}
+    await asyncio.sleep(0.6)
+    core.patch_namespaced_event("renewed", "default", {"message": "launched again"})  # a write renews the lease
+    await asyncio.sleep(0.6)
+    with pytest.raises(ApiException) as err:
+        core.read_namespaced_event("old", "default")
+    assert err.value.status == 404
+    assert [e.metadata.name for e in core.list_namespaced_event("default").items] == ["renewed"]
+    await aeventually(lambda: core.list_namespaced_event("default").items == [], timeout=3)
+    # What expired is still known to the tests (not to clients, as on a real cluster).
+    assert sorted(e.metadata.name for e in kube.events_posted("default")) == ["old", "renewed"]
+    assert kube.emulator.expired_events[-1]["message"] == "launched again"
+
+
+# ---------------------------------------------------------------------------------------------
 # A throwaway kopf operator, end to end
 # ---------------------------------------------------------------------------------------------
 
@@ -696,7 +1149,11 @@ async def test_kopf_operator_end_to_end(kube: Kube, initial_streaming: bool) -> 
     def configure(settings: kopf.OperatorSettings) -> None:
         settings.watching.initial_streaming = initial_streaming  # sendInitialEvents=true watches
 
-    async with run_kopf_operator(registry=REGISTRY, namespace="default", configure=configure) as operator:
+    # The widgets are no part of the chart's RBAC: this operator runs as a cluster admin.
+    admin = kube.kubeconfig
+    async with run_kopf_operator(
+        registry=REGISTRY, namespace="default", configure=configure, kubeconfig=admin
+    ) as operator:
         assert operator.running
         custom.create_namespaced_custom_object(
             "example.test",
@@ -759,7 +1216,7 @@ def test_kopf_operator_from_a_file(kube: Kube, tmp_path) -> None:  # type: ignor
     """)
     )
     custom = kube.custom()
-    with kopf_operator(handlers, namespace="default"):
+    with kopf_operator(handlers, namespace="default", kubeconfig=kube.kubeconfig):
         custom.create_namespaced_custom_object(
             "example.test",
             "v1",

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 
 from tests.support.fake_node import FakeNode
-from tests.support.kube import Kube, aeventually, eventually
+from tests.support.kube import NODE_TOKEN, Kube, aeventually, eventually
 
 INDEX = "batch.kubernetes.io/job-completion-index"
 
@@ -293,7 +294,7 @@ def test_max_pods_limits_concurrency(kube: Kube, make_fake_node: Callable[..., F
 
 
 def test_stop_kills_the_processes(kube: Kube, tmp_path: Path) -> None:
-    node = FakeNode(kube.url, workdir=tmp_path / "node").start_sync()
+    node = FakeNode(kube.url, workdir=tmp_path / "node", headers={"Authorization": f"Bearer {NODE_TOKEN}"}).start_sync()
     marker = tmp_path / "marker"
     try:
         kube.batch_v1().create_namespaced_job(
@@ -345,3 +346,202 @@ def test_termination_messages_node_object_and_unschedulable_pods(
 
     assert "Insufficient nvidia.com/gpu" in eventually(lambda: unschedulable("trial-i"), timeout=10)
     assert "node affinity/selector" in eventually(lambda: unschedulable("trial-j"), timeout=10)
+
+
+# A pod that, on its first run, waits to be stopped and takes 1 s to stop (checkpointing, say);
+# on its second run records when it started and succeeds.
+RUN_TWICE = """
+    import os, pathlib, signal, sys, time
+    marks = pathlib.Path(os.environ['MARKS'])
+    marks.mkdir(exist_ok=True)
+    if (marks / 'first-start').exists():
+        (marks / 'second-start').write_text(repr(time.time()))
+        sys.exit(0)
+    (marks / 'first-start').write_text(repr(time.time()))
+    def stop(*_):
+        time.sleep(1)
+        (marks / 'first-exit').write_text(repr(time.time()))
+        sys.exit(4)
+    signal.signal(signal.SIGTERM, stop)
+    time.sleep(60)
+"""
+IGNORE_DISRUPTIONS = {
+    "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+}
+
+
+def run_twice_job(name: str, marks: Path, policy: dict[str, Any] | None) -> dict[str, Any]:
+    job = indexed_job(name, RUN_TWICE, env=[{"name": "MARKS", "value": str(marks)}])
+    if policy is not None:
+        job["spec"]["podFailurePolicy"] = policy
+    return job
+
+
+def started(marks: Path, pod_count: int, kube: Kube, job: str) -> Any:
+    pods = pods_of(kube, job)
+    return (marks / "first-start").exists() and len(pods) == pod_count and pods[0].status.phase == "Running" and pods
+
+
+@pytest.mark.parametrize("disrupt", ["evict", "preempt"])
+async def test_a_disrupted_pod_is_replaced_under_a_pod_failure_policy(
+    kube: Kube, fake_node: FakeNode, tmp_path: Path, disrupt: str
+) -> None:
+    marks = tmp_path / "marks"
+    kube.batch_v1().create_namespaced_job("default", run_twice_job("trial-k", marks, IGNORE_DISRUPTIONS))
+    [first] = await aeventually(lambda: started(marks, 1, kube, "trial-k"), timeout=15, message=f"{fake_node.logs()}")
+
+    await getattr(fake_node, disrupt)(first.metadata.name)
+
+    job = await aeventually(
+        lambda: job_condition(kube, "trial-k", "Complete"), timeout=20, message=f"{fake_node.logs()}"
+    )
+    # Ignored: not counted as failed, however low backoffLimit is (0 here), and replaced.
+    assert job["status"]["succeeded"] == 1 and not job["status"].get("failed")
+    # The replacement started only once the disrupted pod had stopped (podReplacementPolicy Failed).
+    assert float((marks / "second-start").read_text()) >= float((marks / "first-exit").read_text())
+    [replacement] = [p for p in pods_of(kube, "trial-k") if p.metadata.name != first.metadata.name]
+    assert replacement.metadata.annotations[INDEX] == "0" and replacement.status.phase == "Succeeded"
+    # The disrupted pod went only after the job controller had counted it (its finalizer).
+    assert first.metadata.finalizers == ["batch.kubernetes.io/job-tracking"]
+    await aeventually(lambda: len(pods_of(kube, "trial-k")) == 1, timeout=10)
+
+
+def pod_history(kube: Kube, name: str, since: str) -> list[Any]:
+    """Every state the pod went through after resourceVersion `since`, until it was deleted."""
+    states = []
+    stream = kubernetes.watch.Watch().stream(
+        kube.core_v1().list_namespaced_pod,
+        "default",
+        field_selector=f"metadata.name={name}",
+        resource_version=since,
+        timeout_seconds=20,
+    )
+    for event in stream:
+        states.append(event["object"])
+        if event["type"] == "DELETED":
+            break
+    return states
+
+
+def test_the_disrupted_pod_keeps_its_condition_and_fails_the_job_without_a_policy(
+    kube: Kube, fake_node: FakeNode, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    kube.batch_v1().create_namespaced_job("default", run_twice_job("trial-l", marks, None))
+    [pod] = eventually(lambda: started(marks, 1, kube, "trial-l"), timeout=15, message=f"{fake_node.logs()}")
+
+    fake_node.evict_sync(pod.metadata.name)
+
+    history = pod_history(kube, pod.metadata.name, pod.metadata.resource_version)
+    # The kubelet's own status writes (Running, then Failed) keep the eviction API's condition.
+    last = history[-1]
+    [condition] = [c for c in last.status.conditions if c.type == "DisruptionTarget"]
+    assert (condition.status, condition.reason) == ("True", "EvictionByEvictionAPI")
+    assert last.status.phase == "Failed" and last.status.container_statuses[0].state.terminated.exit_code == 4
+    assert all(
+        any(c.type == "DisruptionTarget" for c in state.status.conditions)
+        for state in history
+        if state.metadata.deletion_timestamp
+    )
+    job = eventually(lambda: job_condition(kube, "trial-l", "Failed"), timeout=15)
+    assert next(c for c in job["status"]["conditions"] if c["type"] == "Failed")["reason"] == "BackoffLimitExceeded"
+    assert not (marks / "second-start").exists()
+
+
+def test_a_fail_job_rule_fails_the_job_on_its_exit_code(kube: Kube, fake_node: FakeNode) -> None:
+    job = indexed_job("trial-m", "import sys; sys.exit(42)", backoff_limit=6)
+    job["spec"]["podFailurePolicy"] = {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [42]}},
+        ]
+    }
+    kube.batch_v1().create_namespaced_job("default", job)
+    failed = eventually(lambda: job_condition(kube, "trial-m", "Failed"), timeout=15, message=f"{fake_node.logs()}")
+    condition = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
+    [pod] = pods_of(kube, "trial-m")  # no retry, although backoffLimit allows 6
+    assert condition["reason"] == "PodFailurePolicy"
+    assert condition["message"] == (
+        f"Container trainer for pod default/{pod.metadata.name} failed with exit code 42 "
+        "matching FailJob rule at index 1"
+    )
+
+
+def waiting_state(kube: Kube, job: str) -> Any:
+    [pod] = pods_of(kube, job)
+    waiting = pod.status.container_statuses and pod.status.container_statuses[0].state.waiting
+    return pod.status.phase == "Pending" and waiting and (waiting.reason, waiting.message)
+
+
+def test_an_image_the_node_cannot_pull_leaves_the_pod_pending_until_it_can(
+    kube: Kube, make_fake_node: Callable[..., FakeNode]
+) -> None:
+    node = make_fake_node(image_pull_errors={"registry.invalid/trainer:v9": "not found"}, kubelet_backoff=0.3)
+    job = indexed_job("trial-n", "print('pulled')")
+    job["spec"]["template"]["spec"]["containers"][0]["image"] = "registry.invalid/trainer:v9"
+    kube.batch_v1().create_namespaced_job("default", job)
+
+    def back_off() -> Any:
+        state = waiting_state(kube, "trial-n")
+        return state if state and state[0] == "ImagePullBackOff" else None
+
+    assert eventually(back_off, timeout=10) == (
+        "ImagePullBackOff",
+        'Back-off pulling image "registry.invalid/trainer:v9"',
+    )
+    assert (
+        "failed to pull image 'registry.invalid/trainer:v9': not found"
+        in node.logs()[f"default/{pods_of(kube, 'trial-n')[0].metadata.name}"]
+    )
+    node.image_pull_errors.clear()  # pushed at last: the next retry pulls it
+    eventually(lambda: job_condition(kube, "trial-n", "Complete"), timeout=15, message=f"{node.logs()}")
+
+
+def test_env_from_a_missing_config_map_waits_in_create_container_config_error(
+    kube: Kube, make_fake_node: Callable[..., FakeNode]
+) -> None:
+    node = make_fake_node(kubelet_backoff=0.3)
+    env = [{"name": "LR", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "lr"}}}]
+    kube.batch_v1().create_namespaced_job(
+        "default", indexed_job("trial-o", "import os; print(os.environ['LR'])", env=env)
+    )
+    assert eventually(lambda: waiting_state(kube, "trial-o"), timeout=10) == (
+        "CreateContainerConfigError",
+        'configmap "settings" not found',
+    )
+    kube.core_v1().create_namespaced_config_map("default", {"metadata": {"name": "settings"}, "data": {"other": "1"}})
+    eventually(
+        lambda: (
+            waiting_state(kube, "trial-o")
+            == ("CreateContainerConfigError", "couldn't find key lr in ConfigMap default/settings")
+        ),
+        timeout=10,
+    )
+    kube.core_v1().patch_namespaced_config_map("settings", "default", {"data": {"lr": "0.5"}})
+    eventually(lambda: job_condition(kube, "trial-o", "Complete"), timeout=15, message=f"{node.logs()}")
+    [pod] = pods_of(kube, "trial-o")
+    assert node.read_log(pod.metadata.name).strip().endswith("0.5")
+
+
+def test_cpu_and_memory_requests_must_fit_the_node(kube: Kube, make_fake_node: Callable[..., FakeNode]) -> None:
+    make_fake_node(capacity={"cpu": "2", "memory": "4Gi"})
+    fits = indexed_job("trial-p", "import time; time.sleep(30)")
+    fits["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "1500m", "memory": "1Gi"}}
+    too_much = indexed_job("trial-q", "pass")
+    too_much["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "1", "memory": "1Gi"}}
+    kube.batch_v1().create_namespaced_job("default", fits)
+    eventually(lambda: pods_of(kube, "trial-p")[0].spec.node_name, timeout=10)
+    kube.batch_v1().create_namespaced_job("default", too_much)
+
+    def unschedulable() -> Any:
+        [pod] = pods_of(kube, "trial-q")
+        [condition] = [c for c in pod.status.conditions or [] if c.type == "PodScheduled"]
+        return not pod.spec.node_name and (condition.status, condition.reason, condition.message)
+
+    assert eventually(unschedulable, timeout=10) == (
+        "False",
+        "Unschedulable",
+        "0/1 nodes are available: 1 Insufficient cpu.",
+    )
+    kube.batch_v1().delete_namespaced_job("trial-p", "default", propagation_policy="Background")
+    eventually(lambda: job_condition(kube, "trial-q", "Complete"), timeout=40)

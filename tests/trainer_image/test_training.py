@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import time
 
 import pytest
 
@@ -79,24 +81,58 @@ def test_diverging_lr_counts_nonfinite_losses(tmp_path, start_trainer, fail_fast
     changes = {"metrics_linger_seconds": 30}
     path, config = _example("trial-diverge.json", tmp_path, **changes)
     assert config["hyperparameters"]["lr"] == 10.0
-    config["hyperparameters"].update(fail_fast=fail_fast, max_steps=40, checkpoint_interval=20)
+    config["hyperparameters"].update(fail_fast=fail_fast, max_steps=40, checkpoint_interval=1)
     path.write_text(json.dumps(config))
     trainer = start_trainer(path)
     if fail_fast:
         final = trainer.wait_for_metrics(lambda m: m["trainpilot_nonfinite_loss_total"] >= 1)
     else:
-        final = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] == 40 and m["trainpilot_checkpoint_step"] == 40)
+        final = trainer.wait_for_metrics(lambda m: m["trainpilot_step"] == 40)
     trainer.signal(signal.SIGTERM)  # ends the linger
     finished = trainer.wait(timeout=30)
+    checkpoints = tmp_path / "checkpoints"
+    result = finished.result
+    bad = result["first_bad_step"]
+    assert bad is not None and 1 < bad < 20, trainer.output()
+    # A checkpoint every step until the first bad loss, none from it on (SIGTERM included).
+    assert sorted(int(p.name[4:]) for p in checkpoints.glob("step*")) == list(range(1, bad))
+    assert (checkpoints / "latest").read_text() == f"step{bad - 1}"
+    assert result["checkpoint_step"] == final["trainpilot_checkpoint_step"] == bad - 1
     if fail_fast:
         assert finished.returncode == 3, trainer.output()
-        assert finished.result["exit_reason"] == "diverged"
-        assert final["trainpilot_nonfinite_loss_total"] == 1 and final["trainpilot_checkpoint_step"] == -1
-        assert finished.result["step"] < 20
-        assert not (tmp_path / "checkpoints" / "latest").exists()  # the diverged state was not saved
+        assert result["exit_reason"] == "diverged" and result["step"] == bad
+        assert final["trainpilot_nonfinite_loss_total"] == 1
     else:
         assert finished.returncode == 0, trainer.output()
         assert final["trainpilot_nonfinite_loss_total"] > 1  # counted every time, kept going
+        assert f"step {bad}: loss" in finished.stdout and "no checkpoint is saved from now on" in finished.stdout
+
+
+def test_no_checkpoint_after_a_loss_spike(tmp_path, start_trainer):
+    """The spike rule (smoothed loss above loss_spike_factor x the best) on a real run: with
+    smoothing 1 the smoothed loss is the step's loss, and a factor of 1.01 fires at the first step
+    whose loss is 1% above the lowest so far, long before the run ends."""
+    checkpoints = tmp_path / "checkpoints"
+    path = write_config(
+        tmp_path / "trial.json",
+        {"lr": 0.01, "max_steps": 60, "eval_interval": 1000, "checkpoint_interval": 1},
+        checkpoint_dir=str(checkpoints),
+        loss_spike_factor=1.01,
+        loss_spike_smoothing=1.0,
+        log_interval=1,
+    )
+    finished = start_trainer(path).wait(timeout=180)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    bad = finished.result["first_bad_step"]
+    progress = [line for line in _lines(finished.stdout, "step ") if "| loss " in line]
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in progress]
+    assert len(losses) == 60
+    ratios = [loss / min(losses[: index + 1]) for index, loss in enumerate(losses)]  # losses[i] is step i + 1
+    assert bad is not None and 1 < bad < 60
+    assert ratios[bad - 1] > 1.01 - 1e-3 and max(ratios[: bad - 1]) <= 1.01 + 1e-3  # printed to 4 decimals
+    assert f"step {bad}: loss spike" in finished.stdout
+    assert sorted(int(p.name[4:]) for p in checkpoints.glob("step*")) == list(range(1, bad))
+    assert finished.result["checkpoint_step"] == bad - 1 and finished.result["checkpoint_tag"] == f"step{bad - 1}"
 
 
 def test_sigterm_checkpoints_and_a_resume_continues_with_new_hyperparameters(tmp_path, start_trainer):
@@ -133,6 +169,112 @@ def test_sigterm_checkpoints_and_a_resume_continues_with_new_hyperparameters(tmp
     assert final["trainpilot_learning_rate"] == pytest.approx(3e-3)
     assert finished.result["step"] == step + 20
     assert finished.result["tokens"] == (step + 20) * 8 * 32  # the data position came back too
+
+
+def test_sigterm_at_checkpoint_interval_0_saves_and_a_child_resumes_exactly_that_tag(tmp_path, start_trainer):
+    """The restart hand-off: the parent saves on SIGTERM although checkpoint_interval is 0 and
+    reports the tag; the child resumes that tag (not whatever `latest` names) at the parent's step."""
+    parent_dir = tmp_path / "parent"
+    parent = start_trainer(
+        write_config(
+            tmp_path / "parent.json",
+            {"max_steps": 100_000, "eval_interval": 100_000, "checkpoint_interval": 0},
+            checkpoint_dir=str(parent_dir),
+        )
+    )
+    parent.wait_for_metrics(lambda m: m["trainpilot_step"] >= 30)
+    parent.signal(signal.SIGTERM)
+    stopped = parent.wait(timeout=30)
+    assert stopped.returncode == 4, parent.output()
+    step, tag = stopped.result["step"], stopped.result["checkpoint_tag"]
+    assert stopped.result["checkpoint_step"] == step >= 30 and tag == f"step{step}"
+    assert sorted(p.name for p in parent_dir.glob("step*")) == [tag]
+    assert json.loads((parent_dir / tag / "trainpilot-complete.json").read_text())["step"] == step
+    (parent_dir / "latest").write_text("step1")  # whatever `latest` says, the child takes the tag it is given
+
+    child_dir = tmp_path / "child"
+    child_config = write_config(
+        tmp_path / "child.json",
+        {"max_steps": step + 10, "eval_interval": 100_000},
+        checkpoint_dir=str(child_dir),
+        resume_from=str(parent_dir),
+        resume_tag=tag,
+        trial="child",
+    )
+    finished = start_trainer(child_config).wait(timeout=180)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"resumed from {parent_dir}/{tag} at step {step}" in finished.stdout
+    assert finished.result["step"] == step + 10 and finished.result["tokens"] == (step + 10) * 8 * 32
+
+    # A tag whose save never completed (no marker: killed mid-save) is refused before DeepSpeed starts.
+    torn = parent_dir / "step9999"
+    shutil.copytree(parent_dir / tag, torn)
+    (torn / "trainpilot-complete.json").unlink()
+    torn_config = write_config(
+        tmp_path / "torn.json", {"max_steps": 100_000}, resume_from=str(parent_dir), resume_tag="step9999"
+    )
+    refused = start_trainer(torn_config).wait(timeout=60)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "resume_tag: " in refused.stderr and "has no trainpilot-complete.json" in refused.stderr
+    assert refused.result["exit_reason"] == "invalid-config"
+
+
+def _catches_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_sigterm_during_start_up_is_a_clean_stop(tmp_path, start_trainer):
+    """SIGTERM as soon as the trainer catches it, while it still imports torch and DeepSpeed:
+    exit 4 with the result line and the termination message, no traceback, DeepSpeed never started."""
+    termination = tmp_path / "termination-log"
+    trainer = start_trainer(
+        write_config(tmp_path / "trial.json", {"max_steps": 100_000}, checkpoint_dir=str(tmp_path / "ckpt")),
+        TRAINPILOT_TERMINATION_LOG=str(termination),
+    )
+    pid = trainer.process.pid
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(pid) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    with open(f"/proc/{pid}/maps") as maps:
+        assert "libtorch" not in maps.read()  # the handler came before torch
+    trainer.signal(signal.SIGTERM)
+    finished = trainer.wait(timeout=60)
+    assert finished.returncode == 4, trainer.output()
+    assert "Traceback" not in finished.stderr
+    assert "stopped by SIGTERM" in finished.stderr
+    assert finished.result["exit_reason"] == "terminated"
+    assert "model:" not in finished.stdout  # stopped before DeepSpeed built the model
+    assert json.loads(termination.read_text())["exit_reason"] == "terminated"
+    assert not (tmp_path / "ckpt").exists()  # nothing trained, nothing saved
+
+
+def test_evaluates_at_the_requested_rung_steps(tmp_path, start_trainer):
+    path = write_config(
+        tmp_path / "trial.json", {"max_steps": 20, "eval_interval": 10, "eval_batches": 2}, eval_at_steps=[7, 13]
+    )
+    finished = start_trainer(path).wait(timeout=180)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert [int(line.split()[2]) for line in _lines(finished.stdout, "eval step")] == [7, 10, 13, 20]
+    assert sorted(finished.result["eval_at"]) == ["13", "7"] and all(finished.result["eval_at"].values())
+    # The last rung's evaluation stays on its own gauges (and in the summary) past later evaluations.
+    assert finished.result["rung_step"] == 13 and finished.result["rung_val_loss"] == finished.result["eval_at"]["13"]
+    assert finished.result["eval_step"] == 20
+
+
+def test_torchrun_trial_that_diverges_says_so_in_its_termination_message(tmp_path, start_trainer):
+    """torchrun exits 1 when its workers exit 3; the pod's termination message, which both ranks
+    write, still says diverged."""
+    termination = tmp_path / "termination-log"
+    path, config = _example("trial-diverge.json", tmp_path)
+    diverging = start_trainer(path, nproc=2, TRAINPILOT_TERMINATION_LOG=str(termination))
+    finished = diverging.wait(timeout=180)
+    assert finished.returncode == 1, diverging.output()  # torchrun's own status
+    assert finished.result["exit_reason"] == "diverged"
+    message = json.loads(termination.read_text())
+    assert (message["exit_reason"], message["exit_code"]) == ("diverged", 3)
+    assert message["trainpilot_nonfinite_loss_total"] == 1 and message["trainpilot_step"] == finished.result["step"]
 
 
 def test_control_file_changes_lr_and_weight_decay_without_restart(tmp_path, start_trainer):

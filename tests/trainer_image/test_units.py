@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import urllib.request
 from itertools import pairwise
 
@@ -15,7 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trainpilot.api.trial import ControlFile, Hyperparameters, TrialConfig
 from trainpilot_trainer.config import (
+    COMPLETE_MARKER,
     check_resume,
+    check_resume_fits,
+    completion_record,
     control_file_path,
     deepspeed_config,
     metrics_endpoint,
@@ -24,11 +28,13 @@ from trainpilot_trainer.config import (
 )
 from trainpilot_trainer.control import ControlWatcher
 from trainpilot_trainer.data import MarkovChain, build_dataset, default_text_root, entropy, text_files
+from trainpilot_trainer.distributed import prefer_interpreter_tools
 from trainpilot_trainer.errors import ConfigError
 from trainpilot_trainer.exitcodes import EXIT_DIVERGED
 from trainpilot_trainer.metrics import Metrics
-from trainpilot_trainer.outcome import RunResult, is_nonfinite, loss_ceiling
+from trainpilot_trainer.outcome import LossWatch, RunResult, is_nonfinite, loss_ceiling
 from trainpilot_trainer.schedule import Schedule
+from trainpilot_trainer.termination import merge_termination, termination_fields, write_termination_message
 
 
 def binary_entropy(p: float) -> float:
@@ -244,36 +250,104 @@ def test_metrics_endpoint_and_control_path_from_the_environment():
     assert control_file_path(config, {}) is None
 
 
-def _fake_checkpoint(root, zero_ranks=0, zero3=False, tag="step40"):
-    """The file names DeepSpeed writes for each ZeRO stage (contents do not matter here)."""
+def _fake_checkpoint(
+    root, zero_ranks=0, zero3=False, tag="step40", stage=None, precision="fp32", prefix="", complete=True, latest=True
+):
+    """The file names DeepSpeed writes for each layout (contents do not matter here), with the
+    trainer's completion record unless `complete` is false (a save cut short)."""
     folder = root / tag
     folder.mkdir(parents=True)
     if not zero3:
         (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
     for rank in range(zero_ranks):
-        (folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+        (folder / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
         if zero3:
-            (folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"")
-    (root / "latest").write_text(tag)
+            (folder / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"")
+    if stage is None:
+        stage = 3 if zero3 else (2 if zero_ranks else 0)
+    if complete:
+        record = completion_record(tag, 40, max(zero_ranks, 1), stage, precision, "0.19.8")
+        (folder / COMPLETE_MARKER).write_text(json.dumps(record))
+    if latest:
+        (root / "latest").write_text(tag)
     return str(root)
 
 
 def test_resume_world_size_rules(tmp_path):
     zero0 = _fake_checkpoint(tmp_path / "zero0")
-    assert check_resume(zero0, zero_stage=0, world_size=3) == "step40"  # ZeRO-0: any world size
+    assert check_resume(zero0, None, zero_stage=0, world_size=3).tag == "step40"  # ZeRO-0: any world size
     zero2 = _fake_checkpoint(tmp_path / "zero2", zero_ranks=2)
-    assert check_resume(zero2, zero_stage=2, world_size=2) == "step40"
-    assert check_resume(zero2, zero_stage=1, world_size=2) == "step40"  # stage 1 and 2 share a layout
-    with pytest.raises(ConfigError, match="resume_from: .*saved by 2 ranks with ZeRO-1-2.*same world size"):
-        check_resume(zero2, zero_stage=2, world_size=1)
-    with pytest.raises(ConfigError, match="resume_from: .*saved with ZeRO-1-2; this run has zero_stage 0"):
-        check_resume(zero2, zero_stage=0, world_size=2)
+    assert check_resume(zero2, None, zero_stage=2, world_size=2).tag == "step40"
+    assert check_resume(zero2, None, zero_stage=1, world_size=2).tag == "step40"  # stage 1 and 2 share a layout
+    with pytest.raises(ConfigError, match="resume_from: .*saved by 2 ranks with ZeRO-1/2.*same world size"):
+        check_resume(zero2, None, zero_stage=2, world_size=1)
+    with pytest.raises(ConfigError, match="resume_from: .*saved with ZeRO-1/2; this run has zero_stage 0"):
+        check_resume(zero2, None, zero_stage=0, world_size=2)
     zero3 = _fake_checkpoint(tmp_path / "zero3", zero_ranks=2, zero3=True)
-    assert check_resume(zero3, zero_stage=3, world_size=2) == "step40"
+    assert check_resume(zero3, None, zero_stage=3, world_size=2).tag == "step40"
     with pytest.raises(ConfigError, match="resume_from: .*saved with ZeRO-3"):
-        check_resume(zero3, zero_stage=2, world_size=2)
+        check_resume(zero3, None, zero_stage=2, world_size=2)
     with pytest.raises(ConfigError, match="resume_from: no checkpoint"):
-        check_resume(str(tmp_path / "empty"), zero_stage=0, world_size=1)
+        check_resume(str(tmp_path / "empty"), None, zero_stage=0, world_size=1)
+
+
+def test_bf16_zero0_checkpoints_of_deepspeed_before_0_17_6_are_split_per_rank(tmp_path):
+    """DeepSpeed 0.15-0.17.5 save bf16 at ZeRO-0 with BF16_Optimizer: one
+    bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt per rank (seen with 0.17.5; 0.19.8 writes
+    mp_rank_00_model_states.pt alone). Such a checkpoint is ZeRO-0, resumable at zero_stage 0 at
+    the same world size, on a DeepSpeed that splits it too, and at bf16 only."""
+    split = _fake_checkpoint(tmp_path / "split", zero_ranks=2, stage=0, precision="bf16", prefix="bf16_")
+    point = check_resume(split, None, zero_stage=0, world_size=2)
+    assert point.layout == "zero0-split"
+    check_resume_fits(point, "bf16", "0.17.5")
+    with pytest.raises(ConfigError, match="saved by 2 ranks with ZeRO-0 bf16 .*same world size"):
+        check_resume(split, None, zero_stage=0, world_size=1)
+    with pytest.raises(ConfigError, match="which DeepSpeed 0.19.8 cannot load; resume it on a DeepSpeed before 0.17.6"):
+        check_resume_fits(point, "bf16", "0.19.8")
+    with pytest.raises(ConfigError, match="^hyperparameters.precision: .*saved with precision bf16; this run has fp32"):
+        check_resume_fits(point, "fp32", "0.17.5")
+    # bf16 at ZeRO-1/2 uses the same file names: the completion record's stage tells them apart.
+    zero2 = _fake_checkpoint(tmp_path / "bf16-zero2", zero_ranks=2, stage=2, precision="bf16", prefix="bf16_")
+    assert check_resume(zero2, None, zero_stage=2, world_size=2).layout == "zero1-2"
+    # A whole bf16 ZeRO-0 checkpoint (DeepSpeed 0.17.6 on) loads at any world size, not on older ones.
+    whole = check_resume(_fake_checkpoint(tmp_path / "whole", precision="bf16"), None, zero_stage=0, world_size=4)
+    check_resume_fits(whole, "bf16", "0.19.8 ")
+    with pytest.raises(ConfigError, match="resume it on a DeepSpeed from 0.17.6"):
+        check_resume_fits(whole, "bf16", "0.17.5")
+
+
+def test_an_explicit_resume_tag_wins_over_latest_and_must_exist(tmp_path):
+    root = tmp_path / "ckpt"
+    _fake_checkpoint(root, tag="step20", latest=False)
+    _fake_checkpoint(root, tag="step40")  # `latest` names step40
+    assert check_resume(str(root), "step20", zero_stage=0, world_size=1).tag == "step20"
+    assert check_resume(str(root), None, zero_stage=0, world_size=1).tag == "step40"
+    with pytest.raises(ConfigError, match="^resume_tag: no checkpoint 'step60' in"):
+        check_resume(str(root), "step60", zero_stage=0, world_size=1)
+
+
+def test_a_tag_whose_save_never_completed_is_refused(tmp_path):
+    root = tmp_path / "ckpt"
+    _fake_checkpoint(root, tag="step40", zero_ranks=2, complete=False)
+    message = f"has no {COMPLETE_MARKER}: its save did not finish on every rank"
+    with pytest.raises(ConfigError, match=f"^resume_tag: .*step40 {message}"):
+        check_resume(str(root), "step40", zero_stage=2, world_size=2)
+    with pytest.raises(ConfigError, match=f"^resume_from: .*step40 {message}"):  # named by `latest`
+        check_resume(str(root), None, zero_stage=2, world_size=2)
+    (root / "step40" / COMPLETE_MARKER).write_text("{half")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        check_resume(str(root), "step40", zero_stage=2, world_size=2)
+
+
+def test_trial_config_resume_tag_and_evaluation_steps():
+    config = TrialConfig(resume_from="/ckpt/t1", resume_tag="step120", eval_at_steps=[150, 75, 75])
+    assert config.eval_at_steps == [75, 150]
+    with pytest.raises(ValueError, match="resume_tag: names a tag in resume_from, which is not set"):
+        TrialConfig(resume_tag="step120")
+    with pytest.raises(ValueError, match="resume_tag"):
+        TrialConfig(resume_from="/ckpt", resume_tag="../elsewhere")
+    with pytest.raises(ValueError, match=r"eval_at_steps: \[400\] beyond hyperparameters.max_steps \(300\)"):
+        TrialConfig(eval_at_steps=[100, 400])
 
 
 # ------------------------------------------------------------------ control file
@@ -363,6 +437,9 @@ def test_result_line_is_strict_json():
         eval_step=-1,
         loss_floor=1.25,
         checkpoint_step=-1,
+        checkpoint_tag=None,
+        first_bad_step=7,
+        evaluations={5: 2.5},
         learning_rate=0.1,
         weight_decay=0.0,
         grad_norm=math.inf,
@@ -375,28 +452,117 @@ def test_result_line_is_strict_json():
     fields = json.loads(json.dumps(result.as_dict(), allow_nan=False))
     assert fields["exit_reason"] == "diverged" and fields["train_loss"] is None and fields["grad_norm"] is None
     assert fields["step"] == 7 and fields["loss_floor"] == 1.25
+    assert fields["first_bad_step"] == 7 and fields["eval_at"] == {"5": 2.5} and fields["checkpoint_tag"] is None
 
 
-def test_termination_message_holds_the_final_gauges(tmp_path):
-    from trainpilot.runtime.kubernetes.runtime import final_metrics
-    from trainpilot_trainer.main import write_termination_message
+def test_loss_watch_spike_rule_by_hand():
+    """S = EMA of the loss (weight w), B = lowest loss; a spike is S > factor * B; the first bad
+    step stays."""
+    watch = LossWatch(ceiling=100.0, spike_factor=2.0, smoothing=0.5)
+    # S: 4 -> 3 (B 2) -> 2 (B 1) -> 3.5 (B 1, 3.5 > 2: spike)
+    assert watch.observe(1, 4.0) is None and watch.observe(2, 2.0) is None
+    assert watch.observe(3, 1.0) is None and watch.smoothed == pytest.approx(2.0) and watch.best == 1.0
+    assert watch.safe_to_save
+    bad = watch.observe(4, 5.0)
+    assert bad.kind == "spike" and "smoothed loss 3.5 is 3.50x the best 1 " in bad.description
+    assert watch.first_bad_step == 4 and not watch.safe_to_save
+    assert watch.observe(5, 1.0).kind == "spike"  # S 2.25: still above 2 x 1
+    assert watch.observe(6, 1.0) is None and watch.smoothed == pytest.approx(1.625)
+    assert watch.first_bad_step == 4 and not watch.safe_to_save  # recovering does not make it safe again
+    # Without a spike factor only non-finite losses are bad; they never enter S or B.
+    plain = LossWatch(ceiling=10.0)
+    assert plain.observe(1, 1.0) is None and plain.observe(2, 9.0) is None
+    assert plain.observe(3, math.nan).kind == "non-finite" and plain.observe(4, 11.0).kind == "non-finite"
+    assert plain.first_bad_step == 3 and plain.best == 1.0 and plain.smoothed == pytest.approx(5.0)
+
+
+def test_termination_message_holds_the_exit_and_the_final_gauges(tmp_path):
+    from trainpilot.runtime.kubernetes.termination import final_metrics, trainer_exit
 
     path = tmp_path / "termination-log"
     summary = {
         "experiment": "e",
+        "exit_code": 3,
+        "exit_reason": "diverged",
         "step": 300,
         "val_loss": 1.26,
         "train_loss": None,
-        "nonfinite_loss_total": 0,
-        "exit_reason": "completed",
+        "nonfinite_loss_total": 1,
+        "checkpoint_step": 200,
+        "checkpoint_tag": "step200",
+        "eval_at": {"75": 1.5},
     }
-    write_termination_message(summary, str(path))
+    write_termination_message(summary, str(path), rank=0)
+    written = json.loads(path.read_text())
+    assert written["exit_reason"] == "diverged" and written["exit_code"] == 3 and written["rank"] == 0
+    assert written["checkpoint_tag"] == "step200"
     metrics = final_metrics(path.read_text())
     assert metrics.values == {
         "trainpilot_step": 300.0,
         "trainpilot_val_loss": 1.26,
-        "trainpilot_nonfinite_loss_total": 0.0,
+        "trainpilot_nonfinite_loss_total": 1.0,
+        "trainpilot_checkpoint_step": 200.0,
     }
-    assert metrics.objective("val_loss") == 1.26
+    assert trainer_exit(path.read_text()).reason == "diverged"
     write_termination_message(summary, str(tmp_path / "missing-dir" / "log"))  # logged, not raised
     assert final_metrics("not json") is None and final_metrics("[1, 2]") is None
+
+
+def test_ranks_sharing_a_termination_message_keep_the_most_telling_reason(tmp_path):
+    """Under torchrun all local ranks write the pod's one file: the reason that says most wins, a
+    tie keeps the first (the rank that failed first), the gauges are rank 0's."""
+    path = str(tmp_path / "termination-log")
+    write_termination_message(
+        {"exit_code": 1, "exit_reason": "crashed", "message": "RuntimeError: CUDA out of memory", "step": 41}, path, 1
+    )
+    # Rank 0 fails after it (its collective lost a peer): same reason, so rank 1's account stays.
+    write_termination_message(
+        {"exit_code": 1, "exit_reason": "crashed", "message": "Connection closed by peer", "step": 42, "val_loss": 2.0},
+        path,
+        0,
+    )
+    fields = json.loads(open(path).read())
+    assert (fields["rank"], fields["message"]) == (1, "RuntimeError: CUDA out of memory")
+    assert fields["trainpilot_step"] == 42 and fields["trainpilot_val_loss"] == 2.0  # rank 0's gauges
+    # A stop that another rank reports afterwards does not hide the crash.
+    write_termination_message({"exit_code": 4, "exit_reason": "terminated", "step": 40}, path, 2)
+    fields = json.loads(open(path).read())
+    assert fields["exit_reason"] == "crashed" and fields["trainpilot_step"] == 42
+
+    # Every rank agreed on a divergence: rank 1 wrote first, rank 0 adds its gauges.
+    other = str(tmp_path / "other")
+    write_termination_message({"exit_code": 3, "exit_reason": "diverged", "step": 2}, other, 1)
+    write_termination_message({"exit_code": 3, "exit_reason": "diverged", "step": 2, "train_loss": 40.0}, other, 0)
+    fields = json.loads(open(other).read())
+    assert fields["exit_reason"] == "diverged" and fields["trainpilot_train_loss"] == 40.0
+    # A crash while stopping outranks the stop written before it.
+    stopped = str(tmp_path / "stopped")
+    write_termination_message({"exit_code": 4, "exit_reason": "terminated", "step": 9}, stopped, 1)
+    write_termination_message({"exit_code": 1, "exit_reason": "crashed", "message": "disk full", "step": 9}, stopped, 0)
+    assert json.loads(open(stopped).read())["message"] == "disk full"
+
+
+def test_merge_rule_and_size_limit():
+    assert merge_termination(None, {"exit_reason": "completed", "rank": 0}) == {"exit_reason": "completed", "rank": 0}
+    merged = merge_termination(
+        {"exit_reason": "terminated", "exit_code": 4, "rank": 1, "trainpilot_step": 5.0},
+        {"exit_reason": "invalid-config", "exit_code": 2, "rank": 3, "message": "resume_from: ..."},
+    )
+    assert merged == {
+        "exit_reason": "invalid-config",
+        "exit_code": 2,
+        "rank": 3,
+        "message": "resume_from: ...",
+        "trainpilot_step": 5.0,
+    }
+    fields = termination_fields({"exit_code": 1, "exit_reason": "crashed", "message": "x" * 10_000}, rank=0)
+    assert len(fields["message"]) == 512
+
+
+def test_deepspeed_builds_its_ops_with_the_ninja_beside_this_python():
+    tools = os.path.dirname(sys.executable)
+    env = {"PATH": "/usr/bin:/bin"}
+    prefer_interpreter_tools(env)
+    assert env["PATH"] == f"{tools}:/usr/bin:/bin"
+    prefer_interpreter_tools(env)  # once is enough
+    assert env["PATH"].count(tools) == 1

@@ -6,7 +6,9 @@ milliseconds and every invalid combination is reported before anything heavy sta
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,37 @@ def deepspeed_config(hp: Hyperparameters, precision: str) -> dict:
 
 
 def checkpoint_tag(step: int) -> str:
-    return f"step{step}"
+    return contract.checkpoint_tag(step)
+
+
+# Written into a tag's folder by rank 0 once every rank has finished saving that tag (see
+# Trainer.save_checkpoint), before `latest` names it. A tag without it may hold half-written or
+# missing ZeRO partitions (a save cut short by SIGKILL), so it is never resumed.
+COMPLETE_MARKER = "trainpilot-complete.json"
+
+# Layouts of a checkpoint folder, as DeepSpeed writes them, and how they are described.
+LAYOUTS = {
+    "zero0": "ZeRO-0",
+    # DeepSpeed 0.15 to 0.17.5 train bf16 at ZeRO-0 with its BF16_Optimizer (fp32 gradient
+    # accumulation by default), which keeps the fp32 master weights and Adam moments split per
+    # rank in bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt; from 0.17.6 bf16 at ZeRO-0
+    # accumulates in bf16 and keeps the whole optimizer state in mp_rank_00_model_states.pt.
+    "zero0-split": "ZeRO-0 bf16 with its optimizer state split per rank (DeepSpeed before 0.17.6)",
+    "zero1-2": "ZeRO-1/2",
+    "zero3": "ZeRO-3",
+}
+
+
+def completion_record(tag: str, step: int, world_size: int, zero_stage: int, precision: str, deepspeed: str) -> dict:
+    """What COMPLETE_MARKER holds: how the tag was saved, which check_resume reads back."""
+    return {
+        "tag": tag,
+        "step": step,
+        "world_size": world_size,
+        "zero_stage": zero_stage,
+        "precision": precision,
+        "deepspeed": deepspeed,
+    }
 
 
 def find_checkpoint(directory: str) -> str:
@@ -102,43 +134,139 @@ def find_checkpoint(directory: str) -> str:
     return tag
 
 
-def saved_layout(checkpoint: Path) -> tuple[str, int]:
-    """How DeepSpeed laid out a checkpoint folder: ("zero0", 0), ("zero1-2", ranks) or ("zero3", ranks).
-
-    ZeRO-0 keeps weights and optimizer state in mp_rank_00_model_states.pt; ZeRO-1/2 add one
-    optimizer partition per data-parallel rank; ZeRO-3 partitions the weights per rank as well."""
-    partitions = len(list(checkpoint.glob("*zero_pp_rank_*_optim_states.pt")))
-    if list(checkpoint.glob("*zero_pp_rank_*_model_states.pt")):
-        return "zero3", partitions
-    return ("zero1-2", partitions) if partitions else ("zero0", 0)
-
-
-def layout_for_stage(zero_stage: int) -> str:
-    return {0: "zero0", 1: "zero1-2", 2: "zero1-2", 3: "zero3"}[zero_stage]
-
-
-def check_resume(directory: str, zero_stage: int, world_size: int) -> str:
-    """The tag to resume from, or ConfigError when DeepSpeed cannot load it into this run.
-
-    A ZeRO-0 checkpoint holds the whole optimizer state and loads at any world size. ZeRO-1/2
-    and ZeRO-3 checkpoints hold one partition per rank: DeepSpeed loads them only at the same
-    world size (stage 1 and 2 load each other's); anything else needs DeepSpeed's offline
-    universal-checkpoint conversion, which this trainer does not do."""
-    tag = find_checkpoint(directory)
-    layout, ranks = saved_layout(Path(directory) / tag)
-    wanted = layout_for_stage(zero_stage)
-    where = f"{directory}/{tag}"
-    if layout != wanted:
+def read_completion(folder: Path, field: str) -> dict:
+    """The tag's COMPLETE_MARKER; ConfigError naming `field` when it is missing or unreadable."""
+    marker = folder / COMPLETE_MARKER
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         raise ConfigError(
-            f"resume_from: {where} was saved with {layout.replace('zero', 'ZeRO-')}; this run has zero_stage "
-            f"{zero_stage}, which cannot load it; resume with the zero_stage it was saved with"
+            f"{field}: {folder} has no {COMPLETE_MARKER}: its save did not finish on every rank (stopped or "
+            "killed while saving), so its ZeRO partitions may be half-written; resume an earlier tag (the "
+            "trial's trainpilot_checkpoint_step names its newest complete one)"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{field}: {marker} cannot be read ({error}); resume an earlier tag") from None
+    if not isinstance(record, dict) or not isinstance(record.get("zero_stage"), int):
+        raise ConfigError(f"{field}: {marker} is not a TrainPilot completion record; resume an earlier tag")
+    return record
+
+
+def saved_layout(checkpoint: Path, saved_stage: int) -> tuple[str, int]:
+    """How DeepSpeed laid out a checkpoint folder saved at ZeRO stage `saved_stage`: the layout
+    (a LAYOUTS key) and the number of per-rank optimizer partitions (0: not split).
+
+    ZeRO-0 keeps weights and optimizer state in mp_rank_00_model_states.pt (except bf16 on
+    DeepSpeed before 0.17.6, see LAYOUTS); ZeRO-1/2 add one optimizer partition per data-parallel
+    rank, `zero_pp_rank_<r>_...optim_states.pt` (`bf16_zero_pp_rank_<r>_...` with bf16); ZeRO-3
+    partitions the weights per rank as well. The file names alone cannot tell a split bf16 ZeRO-0
+    checkpoint from a ZeRO-1/2 one: the stage comes from the completion record."""
+    partitions = len(list(checkpoint.glob("*zero_pp_rank_*_optim_states.pt")))
+    if saved_stage == 3 or list(checkpoint.glob("*zero_pp_rank_*_model_states.pt")):
+        return "zero3", partitions
+    if saved_stage in (1, 2):
+        return "zero1-2", partitions
+    return ("zero0-split", partitions) if partitions else ("zero0", 0)
+
+
+def layouts_for_stage(zero_stage: int) -> tuple[str, ...]:
+    return {0: ("zero0", "zero0-split"), 1: ("zero1-2",), 2: ("zero1-2",), 3: ("zero3",)}[zero_stage]
+
+
+# The first DeepSpeed whose bf16 ZeRO-0 keeps its optimizer state whole (see LAYOUTS).
+WHOLE_BF16_ZERO0_SINCE = (0, 17, 6)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint to resume, and how it was saved (its completion record)."""
+
+    directory: str
+    tag: str
+    layout: str
+    record: dict
+
+    @property
+    def where(self) -> str:
+        return f"{self.directory}/{self.tag}"
+
+
+def check_resume(directory: str, tag: str | None, zero_stage: int, world_size: int) -> ResumePoint:
+    """The checkpoint to resume (`tag`, else the one `latest` names), or ConfigError when it is
+    not a complete checkpoint or DeepSpeed cannot load it into this run's ZeRO stage and world.
+
+    A ZeRO-0 checkpoint holds the whole optimizer state and loads at any world size. ZeRO-1/2,
+    ZeRO-3 and split bf16 ZeRO-0 checkpoints hold one partition per rank: DeepSpeed loads them only
+    at the same world size (stage 1 and 2 load each other's); anything else needs DeepSpeed's
+    offline universal-checkpoint conversion, which this trainer does not do."""
+    field = "resume_tag" if tag is not None else "resume_from"
+    if tag is None:
+        tag = find_checkpoint(directory)
+    elif not (Path(directory) / tag).is_dir():
+        raise ConfigError(
+            f"resume_tag: no checkpoint {tag!r} in {directory!r}; name a tag the trial saved there "
+            "(contract.checkpoint_tag of its trainpilot_checkpoint_step)"
+        )
+    folder = Path(directory) / tag
+    record = read_completion(folder, field)
+    layout, ranks = saved_layout(folder, record["zero_stage"])
+    where = f"{directory}/{tag}"
+    if layout not in layouts_for_stage(zero_stage):
+        raise ConfigError(
+            f"resume_from: {where} was saved with {LAYOUTS[layout]}; this run has zero_stage {zero_stage}, "
+            "which cannot load it; resume with the zero_stage it was saved with"
         )
     if layout != "zero0" and ranks != world_size:
         raise ConfigError(
-            f"resume_from: {where} was saved by {ranks} ranks with {layout.replace('zero', 'ZeRO-')}, which resumes "
-            f"only at the same world size (this run has {world_size}); save with zero_stage 0 to change world size"
+            f"resume_from: {where} was saved by {ranks} ranks with {LAYOUTS[layout]}, which resumes only at "
+            f"the same world size (this run has {world_size}); save with zero_stage 0 (and fp32, or DeepSpeed "
+            "0.17.6 or later for bf16) to change world size"
         )
-    return tag
+    return ResumePoint(directory, tag, layout, record)
+
+
+def own_checkpoint(config: TrialConfig, zero_stage: int, world_size: int) -> ResumePoint | None:
+    """The newest checkpoint in the trial's own checkpoint_dir, which comes before resume_from: a
+    pod that replaces an evicted or preempted one (the Job's podFailurePolicy ignores such failures)
+    goes on where the trial got to, not back to where it started. None when there is none, or when
+    it cannot be resumed (say, killed while saving): then resume_from applies, as on a first start."""
+    if not config.checkpoint_dir or not (Path(config.checkpoint_dir) / "latest").is_file():
+        return None
+    try:
+        return check_resume(config.checkpoint_dir, None, zero_stage, world_size)
+    except ConfigError as error:
+        print(f"trainpilot: not resuming the trial's own checkpoint: {error}", flush=True)
+        return None
+
+
+def check_resume_fits(point: ResumePoint, precision: str, deepspeed_version: str) -> None:
+    """ConfigError when this run's precision or DeepSpeed cannot load `point` (found by hand on
+    0.17.5 and 0.19.8: DeepSpeed fails with a KeyError or a missing file, well after start-up).
+
+    Each precision has its own optimizer wrapper and state layout, so a checkpoint resumes only
+    at the precision it was saved with; a split bf16 ZeRO-0 checkpoint (DeepSpeed before 0.17.6)
+    loads only on such a DeepSpeed, and a whole one only on 0.17.6 or later."""
+    saved = point.record.get("precision")
+    if isinstance(saved, str) and saved != precision:
+        raise ConfigError(
+            f"hyperparameters.precision: {point.where} was saved with precision {saved}; this run has {precision}, "
+            f"whose optimizer state DeepSpeed cannot load from it; resume with precision {saved}"
+        )
+    if precision != "bf16" or point.layout not in ("zero0", "zero0-split"):
+        return
+    whole = _version(deepspeed_version) >= WHOLE_BF16_ZERO0_SINCE
+    if whole != (point.layout == "zero0"):
+        saved_by = point.record.get("deepspeed") or "an unknown version"
+        raise ConfigError(
+            f"resume_from: {point.where} is {LAYOUTS[point.layout]} (saved by DeepSpeed {str(saved_by).strip()}), "
+            f"which DeepSpeed {deepspeed_version.strip()} cannot load; resume it on a DeepSpeed "
+            f"{'before' if point.layout == 'zero0-split' else 'from'} 0.17.6"
+        )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    match = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(part) for part in match.groups()) if match else (0, 0, 0)
 
 
 @dataclass(frozen=True)

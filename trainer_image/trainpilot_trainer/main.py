@@ -2,7 +2,13 @@
 
 Order matters: everything that can make a config invalid (the file, the fields, the device,
 the resume checkpoint, the data) is checked before DeepSpeed starts, so an invalid trial
-ends in about a second with exit code 2 and one line on stderr naming the field.
+ends in about a second with exit code 2 and one line on stderr naming the field. SIGTERM and
+SIGINT are caught from the first instruction (see signals.py): a stop asked for during start-up
+ends the run at the next phase boundary with exit code 4, before DeepSpeed starts when it can.
+
+Every way out goes through `Report.finish`: the result line on stdout (rank 0; every rank that
+fails before the process group exists), the termination message (every rank, merged, see
+termination.py) and the linger that keeps /metrics up.
 """
 
 from __future__ import annotations
@@ -10,17 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
+import traceback
 
 from trainpilot.api import contract
-from trainpilot.api.metrics import TrialMetrics
 
 from .config import (
     check_resume,
+    check_resume_fits,
     control_file_path,
     metrics_endpoint,
+    own_checkpoint,
     read_trial_config,
     resolve_device,
     resolve_precision,
@@ -29,8 +36,10 @@ from .control import ControlWatcher
 from .data import build_dataset
 from .distributed import prepare_environment
 from .errors import ConfigError
-from .exitcodes import EXIT_CRASHED, EXIT_INVALID_CONFIG, EXIT_REASONS
+from .exitcodes import EXIT_CRASHED, EXIT_INVALID_CONFIG, EXIT_REASONS, EXIT_STOPPED
 from .metrics import Metrics
+from .signals import StopRequest, install_stop_handlers
+from .termination import write_termination_message
 
 
 def print_result(fields: dict) -> None:
@@ -38,41 +47,84 @@ def print_result(fields: dict) -> None:
     print(contract.RESULT_PREFIX + json.dumps(fields, separators=(",", ":")), flush=True)
 
 
-def write_termination_message(summary: dict, path: str | None) -> None:
-    """The final gauges under their contract names, for the pod status (the kubelet keeps 4 KiB)."""
-    if not path:
-        return
-    metrics = TrialMetrics.from_result(summary)
+class Report:
+    """How this process tells the world it is done."""
+
+    def __init__(self, env: os._Environ | dict, stop: StopRequest) -> None:
+        self.env = env
+        self.stop = stop
+        # Before prepare_environment runs, torchrun's RANK is all there is; without it, we are alone.
+        self.rank = _int(env.get("RANK"), 0)
+        self.prints_result = True  # every rank until the process group exists, then rank 0 only
+        self.experiment = "local"
+        self.trial = "trial-0"
+
+    def finish(self, summary: dict, linger_seconds: float = 0.0) -> int:
+        summary = {"experiment": self.experiment, "trial": self.trial, **summary}
+        if self.prints_result:
+            print_result(summary)
+        write_termination_message(summary, self.env.get(contract.ENV_TERMINATION_LOG), self.rank)
+        if self.rank == 0 and linger_seconds:
+            linger(linger_seconds, self.stop)
+        return int(summary["exit_code"])
+
+    def invalid_config(self, message: str, linger_seconds: float = 0.0) -> int:
+        if self.prints_result:
+            print(f"trainpilot: {message}", file=sys.stderr, flush=True)
+        return self.finish(_exit(EXIT_INVALID_CONFIG, message), linger_seconds)
+
+    def crashed(self, step: int | None = None, linger_seconds: float = 0.0) -> int:
+        """Call from an `except` block: the traceback goes to stderr, its last line to the summary."""
+        traceback.print_exc()
+        error = sys.exc_info()[1]
+        summary = _exit(EXIT_CRASHED, f"{type(error).__name__}: {error}"[:512])
+        if step is not None:
+            summary["step"] = step
+        return self.finish(summary, linger_seconds)
+
+    def stopped_during_startup(self, phase: str) -> int:
+        message = f"stopped by {self.stop.describe()} {phase}, before training"
+        print(f"trainpilot: {message}", file=sys.stderr, flush=True)
+        return self.finish(_exit(EXIT_STOPPED, message))
+
+
+def _exit(code: int, message: str) -> dict:
+    return {"exit_code": code, "exit_reason": EXIT_REASONS[code], "message": message}
+
+
+def _int(text: str | None, default: int) -> int:
     try:
-        with open(path, "w") as handle:
-            handle.write(json.dumps(metrics.values if metrics else {}, separators=(",", ":"))[:4096])
-    except OSError as error:  # a read-only or absent path must not turn a finished run into a crash
-        print(f"trainpilot: could not write the termination message to {path}: {error}", file=sys.stderr)
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
 
 
-def fail_config(message: str) -> int:
-    print(f"trainpilot: {message}", file=sys.stderr, flush=True)
-    print_result(
-        {"exit_code": EXIT_INVALID_CONFIG, "exit_reason": EXIT_REASONS[EXIT_INVALID_CONFIG], "message": message}
-    )
-    return EXIT_INVALID_CONFIG
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
+    stop = stop if stop is not None else install_stop_handlers()
     parser = argparse.ArgumentParser(prog="python -m trainpilot_trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help=f"trial config JSON (default: ${contract.ENV_TRIAL_CONFIG})")
     args = parser.parse_args(argv)
-
-    # Until the signal handlers are installed below, a signal ends the process the default way:
-    # nothing has been trained yet, so there is nothing to save.
+    report = Report(os.environ, stop)
     try:
-        config = read_trial_config(args.config or os.environ.get(contract.ENV_TRIAL_CONFIG))
+        return _main(args.config or os.environ.get(contract.ENV_TRIAL_CONFIG), stop, report)
+    except Exception:  # an unexpected error outside the training loop: still a result line and a reason
+        return report.crashed()
+
+
+def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
+    try:
+        config = read_trial_config(config_path)
+        report.experiment, report.trial = config.experiment, config.trial
         hp = config.hyperparameters
         endpoint = metrics_endpoint(os.environ)
         dist_env = prepare_environment(os.environ)
-        resume_tag = (
-            check_resume(config.resume_from, hp.zero_stage, dist_env.world_size) if config.resume_from else None
+        resume = own_checkpoint(config, hp.zero_stage, dist_env.world_size) or (
+            check_resume(config.resume_from, config.resume_tag, hp.zero_stage, dist_env.world_size)
+            if config.resume_from
+            else None
         )
+        if stop.check():
+            return report.stopped_during_startup("while checking the config")
         import torch  # only now: the checks above must not wait for torch to import
 
         device = resolve_device(hp, torch.cuda.is_available())
@@ -80,13 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         precision = resolve_precision(hp, device, bf16_supported=bf16)
         dataset = build_dataset(hp)
     except ConfigError as error:
-        return fail_config(str(error))
+        return report.invalid_config(str(error))
 
-    from .trainer import StopRequest, Trainer  # imports deepspeed: slow, and only needed from here on
+    from .trainer import DEEPSPEED_VERSION, Trainer  # imports deepspeed: slow, and only needed from here on
 
-    stop = StopRequest()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    if resume is not None:
+        try:
+            check_resume_fits(resume, precision, DEEPSPEED_VERSION)
+        except ConfigError as error:
+            return report.invalid_config(str(error))
+    if stop.check():  # the process group does not exist yet: each rank decides for itself
+        return report.stopped_during_startup("while loading torch, DeepSpeed and the data")
 
     metrics = Metrics(hp.max_steps, dataset.loss_floor, cuda=device == "cuda")
     if dist_env.is_main:
@@ -98,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            print_result({"exit_code": EXIT_CRASHED, "exit_reason": EXIT_REASONS[EXIT_CRASHED], "message": str(error)})
-            return EXIT_CRASHED
+            return report.finish(_exit(EXIT_CRASHED, f"cannot serve metrics: {error}"))
         print(
             f"trial {config.experiment}/{config.trial}: {dataset.description}; device {device} {precision}, "
             f"{dist_env.world_size} rank(s); metrics on http://{endpoint.addr}:{port}{contract.DEFAULT_METRICS_PATH}",
@@ -109,39 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         trainer = Trainer(config, dataset, dist_env, device, precision, metrics, control, stop)
+        # From here on all ranks decide together (the per-step agreement); rank 0 speaks for them.
+        report.prints_result = dist_env.is_main
         if dist_env.is_main:
             print(f"model: {trainer.num_parameters:,} parameters, {hp.n_layer} layers x {hp.n_embd} wide", flush=True)
-        if resume_tag is not None:
-            trainer.resume(config.resume_from, resume_tag)
+        if resume is not None:
+            trainer.resume(resume.directory, resume.tag)
         result = trainer.run()
-        code = result.exit_code
-        summary = {"experiment": config.experiment, "trial": config.trial, **result.as_dict()}
+        code = report.finish(result.as_dict(), config.metrics_linger_seconds)
     except ConfigError as error:  # e.g. a checkpoint that does not fit this model (all ranks see it)
-        code = fail_config(str(error)) if dist_env.is_main else EXIT_INVALID_CONFIG
-        summary = None
+        code = report.invalid_config(str(error), config.metrics_linger_seconds)
     except Exception:
-        import traceback
-
-        traceback.print_exc()
-        code = EXIT_CRASHED
-        summary = {
-            "experiment": config.experiment,
-            "trial": config.trial,
-            "exit_code": code,
-            "exit_reason": EXIT_REASONS[code],
-            "step": trainer.step if trainer else 0,
-        }
-    if dist_env.is_main:
-        if summary is not None:
-            print_result(summary)
-            write_termination_message(summary, os.environ.get(contract.ENV_TERMINATION_LOG))
-        linger(config.metrics_linger_seconds, stop)
+        code = report.crashed(trainer.step if trainer else 0, config.metrics_linger_seconds)
     metrics.close()
     _shutdown_process_group()
     return code
 
 
-def linger(seconds: float, stop) -> None:
+def linger(seconds: float, stop: StopRequest) -> None:
     """Keep /metrics up so the last values can be scraped. A signal the training loop did not
     act on (it arrived after the loop last looked) cuts it short."""
     deadline = time.monotonic() + seconds

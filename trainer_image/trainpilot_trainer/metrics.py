@@ -33,6 +33,10 @@ class Metrics:
             contract.METRIC_VAL_LOSS, "Loss on the fixed validation batches (nats/token); NaN until measured.", math.nan
         )
         self.eval_step = gauge(contract.METRIC_EVAL_STEP, "Step of the last validation loss; -1: none yet.", -1)
+        self.rung_step = gauge(contract.METRIC_RUNG_STEP, "Last of eval_at_steps evaluated at; -1: none yet.", -1)
+        self.rung_val_loss = gauge(
+            contract.METRIC_RUNG_VAL_LOSS, "Validation loss at trainpilot_rung_step; NaN until then.", math.nan
+        )
         self.learning_rate = gauge(contract.METRIC_LEARNING_RATE, "Learning rate of the last step.", math.nan)
         self.weight_decay = gauge(contract.METRIC_WEIGHT_DECAY, "AdamW weight decay of the decayed groups.", math.nan)
         self.grad_norm = gauge(contract.METRIC_GRAD_NORM, "Global gradient norm before clipping.", math.nan)

@@ -9,18 +9,21 @@ loss) is agreed on in one small all-reduce after each step, so no rank is ever l
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
-import signal
+import shutil
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from .distributed import set_accelerator_env
+from .distributed import prefer_interpreter_tools, set_accelerator_env
 
 set_accelerator_env(torch.cuda.is_available())  # must precede the first import of deepspeed
+prefer_interpreter_tools()  # the ninja DeepSpeed builds its CPU ops with
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -31,7 +34,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 from trainpilot.api.trial import ControlFile, TrialConfig  # noqa: E402
 
-from .config import checkpoint_tag, deepspeed_config  # noqa: E402
+from .config import COMPLETE_MARKER, checkpoint_tag, completion_record, deepspeed_config  # noqa: E402
 from .control import ControlWatcher  # noqa: E402
 from .data import Dataset  # noqa: E402
 from .distributed import DistEnv  # noqa: E402
@@ -39,32 +42,16 @@ from .errors import ConfigError  # noqa: E402
 from .exitcodes import EXIT_COMPLETED, EXIT_DIVERGED, EXIT_STOPPED  # noqa: E402
 from .metrics import Metrics  # noqa: E402
 from .model import GPT, GPTShape  # noqa: E402
-from .outcome import RunResult, is_nonfinite, loss_ceiling  # noqa: E402
+from .outcome import LossWatch, RunResult, loss_ceiling  # noqa: E402
 from .schedule import Schedule  # noqa: E402
+from .signals import StopRequest  # noqa: E402
+
+__all__ = ["DEEPSPEED_VERSION", "StopRequest", "Trainer"]
+
+DEEPSPEED_VERSION = deepspeed.__version__.strip()
 
 # Weight of the newest step in the smoothed step time behind trainpilot_tokens_per_second.
 THROUGHPUT_SMOOTHING = 0.1
-
-
-class StopRequest:
-    """Set from a signal handler; read by the loop between steps (a handler must not do the work)."""
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-        self._seen = 0
-
-    def __call__(self, signum: int, _frame: object) -> None:
-        self.signals.append(signal.Signals(signum).name)
-
-    def check(self) -> bool:
-        """Whether a stop was asked for; the signals so far count as handled by the loop."""
-        self._seen = len(self.signals)
-        return self._seen > 0
-
-    @property
-    def unhandled(self) -> bool:
-        """A signal arrived after the loop last looked: nobody acted on it (it cuts the linger)."""
-        return len(self.signals) > self._seen
 
 
 def quiet_stdout():
@@ -127,12 +114,15 @@ class Trainer:
         self.step = 0  # optimizer steps completed
         self.data_position = 0  # micro-batches this rank has drawn
         self.loss_ceiling = loss_ceiling(dataset.vocab_size)
+        self.loss_watch = LossWatch(self.loss_ceiling, config.loss_spike_factor, config.loss_spike_smoothing)
+        self.eval_at = frozenset(config.eval_at_steps)
+        self.evaluations: dict[int, float] = {}  # val_loss at each of eval_at reached in this run
         self.tokens_per_step = hp.micro_batch * hp.grad_accum * hp.block_size * dist_env.world_size
         self.tokens_seen = 0
         self.train_loss = math.nan
         self.val_loss = math.nan
         self.val_step = -1
-        self.checkpoint_step = -1
+        self.checkpoint_step = -1  # newest complete checkpoint in checkpoint_dir
         self.grad_norm = math.nan
         self.lr = math.nan
         self.nonfinite_losses = 0
@@ -179,9 +169,25 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> bool:
+        """Save `step<N>` on every rank; then rank 0 marks it complete and points `latest` at it.
+
+        Never once the loss has gone bad (see LossWatch): a relaunch must not resume the state that
+        diverged or spiked. The marker and `latest` are written only after every rank has finished
+        writing its part (DeepSpeed writes `latest` before its final barrier, so it is turned off),
+        so a save cut short by SIGKILL leaves a tag that check_resume refuses, never a half-written
+        one that looks whole. Returns whether a checkpoint was saved."""
         directory = self.config.checkpoint_dir
         assert directory is not None
+        if not self.loss_watch.safe_to_save:
+            return False
+        tag = checkpoint_tag(self.step)
+        folder = Path(directory) / tag
+        if self.dist.is_main and folder.exists():
+            # A tag saved before (by an earlier run of this trial): nothing of it may survive into
+            # this save, above all not its marker, or a cut-short save would look complete.
+            shutil.rmtree(folder)
+        self._barrier()
         state = {
             "step": self.step,
             "data_position": self.data_position,
@@ -190,10 +196,22 @@ class Trainer:
             "experiment": self.config.experiment,
             "trial": self.config.trial,
         }
-        self.engine.save_checkpoint(directory, tag=checkpoint_tag(self.step), client_state={"trainpilot": state})
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"trainpilot": state}, save_latest=False)
+        self._barrier()  # every rank's partition is on disk
+        if self.dist.is_main:
+            record = completion_record(
+                tag, self.step, self.dist.world_size, self.hp.zero_stage, self.precision, DEEPSPEED_VERSION
+            )
+            _write_atomically(folder / COMPLETE_MARKER, json.dumps(record))
+            _write_atomically(Path(directory) / "latest", tag)
         self.checkpoint_step = self.step
         self.metrics.checkpoint_step.set(self.step)
-        self.log(f"checkpoint step {self.step} saved to {directory}/{checkpoint_tag(self.step)}", flush=True)
+        self.log(f"checkpoint step {self.step} saved to {directory}/{tag}", flush=True)
+        return True
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            dist.barrier()
 
     def resume(self, directory: str, tag: str) -> None:
         """Continue from a checkpoint: weights, optimizer moments, step and data position. The
@@ -215,6 +233,8 @@ class Trainer:
         self.data_position = int(state["data_position"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         if self.config.checkpoint_dir is not None and _same_path(self.config.checkpoint_dir, directory):
+            # Resumed from its own directory: that tag is its newest complete checkpoint (until it
+            # saves a newer one), whatever else the folder holds.
             self.checkpoint_step = self.step
             self.metrics.checkpoint_step.set(self.step)
         self._apply_optimizer_settings()
@@ -312,16 +332,18 @@ class Trainer:
             seconds = time.perf_counter() - started
             self._record_step(seconds)
 
-            if is_nonfinite(self.train_loss, self.loss_ceiling):
+            was_safe = self.loss_watch.safe_to_save
+            bad = self.loss_watch.observe(self.step, self.train_loss)
+            if bad is not None and bad.kind == "non-finite":
                 self.nonfinite_losses += 1
                 self.metrics.nonfinite_loss.inc()
                 if hp.fail_fast:
                     self.log(
-                        f"step {self.step}: loss {self.train_loss:.4g} is not finite or above the divergence "
-                        f"ceiling {self.loss_ceiling:.4g}; stopping (fail_fast) without a checkpoint",
-                        flush=True,
+                        f"step {self.step}: {bad.description}; stopping (fail_fast) without a checkpoint", flush=True
                     )
                     return EXIT_DIVERGED
+            if bad is not None and was_safe:
+                self.log(f"step {self.step}: {bad.description}; no checkpoint is saved from now on", flush=True)
             if self.step % config.log_interval == 0:
                 self.log(
                     f"step {self.step}/{hp.max_steps} | loss {self.train_loss:.4f} | lr {self.lr:.3e} | "
@@ -329,7 +351,7 @@ class Trainer:
                     f"{1000 * self._step_seconds_ema:.1f} ms/step",
                     flush=True,
                 )
-            if self.step % hp.eval_interval == 0 or self.step == hp.max_steps:
+            if self.step % hp.eval_interval == 0 or self.step == hp.max_steps or self.step in self.eval_at:
                 self.evaluate()
             if config.checkpoint_dir and hp.checkpoint_interval and self.step % hp.checkpoint_interval == 0:
                 self.save_checkpoint()
@@ -340,11 +362,18 @@ class Trainer:
         return None
 
     def _stop(self) -> int:
-        self.log(
-            f"stop requested ({', '.join(self.stop.signals) or 'by another rank'}) at step {self.step}", flush=True
-        )
-        if self.config.checkpoint_dir and self.checkpoint_step != self.step:
-            self.save_checkpoint()
+        """Checkpoint (whatever checkpoint_interval says, so a relaunch can resume this step) and stop.
+        Nothing to save at step 0 (nothing trained or loaded), nor once the loss has gone bad."""
+        self.log(f"stop requested ({self.stop.describe() or 'by another rank'}) at step {self.step}", flush=True)
+        if self.config.checkpoint_dir and self.step > 0 and self.checkpoint_step != self.step:
+            if not self.save_checkpoint():
+                watch = self.loss_watch
+                self.log(
+                    f"not checkpointed: the loss went bad at step {watch.first_bad_step} "
+                    f"({watch.first_bad.description if watch.first_bad else ''}); "
+                    f"the newest checkpoint is step {self.checkpoint_step}",
+                    flush=True,
+                )
         return EXIT_STOPPED
 
     def run(self) -> RunResult:
@@ -374,6 +403,9 @@ class Trainer:
             eval_step=self.val_step,
             loss_floor=self.dataset.loss_floor,
             checkpoint_step=self.checkpoint_step,
+            checkpoint_tag=checkpoint_tag(self.checkpoint_step) if self.checkpoint_step >= 0 else None,
+            first_bad_step=self.loss_watch.first_bad_step,
+            evaluations=dict(self.evaluations),
             learning_rate=self.lr,
             weight_decay=self.weight_decay,
             grad_norm=self.grad_norm,
@@ -406,6 +438,10 @@ class Trainer:
             dist.all_reduce(total)
         self.val_loss = float(total) / n_batches
         self.val_step = self.step
+        if self.step in self.eval_at:  # an ASHA rung: held on its own gauges until the next one
+            self.evaluations[self.step] = self.val_loss
+            self.metrics.rung_step.set(self.step)
+            self.metrics.rung_val_loss.set(self.val_loss)
         self.metrics.val_loss.set(self.val_loss)
         self.metrics.eval_step.set(self.val_step)
         floor = self.dataset.loss_floor
@@ -416,3 +452,13 @@ class Trainer:
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a torn one (write, fsync, rename)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -34,9 +34,50 @@ RESULT_PREFIX = "TRAINPILOT_RESULT "
 # Where the trainer writes its final summary as a JSON object (the container's terminationMessagePath,
 # so the last values reach the pod status even when no scrape caught them).
 ENV_TERMINATION_LOG = "TRAINPILOT_TERMINATION_LOG"
+# Checkpoints are saved as `<checkpoint_dir>/step<N>`: the tag of the step trainpilot_checkpoint_step
+# reports, and what a child's trial config names in `resume_tag`.
+CHECKPOINT_TAG_PREFIX = "step"
+
+
+def checkpoint_tag(step: int) -> str:
+    """The tag of the trainer's checkpoint at `step`: `step120`."""
+    return f"{CHECKPOINT_TAG_PREFIX}{step}"
+
+
 DEFAULT_METRICS_PORT = 9400
 DEFAULT_METRICS_ADDR = "0.0.0.0"
 DEFAULT_METRICS_PATH = "/metrics"
+
+# Environment a trial's processes get from the operator or from torchrun, or that decides which
+# devices they see: trialTemplate.env may not set any of these (validation refuses them), so no
+# spec can redirect the trainer's config, fake its rank or see GPUs it was not given.
+RESERVED_ENV_PREFIXES = ("TRAINPILOT_", "PET_", "TORCHELASTIC_")
+RESERVED_ENV = frozenset(
+    {
+        "PYTHONUNBUFFERED",
+        "DS_ACCELERATOR",
+        # torchrun sets these for each worker from the PET_* settings.
+        "RANK",
+        "LOCAL_RANK",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        # The device plugin's choice of GPUs; overriding it reaches GPUs the quota never counted.
+        "CUDA_VISIBLE_DEVICES",
+        "NVIDIA_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+    }
+)
+
+
+def is_reserved_env(name: str) -> bool:
+    """True for a variable the operator or torchrun sets, which trialTemplate.env may not override."""
+    return name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)
+
 
 # Trainer metrics (served by rank 0 only).
 METRIC_STEP = "trainpilot_step"
@@ -56,6 +97,33 @@ METRIC_WEIGHT_DECAY = "trainpilot_weight_decay"
 METRIC_STEP_SECONDS = "trainpilot_step_seconds"
 METRIC_GPU_MEMORY = "trainpilot_gpu_memory_allocated_bytes"
 METRIC_MAX_STEPS = "trainpilot_max_steps"
+# The trainer's last evaluation at one of its eval_at_steps (the ASHA rung steps the operator put
+# in its config): that step (-1: none yet) and `trainpilot_rung_<objective>` measured there. Held
+# until the next rung, so a scrape every intervalSeconds still sees each rung's own evaluation
+# when later ones have replaced trainpilot_val_loss since.
+METRIC_RUNG_STEP = "trainpilot_rung_step"
+METRIC_RUNG_VAL_LOSS = "trainpilot_rung_val_loss"
+# Every one-value metric the built-in trainer exports (trainer_image/trainpilot_trainer/metrics.py;
+# GPU memory only on CUDA, the loss floor only when known), besides the METRIC_STEP_SECONDS
+# histogram. An objective `x` reads `trainpilot_x`, so these are all it can optimise.
+TRAINER_METRICS = (
+    METRIC_STEP,
+    METRIC_MAX_STEPS,
+    METRIC_TRAIN_LOSS,
+    METRIC_VAL_LOSS,
+    METRIC_EVAL_STEP,
+    METRIC_RUNG_STEP,
+    METRIC_RUNG_VAL_LOSS,
+    METRIC_LEARNING_RATE,
+    METRIC_WEIGHT_DECAY,
+    METRIC_GRAD_NORM,
+    METRIC_TOKENS_PER_SECOND,
+    METRIC_CHECKPOINT_STEP,
+    METRIC_CONTROL_GENERATION,
+    METRIC_NONFINITE_LOSS,
+    METRIC_LOSS_FLOOR,
+    METRIC_GPU_MEMORY,
+)
 # Gauges the trainer sets on every step. Any other objective is an evaluation result, measured
 # at METRIC_EVAL_STEP when the trainer exports it.
 PER_STEP_METRICS = frozenset(
@@ -75,6 +143,11 @@ def objective_metric(objective: str) -> str:
     return f"trainpilot_{objective}"
 
 
+def rung_metric(objective: str) -> str:
+    """The objective as measured at the last rung step: `val_loss` reads `trainpilot_rung_val_loss`."""
+    return f"trainpilot_rung_{objective}"
+
+
 # Event reasons, one per kind of decision outcome.
 REASON_TRIAL_LAUNCHED = "TrialLaunched"
 REASON_TRIAL_TERMINATED = "TrialTerminated"
@@ -84,6 +157,19 @@ REASON_EXPERIMENT_SUCCEEDED = "ExperimentSucceeded"
 REASON_EXPERIMENT_FAILED = "ExperimentFailed"
 REASON_DECISION_REJECTED = "DecisionRejected"
 REASON_DECISION_PENDING_APPROVAL = "DecisionPendingApproval"
+# An executed decision whose action the world refused for good (a 4xx from the API server).
+REASON_DECISION_FAILED = "DecisionFailed"
+# What keeps an experiment from progressing, as Events and as its conditions' reasons.
+REASON_POLICY_FAILING = "PolicyFailing"
+REASON_RECORDING_FAILED = "RecordingFailed"
+REASON_OBSERVATION_FAILED = "ObservationFailed"
+
+# Status conditions besides Valid (kubectl describe shows them): False says what is wrong.
+CONDITION_VALID = "Valid"
+CONDITION_POLICY_HEALTHY = "PolicyHealthy"  # the policy answers; False: it raised (reason PolicyFailing)
+CONDITION_ACTIONS_HEALTHY = "ActionsHealthy"  # actions are carried out; False: one was refused (DecisionFailed)
+CONDITION_RECORDING_HEALTHY = "RecordingHealthy"  # ledger and status are written; False: RecordingFailed
+CONDITION_OBSERVATION_HEALTHY = "ObservationHealthy"  # trials can be listed; False: ObservationFailed
 
 # Trainer exit codes: how a finished trial says why it stopped.
 EXIT_COMPLETED = 0  # ran max_steps

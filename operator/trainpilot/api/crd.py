@@ -27,7 +27,14 @@ import yaml
 from pydantic import BaseModel
 
 from trainpilot.api import contract
-from trainpilot.api.experiment import MAX_EXPERIMENT_NAME, AgentExperimentSpec, AgentExperimentStatus
+from trainpilot.api.experiment import (
+    EXPERIMENT_NAME_PATTERN,
+    EXPERIMENT_NAME_RULE,
+    GPU_RESOURCE_SUFFIX,
+    MAX_EXPERIMENT_NAME,
+    AgentExperimentSpec,
+    AgentExperimentStatus,
+)
 from trainpilot.api.quota import QuotaPolicySpec, QuotaPolicyStatus
 from trainpilot.api.trial import tunable_hyperparameters
 
@@ -77,6 +84,10 @@ def _rule(
 # --------------------------------------------------------------------------------------------
 
 _IN_SEARCH_SPACE = "self.searchSpace.exists(p, p.name == k)"
+_RESERVED_ENV = " || ".join(
+    [f"k.startsWith('{prefix}')" for prefix in contract.RESERVED_ENV_PREFIXES]
+    + ["k in [" + ", ".join(f"'{name}'" for name in sorted(contract.RESERVED_ENV)) + "]"]
+)
 _IN_RANGE = "self.searchSpace.all(p, p.name != k || !has(p.min) || !has(p.max) || (t[k] >= p.min && t[k] <= p.max))"
 
 MODEL_RULES: dict[str, list[dict[str, str]]] = {
@@ -133,6 +144,23 @@ FIELD_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
             _rule(
                 "self.all(k, k == 'requests' || k == 'limits')",
                 "trialTemplate.resources: only requests and limits are allowed",
+            ),
+            _rule(
+                f"self.all(kind, self[kind].all(r, !r.endsWith('{GPU_RESOURCE_SUFFIX}')))",
+                f"trialTemplate.resources: GPUs (*{GPU_RESOURCE_SUFFIX}) are asked for with trialTemplate.gpusPerNode, "
+                "which the budget and the QuotaPolicy count; remove them from resources and set gpusPerNode",
+            ),
+        ],
+    },
+    ("TrialTemplate", "env"): {
+        "x-kubernetes-validations": [
+            _rule(
+                f"!self.exists(k, {_RESERVED_ENV})",
+                "trialTemplate.env may not set "
+                + ", ".join(f"{prefix}*" for prefix in contract.RESERVED_ENV_PREFIXES)
+                + ", "
+                + ", ".join(sorted(contract.RESERVED_ENV))
+                + ": the operator and torchrun set them for every trial; remove them",
             )
         ],
     },
@@ -148,10 +176,11 @@ FIELD_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
 
 ROOT_RULES = {
     contract.EXPERIMENT_KIND: [
+        # The size test first: at admission it keeps the regular expression off overlong names.
         _rule(
-            f"size(self.metadata.name) <= {MAX_EXPERIMENT_NAME}",
-            f"metadata.name must be at most {MAX_EXPERIMENT_NAME} characters so trial pod hostnames "
-            "stay valid DNS labels; choose a shorter name",
+            f"size(self.metadata.name) <= {MAX_EXPERIMENT_NAME} "
+            f"&& self.metadata.name.matches('{EXPERIMENT_NAME_PATTERN}')",
+            EXPERIMENT_NAME_RULE,
         )
     ],
     contract.QUOTA_KIND: [],

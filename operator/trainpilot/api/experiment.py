@@ -8,6 +8,7 @@ descriptions are what `kubectl explain aexp.spec` shows. Wire names are camelCas
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,13 +21,30 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from trainpilot.api import contract
 from trainpilot.api.trial import Hyperparameters, describe_validation_error, tunable_hyperparameters
 
 Action = Literal["launch", "terminate", "mutate", "scale", "complete"]
 ALL_ACTIONS: tuple[Action, ...] = ("launch", "terminate", "mutate", "scale", "complete")
 DEFAULT_IMAGE = "trainpilot/trainer:0.1.0"
-# Names become Job, Service and pod hostnames: `<experiment>-t<NNN>-<index>` must stay a DNS label.
+# The built-in trainer's module: a template whose command runs it (`python -m trainpilot_trainer`)
+# can only optimise what that trainer exports (contract.TRAINER_METRICS).
+BUILTIN_TRAINER_MODULE = "trainpilot_trainer"
+# The experiment's name starts every child's: Jobs and Services `<experiment>-tNNN` (a Service
+# name is a DNS-1035 label: it must start with a letter), ConfigMaps `<experiment>-tNNN-config`
+# and `<experiment>-ledger-N`, pod hostnames `<experiment>-tNNN-<index>` (at most 63 characters).
 MAX_EXPERIMENT_NAME = 40
+EXPERIMENT_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+EXPERIMENT_NAME_RULE = (
+    f"metadata.name must be 1-{MAX_EXPERIMENT_NAME} lowercase letters, digits or '-', starting with a letter "
+    "and ending with a letter or digit (e.g. lr-search-2), because trial Jobs, Services and pod hostnames "
+    "are named after it"
+)
+# Extended resources that are GPUs (nvidia.com/gpu, amd.com/gpu): asked for with gpusPerNode only,
+# so that the budget and the QuotaPolicy count every GPU a trial holds.
+GPU_RESOURCE_SUFFIX = "/gpu"
+MAX_RESOURCES_PER_KIND = 32
+MAX_ENV = 128
 
 
 class CamelModel(BaseModel):
@@ -126,28 +144,49 @@ class TrialTemplate(CamelModel):
     image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer image (ignored by `trainpilot run`).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     command: list[str] = Field(
-        default_factory=lambda: ["python", "-m", "trainpilot_trainer"],
+        default_factory=lambda: ["python", "-m", BUILTIN_TRAINER_MODULE],
         min_length=1,
         description="Trainer entry point; torchrun wraps it when a trial has several processes.",
     )
     nodes: int = Field(1, ge=1, le=64, description="Pods per trial (Indexed Job completions).")
     gpus_per_node: int = Field(
-        0, ge=0, le=16, alias="gpusPerNode", description="nvidia.com/gpu per pod; 0 runs on CPU."
+        0,
+        ge=0,
+        le=16,
+        alias="gpusPerNode",
+        description="nvidia.com/gpu per pod; 0 runs on CPU. The only way to ask for GPUs (quota counts them here).",
     )
     processes_per_node: int | None = Field(
         None, ge=1, le=64, description="Training processes per pod (default: gpusPerNode, or 1 on CPU)."
     )
-    resources: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="Pod resources: {requests: {...}, limits: {...}}."
+    # Bounded so that the CRD's CEL rules over them stay cheap.
+    resources: dict[str, Annotated[dict[str, str], Field(max_length=MAX_RESOURCES_PER_KIND)]] = Field(
+        default_factory=dict,
+        description="Pod resources: {requests: {...}, limits: {...}}; no GPUs here, use gpusPerNode.",
     )
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
         description="Fixed trainer settings shared by every trial (model shape, dataset, max_steps, ...).",
     )
     checkpoints: CheckpointVolume | None = Field(None, description="Checkpoint volume; without it, no resume.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for trial pods.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_ENV,
+        description="Extra environment for trial pods; not TRAINPILOT_*, PET_*, CUDA_VISIBLE_DEVICES and other "
+        "variables the operator or torchrun sets.",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
-    service_account_name: str | None = None
+    service_account_name: str | None = Field(
+        None, description="Service account of trial pods (the namespace's default when unset); see QuotaPolicy."
+    )
+    pending_timeout_seconds: int = Field(
+        600,
+        ge=5,
+        le=7 * 86_400,
+        description="A trial whose pods are still not running after this long (unschedulable, an image that "
+        "cannot be pulled, a missing ConfigMap) fails with the pod's reason and frees its slot. Time in a "
+        "suspended (queued) Job does not count. Cluster only.",
+    )
 
     @field_validator("resources")
     @classmethod
@@ -155,7 +194,34 @@ class TrialTemplate(CamelModel):
         unknown = set(value) - {"requests", "limits"}
         if unknown:
             raise ValueError(f"only requests and limits are allowed, not {sorted(unknown)}")
+        for kind, quantities in value.items():
+            gpus = sorted(name for name in quantities if name.endswith(GPU_RESOURCE_SUFFIX))
+            if gpus:
+                raise ValueError(
+                    f"{kind}.{gpus[0]}: GPUs are asked for with trialTemplate.gpusPerNode (which the budget and "
+                    "the QuotaPolicy count), not in resources; remove it here and set gpusPerNode"
+                )
         return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(name for name in value if contract.is_reserved_env(name))
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)}: the operator or torchrun sets these for every trial (TRAINPILOT_*, "
+                "PET_*, TORCHELASTIC_*, the rank and world size, the visible GPUs, which gpusPerNode asks for), "
+                "so trialTemplate.env may not override them; remove them"
+            )
+        return value
+
+    @property
+    def runs_builtin_trainer(self) -> bool:
+        """True when the command runs the built-in trainer (`... -m trainpilot_trainer ...`)."""
+        return any(
+            flag == "-m" and module == BUILTIN_TRAINER_MODULE
+            for flag, module in zip(self.command, self.command[1:], strict=False)
+        )
 
     @field_validator("hyperparameters")
     @classmethod
@@ -227,6 +293,13 @@ class PolicySpec(CamelModel):
         description="Actions the policy may take; anything else is rejected and recorded.",
     )
     heuristic: HeuristicSettings = Field(default_factory=HeuristicSettings)
+    max_consecutive_failures: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Cycles in a row the policy may fail (raise, or answer with no list of decisions) before the "
+        "experiment fails with its error; each failure sets the PolicyHealthy condition to False.",
+    )
 
 
 class MetricsEndpoint(CamelModel):
@@ -337,6 +410,12 @@ class TrialStatus(CamelModel):
     parent: str | None = Field(None, description="Trial it was derived from (mutate, scale, relaunch).")
     generation: int = Field(0, ge=0, description="Lineage depth: 0 for a fresh trial.")
     resumed_from_step: int | None = None
+    waiting_for: str | None = Field(
+        None,
+        description="Trial whose pods must be gone before this one starts: the parent of a scale or restart-mutate, "
+        "still saving its checkpoint on SIGTERM. The child then resumes the step the parent reported last.",
+    )
+    waiting_since: str | None = None
     nodes: int = 1
     gpus_per_node: int = Field(0, alias="gpusPerNode")
     step: int = 0
@@ -348,6 +427,13 @@ class TrialStatus(CamelModel):
     nonfinite_losses: int = 0
     control_generation: int = 0
     loss_floor: float | None = None
+    eval_step: int | None = Field(None, description="trainpilot_eval_step at the last scrape: its latest evaluation.")
+    evaluations: int = Field(0, ge=0, description="Evaluations seen: times trainpilot_eval_step advanced.")
+    unstable_since: int | None = Field(
+        None,
+        description="Step at which its loss first looked unstable (non-finite, or above spikeFactor x its best); "
+        "a relaunch resumes only a checkpoint saved before it.",
+    )
     history: list[list[float]] = Field(default_factory=list, description="Recent [step, objective] points, bounded.")
     rung_objectives: dict[str, float] = Field(
         default_factory=dict, description="Objective when each ASHA rung step was passed."
@@ -376,7 +462,7 @@ class DecisionSummary(CamelModel):
     action: str
     trial: str | None = None
     policy: str
-    outcome: Literal["executed", "rejected", "pending-approval"]
+    outcome: Literal["executed", "rejected", "pending-approval", "failed"]
     reason: str
     time: str
 
@@ -394,13 +480,16 @@ class AgentExperimentStatus(CamelModel):
     trials_running: int = 0
     trials_succeeded: int = 0
     trials_failed: int = Field(0, description="Trials that crashed (not diverged ones).")
-    trials_diverged: int = Field(0, description="Trials stopped for non-finite loss.")
+    trials_diverged: int = Field(0, description="Trials stopped for a non-finite loss or a loss spike.")
     trials_terminated: int = 0
     trials_summary: str = Field("0/0", description="done/total, for kubectl's printer column.")
     best_objective: float | None = Field(None, description="bestTrial.objective, for kubectl's printer column.")
     gpu_hours_used: float = 0.0
     decisions: list[DecisionSummary] = Field(default_factory=list)
     decisions_made: int = Field(0, description="Decisions recorded so far; the next id's sequence number.")
+    policy_failures: int = Field(
+        0, ge=0, description="Cycles in a row whose policy failed; reset by one that answered."
+    )
     last_cycle_time: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -410,7 +499,14 @@ class AgentExperimentStatus(CamelModel):
 
     @property
     def active_trials(self) -> list[TrialStatus]:
+        """Unfinished trials: each holds a slot and its GPUs, whether started yet or not."""
         return [trial for trial in self.trials if not trial.finished]
+
+    @property
+    def launched_trials(self) -> list[TrialStatus]:
+        """Active trials that have been started: the ones a runtime observes (a child waiting for its
+        parent's pods to go has nothing to observe yet)."""
+        return [trial for trial in self.trials if not trial.finished and trial.waiting_for is None]
 
     @property
     def finished(self) -> bool:
@@ -446,8 +542,6 @@ def parse_spec(spec: dict[str, Any]) -> AgentExperimentSpec:
 
 
 def check_experiment_name(name: str) -> None:
-    if not name or len(name) > MAX_EXPERIMENT_NAME:
-        raise ValueError(
-            f"metadata.name: {name!r} must be 1-{MAX_EXPERIMENT_NAME} characters so trial pod "
-            "hostnames stay valid DNS labels; choose a shorter name"
-        )
+    """The operator's own copy of the CRD's name rule (an object may predate the CRD; `trainpilot run` has none)."""
+    if len(name) > MAX_EXPERIMENT_NAME or not re.fullmatch(EXPERIMENT_NAME_PATTERN, name):
+        raise ValueError(f"{EXPERIMENT_NAME_RULE}; {name!r} is not")

@@ -21,6 +21,8 @@ RESULT_ALIASES = {
     "train_loss": contract.METRIC_TRAIN_LOSS,
     "val_loss": contract.METRIC_VAL_LOSS,
     "eval_step": contract.METRIC_EVAL_STEP,
+    "rung_step": contract.METRIC_RUNG_STEP,
+    "rung_val_loss": contract.METRIC_RUNG_VAL_LOSS,
     "learning_rate": contract.METRIC_LEARNING_RATE,
     "lr": contract.METRIC_LEARNING_RATE,
     "grad_norm": contract.METRIC_GRAD_NORM,
@@ -33,6 +35,52 @@ RESULT_ALIASES = {
     "control_generation": contract.METRIC_CONTROL_GENERATION,
     "weight_decay": contract.METRIC_WEIGHT_DECAY,
 }
+
+
+# When several ranks of one pod report why they stopped (they share its termination message), the
+# reason that says most wins; on a tie the first one written stays (the rank that failed first).
+# A crash outranks a stop (a stop that crashed lost its checkpoint); the reasons every rank agrees
+# on (invalid config, divergence) outrank a crash that only followed from another rank's exit.
+EXIT_REASON_PRECEDENCE = {
+    contract.EXIT_REASONS[contract.EXIT_COMPLETED]: 0,
+    contract.EXIT_REASONS[contract.EXIT_STOPPED]: 1,
+    contract.EXIT_REASONS[contract.EXIT_CRASHED]: 2,
+    contract.EXIT_REASONS[contract.EXIT_DIVERGED]: 3,
+    contract.EXIT_REASONS[contract.EXIT_INVALID_CONFIG]: 4,
+}
+_EXIT_CODES = {reason: code for code, reason in contract.EXIT_REASONS.items()}
+
+
+class TrainerExit(BaseModel):
+    """Why the trainer says it stopped, from its final summary (result line or termination message).
+
+    Under torchrun this is the only trustworthy account: torchrun exits 1 whatever its workers
+    did, so a diverged or invalid multi-process trial would otherwise read as a crash."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(description="One of the contract's EXIT_REASONS values.")
+    code: int = Field(description="The trainer's own exit code for that reason.")
+    message: str = Field("", max_length=1024, description="The trainer's one-line explanation, if any.")
+
+    @classmethod
+    def from_result(cls, fields: Any) -> TrainerExit | None:
+        """The exit reason a summary states (`exit_reason`, else `exit_code`); None when it states none."""
+        if not isinstance(fields, Mapping):
+            return None
+        reason, code = fields.get("exit_reason"), fields.get("exit_code")
+        if isinstance(code, bool) or not isinstance(code, int):
+            code = None
+        if reason not in _EXIT_CODES:
+            if code not in contract.EXIT_REASONS:
+                return None
+            reason = contract.EXIT_REASONS[code]
+        message = fields.get("message")
+        return cls(
+            reason=reason,
+            code=_EXIT_CODES[reason],
+            message=message[:1024] if isinstance(message, str) else "",
+        )
 
 
 class TrialMetrics(BaseModel):

@@ -4,20 +4,30 @@ A QuotaPolicy is cluster-scoped. It applies to the namespaces its `namespaceSele
 or to every namespace when it has none. Several policies may match one namespace: they all
 apply, so the strictest value of each limit wins (`effective_limits`). An unset limit is
 unlimited. The guardrails in `core` compare decisions against the combined `QuotaLimits`.
+
+`maxGPUs` is one pool per policy, shared by every experiment the policy matches: the limits an
+experiment gets carry, for each such policy, the GPUs the *other* experiments hold right now
+(`GPUPool`), and the guardrails add this experiment's own. `allowedImages` and
+`allowedServiceAccounts` bound what trial pods run, since creating an experiment creates pods
+as the operator (README, "Security").
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from trainpilot.api.experiment import ALL_ACTIONS, Action, CamelModel, Condition
+from trainpilot.api.experiment import ALL_ACTIONS, FINISHED_TRIAL_STATES, Action, CamelModel, Condition
 from trainpilot.api.trial import describe_validation_error
 
 MAX_POLICY_NAMESPACES = 256
+MAX_ALLOWED_ENTRIES = 64
+# A trial pod with no serviceAccountName runs as this one, which every namespace has.
+DEFAULT_SERVICE_ACCOUNT = "default"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 class NamespaceSelector(CamelModel):
@@ -41,7 +51,7 @@ class QuotaPolicySpec(CamelModel):
         None,
         ge=0,
         alias="maxGPUs",
-        description="GPUs in use at once across the running trials of all matched experiments.",
+        description="GPUs in use at once across the unfinished trials of all matched experiments together.",
     )
     max_parallel_trials: int | None = Field(None, ge=0, description="Trials running at once per experiment.")
     max_trials_per_experiment: int | None = Field(
@@ -63,6 +73,18 @@ class QuotaPolicySpec(CamelModel):
         default_factory=list,
         max_length=len(ALL_ACTIONS),
         description="Actions that wait for a human's sign-off before they are carried out.",
+    )
+    allowed_images: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
+        None,
+        max_length=MAX_ALLOWED_ENTRIES,
+        description="Image prefixes trial pods may use, matched against trialTemplate.image as written: "
+        "'ghcr.io/org/' allows a registry path, 'ghcr.io/org/trainer:' (or '@') one repository; any when absent.",
+    )
+    allowed_service_accounts: list[Annotated[str, Field(max_length=253, pattern=_DNS_SUBDOMAIN)]] | None = Field(
+        None,
+        max_length=MAX_ALLOWED_ENTRIES,
+        description="Service accounts trial pods may run as, besides the namespace's default; "
+        "[] allows only the default, absent allows any.",
     )
 
     def applies_to(self, namespace: str) -> bool:
@@ -101,11 +123,23 @@ NUMERIC_LIMITS: tuple[str, ...] = (
 )
 
 
+class GPUPool(CamelModel):
+    """One policy's maxGPUs, shared by all the experiments it matches."""
+
+    policy: str = Field(description="The QuotaPolicy's name.")
+    max_gpus: int = Field(ge=0, alias="maxGPUs")
+    used_elsewhere: int = Field(
+        0, ge=0, description="GPUs the unfinished trials of the policy's other experiments hold now."
+    )
+
+
 class QuotaLimits(CamelModel):
-    """The limits in force in one namespace: every matching policy combined, strictest first.
+    """The limits in force for one experiment: every matching policy combined, strictest first.
 
     None means unlimited (no policy sets it). `sources` names, for each limit that is set, the
-    policy it comes from, so a rejected decision can say which policy to talk to.
+    policy it comes from, so a rejected decision can say which policy to talk to. `max_gpus` is
+    the smallest maxGPUs as if this experiment were alone; `gpu_pools` are what counts across
+    experiments (one per policy that sets maxGPUs).
     """
 
     max_gpus: int | None = Field(None, alias="maxGPUs")
@@ -116,6 +150,11 @@ class QuotaLimits(CamelModel):
     max_gpus_per_node: int | None = Field(None, alias="maxGPUsPerNode")
     allowed_actions: list[Action] | None = Field(None, description="None: every action is allowed.")
     require_approval_for: list[Action] = Field(default_factory=list)
+    gpu_pools: list[GPUPool] = Field(default_factory=list)
+    allowed_images: list[str] | None = Field(None, description="None: any image; []: none.")
+    allowed_service_accounts: list[str] | None = Field(
+        None, description="None: any; otherwise these and the namespace's default."
+    )
     sources: dict[str, str] = Field(
         default_factory=dict,
         description="Limit (snake_case) -> the policy (or, for approvals, policies) it comes from.",
@@ -133,6 +172,8 @@ class QuotaLimits(CamelModel):
             all(getattr(self, name) is None for name in NUMERIC_LIMITS)
             and self.allowed_actions is None
             and not self.require_approval_for
+            and self.allowed_images is None
+            and self.allowed_service_accounts is None
         )
 
 
@@ -145,24 +186,47 @@ def parse_quota_policy(obj: Mapping[str, Any]) -> QuotaPolicy:
         raise ValueError(f"QuotaPolicy {name}: " + describe_validation_error(error)) from None
 
 
-def effective_limits(policies: Iterable[QuotaPolicy | Mapping[str, Any]], namespace: str) -> QuotaLimits:
+def effective_limits(
+    policies: Iterable[QuotaPolicy | Mapping[str, Any]],
+    namespace: str,
+    gpus_elsewhere: Mapping[str, int] | None = None,
+) -> QuotaLimits:
     """Combine every policy that applies to `namespace`; the strictest value of each limit wins.
 
     Numeric limits take the minimum, allowedActions the intersection (in ALL_ACTIONS order),
-    requireApprovalFor the union. Raw dicts (as kopf hands them over) are parsed first and
-    raise ValueError when invalid: a broken policy must not silently lift a limit.
-    Policies are visited in name order so that `sources` is deterministic on ties.
+    requireApprovalFor the union, allowedImages and allowedServiceAccounts the intersection (an
+    image or account must pass every policy). `gpus_elsewhere` maps each namespace to the GPUs
+    held there by experiments other than the one these limits are for; each maxGPUs policy's
+    pool sums it over the namespaces the policy matches.
+    Raw dicts (as kopf hands them over) are parsed first and raise ValueError when invalid: a
+    broken policy must not silently lift a limit. Policies are visited in name order so that
+    `sources` is deterministic on ties.
     """
     parsed = [p if isinstance(p, QuotaPolicy) else parse_quota_policy(p) for p in policies]
+    elsewhere = dict(gpus_elsewhere or {})
     limits: dict[str, Any] = {}
     sources: dict[str, str] = {}
     allowed: set[str] | None = None
     approval: set[str] = set()
     approvers: list[str] = []
+    pools: list[GPUPool] = []
+    images: list[str] | None = None
+    accounts: set[str] | None = None
+    narrowed_by: dict[str, list[str]] = {"allowed_images": [], "allowed_service_accounts": []}
     for policy in sorted(parsed, key=lambda p: p.name):
         spec = policy.spec
         if not spec.applies_to(namespace):
             continue
+        if spec.max_gpus is not None:
+            used = sum(gpus for other, gpus in elsewhere.items() if spec.applies_to(other))
+            pools.append(GPUPool(policy=policy.name, max_gpus=spec.max_gpus, used_elsewhere=used))
+        if spec.allowed_images is not None:
+            images = list(spec.allowed_images) if images is None else _intersect_prefixes(images, spec.allowed_images)
+            narrowed_by["allowed_images"].append(policy.name)
+        if spec.allowed_service_accounts is not None:
+            names = set(spec.allowed_service_accounts)
+            accounts = names if accounts is None else accounts & names
+            narrowed_by["allowed_service_accounts"].append(policy.name)
         for name in NUMERIC_LIMITS:
             value = getattr(spec, name)
             if value is not None and (limits.get(name) is None or value < limits[name]):
@@ -179,9 +243,73 @@ def effective_limits(policies: Iterable[QuotaPolicy | Mapping[str, Any]], namesp
             approvers.append(policy.name)
     if approvers:
         sources["require_approval_for"] = ", ".join(approvers)
+    sources.update({name: ", ".join(names) for name, names in narrowed_by.items() if names})
     return QuotaLimits(
         **limits,
         allowed_actions=None if allowed is None else [a for a in ALL_ACTIONS if a in allowed],
         require_approval_for=[a for a in ALL_ACTIONS if a in approval],
+        gpu_pools=pools,
+        allowed_images=None if images is None else _minimal_prefixes(images),
+        allowed_service_accounts=None if accounts is None else sorted(accounts),
         sources=sources,
     )
+
+
+def _intersect_prefixes(first: Iterable[str], second: Iterable[str]) -> list[str]:
+    """Prefixes whose images both lists allow: where one prefix extends the other, the longer one."""
+    return [max(a, b, key=len) for a in first for b in second if a.startswith(b) or b.startswith(a)]
+
+
+def _minimal_prefixes(prefixes: Iterable[str]) -> list[str]:
+    """The same set of images, with no prefix that another one already covers, sorted."""
+    unique = sorted(set(prefixes))
+    return [p for p in unique if not any(p != other and p.startswith(other) for other in unique)]
+
+
+def image_allowed(image: str, allowed_images: Iterable[str] | None) -> bool:
+    """An image passes when it starts with one of the prefixes, exactly as written (None: any image)."""
+    return allowed_images is None or any(image.startswith(prefix) for prefix in allowed_images)
+
+
+def service_account_allowed(name: str | None, allowed: Iterable[str] | None) -> bool:
+    """The namespace's default account (also what an unset name means) always passes; None: any."""
+    account = name or DEFAULT_SERVICE_ACCOUNT
+    return allowed is None or account == DEFAULT_SERVICE_ACCOUNT or account in allowed
+
+
+def workload_refusal(limits: Any, image: str, service_account: str | None) -> str | None:
+    """Why the QuotaPolicies refuse trial pods with this image or service account, or None.
+
+    `limits` is duck-typed like the guardrails' (QuotaLimits, or anything with these attributes).
+    """
+    if limits is None:
+        return None
+    sources: Mapping[str, str] = getattr(limits, "sources", None) or {}
+    images = getattr(limits, "allowed_images", None)
+    if not image_allowed(image, images):
+        return (
+            f"trialTemplate.image {image!r} is not allowed by QuotaPolicy "
+            f"{sources.get('allowed_images', '?')} (allowedImages: {list(images or [])}); use an image that "
+            "starts with one of them, or ask the policy's owner to allow it"
+        )
+    accounts = getattr(limits, "allowed_service_accounts", None)
+    if not service_account_allowed(service_account, accounts):
+        return (
+            f"trialTemplate.serviceAccountName {service_account!r} is not allowed by QuotaPolicy "
+            f"{sources.get('allowed_service_accounts', '?')} (allowedServiceAccounts: {list(accounts or [])}, "
+            f"and the namespace's {DEFAULT_SERVICE_ACCOUNT!r}); use one of them, or unset it to run as the default"
+        )
+    return None
+
+
+def gpus_held(status: Mapping[str, Any] | None) -> int:
+    """GPUs an experiment's unfinished trials hold, from its saved status (nodes x gpusPerNode)."""
+    total = 0
+    trials = (status or {}).get("trials")
+    for trial in trials if isinstance(trials, list) else []:
+        if not isinstance(trial, Mapping) or trial.get("state", "Pending") in FINISHED_TRIAL_STATES:
+            continue
+        nodes, gpus = trial.get("nodes", 1), trial.get("gpusPerNode", 0)
+        if isinstance(nodes, int) and isinstance(gpus, int) and nodes > 0 and gpus > 0:
+            total += nodes * gpus
+    return total

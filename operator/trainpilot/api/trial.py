@@ -132,7 +132,31 @@ class TrialConfig(BaseModel):
     )
     resume_from: str | None = Field(
         None,
-        description="A checkpoint directory to resume from (its `latest` tag), possibly another trial's.",
+        description="A checkpoint directory to resume from, possibly another trial's.",
+    )
+    resume_tag: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description=(
+            "The tag in resume_from to resume (`step120`, the step a parent reported as "
+            "trainpilot_checkpoint_step); none: the tag that resume_from's `latest` names."
+        ),
+    )
+    eval_at_steps: list[PositiveInt] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Steps to evaluate at besides every eval_interval (the operator's ASHA rung steps).",
+    )
+    loss_spike_factor: float | None = Field(
+        None,
+        gt=1.0,
+        description=(
+            "No checkpoint is saved once the smoothed training loss has exceeded this multiple of "
+            "the run's best loss (the policy's spikeFactor); none: only non-finite losses stop checkpoints."
+        ),
+    )
+    loss_spike_smoothing: float = Field(
+        0.5, gt=0.0, le=1.0, description="EMA weight of the newest loss in that rule (the policy's smoothing)."
     )
     control_file: str | None = Field(
         None, description="JSON file watched for in-place lr/weight_decay changes (overrides the env)."
@@ -141,6 +165,19 @@ class TrialConfig(BaseModel):
         3.0, ge=0.0, le=30.0, description="Keep /metrics up this long after the last step."
     )
     log_interval: int = Field(10, ge=1, description="Steps between the trainer's progress lines on stdout.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> TrialConfig:
+        if self.resume_tag is not None and self.resume_from is None:
+            raise ValueError("resume_tag: names a tag in resume_from, which is not set; set resume_from too")
+        max_steps = self.hyperparameters.max_steps
+        beyond = [step for step in self.eval_at_steps if step > max_steps]
+        if beyond:
+            raise ValueError(
+                f"eval_at_steps: {beyond} beyond hyperparameters.max_steps ({max_steps}); the run never reaches them"
+            )
+        self.eval_at_steps = sorted(set(self.eval_at_steps))
+        return self
 
 
 class ControlFile(BaseModel):

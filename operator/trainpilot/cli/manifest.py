@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from trainpilot.api import contract
-from trainpilot.api.experiment import AgentExperiment, check_experiment_name
+from trainpilot.api.experiment import AgentExperiment, AgentExperimentSpec, check_experiment_name
 from trainpilot.api.trial import describe_validation_error
 
 
@@ -51,6 +51,24 @@ def load_experiment(path: str | Path) -> AgentExperiment:
     return experiment
 
 
+def builtin_trainer_objectives() -> list[str]:
+    """The objectives the built-in trainer can serve: its metrics, as `spec.objective.metric` names them."""
+    return sorted(metric.removeprefix(contract.objective_metric("")) for metric in contract.TRAINER_METRICS)
+
+
+def objective_warning(spec: AgentExperimentSpec) -> str | None:
+    """A warning when the built-in trainer never exports the objective: every trial would run blind."""
+    metric = spec.objective.metric
+    if not spec.trial_template.runs_builtin_trainer or metric in builtin_trainer_objectives():
+        return None
+    return (
+        f"spec.objective.metric {metric!r}: the built-in trainer (trialTemplate.command) exports no "
+        f"{contract.objective_metric(metric)}, so no trial would ever report it; it exports "
+        + ", ".join(builtin_trainer_objectives())
+        + ". Pick one of those, or use a trainer of your own that exports it"
+    )
+
+
 def main_validate(args: argparse.Namespace) -> int:
     try:
         experiment = load_experiment(args.experiment)
@@ -62,4 +80,7 @@ def main_validate(args: argparse.Namespace) -> int:
         f"valid: {experiment.name}: {len(spec.search_space)} searched hyperparameters, "
         f"up to {spec.budget.max_trials} trials ({spec.budget.parallel_trials} at a time), policy {spec.policy.type}"
     )
+    warning = objective_warning(spec)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0

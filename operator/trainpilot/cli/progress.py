@@ -87,6 +87,7 @@ class Progress:
         self.decisions: deque[DecisionRecord] = deque(maxlen=max_decisions)
         self.status: AgentExperimentStatus | None = None
         self.states: dict[str, str] = {}
+        self.conditions: dict[str, str] = {}  # condition type -> its status, as last reported
         self.last_summary = time.monotonic()
         # The runtime's latest samples: a running trial's step and loss between two cycles.
         self.fresh_metrics = fresh_metrics
@@ -147,6 +148,7 @@ class Progress:
         """Take these trial states as known (a resumed run), so only later changes are reported."""
         self.status = status
         self.states.update({trial.name: trial.state for trial in status.trials})
+        self.conditions.update({condition.type: condition.status for condition in status.conditions})
 
     def update(self, status: AgentExperimentStatus) -> None:
         """After each cycle: note state changes, and every so often a summary line."""
@@ -157,6 +159,7 @@ class Progress:
             if previous != trial.state:
                 self.states[trial.name] = trial.state
                 changes.append((trial, previous))
+        self._report_conditions(status)
         if self._live is not None:
             self._live.refresh()
             return
@@ -171,6 +174,16 @@ class Progress:
         if moment - self.last_summary >= self.summary_every:
             self.last_summary = moment
             self.line(f"summary {summary_line(self.spec, status)}")
+
+    def _report_conditions(self, status: AgentExperimentStatus) -> None:
+        """One line when a condition turns False (what keeps the run from progressing) or back to True."""
+        for condition in status.conditions:
+            previous = self.conditions.get(condition.type)
+            self.conditions[condition.type] = condition.status
+            if previous == condition.status or (previous is None and condition.status == "True"):
+                continue
+            again = " again" if condition.status == "True" else ""
+            self.line(f"{condition.type} is {condition.status}{again} ({condition.reason}): {condition.message}")
 
     # ------------------------------------------------------------------ the live view
 

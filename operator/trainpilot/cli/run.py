@@ -469,17 +469,18 @@ async def _cycle_until_done(
 ) -> AgentExperimentStatus:
     """One agent-loop cycle every spec.policy.intervalSeconds until the experiment ends or `stop` is set."""
     from trainpilot.core.policy import make_policy
-    from trainpilot.loop import run_cycle
+    from trainpilot.loop import LoopMemory, run_cycle
     from trainpilot.runtime.base import RuntimeFailure
 
     spec, name = prepared.spec, prepared.experiment.name
     limits = LocalLimits(max_gpus=prepared.gpus, max_parallel_trials=spec.budget.parallel_trials)
     policy = make_policy(spec)
     interval = float(spec.policy.interval_seconds)
+    memory = LoopMemory()
     while True:
         started = time.monotonic()
         try:
-            result = await run_cycle(name, spec, status, runtime, policy, local_now(), limits=limits)
+            result = await run_cycle(name, spec, status, runtime, policy, local_now(), limits=limits, memory=memory)
             status = result.status
         except RuntimeFailure as error:
             progress.message(f"cycle failed, retrying next cycle: {error}")

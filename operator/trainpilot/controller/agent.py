@@ -2,7 +2,9 @@
 
 Started by a kopf daemon per AgentExperiment. Invalid input never crashes or spins: it becomes a
 `Valid=False` condition with the message, and the daemon waits for the user to fix the spec.
-Failures talking to the cluster are logged and retried on the next cycle.
+Failures talking to the cluster are logged and retried on the next cycle (the loop itself fails
+the experiment after a named limit when the ledger or status cannot be written). A finished
+experiment whose final status is saved is left alone until its spec changes.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from trainpilot.api.experiment import (
     check_experiment_name,
     parse_spec,
 )
+from trainpilot.api.quota import workload_refusal
 from trainpilot.core.conditions import set_condition
-from trainpilot.core.policy import make_policy
-from trainpilot.loop import run_cycle
+from trainpilot.core.policy import Policy, make_policy
+from trainpilot.loop import LoopMemory, run_cycle
 from trainpilot.runtime.base import RuntimeFailure
 from trainpilot.runtime.clock import cluster_now
 from trainpilot.runtime.kubernetes.api import KubeApi
+from trainpilot.runtime.kubernetes.ownership import LEFTOVER_RECHECK_SECONDS, LeftoverGate
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
 
 logger = logging.getLogger(__name__)
@@ -84,6 +88,19 @@ async def mark_invalid(
     return status
 
 
+def check_quota_allows(
+    spec: AgentExperimentSpec, namespace: str, quota_limits: Callable[[str], object | None] | None
+) -> None:
+    """ValueError naming the QuotaPolicy when it refuses the pods this spec creates (image, service account)."""
+    try:
+        limits = quota_limits(namespace) if quota_limits is not None else None
+    except ValueError:
+        return  # a broken QuotaPolicy holds every decision (below); it does not make this spec invalid
+    refusal = workload_refusal(limits, spec.trial_template.image, spec.trial_template.service_account_name)
+    if refusal:
+        raise ValueError(refusal)
+
+
 async def drive(
     body: Any, stopped: Stopped, api: KubeApi, quota_limits: Callable[[str], object | None] | None = None
 ) -> None:
@@ -96,56 +113,91 @@ async def drive(
     status = restore_status(body.get("status"))
     runtime: KubernetesRuntime | None = None
     reported_invalid: str | None = None
+    memory = LoopMemory()
+    # The generation whose final status is saved: a finished experiment is patched again only when
+    # its spec changes (status.observedGeneration reports that), not on every recheck.
+    settled: int | None = status.observed_generation if status.finished else None
+    gate = LeftoverGate(api, {"metadata": dict(body["metadata"])})
 
-    while not stopped:
-        generation = body["metadata"].get("generation")
-        try:
-            check_experiment_name(name)
-            spec: AgentExperimentSpec = parse_spec(dict(body.get("spec") or {}))
-            policy = make_policy(spec)
-        except ValueError as error:
-            message = str(error)
-            if message != reported_invalid:
-                logger.warning("%s/%s is invalid: %s", namespace, name, message)
-                try:
-                    status = await mark_invalid(api, namespace, name, status, message, generation)
-                    reported_invalid = message
-                except RuntimeFailure as failure:
-                    logger.warning("could not report invalid spec of %s/%s: %s", namespace, name, failure)
-            await stopped.wait(INVALID_RECHECK_SECONDS)
-            continue
-        reported_invalid = None
-        if status.phase == "Invalid":
-            status = status.model_copy(
-                update={"phase": "Running" if status.active_trials else "Pending", "message": ""}
-            )
+    try:
+        while not stopped:
+            generation = body["metadata"].get("generation")
+            try:
+                check_experiment_name(name)
+                spec: AgentExperimentSpec = parse_spec(dict(body.get("spec") or {}))
+                policy = make_policy(spec)
+                check_quota_allows(spec, namespace, quota_limits)
+            except ValueError as error:
+                message = str(error)
+                if message != reported_invalid:
+                    logger.warning("%s/%s is invalid: %s", namespace, name, message)
+                    try:
+                        status = await mark_invalid(api, namespace, name, status, message, generation)
+                        reported_invalid = message
+                    except RuntimeFailure as failure:
+                        logger.warning("could not report invalid spec of %s/%s: %s", namespace, name, failure)
+                await stopped.wait(INVALID_RECHECK_SECONDS)
+                continue
+            reported_invalid = None
+            if status.phase == "Invalid":
+                status = status.model_copy(
+                    update={"phase": "Running" if status.active_trials else "Pending", "message": ""}
+                )
 
-        owner = {"metadata": dict(body["metadata"])}
-        if runtime is None:
-            runtime = KubernetesRuntime(api, owner, spec)
-        else:
-            runtime.update(owner, spec)
+            owner = {"metadata": dict(body["metadata"])}
+            if runtime is None:
+                runtime = KubernetesRuntime(api, {**owner, "status": body.get("status")}, spec)
+            else:
+                runtime.update(owner, spec)
+            if status.finished and settled == generation:
+                await stopped.wait(FINISHED_RECHECK_SECONDS)  # final and saved for this spec: nothing to patch
+                continue
+            held, status = await gate.hold(runtime, status, cluster_now())  # an earlier incarnation's leftovers
+            if held:
+                await stopped.wait(LEFTOVER_RECHECK_SECONDS)
+                continue
 
-        wait = float(spec.policy.interval_seconds)
-        try:
-            limits = quota_limits(namespace) if quota_limits is not None else None
-        except ValueError as error:
-            # Fail closed: a broken QuotaPolicy must not lift a limit, so hold all decisions.
-            logger.warning("holding %s/%s: %s", namespace, name, error)
+            wait = float(spec.policy.interval_seconds)
+            try:
+                limits = quota_limits(namespace) if quota_limits is not None else None
+            except ValueError as error:
+                # Fail closed: a broken QuotaPolicy must not lift a limit, so hold all decisions.
+                logger.warning("holding %s/%s: %s", namespace, name, error)
+                await stopped.wait(wait)
+                continue
+            status, wait, saved = await _one_cycle(runtime, policy, spec, status, generation, limits, memory, wait)
+            settled = generation if saved and status.finished else None
             await stopped.wait(wait)
-            continue
-        try:
-            result = await run_cycle(
-                name, spec, status, runtime, policy, cluster_now(), generation=generation, limits=limits
-            )
-            status = result.status
-            wait = slot_wait(namespace, name, wait, time.time())
-        except RuntimeFailure as failure:
-            logger.warning("cycle of %s/%s failed, retrying: %s", namespace, name, failure)
-            wait = min(wait, FAILURE_BACKOFF_SECONDS)
-        except Exception:  # a bug must not kill the daemon for good; it is logged in full
-            logger.exception("cycle of %s/%s crashed, retrying", namespace, name)
-            wait = max(wait, FAILURE_BACKOFF_SECONDS)
-        if status.finished:
-            wait = max(wait, FINISHED_RECHECK_SECONDS)
-        await stopped.wait(wait)
+    finally:
+        if runtime is not None:
+            runtime.close()  # its watches of stopping trials end with it
+
+
+async def _one_cycle(
+    runtime: KubernetesRuntime,
+    policy: Policy,
+    spec: AgentExperimentSpec,
+    status: AgentExperimentStatus,
+    generation: int | None,
+    limits: object | None,
+    memory: LoopMemory,
+    wait: float,
+) -> tuple[AgentExperimentStatus, float, bool]:
+    """Run one cycle: the status after it, the seconds to wait, and whether its status was saved."""
+    namespace, name = runtime.namespace, runtime.experiment
+    saved = False
+    try:
+        result = await run_cycle(
+            name, spec, status, runtime, policy, cluster_now(), generation=generation, limits=limits, memory=memory
+        )
+        status, saved = result.status, result.unrecorded is None
+        wait = slot_wait(namespace, name, wait, time.time())
+    except RuntimeFailure as failure:
+        logger.warning("cycle of %s/%s failed, retrying: %s", namespace, name, failure)
+        wait = min(wait, FAILURE_BACKOFF_SECONDS)
+    except Exception:  # a bug must not kill the daemon for good; it is logged in full
+        logger.exception("cycle of %s/%s crashed, retrying", namespace, name)
+        wait = max(wait, FAILURE_BACKOFF_SECONDS)
+    if status.finished:
+        wait = max(wait, FINISHED_RECHECK_SECONDS)
+    return status, wait, saved

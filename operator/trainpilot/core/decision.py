@@ -15,10 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from trainpilot.api import contract
 from trainpilot.api.experiment import Action
 
-Outcome = Literal["executed", "rejected", "pending-approval"]
+# "failed": a follow-up to an executed record whose action the world refused for good.
+Outcome = Literal["executed", "rejected", "pending-approval", "failed"]
 MutateMode = Literal["in-place", "restart"]
 # In-place changes are what the trainer's control file understands; anything else restarts.
 IN_PLACE_HYPERPARAMETERS: frozenset[str] = frozenset({"lr", "weight_decay"})
+# The name on records the loop makes itself (failing an experiment that cannot go on), never a policy's.
+SYSTEM_POLICY = "trainpilot"
 
 
 class Decision(BaseModel):
@@ -58,6 +61,9 @@ class DecisionRecord(BaseModel):
     before: dict[str, Any] = Field(default_factory=dict, description="Target's hyperparameters before.")
     after: dict[str, Any] = Field(default_factory=dict, description="Target's hyperparameters after.")
     observation: dict[str, Any] = Field(default_factory=dict, description="What the policy saw, summarised.")
+    follows: str | None = Field(
+        None, description="failed or rejected follow-up: the id of the earlier record it is about."
+    )
 
     @property
     def action(self) -> str:
@@ -73,6 +79,8 @@ class DecisionRecord(BaseModel):
             return contract.REASON_DECISION_REJECTED
         if self.outcome == "pending-approval":
             return contract.REASON_DECISION_PENDING_APPROVAL
+        if self.outcome == "failed":
+            return contract.REASON_DECISION_FAILED
         decision = self.decision
         if decision.action == "launch":
             return contract.REASON_TRIAL_LAUNCHED
@@ -116,6 +124,13 @@ class DecisionRecord(BaseModel):
 def decision_id(experiment: str, seq: int) -> str:
     """Deterministic, so a retried cycle re-derives the same id (and event name)."""
     return f"{experiment}-d{seq:05d}"
+
+
+def decision_seq(experiment: str, id: str) -> int | None:
+    """The sequence number in a decision id of `experiment`; None for an id of anything else."""
+    prefix = f"{experiment}-d"
+    digits = id[len(prefix) :] if id.startswith(prefix) else ""
+    return int(digits) if digits.isdigit() and decision_id(experiment, int(digits)) == id else None
 
 
 def trial_name(experiment: str, index: int) -> str:

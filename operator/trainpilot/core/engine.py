@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
 from trainpilot.core import guardrails
-from trainpilot.core.decision import Decision, DecisionRecord, decision_id, trial_name
+from trainpilot.core.conditions import set_condition
+from trainpilot.core.decision import SYSTEM_POLICY, Decision, DecisionRecord, decision_id, trial_name
+from trainpilot.core.guardrails import Verdict
 from trainpilot.core.observation import Observation
 from trainpilot.core.policy.base import Policy, PolicyContext
 from trainpilot.core.state import apply_record
@@ -25,6 +29,23 @@ MAX_DECISIONS_PER_CYCLE = 16
 MAX_SUMMARY_TRIALS = 16
 MAX_REASON_CHARS = 80
 MAX_RATIONALE_CHARS = 2000
+# Evaluations (trainpilot_eval_step advances) a trial may pass without a value for the objective
+# before the experiment fails: the trainer does not export spec.objective.metric, and every further
+# trial would burn its budget measuring nothing.
+MAX_EVALUATIONS_WITHOUT_OBJECTIVE = 3
+OBJECTIVE_NOT_EXPORTED = "objective-not-exported"
+POLICY_FAILING = "policy-failing"
+
+
+@dataclass(frozen=True)
+class CyclePlan:
+    """What one cycle decided: the status its records apply to (with the policy's health folded in),
+    the records in order, and the status with all of them applied."""
+
+    status: AgentExperimentStatus
+    records: list[DecisionRecord]
+    provisional: AgentExperimentStatus
+    policy_failure: str | None = None  # why the policy gave nothing this cycle, for the caller's Event and log
 
 
 async def plan(
@@ -37,11 +58,54 @@ async def plan(
     limits: Any = None,
     on_policy_error: Callable[[Exception], None] | None = None,
 ) -> tuple[list[DecisionRecord], AgentExperimentStatus]:
-    """Records for this cycle's proposals (executed, rejected or held), and status with their effects.
+    """Records for this cycle's proposals (executed, rejected or held), and status with their effects."""
+    planned = await plan_cycle(experiment, spec, status, observation, policy, now, limits, on_policy_error)
+    return planned.records, planned.provisional
 
-    A policy that raises yields no records; `on_policy_error` lets the caller log why.
+
+async def plan_cycle(
+    experiment: str,
+    spec: AgentExperimentSpec,
+    status: AgentExperimentStatus,
+    observation: Observation,
+    policy: Policy,
+    now: str,
+    limits: Any = None,
+    on_policy_error: Callable[[Exception], None] | None = None,
+) -> CyclePlan:
+    """Ask the policy and check its proposals, unless the experiment cannot go on.
+
+    A policy that raises (or answers with anything but a list) yields no records and sets
+    PolicyHealthy=False; spec.policy.maxConsecutiveFailures such cycles in a row fail the
+    experiment with its error. `on_policy_error` lets the caller log the exception itself.
     """
+    missing = objective_missing(spec, status, observation)
+    if missing is not None:
+        return _failing(experiment, spec, status, now, OBJECTIVE_NOT_EXPORTED, missing)
     seen = observation_summary(status, observation)
+    try:
+        proposed = await _ask(experiment, spec, status, observation, policy, now, limits)
+    except Exception as error:  # a broken policy must not stop the loop
+        if on_policy_error is not None:
+            on_policy_error(error)
+        return _policy_failed(experiment, spec, status, policy, error, now)
+    status = _policy_answered(status, policy, now)
+    records = _check_all(experiment, spec, status, proposed, policy, now, limits, seen)
+    provisional = status
+    for record in records:
+        provisional = apply_record(spec, provisional, record, now)
+    return CyclePlan(status, records, provisional)
+
+
+async def _ask(
+    experiment: str,
+    spec: AgentExperimentSpec,
+    status: AgentExperimentStatus,
+    observation: Observation,
+    policy: Policy,
+    now: str,
+    limits: Any,
+) -> list[object]:
     # The policy works on copies: whatever it does to them cannot loosen the checks below.
     spec_view, status_view = spec.model_copy(deep=True), status.model_copy(deep=True)
     context = PolicyContext(
@@ -53,16 +117,24 @@ async def plan(
         suggester=Suggester(spec_view, status_view),
         limits=_copy(limits),
     )
-    try:
-        # Typed as object: a policy (an LLM's, above all) is not trusted to return what it declares.
-        proposed: object = await policy.decide(context)
-    except Exception as error:  # a broken policy must not stop the loop
-        if on_policy_error is not None:
-            on_policy_error(error)
-        return [], status
+    # Typed as object: a policy (an LLM's, above all) is not trusted to return what it declares.
+    proposed: object = await policy.decide(context)
     if not isinstance(proposed, (list, tuple)):
-        return [], status
+        raise TypeError(f"it answered with {type(proposed).__name__}, not a list of decisions")
+    return list(proposed)
 
+
+def _check_all(
+    experiment: str,
+    spec: AgentExperimentSpec,
+    status: AgentExperimentStatus,
+    proposed: list[object],
+    policy: Policy,
+    now: str,
+    limits: Any,
+    seen: dict[str, Any],
+) -> list[DecisionRecord]:
+    """One record per valid proposal, each checked against the status the earlier ones leave."""
     records: list[DecisionRecord] = []
     provisional = status
     for item in proposed[:MAX_DECISIONS_PER_CYCLE]:
@@ -71,9 +143,6 @@ async def plan(
             continue
         verdict = guardrails.check(decision, spec, provisional, limits)
         seq = provisional.decisions_made
-        creates_trial = decision.action in ("launch", "scale") or (
-            decision.action == "mutate" and decision.mode == "restart"
-        )
         before, after = _before_after(decision, provisional)
         record = DecisionRecord(
             id=decision_id(experiment, seq),
@@ -83,14 +152,190 @@ async def plan(
             decision=decision,
             outcome=verdict.outcome,
             verdict=verdict.reason,
-            new_trial=trial_name(experiment, len(provisional.trials)) if verdict.executed and creates_trial else None,
+            new_trial=trial_name(experiment, len(provisional.trials))
+            if verdict.executed and creates_trial(decision)
+            else None,
             before=before,
             after=after,
             observation=seen,
         )
         records.append(record)
         provisional = apply_record(spec, provisional, record, now)
-    return records, provisional
+    return records
+
+
+def creates_trial(decision: Decision) -> bool:
+    return decision.action in ("launch", "scale") or (decision.action == "mutate" and decision.mode == "restart")
+
+
+# --------------------------------------------------------------------------------------------
+# When the experiment cannot go on
+# --------------------------------------------------------------------------------------------
+
+
+def _policy_answered(status: AgentExperimentStatus, policy: Policy, now: str) -> AgentExperimentStatus:
+    status = status.model_copy(update={"policy_failures": 0})
+    return set_condition(
+        status,
+        type=contract.CONDITION_POLICY_HEALTHY,
+        value="True",
+        reason="PolicyAnswered",
+        message=f"policy {policy.name} answered",
+        now=now,
+    )
+
+
+def _policy_failed(
+    experiment: str,
+    spec: AgentExperimentSpec,
+    status: AgentExperimentStatus,
+    policy: Policy,
+    error: Exception,
+    now: str,
+) -> CyclePlan:
+    failures = status.policy_failures + 1
+    limit = spec.policy.max_consecutive_failures
+    message = (
+        f"policy {policy.name} failed {failures} cycle(s) in a row (spec.policy.maxConsecutiveFailures "
+        f"{limit}): {type(error).__name__}: {error}"
+    )
+    status = status.model_copy(update={"policy_failures": failures})
+    status = set_condition(
+        status,
+        type=contract.CONDITION_POLICY_HEALTHY,
+        value="False",
+        reason=contract.REASON_POLICY_FAILING,
+        message=message,
+        now=now,
+    )
+    if failures < limit:
+        return CyclePlan(status, [], status, policy_failure=message)
+    planned = _failing(experiment, spec, status, now, POLICY_FAILING, message)
+    return CyclePlan(planned.status, planned.records, planned.provisional, policy_failure=message)
+
+
+def _failing(
+    experiment: str, spec: AgentExperimentSpec, status: AgentExperimentStatus, now: str, reason: str, message: str
+) -> CyclePlan:
+    record = failure_record(experiment, status, reason, message, now)
+    return CyclePlan(status, [record], apply_record(spec, status, record, now))
+
+
+def failure_record(
+    experiment: str, status: AgentExperimentStatus, reason: str, message: str, now: str
+) -> DecisionRecord:
+    """The loop's own decision to fail an experiment that cannot go on: recorded like any other (ledger,
+    ExperimentFailed Event, status), and carried out (running trials stop) without asking a policy."""
+    seq = status.decisions_made
+    decision = Decision(
+        action="complete",
+        policy=SYSTEM_POLICY,
+        reason=reason,
+        rationale=message[:MAX_RATIONALE_CHARS],
+        outcome="failed",
+    )
+    return DecisionRecord(
+        id=decision_id(experiment, seq), seq=seq, time=now, experiment=experiment, decision=decision, outcome="executed"
+    )
+
+
+def is_failure_record(record: DecisionRecord) -> bool:
+    decision = record.decision
+    return decision.policy == SYSTEM_POLICY and decision.action == "complete" and decision.outcome == "failed"
+
+
+def objective_missing(spec: AgentExperimentSpec, status: AgentExperimentStatus, observation: Observation) -> str | None:
+    """Why the experiment cannot measure anything: a trial evaluated MAX_EVALUATIONS_WITHOUT_OBJECTIVE
+    times and never exported a value for the objective; None while that is not so."""
+    metric = contract.objective_metric(spec.objective.metric)
+    for trial in status.trials:
+        seen = observation.trials.get(trial.name)
+        if (
+            trial.evaluations < MAX_EVALUATIONS_WITHOUT_OBJECTIVE
+            or trial.best_objective is not None
+            or trial.nonfinite_losses  # a diverged trial's NaN is a divergence, not a missing metric
+            or seen is None
+            or seen.metrics is None
+        ):
+            continue
+        exported = sorted(seen.metrics.values)
+        found = f"it exports {metric} but never a finite value" if metric in exported else f"it never exported {metric}"
+        choices = ", ".join(name.removeprefix("trainpilot_") for name in exported) or "nothing"
+        return (
+            f"spec.objective.metric {spec.objective.metric!r}: trial {trial.name} passed {trial.evaluations} "
+            f"evaluations (trainpilot_eval_step advanced {trial.evaluations} times; the limit is "
+            f"{MAX_EVALUATIONS_WITHOUT_OBJECTIVE}) and {found}; its metrics are: {', '.join(exported) or 'none'}. "
+            f"Set spec.objective.metric to one the trainer exports ({choices})"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Replaying the ledger after a restart
+# --------------------------------------------------------------------------------------------
+
+
+def recheck(
+    experiment: str, spec: AgentExperimentSpec, status: AgentExperimentStatus, record: DecisionRecord, limits: Any
+) -> Verdict:
+    """Whether a recorded, executed decision may still be carried out: the ledger is data like any
+    proposal (a forged or stale line must not act), so it passes the guardrails again against the
+    current spec and limits, and must be the record the engine would have written in its place."""
+    expected_id = decision_id(experiment, record.seq)
+    if record.id != expected_id or record.experiment != experiment:
+        return Verdict("rejected", f"replayed record {record.id!r} is not {expected_id} of {experiment}")
+    decision = _sanitize(record.decision, record.decision.policy)
+    if decision is None or decision != record.decision:
+        return Verdict("rejected", "replayed record's decision is not one the engine would have recorded")
+    expected_trial = trial_name(experiment, len(status.trials)) if creates_trial(decision) else None
+    if record.new_trial != expected_trial:
+        return Verdict("rejected", f"replayed record names new trial {record.new_trial!r}, not {expected_trial!r}")
+    if is_failure_record(record):
+        return Verdict("executed")  # the loop's own failing of the experiment: it only stops things
+    verdict = guardrails.check(decision, spec, status, limits)
+    if not verdict.executed:
+        return Verdict("rejected", f"replayed after a restart, it no longer passes the guardrails: {verdict.reason}")
+    return verdict
+
+
+def rejection_record(
+    experiment: str, seq: int, record: DecisionRecord, verdict: str, now: str, follows: str | None
+) -> DecisionRecord:
+    """`record` again as rejected (DecisionRejected) at sequence number `seq`; `follows` names the
+    record it voids, if any (a replayed one that failed its re-check)."""
+    return record.model_copy(
+        update={
+            "id": decision_id(experiment, seq),
+            "seq": seq,
+            "time": now,
+            "outcome": "rejected",
+            "verdict": verdict[:MAX_RATIONALE_CHARS],
+            "new_trial": None,
+            "follows": follows,
+        }
+    )
+
+
+def failed_record(
+    experiment: str, seq: int, record: DecisionRecord, trial: str, message: str, now: str
+) -> DecisionRecord:
+    """A follow-up at sequence number `seq`: the world refused, for good, what `record` asked of
+    `trial` (DecisionFailed)."""
+    launched = trial == record.new_trial
+    what = "launching" if launched else ("changing" if record.decision.mode == "in-place" else "stopping")
+    return record.model_copy(
+        update={
+            "id": decision_id(experiment, seq),
+            "seq": seq,
+            "time": now,
+            "outcome": "failed",
+            "verdict": f"{what} {trial} failed: {message}"[:MAX_RATIONALE_CHARS],
+            "new_trial": trial if launched else None,
+            "decision": record.decision.model_copy(update={"trial": record.decision.trial if launched else trial}),
+            "follows": record.id,
+            "observation": {},
+        }
+    )
 
 
 def observation_summary(status: AgentExperimentStatus, observation: Observation) -> dict[str, Any]:

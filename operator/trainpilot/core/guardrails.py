@@ -9,7 +9,9 @@ the limit, so the ledger explains itself.
 Quota limits are duck-typed (any object with some of these attributes; missing or None means
 unlimited): max_gpus, max_parallel_trials, max_trials_per_experiment,
 max_gpu_hours_per_experiment, max_nodes_per_trial, max_gpus_per_node, allowed_actions,
-require_approval_for.
+require_approval_for, allowed_images, allowed_service_accounts (with `sources` naming the
+policies), and gpu_pools (api.quota.GPUPool: policy, max_gpus, used_elsewhere), each a maxGPUs
+shared with other experiments: their GPUs plus this experiment's may not pass it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
+from trainpilot.api.quota import workload_refusal
 from trainpilot.core.decision import IN_PLACE_HYPERPARAMETERS, Decision, Outcome
 
 # What a TrialTemplate allows, so a scale cannot go where a spec could not.
@@ -119,6 +122,7 @@ def _check_launch(decision: Decision, spec: AgentExperimentSpec, status: AgentEx
     nodes = decision.nodes if decision.nodes is not None else template.nodes
     gpus = decision.gpus_per_node if decision.gpus_per_node is not None else template.gpus_per_node
     _check_shape(nodes, gpus, limits)
+    _check_workload(spec, limits)
     _check_room(spec, status, limits, nodes * gpus, releasing=())
 
 
@@ -139,6 +143,7 @@ def _check_mutate(decision: Decision, spec: AgentExperimentSpec, status: AgentEx
                 f"{', '.join(_show(name) for name in restart_only)} needs mode restart"
             )
     elif decision.mode == "restart":
+        _check_workload(spec, limits)
         # A restart launches a child in the parent's slot: it costs a trial, not a slot.
         _check_room(spec, status, limits, target.nodes * target.gpus_per_node, releasing=(target.name,))
     else:
@@ -152,6 +157,7 @@ def _check_scale(decision: Decision, spec: AgentExperimentSpec, status: AgentExp
     nodes = decision.nodes if decision.nodes is not None else target.nodes
     gpus = decision.gpus_per_node if decision.gpus_per_node is not None else target.gpus_per_node
     _check_shape(nodes, gpus, limits)
+    _check_workload(spec, limits)
     _check_room(spec, status, limits, nodes * gpus, releasing=(target.name,))
 
 
@@ -213,6 +219,14 @@ def _check_shape(nodes: int, gpus: int, limits: Any) -> None:
         limit = _quota(limits, quota)
         if limit is not None and value > limit:
             raise _Rejected(f"{field}: {value} exceeds quota {quota} ({limit:g})")
+
+
+def _check_workload(spec: AgentExperimentSpec, limits: Any) -> None:
+    """Pods run the template's image as its service account: every matching QuotaPolicy must allow both."""
+    template = spec.trial_template
+    refusal = workload_refusal(limits, template.image, template.service_account_name)
+    if refusal:
+        raise _Rejected(refusal)
 
 
 def _check_room(
@@ -296,6 +310,11 @@ def _allowances(
         ("max_gpus", gpus_in_use, "GPUs in use", gpus, False),
         ("max_gpu_hours_per_experiment", status.gpu_hours_used, "GPU-hours used", 0, True),
     )
+    # Each policy's maxGPUs is shared: the GPUs its other experiments hold count against it too.
+    for pool in _quota(limits, "gpu_pools") or ():
+        unit = f"GPUs in use ({pool.used_elsewhere:g} of them by its other experiments)"
+        used = pool.used_elsewhere + gpus_in_use
+        lines.append(_Allowance(f"QuotaPolicy {pool.policy} maxGPUs", pool.max_gpus, used, unit, cost=gpus))
     for name, used, unit, cost, spend in quota_lines:
         limit = _quota(limits, name)
         if limit is not None:

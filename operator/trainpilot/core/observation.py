@@ -63,6 +63,10 @@ class TrialObservation(BaseModel):
     exit_code: int | None = None
     metrics: TrialMetrics | None = Field(None, description="None: no data yet (not a failure).")
     message: str = ""
+    pending_since: str | None = Field(
+        None, description="RFC 3339: since when a pod of the trial has been waiting to run; None when none is."
+    )
+    pending_reason: str = Field("", description="Why it waits, as Kubernetes says (Unschedulable: ..., ...).")
 
 
 class Observation(BaseModel):

@@ -25,18 +25,22 @@ from trainpilot.api.experiment import (
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import Hyperparameters
 from trainpilot.core.decision import DecisionRecord
-from trainpilot.core.observation import Observation, TrialObservation, new_evaluation
+from trainpilot.core.observation import Observation, TrialObservation, evaluation_step, new_evaluation
 
-# A terminate with this reason means "it diverged": the heuristic uses it, and the suggester tells
-# such a trial to Optuna as failed even though it was stopped before the trainer gave up.
+# A terminate with one of these reasons means "it diverged": the heuristic relaunches it lower, and
+# the suggester tells it to Optuna as failed even though it was stopped before the trainer gave up.
 DIVERGED_REASON = "nonfinite-loss"
+SPIKE_REASON = "loss-spike"
+DIVERGED_REASONS = frozenset({DIVERGED_REASON, SPIKE_REASON})
 COMPLETE_REASON = "experiment-complete"
+# A terminate with this reason (core.pending) stops a trial whose pods never started: it failed.
+PENDING_TIMEOUT_REASON = "pending-timeout"
 DEFAULT_MAX_STEPS: int = Hyperparameters.model_fields["max_steps"].default
 
 
 def is_diverged(trial: TrialStatus) -> bool:
-    """The trainer exited on a non-finite loss, or a policy stopped it for one."""
-    return trial.state == "Diverged" or (trial.state == "Terminated" and trial.message == DIVERGED_REASON)
+    """The trainer exited on a non-finite loss, or a policy stopped it for one or for a loss spike."""
+    return trial.state == "Diverged" or (trial.state == "Terminated" and trial.message in DIVERGED_REASONS)
 
 
 def is_scored(trial: TrialStatus) -> bool:
@@ -139,13 +143,19 @@ def _fold_metrics(spec: AgentExperimentSpec, trial: TrialStatus, metrics: TrialM
     # may run ahead of what the trainer reports having applied.
     nonfinite = _number(metrics, contract.METRIC_NONFINITE_LOSS)
     if nonfinite is not None:
+        if nonfinite > trial.nonfinite_losses:
+            _mark_unstable(trial)
         trial.nonfinite_losses = max(trial.nonfinite_losses, int(nonfinite))
+    _count_evaluation(trial, _number(metrics, contract.METRIC_EVAL_STEP))
     generation = _number(metrics, contract.METRIC_CONTROL_GENERATION)
     if generation is not None:
         trial.control_generation = max(trial.control_generation, int(generation))
 
     loss = _number(metrics, contract.METRIC_TRAIN_LOSS)
     if loss is not None:
+        best = trial.best_train_loss
+        if best is not None and best > 0 and loss > spec.policy.heuristic.spike_factor * best:
+            _mark_unstable(trial)
         trial.train_loss = loss
         trial.best_train_loss = loss if trial.best_train_loss is None else min(trial.best_train_loss, loss)
         # Only a new step is a new sample: re-reading the same gauge would drag the EMA toward it.
@@ -164,13 +174,46 @@ def _fold_metrics(spec: AgentExperimentSpec, trial: TrialStatus, metrics: TrialM
         evaluation = new_evaluation(metrics.values, spec.objective.metric, trial.step, last)
         if evaluation is not None:
             trial.history = [*trial.history, [float(evaluation[0]), evaluation[1]]][-MAX_TRIAL_HISTORY:]
+    _fold_rungs(spec, trial, metrics)
+
+
+def _fold_rungs(spec: AgentExperimentSpec, trial: TrialStatus, metrics: TrialMetrics) -> None:
+    """ASHA compares like with like: a rung holds the evaluation made at exactly its step. The
+    trainer's rung gauges hold it until the next rung; an evaluation scraped at that step counts
+    too. Only a trainer that does not say where it measured (no trainpilot_eval_step) has its first
+    evaluation at or after the rung stand in for it."""
+    rungs = {rung_step(spec, trial, fraction) for fraction in spec.policy.heuristic.rungs}
+    measured: dict[int, float] = {}
+    rung_at, rung_value = (
+        _number(metrics, contract.METRIC_RUNG_STEP),
+        _number(metrics, contract.rung_metric(spec.objective.metric)),
+    )
+    if rung_at is not None and rung_value is not None and math.isfinite(rung_value):
+        measured[int(rung_at)] = rung_value
     if trial.history:
-        # ASHA compares trials by what they measured at (or after) the rung's step.
-        evaluated_at, value = trial.history[-1]
-        for fraction in spec.policy.heuristic.rungs:
-            rung = rung_step(spec, trial, fraction)
-            if evaluated_at >= rung:
-                trial.rung_objectives.setdefault(str(rung), value)
+        evaluated_at, value = int(trial.history[-1][0]), trial.history[-1][1]
+        if evaluation_step(metrics.values, spec.objective.metric) is not None:
+            measured.setdefault(evaluated_at, value)
+        else:
+            measured.update({rung: value for rung in rungs if evaluated_at >= rung and rung not in measured})
+    for rung in rungs & measured.keys():
+        trial.rung_objectives.setdefault(str(rung), measured[rung])
+
+
+def _mark_unstable(trial: TrialStatus) -> None:
+    """The first bad sign (a non-finite loss, or a raw loss above spikeFactor x its best): checkpoints
+    saved from here on may hold the unstable state, so a relaunch never resumes them."""
+    if trial.unstable_since is None:
+        trial.unstable_since = trial.step
+
+
+def _count_evaluation(trial: TrialStatus, eval_step: float | None) -> None:
+    """One more evaluation each time trainpilot_eval_step advances (it is -1 before the first)."""
+    if eval_step is None or eval_step < 0:
+        return
+    if trial.eval_step is None or eval_step > trial.eval_step:
+        trial.evaluations += 1
+        trial.eval_step = int(eval_step)
 
 
 def _number(metrics: TrialMetrics, name: str) -> float | None:
@@ -218,6 +261,8 @@ def apply_record(
     status.decisions = [*status.decisions, summary][-MAX_STATUS_DECISIONS:]
     if record.outcome == "executed":
         _apply_effect(spec, status, record, now)
+    elif record.outcome == "failed":
+        _apply_failure(status, record, now)
     return _recount(spec, status)
 
 
@@ -236,26 +281,30 @@ def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, reco
             gpus_per_node=decision.gpus_per_node if decision.gpus_per_node is not None else template.gpus_per_node,
         )
     elif decision.action == "terminate":
-        _stop(target, decision.reason, now)
+        _stop(spec, target, decision.reason, now)
+        if target is not None and decision.reason == PENDING_TIMEOUT_REASON and target.state == "Terminated":
+            target.state, target.message = "Failed", decision.rationale  # it never ran: a failure, with why
     elif decision.action == "mutate" and decision.mode == "in-place":
         if target is not None and not target.finished:
             target.hyperparameters = {**target.hyperparameters, **decision.hyperparameters}
             target.control_generation += 1
     elif decision.action in ("mutate", "scale") and target is not None:
-        # A restart: the old trial stops (checkpointing on SIGTERM) and a child resumes from it.
-        _stop(target, decision.reason, now)
+        # A restart: the old trial stops (checkpointing on SIGTERM) and a child resumes from it,
+        # started only once the old one's pods are gone (the loop's hand-off), never mid-save.
+        _stop(spec, target, decision.reason, now)
         _add_trial(
             status,
             record,
             hyperparameters={**target.hyperparameters, **decision.hyperparameters},
             parent=target.name,
-            resume_from=target.name,
+            resume_from=None,
             nodes=decision.nodes if decision.nodes is not None else target.nodes,
             gpus_per_node=decision.gpus_per_node if decision.gpus_per_node is not None else target.gpus_per_node,
+            waiting_for=(target.name, now),
         )
     elif decision.action == "complete":
         for trial in status.trials:
-            _stop(trial, COMPLETE_REASON, now)
+            _stop(spec, trial, COMPLETE_REASON, now)
         status.phase = "Failed" if decision.outcome == "failed" else "Succeeded"
         status.message = decision.rationale or decision.reason
         status.finished_at = now
@@ -270,7 +319,9 @@ def _add_trial(
     resume_from: str | None,
     nodes: int,
     gpus_per_node: int,
+    waiting_for: tuple[str, str] | None = None,
 ) -> None:
+    """`waiting_for`: (the trial whose pods must go first, since when)."""
     if record.new_trial is None or status.trial(record.new_trial) is not None:
         return
     parent_trial = status.trial(parent) if parent else None
@@ -285,19 +336,46 @@ def _add_trial(
             parent=parent,
             generation=parent_trial.generation + 1 if parent_trial else 0,
             resumed_from_step=source.checkpoint_step if source else None,
+            waiting_for=waiting_for[0] if waiting_for else None,
+            waiting_since=waiting_for[1] if waiting_for else None,
             nodes=nodes,
             gpus_per_node=gpus_per_node,
         )
     )
 
 
-def _stop(trial: TrialStatus | None, reason: str, now: str) -> None:
+def _stop(spec: AgentExperimentSpec, trial: TrialStatus | None, reason: str, now: str) -> None:
     if trial is None or trial.finished:
         return
-    trial.state = "Terminated"
-    trial.message = reason
+    steps = max_steps(spec, trial)
+    if reason == COMPLETE_REASON and trial.step >= steps:
+        # It ran all its steps and was only finishing up (final evaluation, checkpoint) when the
+        # experiment completed: it succeeded, it was not cut short.
+        trial.state, trial.message = "Succeeded", f"ran all {steps} steps"
+    else:
+        trial.state, trial.message = "Terminated", reason
     trial.finished_at = now
     trial.started_at = trial.started_at or now
+
+
+def _apply_failure(status: AgentExperimentStatus, record: DecisionRecord, now: str) -> None:
+    """A follow-up record: the world refused for good what an executed record asked of this trial."""
+    target = status.trial(record.trial) if record.trial else None
+    if target is None:
+        return
+    decision = record.decision
+    if decision.action == "mutate" and decision.mode == "in-place":
+        # Its trainer never got the new values: status keeps saying what it runs.
+        target.hyperparameters = {k: float(v) for k, v in record.before.items() if isinstance(v, (int, float))}
+        target.control_generation = max(target.control_generation - 1, 0)
+        target.message = record.verdict
+        return
+    # A launch that never happened, or a trial that could not be stopped: either way it is out of
+    # the experiment's hands, and counts as failed (maxFailedTrials ends an experiment that keeps this up).
+    target.state = "Failed"
+    target.message = record.verdict
+    target.finished_at = now
+    target.started_at = target.started_at or now
 
 
 # --------------------------------------------------------------------------------------------

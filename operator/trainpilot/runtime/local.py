@@ -20,6 +20,7 @@ stop, or a second record with the same id does nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
-from trainpilot.runtime.base import RuntimeFailure
+from trainpilot.runtime.base import Departure, LedgerConflict, PermanentFailure, RuntimeFailure
 from trainpilot.runtime.clock import local_now
 from trainpilot.runtime.scrape import scrape_all
 
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 TRAINER_MODULE = "trainpilot_trainer"
 KILL_AFTER_SECONDS = 30.0
+_PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR})
 # torchrun's failure summary names each failed rank's exit code.
 _TORCHRUN_EXITCODE = re.compile(r"rank\s*:\s*0\b.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 
@@ -242,11 +244,11 @@ class LocalRuntime:
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.ledger_path = self.run_dir / "ledger.jsonl"
         self.status_path = self.run_dir / "status.json"
-        self._ledger_ids: set[str] = set()
+        self._ledger: dict[str, DecisionRecord] = {}  # every record in the file, by id
         self._ledger_problems: list[str] = []
         if self.ledger_path.exists():
             records, problems = ledger_format.decode(self.ledger_path.read_text(encoding="utf-8"))
-            self._ledger_ids = {record.id for record in records}
+            self._ledger = {record.id: record for record in records}
             self._ledger_problems = problems
             for problem in problems:
                 logger.warning("ledger %s: %s", self.ledger_path, problem)
@@ -337,7 +339,7 @@ class LocalRuntime:
             module,
         ]
 
-    async def launch(self, trial: TrialStatus, config: TrialConfig, record: DecisionRecord) -> None:
+    async def launch(self, trial: TrialStatus, config: TrialConfig) -> None:
         existing = self.trials.get(trial.name)
         if existing is not None:
             return  # already started in this session: idempotent
@@ -349,7 +351,7 @@ class LocalRuntime:
             note = "restarted after the previous `trainpilot run` stopped"
             if self.has_checkpoint(trial.name):
                 config = config.model_copy(update={"resume_from": self.checkpoint_dir(trial.name)})
-        self._start(trial, config, note=note, decision=record.id, restarted=bool(note))
+        self._start(trial, config, note=note, decision=trial.decision, restarted=bool(note))
 
     async def resume_trial(self, trial: TrialStatus) -> bool:
         """Restart an active trial of a stopped run under the same name; False when it cannot be."""
@@ -414,7 +416,10 @@ class LocalRuntime:
         except OSError as error:
             log.close()
             self._release_gpus(trial.name)
-            raise RuntimeFailure(f"cannot start {trial.name}: {error}") from error
+            # A missing or unrunnable program stays that way; anything else (no memory, too many
+            # processes) may pass.
+            failure = PermanentFailure if error.errno in _PERMANENT_ERRNOS else RuntimeFailure
+            raise failure(f"cannot start {trial.name}: {error}") from error
         self.trials[trial.name] = LocalTrial(
             name=trial.name,
             directory=directory,
@@ -514,7 +519,7 @@ class LocalRuntime:
         for local in self.trials.values():
             if local.poll() is not None:
                 self._release_gpus(local.name)
-        names = [trial.name for trial in status.trials if not trial.finished]
+        names = [trial.name for trial in status.launched_trials]
         path = self.spec.metrics.path
         urls = {name: f"http://127.0.0.1:{self.trials[name].port}{path}" for name in names if name in self.trials}
         scraped = await scrape_all(urls, self.spec.metrics.scrape_timeout_seconds)
@@ -618,8 +623,22 @@ class LocalRuntime:
         logger.info("stopping %s (%s): SIGTERM to process group %d", trial, reason, local.pid)
         self._signal(local, signal.SIGTERM)
 
+    async def departed(self, trial: str) -> Departure | None:
+        local = self.trials.get(trial)
+        if local is not None and local.poll() is None:
+            return None  # still running (saving its checkpoint after SIGTERM, say)
+        if local is not None:
+            final = self._final_metrics(local)
+        else:  # started by an earlier `trainpilot run`, which is gone: its log has the last word
+            final = parse_result_line(_tail(self.trial_dir(trial) / "log.txt"))
+        return Departure(checkpoint_step=final.checkpoint_step if final is not None else None)
+
     async def set_control(self, trial: str, control: ControlFile) -> None:
-        atomic_write(self.trial_dir(trial) / "control.json", control.model_dump_json() + "\n")
+        try:
+            atomic_write(self.trial_dir(trial) / "control.json", control.model_dump_json() + "\n")
+        except OSError as error:
+            failure = PermanentFailure if error.errno in _PERMANENT_ERRNOS else RuntimeFailure
+            raise failure(f"control file of {trial}: {error}") from error
 
     # ---------------------------------------------------------------------------- ledger and status
 
@@ -639,25 +658,40 @@ class LocalRuntime:
             pass
 
     async def record(self, record: DecisionRecord) -> None:
-        if record.id in self._ledger_ids:
+        stored = self._ledger.get(record.id)
+        if stored is not None:
+            if stored != record:
+                raise LedgerConflict(record, stored)
             return
-        with open(self.ledger_path, "a", encoding="utf-8") as handle:
-            handle.write(ledger_format.encode(record))
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._ledger_ids.add(record.id)
+        try:
+            with open(self.ledger_path, "a", encoding="utf-8") as handle:
+                handle.write(ledger_format.encode(record))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:  # a full or read-only disk: nothing this cycle may act on it
+            raise RuntimeFailure(f"ledger {self.ledger_path}: {error}") from error
+        self._ledger[record.id] = record
         logger.info("%s", record.message())
         if self.on_record is not None:
             self.on_record(record)
 
-    async def ledger(self) -> list[DecisionRecord]:
-        if not self.ledger_path.exists():
-            return []
-        records, _ = ledger_format.decode(self.ledger_path.read_text(encoding="utf-8"))
-        return records
+    async def ledger(self, since: int = 0) -> list[DecisionRecord]:
+        try:
+            text = self.ledger_path.read_text(encoding="utf-8") if self.ledger_path.exists() else ""
+        except OSError as error:
+            raise RuntimeFailure(f"ledger {self.ledger_path}: {error}") from error
+        records, _ = ledger_format.decode(text)
+        return [record for record in records if record.seq >= since]
+
+    async def announce(self, reason: str, message: str) -> None:
+        # The loop's own warning already reaches the console; this keeps the run's log complete.
+        logger.info("event %s: %s", reason, message)
 
     async def save_status(self, status: AgentExperimentStatus) -> None:
-        atomic_write(self.status_path, json.dumps(status.wire(), indent=2, sort_keys=False) + "\n")
+        try:
+            atomic_write(self.status_path, json.dumps(status.wire(), indent=2, sort_keys=False) + "\n")
+        except OSError as error:
+            raise RuntimeFailure(f"status {self.status_path}: {error}") from error
 
     def load_status(self) -> AgentExperimentStatus:
         if not self.status_path.exists():

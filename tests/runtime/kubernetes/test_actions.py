@@ -51,7 +51,9 @@ class Driven:
         )
         self.name, self.policy = name, policy
         self.spec = parse_spec(stored["spec"])
-        self.runtime = KubernetesRuntime(KubeApi(kube.api_client()), {"metadata": stored["metadata"]}, self.spec)
+        self.runtime = KubernetesRuntime(
+            KubeApi(kube.operator_api_client()), {"metadata": stored["metadata"]}, self.spec
+        )
         self.status = AgentExperimentStatus()
 
     async def cycle(self) -> AgentExperimentStatus:
@@ -124,7 +126,7 @@ async def test_an_in_place_mutate_reaches_the_running_trainer(kube: Kube, fake_n
 
 
 class ScaleOnce:
-    """Launches one single-node trial and, once it has a checkpoint, scales it to two nodes."""
+    """Launches one single-node trial and, once it has trained a while, scales it to two nodes."""
 
     name = "scripted"
 
@@ -133,12 +135,19 @@ class ScaleOnce:
         if not trials:
             return [Decision(action="launch", policy=self.name, reason="test", hyperparameters=FIRST_TRIAL)]
         first = trials[0]
-        if len(trials) == 1 and first.state == "Running" and (first.checkpoint_step or 0) >= 20:
+        if len(trials) == 1 and first.state == "Running" and first.step >= 30:
             return [Decision(action="scale", policy=self.name, reason="test", trial=first.name, nodes=2)]
         return []
 
 
-async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_path) -> None:
+def saved_steps(directory) -> list[int]:
+    """The steps of the complete checkpoints (the trainer's marker written) in a checkpoint folder."""
+    return sorted(int(tag.name[4:]) for tag in directory.glob("step*") if (tag / "trainpilot-complete.json").exists())
+
+
+async def test_a_scaled_trial_resumes_on_two_pods_from_the_step_its_parent_saved_on_sigterm(
+    kube: Kube, fake_node, tmp_path
+) -> None:
     claim = {
         "metadata": {"name": "scaling-ckpt"},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
@@ -147,8 +156,9 @@ async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_pat
     # The trial config names checkpoint paths inside a file, which the fake node cannot rewrite
     # the way it rewrites env values: mount the claim at a real host path instead.
     checkpoints = {"checkpoints": {"claimName": "scaling-ckpt", "mountPath": str(tmp_path / "ckpt")}}
+    # checkpoint_interval 0 (the default): the parent's only checkpoint is the one it saves on SIGTERM.
     experiment = Driven(
-        kube, "scaling", ScaleOnce(), checkpoints, max_steps=200, eval_interval=50, checkpoint_interval=20
+        kube, "scaling", ScaleOnce(), checkpoints, max_steps=200, eval_interval=50, checkpoint_interval=0
     )
 
     async def child_finished():
@@ -156,7 +166,7 @@ async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_pat
         return trials[1] if len(trials) > 1 and trials[1].finished else None
 
     try:
-        child = await aeventually(child_finished, timeout=240, interval=0.5)
+        child = await aeventually(child_finished, timeout=300, interval=0.5)
         job = kube.batch_v1().read_namespaced_job(child.name, "default")
         pods = (
             kube.core_v1().list_namespaced_pod("default", label_selector=f"{contract.LABEL_TRIAL}={child.name}").items
@@ -170,8 +180,13 @@ async def test_a_scaled_trial_resumes_on_two_pods(kube: Kube, fake_node, tmp_pat
     assert child.state == "Succeeded" and child.step == 200, fake_node.logs()
     assert (job.spec.completions, job.spec.parallelism, job.spec.completion_mode) == (2, 2, "Indexed")
     assert sorted(p.status.phase for p in pods) == ["Succeeded", "Succeeded"]
+    [parent_dir] = [path.parent for path in (tmp_path / "ckpt").rglob("latest") if parent.name in str(path)]
+    [saved_on_sigterm] = saved_steps(parent_dir)  # nothing before: the save on SIGTERM is its only one
+    assert saved_on_sigterm >= 30
+    # The child started after the parent's pods were gone, and resumed exactly that step.
+    assert child.resumed_from_step == saved_on_sigterm
     rank0 = next(p for p in pods if p.metadata.labels.get(contract.LABEL_COMPLETION_INDEX) == "0")
     log = fake_node.read_log(rank0.metadata.name)
     resumed = next(line for line in log.splitlines() if "resumed from" in line)
     assert "saved by 1 rank(s)" in resumed, resumed
-    assert int(resumed.split(" at step ")[1].split()[0]) >= 20
+    assert int(resumed.split(" at step ")[1].split()[0]) == saved_on_sigterm

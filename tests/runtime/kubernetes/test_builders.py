@@ -91,8 +91,11 @@ def test_checkpoint_volume_is_mounted_and_named_per_trial():
     pod = job["spec"]["template"]["spec"]
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}} in pod["volumes"]
     assert {"name": "checkpoints", "mountPath": "/ckpt"} in pod["containers"][0]["volumeMounts"]
-    assert builders.checkpoint_dir(spec, "lr-search", "lr-search-t003") == "/ckpt/lr-search/lr-search-t003"
-    assert builders.checkpoint_dir(make_spec(), "lr-search", "t") is None
+    # Per incarnation: an experiment re-created under the same name (another uid) never resumes these.
+    assert builders.checkpoint_dir(spec, OWNER, "lr-search-t003") == "/ckpt/lr-search/0000-1111/lr-search-t003"
+    again = {"metadata": {**OWNER["metadata"], "uid": "2222-3333"}}
+    assert builders.checkpoint_dir(spec, again, "lr-search-t003") == "/ckpt/lr-search/2222-3333/lr-search-t003"
+    assert builders.checkpoint_dir(make_spec(), OWNER, "t") is None
 
 
 def test_service_config_maps_and_event_validate():
@@ -112,8 +115,13 @@ def test_service_config_maps_and_event_validate():
     event = builders.build_event(OWNER, "lr-search-d00001", "TrialLaunched", "x" * 5000, False, "2026-01-01T00:00:00Z")
     client.CoreV1Event.model_validate(event)
     assert len(event["message"]) <= 1024
-    assert event["metadata"]["name"] == "lr-search-d00001"
+    # The decision id, then the experiment's uid: a re-created experiment's d00001 is another Event.
+    assert event["metadata"]["name"] == "lr-search-d00001.0000-1111" == builders.event_name(OWNER, "lr-search-d00001")
     assert event["involvedObject"]["uid"] == "0000-1111"
+    again = {"metadata": {**OWNER["metadata"], "uid": "2222-3333"}}
+    assert builders.build_event(again, "lr-search-d00001", "TrialLaunched", "x", False, "t")["metadata"]["name"] == (
+        "lr-search-d00001.2222-3333"
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,3 +137,18 @@ def test_pods_with_several_processes_get_a_memory_backed_dev_shm(gpus, processes
     assert ("/dev/shm" in mounts) == shared_memory
     if shared_memory:
         assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_disruptions_are_ignored_by_a_pod_failure_policy(nodes):
+    job = builders.build_job(OWNER, make_spec(), make_trial(nodes=nodes), "d")
+    client.V1Job.model_validate(job)
+    spec = job["spec"]
+    # An evicted or preempted pod (DisruptionTarget) does not count toward backoffLimit 0: the Job
+    # controller replaces it, once it has stopped, and the trainer resumes its own checkpoint.
+    assert spec["podFailurePolicy"] == {
+        "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    }
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["backoffLimit"] == 0
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # what a podFailurePolicy requires

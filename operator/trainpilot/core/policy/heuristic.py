@@ -1,10 +1,11 @@
 """The built-in policy: the rules a careful researcher applies, with no LLM.
 
 Per cycle, in this order: stop what diverged (and relaunch it with a lower learning rate), stop
-loss spikes, stop oscillating validation curves, stop losers at ASHA rungs, finish when the goal
-is reached or the budget is spent, and otherwise fill free slots (relaunches first, then the
-spec's initial trials, then Optuna's suggestions). Every threshold comes from HeuristicSettings;
-every decision's rationale quotes the numbers that drove it.
+loss spikes (a divergence too: relaunched the same way), stop oscillating validation curves,
+stop losers at ASHA rungs, finish when the goal is reached or the budget is spent, and otherwise
+fill free slots (relaunches first, then the spec's initial trials, then Optuna's suggestions).
+Every threshold comes from HeuristicSettings; every decision's rationale quotes the numbers that
+drove it.
 
 It keeps no memory between cycles: what it did is visible in status (a terminated trial is
 Terminated, a relaunched one has a child), which is what keeps it from repeating itself.
@@ -21,7 +22,7 @@ from trainpilot.api.experiment import MAX_TRIAL_HISTORY, HeuristicSettings, Tria
 from trainpilot.core import guardrails
 from trainpilot.core.decision import Decision
 from trainpilot.core.policy.base import PolicyContext
-from trainpilot.core.state import COMPLETE_REASON, DIVERGED_REASON, is_diverged, rung_step
+from trainpilot.core.state import COMPLETE_REASON, DIVERGED_REASON, SPIKE_REASON, is_diverged, rung_step
 
 
 class HeuristicPolicy:
@@ -87,7 +88,9 @@ class _Cycle:
 
     def divergence(self, trial: TrialStatus) -> str | None:
         if trial.finished:
-            return "stopped on a non-finite loss" if is_diverged(trial) else None
+            if not is_diverged(trial):
+                return None
+            return "stopped on a loss spike" if trial.message == SPIKE_REASON else "stopped on a non-finite loss"
         if trial.nonfinite_losses > 0:
             return f"{trial.nonfinite_losses} non-finite training loss(es)"
         raw = self.observed_objective(trial)
@@ -114,12 +117,7 @@ class _Cycle:
         space = self.spec.parameter("lr")
         lr = trial.hyperparameters.get("lr")
         if space is not None and lr is not None and (lower := space.clamp(lr * factor)) < lr:
-            resume = trial.name if trial.checkpoint_step is not None else None
-            start = (
-                f"resuming from its checkpoint at step {trial.checkpoint_step}"
-                if resume
-                else "from scratch (no checkpoint)"
-            )
+            resume, start = resume_point(trial)
             rationale = (
                 f"{trial.name}: {symptom}; {which} with lr {lr:g} x {factor:g} = {lower:g} "
                 f"(clamped into lr {space.describe()}), {start}"
@@ -152,12 +150,13 @@ class _Cycle:
             return
         factor = self.settings.spike_factor
         if smoothed > factor * best:
-            self.terminate(
-                trial,
-                "loss-spike",
+            symptom = (
                 f"smoothed train loss {smoothed:.4g} is {smoothed / best:.2f}x its best {best:.4g} "
-                f"(spikeFactor {factor:g}) at step {trial.step}",
+                f"(spikeFactor {factor:g}) at step {trial.step}"
             )
+            self.terminate(trial, SPIKE_REASON, symptom)
+            if trial.name in self.stopping:  # stopped, not held for approval: relaunch it lower, like a NaN
+                self.plan_relaunch(trial, symptom)
 
     # ---- 3. oscillation ---------------------------------------------------------------------
 
@@ -340,6 +339,19 @@ class _Cycle:
             and (summary.action, summary.trial, summary.reason) == (action, trial, reason)
             for summary in self.status.decisions
         )
+
+
+def resume_point(trial: TrialStatus) -> tuple[str | None, str]:
+    """Where a relaunch starts: the trial's checkpoint if it was saved before the first bad sign
+    (TrialStatus.unstable_since), else from scratch; and the words that say so."""
+    saved, unstable = trial.checkpoint_step, trial.unstable_since
+    if saved is None:
+        return None, "from scratch (no checkpoint)"
+    if unstable is not None and saved >= unstable:
+        return None, (
+            f"from scratch (its checkpoint at step {saved} was saved after the first bad sign at step {unstable})"
+        )
+    return trial.name, f"resuming from its checkpoint at step {saved}"
 
 
 def count_reversals(values: list[float], min_amplitude: float) -> tuple[int, float]:

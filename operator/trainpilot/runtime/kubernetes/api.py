@@ -1,7 +1,9 @@
 """A thin async face over the official (synchronous) kubernetes client.
 
 Calls run in a bounded thread pool so the operator's event loop never blocks, and ApiException is
-turned into the few outcomes the runtime reasons about: gone, already there, or a failure.
+turned into the few outcomes the runtime reasons about: gone (NotFound), already there or stale
+(Conflict), refused for good (PermanentApiError: a 4xx but 409/429) or worth a retry (ApiError:
+429, 5xx, no answer), each with the status code and the API server's own message.
 """
 
 from __future__ import annotations
@@ -13,23 +15,43 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import urllib3
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+from kubernetes.client.exceptions import ApiException, ApiTypeError, ApiValueError
 
 from trainpilot.api import contract
-from trainpilot.runtime.base import RuntimeFailure
+from trainpilot.runtime.base import PermanentFailure, RuntimeFailure
 
 T = TypeVar("T")
 _EXECUTOR_WORKERS = 16
 _EXECUTOR = ThreadPoolExecutor(max_workers=_EXECUTOR_WORKERS, thread_name_prefix="kube-api")
 
 
-class NotFound(RuntimeFailure):
+class ApiError(RuntimeFailure):
+    """The API server (or the way to it) failed a request: `status` is the HTTP code (None when no
+    answer came), `api_message` what the server said. Transient unless it is a PermanentApiError."""
+
+    def __init__(self, what: str, status: int | None, api_message: str) -> None:
+        super().__init__(f"{what}: API error {status}: {api_message}" if status else f"{what}: {api_message}")
+        self.status = status
+        self.api_message = api_message
+
+
+class PermanentApiError(ApiError, PermanentFailure):
+    """A 4xx other than 409 and 429 (403 Forbidden, 422 Invalid, ...): the same request fails again."""
+
+
+class NotFound(PermanentApiError):
     pass
 
 
-class Conflict(RuntimeFailure):
-    """AlreadyExists on create, or a stale resourceVersion on replace."""
+class Conflict(ApiError):
+    """AlreadyExists on create, or a stale resourceVersion on replace: retry with fresh state."""
+
+
+def is_permanent(status: int | None) -> bool:
+    """4xx but 409 Conflict and 429 TooManyRequests; 5xx and no answer at all are worth a retry."""
+    return status is not None and 400 <= status < 500 and status not in (409, 429)
 
 
 def client_configuration(config_file: str | None = None) -> client.Configuration:
@@ -52,17 +74,18 @@ def load_credentials() -> client.ApiClient:
     return client.ApiClient(client_configuration())
 
 
-def _translate(error: ApiException, what: str) -> RuntimeFailure:
-    if error.status == 404:
-        return NotFound(f"{what}: not found")
-    if error.status == 409:
-        return Conflict(f"{what}: conflict")
-    reason = error.reason or ""
+def _translate(error: ApiException, what: str) -> ApiError:
+    message = error.reason or ""
     try:
-        reason = json.loads(error.body or "{}").get("message", reason)
-    except (TypeError, ValueError):
+        message = json.loads(error.body or "{}").get("message") or message
+    except (TypeError, ValueError, AttributeError):
         pass
-    return RuntimeFailure(f"{what}: API error {error.status}: {reason}")
+    status = error.status
+    if status == 404:
+        return NotFound(what, status, message or "not found")
+    if status == 409:
+        return Conflict(what, status, message or "conflict")
+    return (PermanentApiError if is_permanent(status) else ApiError)(what, status, message)
 
 
 class KubeApi:
@@ -80,6 +103,10 @@ class KubeApi:
             return await loop.run_in_executor(_EXECUTOR, functools.partial(fn, *args, **kwargs))
         except ApiException as error:
             raise _translate(error, what) from None
+        except (ApiTypeError, ApiValueError) as error:  # the client refused the body: sending it again cannot help
+            raise PermanentApiError(what, None, f"request refused by the client: {error}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:  # refused, reset, timed out: try again later
+            raise ApiError(what, None, f"no answer from the API server ({type(error).__name__}: {error})") from None
 
     async def create_if_absent(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
         """Create; True if created now, False if it already existed (a retried cycle)."""

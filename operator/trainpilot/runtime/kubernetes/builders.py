@@ -26,6 +26,12 @@ RENDEZVOUS_PORT = 29500
 TERMINATION_GRACE_SECONDS = 30
 CONTAINER_NAME = "trainer"
 TERMINATION_LOG = "/dev/termination-log"
+# Pods that Kubernetes itself disrupts (the eviction API, the scheduler's preemption, node pressure,
+# a node going away, taint eviction) get the DisruptionTarget condition before they are stopped.
+# Such a failure is ignored: it does not count toward backoffLimit and the pod is replaced.
+POD_FAILURE_POLICY: dict[str, Any] = {
+    "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+}
 
 
 def owner_reference(experiment: dict[str, Any]) -> dict[str, Any]:
@@ -56,11 +62,14 @@ def control_map_name(trial: str) -> str:
     return f"{trial}-control"
 
 
-def checkpoint_dir(spec: AgentExperimentSpec, experiment: str, trial: str) -> str | None:
+def checkpoint_dir(spec: AgentExperimentSpec, owner: dict[str, Any], trial: str) -> str | None:
+    """`<mountPath>/<experiment>/<uid>/<trial>`: an experiment deleted and re-created under the same
+    name is another incarnation (another uid), whose trials never resume the earlier one's checkpoints."""
     volume = spec.trial_template.checkpoints
     if volume is None:
         return None
-    return f"{volume.mount_path.rstrip('/')}/{experiment}/{trial}"
+    metadata = owner["metadata"]
+    return f"{volume.mount_path.rstrip('/')}/{metadata['name']}/{metadata['uid']}/{trial}"
 
 
 def _config_map(owner: dict[str, Any], trial: str, name: str, data: dict[str, str]) -> dict[str, Any]:
@@ -153,6 +162,12 @@ def build_job(
             "parallelism": trial.nodes,
             # A failed trial is a fact for the policy to weigh, not something to retry blindly.
             "backoffLimit": 0,
+            # ... but an evicted or preempted pod is not a failure of the trial: the Job controller
+            # replaces it, and the trainer resumes its own latest checkpoint.
+            "podFailurePolicy": POD_FAILURE_POLICY,
+            # A replacement starts only once the pod it replaces has stopped (the default with a
+            # podFailurePolicy, spelled out): one index never runs twice, on one checkpoint directory.
+            "podReplacementPolicy": "Failed",
             "template": {
                 "metadata": {
                     "labels": labels,
@@ -270,13 +285,25 @@ def _volumes(spec: AgentExperimentSpec, trial: TrialStatus) -> tuple[list[dict[s
     return volumes, mounts
 
 
-def build_event(owner: dict[str, Any], name: str, reason: str, message: str, warning: bool, now: str) -> dict[str, Any]:
-    """A core/v1 Event with a deterministic name, so a retried post is a conflict, not a duplicate."""
+def event_name(owner: dict[str, Any], key: str) -> str:
+    """`<key>.<experiment uid>`: deterministic, so a retried post is a conflict, not a duplicate, and
+    per incarnation, so an experiment re-created under the same name never collides with the Events
+    of the one deleted before it (decision ids restart at d00000)."""
+    uid = owner["metadata"].get("uid")
+    return f"{key}.{uid}" if uid else key
+
+
+def build_event(owner: dict[str, Any], key: str, reason: str, message: str, warning: bool, now: str) -> dict[str, Any]:
+    """A core/v1 Event on the experiment, named `event_name(owner, key)` (key: a decision id, say)."""
     metadata = owner["metadata"]
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": name, "namespace": metadata["namespace"], "labels": child_labels(metadata["name"])},
+        "metadata": {
+            "name": event_name(owner, key),
+            "namespace": metadata["namespace"],
+            "labels": child_labels(metadata["name"]),
+        },
         "involvedObject": {
             "apiVersion": contract.API_VERSION,
             "kind": contract.EXPERIMENT_KIND,

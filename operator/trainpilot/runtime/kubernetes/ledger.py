@@ -13,8 +13,10 @@ from typing import Any
 
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
+from trainpilot.runtime.base import LedgerConflict
 from trainpilot.runtime.kubernetes.api import Conflict, KubeApi, NotFound
 from trainpilot.runtime.kubernetes.builders import child_labels, owner_reference
+from trainpilot.runtime.kubernetes.ownership import controller_uid, create_owned, require_owned
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class ConfigMapLedger:
         self._text: str | None = None  # the current segment, cached after the first read
         self._archived = 0
         self._version: str | None = None
-        self._ids: set[str] = set()
+        self._records: dict[str, DecisionRecord] = {}  # the current segment's, by id
 
     async def _load(self) -> None:
         try:
@@ -49,6 +51,7 @@ class ConfigMapLedger:
         except NotFound:
             self._text, self._archived, self._version = "", 0, None
         else:
+            require_owned(config_map, self.owner, "ledger ConfigMap")  # an earlier incarnation's is not ours
             data = config_map.data or {}
             self._text = data.get(KEY_LINES, "")
             self._archived = int(data.get(KEY_ARCHIVED, "0"))
@@ -56,36 +59,75 @@ class ConfigMapLedger:
         records, problems = ledger_format.decode(self._text)
         for problem in problems:
             logger.warning("ledger %s: %s", ledger_name(self.experiment), problem)
-        self._ids = {record.id for record in records}
+        self._records = {record.id: record for record in records}
 
-    async def recent(self) -> list[DecisionRecord]:
-        """The current segment: it always holds every record newer than the last saved status."""
+    async def since(self, seq: int) -> list[DecisionRecord]:
+        """Every record with seq >= `seq`, oldest first: the current segment, and as many archived
+        segments (newest first) as it takes to reach back that far."""
         if self._text is None:
             await self._load()
-        records, _ = ledger_format.decode(self._text or "")
+        records = list(self._records.values())
+        segment = self._archived
+        while segment >= 1 and (not records or records[0].seq > seq):
+            older = await self._read_segment(segment)
+            records = older + [record for record in records if record.id not in {r.id for r in older}]
+            segment -= 1
+        return [record for record in records if record.seq >= seq]
+
+    async def _read_segment(self, segment: int) -> list[DecisionRecord]:
+        try:
+            config_map = await self.api.call(
+                f"ledger segment {segment} of {self.experiment}",
+                self.api.core.read_namespaced_config_map,
+                ledger_name(self.experiment, segment),
+                self.namespace,
+            )
+        except NotFound:
+            logger.warning("ledger segment %s of %s is missing", segment, self.experiment)
+            return []
+        require_owned(config_map, self.owner, f"ledger segment {segment}")
+        records, _ = ledger_format.decode((config_map.data or {}).get(KEY_LINES, ""))
         return records
 
+    async def _stored(self, record: DecisionRecord) -> DecisionRecord | None:
+        """The record already stored under this id, wherever it was rotated to; None if none is."""
+        if record.id in self._records:
+            return self._records[record.id]
+        oldest = next(iter(self._records.values()), None)
+        if self._archived and (oldest is None or oldest.seq > record.seq):
+            return next((stored for stored in await self.since(record.seq) if stored.id == record.id), None)
+        return None
+
     async def append(self, record: DecisionRecord) -> None:
+        """Append `record`; the same record again is a no-op (a retried cycle), while another one under
+        its id raises LedgerConflict: it was decided apart from what the ledger holds."""
         for _attempt in range(5):
             if self._text is None:
                 await self._load()
-            if record.id in self._ids:
+            stored = await self._stored(record)
+            if stored is not None:
+                if stored != record:
+                    raise LedgerConflict(record, stored)
                 return
             try:
                 await self._write(ledger_format.encode(record))
             except Conflict:
                 self._text = None  # someone else wrote: re-read and try again
                 continue
-            self._ids.add(record.id)
+            self._records[record.id] = record
             return
-        raise Conflict(f"ledger of {self.experiment}: kept conflicting, giving up this cycle")
+        raise Conflict(
+            f"ledger of {self.experiment}", 409, "kept conflicting with another writer, giving up this cycle"
+        )
 
     async def _write(self, line: str) -> None:
         text = self._text or ""
         archived = self._archived
-        if text and len(text.encode()) + len(line.encode()) > SEGMENT_BYTES:
+        rotated = bool(text) and len(text.encode()) + len(line.encode()) > SEGMENT_BYTES
+        if rotated:
             archived += 1
-            await self.api.create_if_absent(
+            await create_owned(
+                self.api,
                 f"ledger segment {archived} of {self.experiment}",
                 self.api.core.create_namespaced_config_map,
                 self.namespace,
@@ -98,7 +140,7 @@ class ConfigMapLedger:
                 f"ledger of {self.experiment}", self.api.core.create_namespaced_config_map, self.namespace, manifest
             )
             if not created:
-                raise Conflict("ledger created concurrently")
+                raise Conflict(f"ledger of {self.experiment}", 409, "created concurrently")
             result = None
         else:
             manifest["metadata"]["resourceVersion"] = self._version
@@ -110,6 +152,8 @@ class ConfigMapLedger:
                 manifest,
             )
         self._text, self._archived = text + line, archived
+        if rotated:
+            self._records = {}  # the current segment starts afresh with this line
         self._version = getattr(getattr(result, "metadata", None), "resource_version", None)
         if self._version is None:
             self._text = None  # version unknown: re-read before the next write
@@ -144,6 +188,9 @@ async def read_all(api: KubeApi, experiment: str, namespace: str) -> list[Decisi
             archived = await api.call(
                 "ledger segment", api.core.read_namespaced_config_map, ledger_name(experiment, segment), namespace
             )
+            if controller_uid(archived) != controller_uid(current):  # an earlier incarnation's: not this ledger
+                logger.warning("ledger segment %s of %s belongs to another incarnation; skipped", segment, experiment)
+                continue
             texts.append((archived.data or {}).get(KEY_LINES, ""))
         except NotFound:
             logger.warning("ledger segment %s of %s is missing", segment, experiment)

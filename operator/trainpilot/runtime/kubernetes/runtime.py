@@ -13,15 +13,18 @@ from typing import Any
 
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
-from trainpilot.api.metrics import TrialMetrics
+from trainpilot.api.metrics import TrainerExit, TrialMetrics
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime import scrape
+from trainpilot.runtime.base import Departure, RuntimeFailure
 from trainpilot.runtime.clock import cluster_now
-from trainpilot.runtime.kubernetes import builders
+from trainpilot.runtime.kubernetes import builders, claims, ownership, waiting
 from trainpilot.runtime.kubernetes.api import KubeApi, NotFound
+from trainpilot.runtime.kubernetes.departures import Departures
 from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
+from trainpilot.runtime.kubernetes.termination import final_metrics, trainer_exit
 
 logger = logging.getLogger(__name__)
 
@@ -29,23 +32,20 @@ WARNING_REASONS = {
     contract.REASON_DECISION_REJECTED,
     contract.REASON_TRIAL_TERMINATED,
     contract.REASON_EXPERIMENT_FAILED,
+    contract.REASON_DECISION_FAILED,
 }
 
 
-def _exit_reason(code: int | None) -> str:
+def _exit_reason(code: int | None, reported: TrainerExit | None = None) -> str:
+    """The trainer's own reason when its termination message states one (torchrun exits 1
+    whatever its workers did), else what the container's exit code says."""
+    if reported is not None:
+        return reported.reason
     if code is None:
         return "unknown"
     if code >= 128:  # killed by a signal the trainer did not handle (OOM kill, SIGKILL)
         return "crashed"
     return contract.EXIT_REASONS.get(code, "crashed")
-
-
-def final_metrics(termination_message: str | None) -> TrialMetrics | None:
-    """The trainer's last values from the pod's termination message (its final summary, as JSON)."""
-    try:
-        return TrialMetrics.from_result(json.loads(termination_message or ""))
-    except ValueError:
-        return None
 
 
 class KubernetesRuntime:
@@ -58,6 +58,10 @@ class KubernetesRuntime:
         self.namespace: str = experiment["metadata"]["namespace"]
         self.experiment: str = experiment["metadata"]["name"]
         self.ledger_store = ConfigMapLedger(api, experiment)
+        self.departures = Departures(api, self.namespace, self.experiment)
+        # The status as last saved (the object's own at first), so a save can clear what became empty.
+        stored = experiment.get("status")
+        self.saved: dict[str, Any] | None = dict(stored) if isinstance(stored, dict) and stored else None
 
     def update(self, experiment: dict[str, Any], spec: AgentExperimentSpec) -> None:
         """The user changed the spec (or metadata): later cycles use the new one."""
@@ -68,12 +72,12 @@ class KubernetesRuntime:
         return f"{contract.LABEL_EXPERIMENT}={self.experiment}"
 
     def checkpoint_dir(self, trial: str) -> str | None:
-        return builders.checkpoint_dir(self.spec, self.experiment, trial)
+        return builders.checkpoint_dir(self.spec, self.owner, trial)
 
     # ---------------------------------------------------------------- observe
 
     async def observe(self, status: AgentExperimentStatus) -> Observation:
-        active = [trial.name for trial in status.active_trials]
+        active = [trial.name for trial in status.launched_trials]
         observation = Observation(time=cluster_now())
         if not active:
             return observation
@@ -83,9 +87,10 @@ class KubernetesRuntime:
         pods = await self.api.call(
             "list trial pods", self.api.core.list_namespaced_pod, self.namespace, label_selector=self.selector
         )
-        jobs_by_trial = {job.metadata.name: job for job in jobs.items}
+        # Only this incarnation's (by uid): an earlier experiment of this name may have left some.
+        jobs_by_trial = {job.metadata.name: job for job in ownership.owned(jobs.items, self.owner)}
         pods_by_trial: dict[str, list[Any]] = {}
-        for pod in pods.items:
+        for pod in ownership.current_pods(pods.items, jobs_by_trial.values()):
             trial = (pod.metadata.labels or {}).get(contract.LABEL_TRIAL)
             if trial:
                 pods_by_trial.setdefault(trial, []).append(pod)
@@ -101,6 +106,7 @@ class KubernetesRuntime:
             observation.trials[trial] = self._observe_trial(
                 trial, jobs_by_trial.get(trial), pods_by_trial.get(trial, []), scraped.get(trial)
             )
+        waiting.note_pending(observation, jobs_by_trial, pods.items)  # for spec.trialTemplate.pendingTimeoutSeconds
         return observation
 
     @staticmethod
@@ -127,6 +133,7 @@ class KubernetesRuntime:
             )
         if "Failed" in conditions:
             code = terminated.exit_code if terminated is not None else None
+            reported = trainer_exit(terminated.message) if terminated is not None else None
             failed = conditions["Failed"]
             message = failed.message or failed.reason or "Job failed"
             if terminated is None and not pods:
@@ -134,8 +141,8 @@ class KubernetesRuntime:
             return TrialObservation(
                 name=trial,
                 phase="Failed",
-                exit_reason=_exit_reason(code),
-                exit_code=code,
+                exit_reason=_exit_reason(code, reported),
+                exit_code=reported.code if reported is not None else code,
                 metrics=metrics,
                 message=message,
             )
@@ -155,8 +162,9 @@ class KubernetesRuntime:
 
     # ---------------------------------------------------------------- act
 
-    async def launch(self, trial: TrialStatus, config: TrialConfig, record: DecisionRecord) -> None:
+    async def launch(self, trial: TrialStatus, config: TrialConfig) -> None:
         owner, ns = self.owner, self.namespace
+        await claims.check_checkpoint_claim(self.api, self.spec, trial, ns)  # nodes > 1 needs ReadWriteMany
         control = ControlFile(generation=trial.control_generation)
         objects = [
             (
@@ -170,15 +178,17 @@ class KubernetesRuntime:
                 builders.build_control_map(owner, trial.name, control),
             ),
             ("service", self.api.core.create_namespaced_service, builders.build_service(owner, trial.name)),
-            ("job", self.api.batch.create_namespaced_job, builders.build_job(owner, self.spec, trial, record.id)),
+            ("job", self.api.batch.create_namespaced_job, builders.build_job(owner, self.spec, trial, trial.decision)),
         ]
         # The Job goes last: its pods mount the ConfigMaps, which must exist first.
         for kind, create, manifest in objects:
-            await self.api.create_if_absent(f"{kind} of {trial.name}", create, ns, manifest)
+            await ownership.create_owned(self.api, f"{kind} of {trial.name}", create, ns, manifest)
 
     async def stop(self, trial: str, reason: str) -> None:
         # Background propagation: the Job goes now, its pods get SIGTERM and their grace period
-        # (the trainer checkpoints), and the API call does not wait for any of it.
+        # (the trainer checkpoints), and the API call does not wait for any of it. Its pods are
+        # watched from before the deletion, so their last status (the step saved) is seen.
+        self.departures.follow(trial)
         body = {"propagationPolicy": "Background"}
         await self.api.delete_if_present(
             f"job {trial}", self.api.batch.delete_namespaced_job, trial, self.namespace, body=body
@@ -186,6 +196,13 @@ class KubernetesRuntime:
         await self.api.delete_if_present(
             f"service {trial}", self.api.core.delete_namespaced_service, trial, self.namespace
         )
+
+    async def departed(self, trial: str) -> Departure | None:
+        return await self.departures.departed(trial)
+
+    def close(self) -> None:
+        """The daemon is ending: stop watching."""
+        self.departures.close()
 
     async def set_control(self, trial: str, control: ControlFile) -> None:
         await self.api.call(
@@ -199,15 +216,19 @@ class KubernetesRuntime:
     # ---------------------------------------------------------------- record
 
     async def record(self, record: DecisionRecord) -> None:
-        # Ledger first: it is the durable truth; the Event and the annotation are announcements.
+        # Ledger first: it is the durable truth, and the only write here whose failure stops the
+        # cycle. The Event and the annotation are announcements: best effort.
         await self.ledger_store.append(record)
         reason = record.event_reason()
         event = builders.build_event(
             self.owner, record.id, reason, record.message(), warning=reason in WARNING_REASONS, now=record.time
         )
-        await self.api.create_if_absent(
-            f"event {record.id}", self.api.core.create_namespaced_event, self.namespace, event
-        )
+        try:
+            await self.api.create_if_absent(
+                f"event {record.id}", self.api.core.create_namespaced_event, self.namespace, event
+            )
+        except RuntimeFailure as failure:
+            logger.warning("%s/%s: Event for %s not posted: %s", self.namespace, self.experiment, record.id, failure)
         compact = json.dumps(record.compact(), separators=(",", ":"))
         try:
             await self.api.annotate_experiment(
@@ -215,14 +236,64 @@ class KubernetesRuntime:
             )
         except NotFound:
             logger.info("experiment %s is gone; not annotating %s", self.experiment, record.id)
+        except RuntimeFailure as failure:
+            logger.warning("%s/%s: %s not annotated: %s", self.namespace, self.experiment, record.id, failure)
         log = logger.warning if reason in WARNING_REASONS else logger.info
         log("%s/%s %s: %s", self.namespace, self.experiment, reason, record.message())
 
-    async def ledger(self) -> list[DecisionRecord]:
-        return await self.ledger_store.recent()
+    async def ledger(self, since: int = 0) -> list[DecisionRecord]:
+        return await self.ledger_store.since(since)
+
+    async def announce(self, reason: str, message: str) -> None:
+        """One Warning Event per reason, its message and time brought up to date on each repeat."""
+        name = f"{self.experiment}.{reason.lower()}"
+        now = cluster_now()
+        try:
+            created = await self.api.create_if_absent(
+                f"event {name}",
+                self.api.core.create_namespaced_event,
+                self.namespace,
+                builders.build_event(self.owner, name, reason, message, warning=True, now=now),
+            )
+            if not created:
+                await self.api.call(
+                    f"event {name}",
+                    self.api.core.patch_namespaced_event,
+                    builders.event_name(self.owner, name),  # build_event's name: with the experiment's uid
+                    self.namespace,
+                    {"message": message[:1024], "lastTimestamp": now},
+                )
+        except RuntimeFailure as failure:  # best effort: the log line the loop writes says it too
+            logger.warning("%s/%s: Event %s not posted: %s", self.namespace, self.experiment, reason, failure)
 
     async def save_status(self, status: AgentExperimentStatus) -> None:
+        wire = status.wire()
         try:
-            await self.api.patch_experiment_status(self.namespace, self.experiment, status.wire())
+            await self.api.patch_experiment_status(self.namespace, self.experiment, status_patch(self.saved, wire))
         except NotFound:
             logger.info("experiment %s is gone; status not saved", self.experiment)
+            return
+        self.saved = wire
+
+
+def status_patch(saved: dict[str, Any] | None, wire: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that makes the stored status `wire`: every value, and null for
+    whatever became empty, or the API server would keep it (a bestTrial that crashed since).
+
+    Every field the model knows is cleared when empty; inside objects, which a merge patch merges
+    rather than replaces, keys of the status last saved that are gone now are cleared too. Lists
+    are replaced whole. Values are always sent, so another writer (mark_invalid) cannot make a
+    field look unchanged when it is not."""
+    known: dict[str, Any] = {name: None for name in _STATUS_FIELDS}
+    return _merge_patch({**known, **{k: v for k, v in (saved or {}).items() if k in known}}, wire)
+
+
+def _merge_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    patch: dict[str, Any] = {key: None for key in before if key not in after}
+    for key, value in after.items():
+        prior = before.get(key)
+        patch[key] = _merge_patch(prior, value) if isinstance(value, dict) and isinstance(prior, dict) else value
+    return patch
+
+
+_STATUS_FIELDS = tuple(field.alias or name for name, field in AgentExperimentStatus.model_fields.items())
