@@ -46,6 +46,7 @@ class MemoryRuntime:
         self.sneak: DecisionRecord | None = None
         self.lingering: set[str] = set()
         self.fail_observe: RuntimeFailure | None = None
+        self.scrape_errors: dict[str, str] = {}
         self.reported_steps: dict[str, int] = {}
 
     def checkpoint_dir(self, trial):
@@ -66,8 +67,14 @@ class MemoryRuntime:
             phase = "Running" if code is None else ("Succeeded" if code == 0 else "Failed")
             reason = None if code is None else contract.EXIT_REASONS[code]
             metrics = TrialMetrics(values=self.metrics.get(trial.name, {}))
+            error = self.scrape_errors.get(trial.name)
             observation.trials[trial.name] = TrialObservation(
-                name=trial.name, phase=phase, exit_reason=reason, exit_code=code, metrics=metrics
+                name=trial.name,
+                phase=phase,
+                exit_reason=reason,
+                exit_code=code,
+                metrics=None if error else metrics,
+                scrape_error=error,
             )
         return observation
 
@@ -716,3 +723,31 @@ async def test_an_api_server_that_does_not_answer_is_waited_out_and_said_so():
         await run_cycle("exp", SPEC, status, runtime, HeuristicPolicy(), "2026-11-22T06:30:00Z", memory=memory)
     ).status
     assert condition(status, contract.CONDITION_OBSERVATION_HEALTHY).status == "True"
+
+
+# ---- metrics the operator cannot reach -------------------------------------------------------
+
+
+async def test_metrics_that_cannot_be_reached_say_which_url_and_what_to_do_then_clear():
+    from trainpilot.core.reachability import MAX_FAILED_SCRAPES
+
+    runtime = MemoryRuntime()
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+    url = "http://10.244.0.7:9400/metrics"
+    runtime.scrape_errors = {"exp-t000": f"{url}: ClientConnectorError", "exp-t001": "http://x/metrics: timeout"}
+    # Starting up (torch and DeepSpeed load before /metrics answers): failed scrapes are expected.
+    for n in range(1, MAX_FAILED_SCRAPES + 2):
+        status = (await cycle(runtime, status, now=f"2026-11-22T06:00:{10 * n}Z")).status
+    assert not any(c.type == contract.CONDITION_METRICS_REACHABLE for c in status.conditions)
+    for n in range(1, MAX_FAILED_SCRAPES + 1):
+        status = (await cycle(runtime, status, now=f"2026-11-22T06:0{n + 2}:00Z")).status
+    reachable = next(c for c in status.conditions if c.type == contract.CONDITION_METRICS_REACHABLE)
+    assert (reachable.status, reachable.reason) == ("False", contract.REASON_METRICS_UNREACHABLE)
+    assert f"scrapes in a row failed, the last: {url}" in reachable.message
+    assert "(and 1 more trial(s))" in reachable.message and "run it in the cluster" in reachable.message
+    assert runtime.events[-1][0] == contract.REASON_METRICS_UNREACHABLE
+    runtime.scrape_errors = {}
+    runtime.metrics["exp-t000"] = {contract.METRIC_STEP: 10}
+    status = (await cycle(runtime, status, now="2026-11-22T06:09:00Z")).status
+    reachable = next(c for c in status.conditions if c.type == contract.CONDITION_METRICS_REACHABLE)
+    assert reachable.status == "True" and status.trial("exp-t000").failed_scrapes == 0

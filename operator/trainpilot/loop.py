@@ -36,6 +36,7 @@ from trainpilot.core.engine import (
 from trainpilot.core.handoff import handoff_overdue, handoff_step, handoff_words
 from trainpilot.core.pending import plan_with_timeouts
 from trainpilot.core.policy import Policy
+from trainpilot.core.reachability import reached, unreachable
 from trainpilot.core.state import apply_record, fold_observation
 from trainpilot.core.trials import build_trial_config
 from trainpilot.runtime.base import LedgerConflict, PermanentFailure, Runtime, RuntimeFailure
@@ -162,6 +163,7 @@ class _Cycle:
         # stopped is Terminated for its reason, not a crash because its Job is gone.
         status = await self.recover(status)
         status = fold_observation(self.spec, status, self.observation, self.now)
+        status = await self._metrics_reachability(status)
         status = _with_generation(status, generation, self.now)
         return self._action_health(await self.decide(status))
 
@@ -194,6 +196,18 @@ class _Cycle:
             logger.warning("%s: %s", self.experiment, planned.policy_failure)
             await self.runtime.announce(contract.REASON_POLICY_FAILING, planned.policy_failure)
         return planned
+
+    async def _metrics_reachability(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        why = unreachable(status, self.observation, self.now)
+        if why is not None:
+            return await self._report(
+                status, contract.CONDITION_METRICS_REACHABLE, contract.REASON_METRICS_UNREACHABLE, why
+            )
+        if reached(self.observation):
+            return _healthy_again(
+                status, contract.CONDITION_METRICS_REACHABLE, "MetricsScraped", "trainers' metrics read", self.now
+            )
+        return status
 
     def _log_policy_error(self, error: BaseException) -> None:
         # The warning with the message comes from plan(); the traceback goes to the log file only.

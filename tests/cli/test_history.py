@@ -48,7 +48,7 @@ def test_history_of_a_cluster_experiment_needs_the_cluster_extra(tmp_path, capsy
     monkeypatch.setitem(sys.modules, "trainpilot.runtime.kubernetes.ledger", None)  # import fails
     assert main(["history", "quickstart", "-n", "ml"]) == 2
     err = capsys.readouterr().err
-    assert "cluster extra" in err and "pip install 'trainpilot[operator]'" in err
+    assert "cluster extra" in err and "pip install -e '.[operator]'" in err
 
 
 def test_history_of_a_cluster_experiment(tmp_path, capsys, monkeypatch):

@@ -31,7 +31,8 @@ def test_quickstart_example_is_valid():
     "text,expected",
     [
         ("a: [unclosed", "not valid YAML"),
-        (GOOD.replace("AgentExperiment", "Deployment"), "kind: AgentExperiment"),
+        (GOOD.replace("AgentExperiment", "Deployment"), "kind: AgentExperiment, found 0 (kind: Deployment)"),
+        (GOOD.replace("AgentExperiment", "AgentExperiments"), "found 0 (kind: AgentExperiments)"),
         (GOOD.replace("v1alpha1", "v1"), "apiVersion must be trainpilot.dev/v1alpha1"),
         (GOOD + "  budgett: {maxTrials: 2}\n", "spec.budgett: Extra inputs are not permitted"),
         (GOOD.replace("max: 1.0", "max: 0.00001"), "min (0.0001) must be below max"),

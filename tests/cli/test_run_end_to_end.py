@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.support.localkit import QUICKSTART, REPO
+from trainpilot.cli.hints import shell_command
 from trainpilot.core import ledger as ledger_format
 from trainpilot.runtime.local import _descendants
 
@@ -173,7 +174,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_repeats(tmp_path):
             process.kill()
             process.wait()
     assert process.returncode == 130, output[-3000:]
-    assert f"resume with: trainpilot run --resume {run_dir.resolve()}" in output
+    # Named as the user's shell (this PATH, this directory) runs it: .venv/bin/trainpilot in CI.
+    assert f"resume with: {shell_command(cwd=str(REPO))} run --resume {run_dir.resolve()}" in output
     assert not [pid for pid in trainers if _alive(pid)]
 
     before = read_ledger(run_dir)

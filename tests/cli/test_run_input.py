@@ -96,10 +96,22 @@ def test_parallel_trials_bounded_by_cores(tmp_path, monkeypatch):
         os.close(prepared.lock_fd)
 
 
+def test_run_dir_with_an_edited_experiment_says_what_changed(existing_run, tmp_path, capsys):
+    before = snapshot(existing_run)
+    doc = quickstart_raw()
+    maximum = doc["spec"]["budget"]["maxTrials"]
+    doc["spec"]["budget"]["maxTrials"] = 6
+    code, err = run([str(write_yaml(tmp_path / "edited.yaml", doc)), "--run-dir", str(existing_run)], capsys)
+    assert code == 2 and "started from a different spec" in err
+    assert f"spec.budget.maxTrials: {maximum} -> 6" in err
+    assert f"run --resume {existing_run}" in err and "new --run-dir" in err
+    assert snapshot(existing_run) == before
+
+
 def test_run_dir_with_a_different_experiment(existing_run, tmp_path, capsys):
     before = snapshot(existing_run)
     doc = quickstart_raw()
-    doc["spec"]["budget"]["maxTrials"] = 6
+    doc["metadata"]["name"] = "another"
     code, err = run([str(write_yaml(tmp_path / "other.yaml", doc)), "--run-dir", str(existing_run)], capsys)
     assert code == 2 and "different run" in err and "--resume" in err and "--run-dir" in err
     assert snapshot(existing_run) == before

@@ -363,3 +363,12 @@ def test_make_policy():
     assert make_policy(make_spec()).name == "heuristic"
     with pytest.raises(ValueError, match="claude"):
         make_policy(make_spec(policy={"type": "claude"}))
+
+
+def test_a_suggestion_names_the_one_sampler_that_chose_it():
+    from trainpilot.core.policy.heuristic import suggestion_words
+
+    early = suggestion_words(scored=2, startup_trials=4)
+    assert early == "Optuna random sample (2 of the 4 scored trials TPE starts from)" and "TPE suggestion" not in early
+    late = suggestion_words(scored=5, startup_trials=4)
+    assert late == "Optuna TPE suggestion from 5 scored trials" and "random" not in late

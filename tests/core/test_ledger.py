@@ -40,3 +40,13 @@ def test_table_has_a_row_per_record():
     assert lines[0].split()[:3] == ["TIME", "ID", "POLICY"]
     assert len(lines) == 3
     assert "exp-d00001" in lines[2] and "because" in lines[2] and "lr=0.01" in lines[2]
+
+
+def test_a_long_why_is_wrapped_under_its_column_never_cut():
+    rationale = "lr 0.003 keeps improving at rung 0.5 while its peers plateau; " * 4 + "the end."
+    table = ledger.format_table([record(0, rationale=rationale)], width=100)
+    lines = table.splitlines()
+    column = lines[0].index("WHY")
+    assert all(len(line) <= 100 for line in lines) and len(lines) > 2
+    assert all(line[:column].strip() == "" for line in lines[2:])  # continuation lines sit under WHY
+    assert " ".join(line[column:].strip() for line in lines[1:]).endswith(rationale.strip())

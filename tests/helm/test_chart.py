@@ -10,7 +10,7 @@ import pytest
 
 from tests.support import chart as chart_support
 from tests.support.openapi import admit
-from tests.support.paths import CHART
+from tests.support.paths import CHART, REPO
 from trainpilot.api import crd
 
 helm = pytest.importorskip("helm_python")
@@ -224,3 +224,20 @@ def test_rendered_objects_survive_the_official_kubernetes_models(values: dict) -
             continue
         model = api.deserialize(json.dumps(document), f"V1{document['kind']}", "application/json")
         assert api.sanitize_for_serialization(model) == document, document["kind"]
+
+
+def test_the_chart_runs_the_operator_as_the_user_its_image_creates() -> None:
+    """A Deployment whose runAsUser has no home in the image: the operator's ~/.kube, Python's caches
+    and the kopf state would all fall back to paths that user cannot write."""
+    import re
+
+    deployment = one(render(), "Deployment")
+    security = deployment["spec"]["template"]["spec"]["securityContext"]
+    for dockerfile in (
+        REPO / "operator" / "Dockerfile",
+        REPO / "trainer_image" / "Dockerfile",
+    ):
+        text = dockerfile.read_text()
+        user, group = re.search(r"^USER (\d+):(\d+)$", text, re.MULTILINE).groups()
+        assert f"useradd --uid {user} --gid {group}" in text, dockerfile
+        assert (security["runAsUser"], security["runAsGroup"]) == (int(user), int(group)), dockerfile

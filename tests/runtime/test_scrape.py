@@ -59,6 +59,7 @@ async def test_scrape_all_is_concurrent_and_bounded_by_timeout():
     base = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
+        errors: dict[str, str] = {}
         results = await scrape_all(
             {
                 "good": f"{base}/good",
@@ -68,6 +69,7 @@ async def test_scrape_all_is_concurrent_and_bounded_by_timeout():
                 "absent": "http://127.0.0.1:9/metrics",
             },
             timeout=0.5,
+            errors=errors,
         )
         elapsed = time.monotonic() - started
     finally:
@@ -76,6 +78,12 @@ async def test_scrape_all_is_concurrent_and_bounded_by_timeout():
     assert results["hang1"] is None and results["hang2"] is None
     assert results["broken"] is None and results["absent"] is None
     assert elapsed < 5  # two hanging endpoints did not add up: they were scraped at once
+    # Why each one gave nothing, for the MetricsReachable condition.
+    assert errors == {
+        f"{base}/hang": "no answer within 0.5 s",
+        f"{base}/broken": "HTTP 500",
+        "http://127.0.0.1:9/metrics": "ClientConnectorError",
+    }
 
 
 async def test_a_trainer_on_an_ipv6_pod_address_is_scraped():

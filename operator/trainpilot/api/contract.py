@@ -163,6 +163,7 @@ REASON_DECISION_FAILED = "DecisionFailed"
 REASON_POLICY_FAILING = "PolicyFailing"
 REASON_RECORDING_FAILED = "RecordingFailed"
 REASON_OBSERVATION_FAILED = "ObservationFailed"
+REASON_METRICS_UNREACHABLE = "MetricsUnreachable"
 
 # Status conditions besides Valid (kubectl describe shows them): False says what is wrong.
 CONDITION_VALID = "Valid"
@@ -170,6 +171,7 @@ CONDITION_POLICY_HEALTHY = "PolicyHealthy"  # the policy answers; False: it rais
 CONDITION_ACTIONS_HEALTHY = "ActionsHealthy"  # actions are carried out; False: one was refused (DecisionFailed)
 CONDITION_RECORDING_HEALTHY = "RecordingHealthy"  # ledger and status are written; False: RecordingFailed
 CONDITION_OBSERVATION_HEALTHY = "ObservationHealthy"  # trials can be listed; False: ObservationFailed
+CONDITION_METRICS_REACHABLE = "MetricsReachable"  # running trainers' /metrics answer; False: MetricsUnreachable
 
 # Trainer exit codes: how a finished trial says why it stopped.
 EXIT_COMPLETED = 0  # ran max_steps

@@ -429,6 +429,7 @@ class TrialStatus(CamelModel):
     loss_floor: float | None = None
     eval_step: int | None = Field(None, description="trainpilot_eval_step at the last scrape: its latest evaluation.")
     evaluations: int = Field(0, ge=0, description="Evaluations seen: times trainpilot_eval_step advanced.")
+    failed_scrapes: int = Field(0, ge=0, description="Cycles in a row its running trainer's /metrics gave nothing.")
     unstable_since: int | None = Field(
         None,
         description="Step at which its loss first looked unstable (non-finite, or above spikeFactor x its best); "

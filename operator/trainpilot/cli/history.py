@@ -38,7 +38,7 @@ def _from_cluster(name: str, namespace: str | None) -> list[DecisionRecord] | st
         missing = getattr(error, "name", None) or str(error)
         return (
             f"{name!r} is not a run directory here, so it is read as a cluster experiment, which needs the "
-            f"cluster extra (missing: {missing}); install it with: pip install 'trainpilot[operator]'"
+            f"cluster extra (missing: {missing}); install it from the checkout with: pip install -e '.[operator]'"
         )
     try:
         return list(read_ledger(name, namespace))

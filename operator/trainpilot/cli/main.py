@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trainpilot",
         description="An AI agent that runs training experiments, on Kubernetes or on one machine.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     operator = commands.add_parser("operator", help="run the Kubernetes operator (logs in like kubectl)")
@@ -54,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def installed_version() -> str:
+    """The installed distribution's version (pyproject's), without importing anything heavy."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trainpilot")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -87,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(
             f"trainpilot {args.command}: needs the Python package {error.name!r}; "
-            "install it with: pip install 'trainpilot[operator]' (and torch first for local runs)",
+            "install it from the checkout with: pip install -e '.[operator]' (torch first for local runs), "
+            "or run: bash scripts/setup.sh",
             file=sys.stderr,
         )
         return 2

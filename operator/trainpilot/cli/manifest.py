@@ -33,8 +33,11 @@ def load_experiment(path: str | Path) -> AgentExperiment:
         raise ManifestError(f"{path}{where}: not valid YAML: {problem}") from None
     experiments = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == contract.EXPERIMENT_KIND]
     if len(experiments) != 1:
+        kinds = [doc.get("kind") if isinstance(doc, dict) else type(doc).__name__ for doc in documents]
+        found = ", ".join(f"kind: {kind}" for kind in kinds) if kinds else "no document at all"
         raise ManifestError(
-            f"{path}: expected exactly one document with kind: {contract.EXPERIMENT_KIND}, found {len(experiments)}"
+            f"{path}: expected exactly one document with kind: {contract.EXPERIMENT_KIND}, "
+            f"found {len(experiments)} ({found})"
         )
     raw = experiments[0]
     if raw.get("apiVersion") != contract.API_VERSION:

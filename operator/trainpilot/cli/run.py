@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trainpilot.api.experiment import AgentExperiment, AgentExperimentSpec, AgentExperimentStatus
+from trainpilot.cli.hints import shell_command
 from trainpilot.cli.manifest import ManifestError, load_experiment
 from trainpilot.cli.progress import Progress, fmt
 from trainpilot.runtime.clock import local_now
@@ -98,6 +100,24 @@ def _load(path: str | Path) -> AgentExperiment:
 
 def _same_experiment(a: AgentExperiment, b: AgentExperiment) -> bool:
     return a.name == b.name and a.spec.wire() == b.spec.wire()
+
+
+def spec_changes(before: AgentExperiment, after: AgentExperiment, limit: int = 4) -> str:
+    """What an edit changed, field by field: `spec.budget.maxTrials: 8 -> 12`."""
+    old, new = _leaves(before.spec.wire(), "spec"), _leaves(after.spec.wire(), "spec")
+    changed = [
+        f"{path}: {old.get(path, '(unset)')} -> {new.get(path, '(unset)')}"
+        for path in sorted(old.keys() | new.keys())
+        if old.get(path) != new.get(path)
+    ]
+    more = f"; and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
+
+
+def _leaves(value: Any, path: str) -> dict[str, str]:
+    if isinstance(value, dict):
+        return {leaf: shown for key, item in value.items() for leaf, shown in _leaves(item, f"{path}.{key}").items()}
+    return {path: json.dumps(value, separators=(",", ":"))}
 
 
 def _read_status(run_dir: Path) -> AgentExperimentStatus:
@@ -275,6 +295,13 @@ def _refuse_occupied_run_dir(run_dir: Path, experiment: AgentExperiment) -> None
     except ManifestError:
         stored = None
     status = _read_status(run_dir)
+    if stored is not None and stored.name == experiment.name and not _same_experiment(stored, experiment):
+        changes = spec_changes(stored, experiment)
+        raise UsageError(
+            f"{run_dir} holds a run of {experiment.name!r} started from a different spec ({changes}); "
+            f"continue that run as it started with `{shell_command()} run --resume {run_dir}`, or pass a new "
+            "--run-dir to run the edited one (nothing was changed)"
+        )
     if stored is None or not _same_experiment(stored, experiment):
         held = f"experiment {stored.name!r}" if stored else "an unreadable experiment"
         raise UsageError(
@@ -284,11 +311,11 @@ def _refuse_occupied_run_dir(run_dir: Path, experiment: AgentExperiment) -> None
     if status.finished:
         raise UsageError(
             f"{run_dir} already holds a finished run of {experiment.name!r} ({status.phase}); "
-            f"pass a new --run-dir to run it again (see `trainpilot report {run_dir}`)"
+            f"pass a new --run-dir to run it again (see `{shell_command()} report {run_dir}`)"
         )
     raise UsageError(
         f"{run_dir} already holds a stopped run of {experiment.name!r}; continue it with "
-        f"`trainpilot run --resume {run_dir}`, or pass a new --run-dir (nothing was changed)"
+        f"`{shell_command()} run --resume {run_dir}`, or pass a new --run-dir (nothing was changed)"
     )
 
 
@@ -519,7 +546,7 @@ def _final_words(
     lines: list[str] = []
     if exit_code == EXIT_INTERRUPTED:
         lines.append(f"stopped after {status.decisions_made} decisions; trials checkpointed where they could.")
-        lines.append(f"resume with: trainpilot run --resume {run_dir}")
+        lines.append(f"resume with: {shell_command()} run --resume {run_dir}")
     else:
         lines.append(f"experiment {prepared.experiment.name} {status.phase}: {status.message}".rstrip(": "))
     best = status.best_trial
@@ -531,7 +558,7 @@ def _final_words(
     else:
         lines.append("best trial: none yet")
     lines.append(f"run directory: {run_dir}")
-    lines.append(f"ledger:        {run_dir / 'ledger.jsonl'}  (trainpilot history {run_dir})")
+    lines.append(f"ledger:        {run_dir / 'ledger.jsonl'}  ({shell_command()} history {run_dir})")
     if write_report and exit_code != EXIT_INTERRUPTED:
         try:
             from trainpilot.cli.report import write_report as make_report
@@ -540,10 +567,10 @@ def _final_words(
             lines.append(f"report:        {html}  (plot: {png})")
         except Exception as error:  # noqa: BLE001 - the run itself is done and recorded
             lines.append(
-                f"report:        not written ({type(error).__name__}: {error}); try: trainpilot report {run_dir}"
+                f"report:        not written ({type(error).__name__}: {error}); try: {shell_command()} report {run_dir}"
             )
     else:
-        lines.append(f"report:        trainpilot report {run_dir}")
+        lines.append(f"report:        {shell_command()} report {run_dir}")
     out.write("\n".join(lines) + "\n")
     out.flush()
 
@@ -559,7 +586,7 @@ def main_run(args: argparse.Namespace) -> int:
         print(
             f"trainpilot run: {done.run_dir} already finished ({done.status.phase})"
             + (f"; best trial {best.name} ({fmt(best.objective)})" if best else "")
-            + f"; nothing to resume. See: trainpilot report {done.run_dir}",
+            + f"; nothing to resume. See: {shell_command()} report {done.run_dir}",
             file=sys.stderr,
         )
         return EXIT_OK

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 
 def run_operator(args: argparse.Namespace) -> int:
     import kopf
 
     import trainpilot.controller.handlers  # noqa: F401  (registers the handlers)
+    from trainpilot.runtime.kubernetes.api import NoCluster, client_configuration
+
+    try:
+        client_configuration()  # the same login the handlers make: fail here, once, with what to do
+    except NoCluster as error:
+        print(f"trainpilot operator: {error}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

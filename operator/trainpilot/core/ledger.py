@@ -7,6 +7,7 @@ renders either with `format_table`.
 from __future__ import annotations
 
 import json
+import textwrap
 
 from pydantic import ValidationError
 
@@ -68,6 +69,8 @@ def format_table(records: list[DecisionRecord], width: int = 120) -> str:
     for row in rows:
         fixed = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1]))
         room = max(width - len(fixed) - 2, 20)
-        why = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
-        lines.append(f"{fixed}  {why}".rstrip())
+        # The why is what a reader came for: wrapped under its column, never cut.
+        wrapped = textwrap.wrap(row[-1], room, break_long_words=True, break_on_hyphens=False) or [""]
+        lines.append(f"{fixed}  {wrapped[0]}".rstrip())
+        lines.extend(" " * (len(fixed) + 2) + more for more in wrapped[1:])
     return "\n".join(lines)

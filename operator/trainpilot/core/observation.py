@@ -67,6 +67,9 @@ class TrialObservation(BaseModel):
         None, description="RFC 3339: since when a pod of the trial has been waiting to run; None when none is."
     )
     pending_reason: str = Field("", description="Why it waits, as Kubernetes says (Unschedulable: ..., ...).")
+    scrape_error: str | None = Field(
+        None, description="Its metrics endpoint could not be read this cycle: the URL and why; None when it was."
+    )
 
 
 class Observation(BaseModel):

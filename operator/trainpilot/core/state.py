@@ -97,6 +97,10 @@ def _fold_trial(
 ) -> None:
     was_running = trial.state == "Running"
     if seen is not None:
+        if seen.scrape_error is not None:
+            trial.failed_scrapes += 1
+        elif seen.metrics is not None:
+            trial.failed_scrapes = 0
         # Metrics first: a trial that just finished still reports its last step and losses.
         if seen.metrics is not None:
             _fold_metrics(spec, trial, seen.metrics)

@@ -57,24 +57,34 @@ def parse_metrics(text: str) -> TrialMetrics:
     return TrialMetrics(values=values)
 
 
-async def scrape(session: aiohttp.ClientSession, url: str, timeout: float) -> TrialMetrics | None:
+async def scrape(
+    session: aiohttp.ClientSession, url: str, timeout: float, errors: dict[str, str] | None = None
+) -> TrialMetrics | None:
+    """The trainer's metrics, or None (and, when `errors` is given, why in errors[url])."""
     try:
         async with asyncio.timeout(timeout):
             async with session.get(url) as response:
                 if response.status != 200:
+                    if errors is not None:
+                        errors[url] = f"HTTP {response.status}"
                     return None
                 body = await response.content.read(MAX_BODY_BYTES)
     except (aiohttp.ClientError, TimeoutError, OSError) as error:
         logger.debug("scrape of %s gave no data: %s", url, type(error).__name__)
+        if errors is not None:
+            errors[url] = f"no answer within {timeout:g} s" if isinstance(error, TimeoutError) else type(error).__name__
         return None
     return parse_metrics(body.decode("utf-8", errors="replace"))
 
 
-async def scrape_all(urls: Mapping[str, str], timeout: float) -> dict[str, TrialMetrics | None]:
-    """Scrape every trial's endpoint at once; one slow or dead trainer costs at most `timeout`."""
+async def scrape_all(
+    urls: Mapping[str, str], timeout: float, errors: dict[str, str] | None = None
+) -> dict[str, TrialMetrics | None]:
+    """Scrape every trial's endpoint at once; one slow or dead trainer costs at most `timeout`.
+    `errors`, when given, gets why each URL that gave nothing failed."""
     if not urls:
         return {}
     client_timeout = aiohttp.ClientTimeout(total=timeout, connect=timeout)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
-        results = await asyncio.gather(*(scrape(session, url, timeout) for url in urls.values()))
+        results = await asyncio.gather(*(scrape(session, url, timeout, errors) for url in urls.values()))
     return dict(zip(urls.keys(), results, strict=True))

@@ -283,8 +283,7 @@ class _Cycle:
             else:
                 reason = "suggested"
                 rationale = (
-                    f"Optuna TPE suggestion {_values(point)} from {scored} finished, scored trials "
-                    f"(random for the first {self.settings.startup_trials}; {best_text}); {slots}"
+                    f"{suggestion_words(scored, self.settings.startup_trials)} {_values(point)}; {best_text}; {slots}"
                 )
             self.propose_launch(reason, rationale, point)
 
@@ -339,6 +338,13 @@ class _Cycle:
             and (summary.action, summary.trial, summary.reason) == (action, trial, reason)
             for summary in self.status.decisions
         )
+
+
+def suggestion_words(scored: int, startup_trials: int) -> str:
+    """Which sampler chose a point, in one voice: random until startup_trials trials are scored, TPE after."""
+    if scored < startup_trials:
+        return f"Optuna random sample ({scored} of the {startup_trials} scored trials TPE starts from)"
+    return f"Optuna TPE suggestion from {scored} scored trials"
 
 
 def resume_point(trial: TrialStatus) -> tuple[str | None, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -54,17 +55,29 @@ def is_permanent(status: int | None) -> bool:
     return status is not None and 400 <= status < 500 and status not in (409, 429)
 
 
+class NoCluster(Exception):
+    """Neither an in-cluster service account nor a kubeconfig to log in with."""
+
+
 def client_configuration(config_file: str | None = None) -> client.Configuration:
     """Log in like kubectl: in-cluster service account first, else KUBECONFIG / ~/.kube/config;
-    or exactly `config_file` when given."""
+    or exactly `config_file` when given. NoCluster when there is nothing to log in with."""
     configuration = client.Configuration()
-    if config_file is not None:
-        config.load_kube_config(config_file=config_file, client_configuration=configuration)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)
+    try:
+        if config_file is not None:
+            config.load_kube_config(config_file=config_file, client_configuration=configuration)
+        else:
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                config.load_kube_config(client_configuration=configuration)
+    except (config.ConfigException, OSError) as error:
+        where = config_file or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise NoCluster(
+            f"no cluster to log in to: not in a pod, and no usable kubeconfig at {where} ({error}); "
+            "point KUBECONFIG at one (kind get kubeconfig > kind.yaml), or run an experiment here "
+            "with `trainpilot run`"
+        ) from None
     # One connection per worker thread, so bursts reuse connections instead of opening more.
     configuration.connection_pool_maxsize = _EXECUTOR_WORKERS
     return configuration

@@ -100,12 +100,15 @@ class KubernetesRuntime:
             rank0 = self._rank0(pods_by_trial.get(trial, []))
             if rank0 is not None and rank0.status and rank0.status.pod_ip and rank0.status.phase == "Running":
                 urls[trial] = scrape.metrics_url(rank0.status.pod_ip, self.spec.metrics.port, self.spec.metrics.path)
-        scraped = await scrape.scrape_all(urls, self.spec.metrics.scrape_timeout_seconds)
+        errors: dict[str, str] = {}
+        scraped = await scrape.scrape_all(urls, self.spec.metrics.scrape_timeout_seconds, errors)
 
         for trial in active:
             observation.trials[trial] = self._observe_trial(
                 trial, jobs_by_trial.get(trial), pods_by_trial.get(trial, []), scraped.get(trial)
             )
+            if trial in urls and urls[trial] in errors:
+                observation.trials[trial].scrape_error = f"{urls[trial]}: {errors[urls[trial]]}"
         waiting.note_pending(observation, jobs_by_trial, pods.items)  # for spec.trialTemplate.pendingTimeoutSeconds
         return observation
 
