@@ -241,3 +241,14 @@ def test_the_chart_runs_the_operator_as_the_user_its_image_creates() -> None:
         user, group = re.search(r"^USER (\d+):(\d+)$", text, re.MULTILINE).groups()
         assert f"useradd --uid {user} --gid {group}" in text, dockerfile
         assert (security["runAsUser"], security["runAsGroup"]) == (int(user), int(group)), dockerfile
+
+
+def test_the_install_notes_name_the_watched_namespace_on_every_command():
+    """`helm install` prints these; in single-namespace mode a command without `-n` would look in
+    the user's current namespace, where nothing is watched."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values={}, name="trainpilot", namespace="ml", is_install=True)
+    notes = next(text for name, text in manifests.items() if name.endswith("NOTES.txt"))
+    commands = [line.strip() for line in notes.splitlines() if line.strip().startswith(("kubectl", "trainpilot"))]
+    assert len(commands) == 4 and all(" -n ml " in command for command in commands), notes
+    assert "watching namespace ml" in notes

@@ -277,6 +277,30 @@ def test_torchrun_trial_that_diverges_says_so_in_its_termination_message(tmp_pat
     assert message["trainpilot_nonfinite_loss_total"] == 1 and message["trainpilot_step"] == finished.result["step"]
 
 
+COMPILERS = ("c++", "g++", "gcc", "cc", "clang", "clang++", "ninja", "nvcc")
+
+
+def test_a_two_process_cpu_trial_starts_with_no_compiler_and_builds_nothing(tmp_path, start_trainer):
+    """The trainer image has no C++ compiler (a CUDA runtime base): nothing on the trainer's start
+    path may need one. Every compiler on PATH is a tripwire that records being run, and DeepSpeed's
+    JIT build folder must stay empty."""
+    tripwires, calls, extensions = tmp_path / "bin", tmp_path / "compiler-calls", tmp_path / "torch-extensions"
+    tripwires.mkdir()
+    for name in COMPILERS:
+        tool = tripwires / name
+        tool.write_text(f'#!/bin/sh\necho {name} "$@" >> {calls}\nexit 1\n')
+        tool.chmod(0o755)
+    path = write_config(
+        tmp_path / "config.json", {"max_steps": 20, "eval_interval": 10}, checkpoint_dir=str(tmp_path / "ck")
+    )
+    pair = start_trainer(path, nproc=2, PATH=f"{tripwires}:/usr/bin:/bin", TORCH_EXTENSIONS_DIR=str(extensions))
+    finished = pair.wait(timeout=180)
+    assert finished.returncode == 0, pair.output()
+    assert finished.result["exit_reason"] == "completed" and finished.result["step"] == 20
+    assert not calls.exists(), calls.read_text()
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))
+
+
 def test_control_file_changes_lr_and_weight_decay_without_restart(tmp_path, start_trainer):
     control = tmp_path / "control.json"
     path = write_config(

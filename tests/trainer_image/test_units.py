@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import urllib.request
 from itertools import pairwise
 
@@ -28,7 +27,6 @@ from trainpilot_trainer.config import (
 )
 from trainpilot_trainer.control import ControlWatcher
 from trainpilot_trainer.data import MarkovChain, build_dataset, default_text_root, entropy, text_files
-from trainpilot_trainer.distributed import prefer_interpreter_tools
 from trainpilot_trainer.errors import ConfigError
 from trainpilot_trainer.exitcodes import EXIT_DIVERGED
 from trainpilot_trainer.metrics import Metrics
@@ -557,12 +555,3 @@ def test_merge_rule_and_size_limit():
     }
     fields = termination_fields({"exit_code": 1, "exit_reason": "crashed", "message": "x" * 10_000}, rank=0)
     assert len(fields["message"]) == 512
-
-
-def test_deepspeed_builds_its_ops_with_the_ninja_beside_this_python():
-    tools = os.path.dirname(sys.executable)
-    env = {"PATH": "/usr/bin:/bin"}
-    prefer_interpreter_tools(env)
-    assert env["PATH"] == f"{tools}:/usr/bin:/bin"
-    prefer_interpreter_tools(env)  # once is enough
-    assert env["PATH"].count(tools) == 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from dataclasses import dataclass
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -45,17 +44,3 @@ def set_accelerator_env(cuda_available: bool, env: os._Environ | dict = os.envir
     """DeepSpeed picks its accelerator at import time; say "cpu" before it looks for one."""
     if not cuda_available:
         env.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def prefer_interpreter_tools(env: os._Environ | dict = os.environ) -> None:
-    """Put this interpreter's bin folder first on PATH.
-
-    On CPUs DeepSpeed JIT-builds its shared-memory comm op at start-up with whatever `ninja` is
-    first on PATH, into one cache that every trainer of this user shares. Two ninjas (the system's,
-    the one installed beside this Python) write their build logs differently, so each would take
-    the other's build for stale and rebuild it (tens of seconds, behind a lock that stays forever
-    if the builder is killed); whoever starts the trainer, it uses the ninja of its own install."""
-    tools = os.path.dirname(sys.executable)
-    path = env.get("PATH", os.defpath)
-    if tools and path.split(os.pathsep)[0] != tools:
-        env["PATH"] = tools + os.pathsep + path

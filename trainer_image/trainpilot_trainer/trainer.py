@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .distributed import prefer_interpreter_tools, set_accelerator_env
+from .distributed import set_accelerator_env
 
 set_accelerator_env(torch.cuda.is_available())  # must precede the first import of deepspeed
-prefer_interpreter_tools()  # the ninja DeepSpeed builds its CPU ops with
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -60,7 +59,23 @@ def quiet_stdout():
     return contextlib.redirect_stdout(sys.stderr)
 
 
+def without_deepspeed_ops() -> None:
+    """Tell DeepSpeed that no op of its own can be built, so a CPU trial builds none.
+
+    On a CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op when it starts,
+    and deciding which ops are compatible compiles test programs: a C++ compiler at run time, which
+    the trainer image (a CUDA runtime base) does not carry, and about a minute per fresh pod. A CPU
+    trial needs none of them (torch's AdamW, gloo's all-reduce). DeepSpeed fills its table of
+    compatible ops on first use and keeps whatever table is there, so this one, all False, stands."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+
+
 def init_distributed(device: str) -> None:
+    if device != "cuda":
+        without_deepspeed_ops()
     if not dist.is_initialized():
         with quiet_stdout():
             deepspeed.init_distributed(
