@@ -14,6 +14,7 @@ termination.py) and the linger that keeps /metrics up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -177,7 +178,7 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
     except Exception:
         code = report.crashed(trainer.step if trainer else 0, config.metrics_linger_seconds)
     metrics.close()
-    _shutdown_process_group()
+    _shutdown_process_group(together=code == 0)
     return code
 
 
@@ -189,10 +190,17 @@ def linger(seconds: float, stop: StopRequest) -> None:
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
-def _shutdown_process_group() -> None:
+def _shutdown_process_group(together: bool) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others: a rank
+    that tears gloo down while a peer still talks to it can abort ("terminate called without an
+    active exception") and turn a finished trial into a failed torchrun. After a failure no rank
+    waits, since a peer may never arrive."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if together and dist.get_world_size() > 1:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
 
 
