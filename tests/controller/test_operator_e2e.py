@@ -215,7 +215,7 @@ JUDGED_BY_THE_OPERATOR = {
     ),
     "fp16 on cpu": ({"trialTemplate": {"hyperparameters": {"precision": "fp16", "device": "cpu"}}}, "fp16"),
     "fixed and searched": ({"trialTemplate": {"hyperparameters": {"lr": 0.1}}}, "which searchSpace also moves"),
-    "claude not available": ({"policy": {"type": "claude"}}, "spec.policy.type"),
+    "claude without an API key": ({"policy": {"type": "claude"}}, "ANTHROPIC_API_KEY"),
     "typo in template field": ({"trialTemplate": {"hyperparameters": {"n_layers": 2}}}, "n_layers"),
 }
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.builders import NOW, context, heuristic, make_spec, observation, seen, status_of, trial
 from trainpilot.api.experiment import DecisionSummary
-from trainpilot.core.policy import HeuristicPolicy, make_policy
+from trainpilot.core.policy import HeuristicPolicy
 from trainpilot.core.policy.heuristic import count_reversals
 
 HP = {"lr": 0.01, "weight_decay": 0.0}
@@ -357,12 +357,6 @@ async def test_explicit_settings_override_the_spec():
     settings = spec.policy.heuristic.model_copy(update={"spike_factor": 1.1})
     decisions = await HeuristicPolicy(settings).decide(context(spec, status))
     assert by(decisions, "terminate", "loss-spike")
-
-
-def test_make_policy():
-    assert make_policy(make_spec()).name == "heuristic"
-    with pytest.raises(ValueError, match="claude"):
-        make_policy(make_spec(policy={"type": "claude"}))
 
 
 def test_a_suggestion_names_the_one_sampler_that_chose_it():

@@ -22,7 +22,7 @@ from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.engine import plan_cycle
 from trainpilot.core.observation import Observation, TrialObservation
-from trainpilot.core.policy import make_policy
+from trainpilot.core.policy import HeuristicPolicy
 from trainpilot.core.state import apply_record, fold_observation
 
 DIVERGENT_LR = 0.2
@@ -122,7 +122,7 @@ class ToyCluster:
 
 
 async def simulate(spec: AgentExperimentSpec, max_cycles: int = 300):
-    cluster, policy = ToyCluster(), make_policy(spec)
+    cluster, policy = ToyCluster(), HeuristicPolicy()
     status, history = AgentExperimentStatus(), []
     for cycle in range(max_cycles):
         now = at(30 * cycle)

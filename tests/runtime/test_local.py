@@ -425,3 +425,16 @@ def test_torchrun_exit_reason_comes_from_rank_0(tmp_path, fake_command):
     local.stop_requested = 1.0
     (directory / "log.txt").write_text("")
     assert runtime._exit_reason(local) == "terminated"
+
+
+def test_trial_processes_inherit_no_credential_of_the_agent(tmp_path, fake_command, monkeypatch):
+    """The trainer runs the user's code: Claude's key and endpoint stay with the agent."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-secret")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://gateway")
+    monkeypatch.setenv("TRAINPILOT_SOMETHING_ELSE", "kept")
+    runtime = make_runtime(tmp_path, fake_command)
+    env = runtime._environment(
+        {"config": tmp_path / "c.json", "control": tmp_path / "k.json", "port": 9400, "gpus": [], "processes": 1}
+    )
+    assert not [name for name in env if name.startswith("ANTHROPIC_")]
+    assert env["TRAINPILOT_SOMETHING_ELSE"] == "kept"

@@ -285,6 +285,36 @@ class HeuristicSettings(CamelModel):
         return value
 
 
+# Pinned, never looked up at run time: an SDK upgrade cannot change the model an experiment uses.
+# A current small model (tests/policy check it against the installed SDK's list, deprecated ones out).
+DEFAULT_CLAUDE_MODEL = "claude-haiku-5-5"
+
+
+class ClaudeSettings(CamelModel):
+    """How the Claude policy steers: Optuna proposes every trial, Claude may override a share of them
+    and review the running ones; the heuristic's safety rules act whatever Claude says."""
+
+    model: str = Field(DEFAULT_CLAUDE_MODEL, min_length=1, max_length=100, description="Anthropic model id.")
+    override_share: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Share of launches on which Claude may replace Optuna's proposal (a seeded draw per "
+        "launch, so a replay picks the same ones). Higher shares did worse in published benchmarks.",
+    )
+    min_interval_seconds: int = Field(
+        60, ge=0, le=86_400, description="Ask Claude at most once per this many seconds; the heuristic decides between."
+    )
+    max_prompt_tokens: int = Field(
+        6000, ge=1000, le=100_000, description="Upper bound on the prompt's size (estimated tokens): summaries only."
+    )
+    max_answer_tokens: int = Field(1024, ge=64, le=8192, description="max_tokens of each Claude answer.")
+    request_timeout_seconds: float = Field(30.0, gt=0, le=600, description="Give up on one Claude call after this.")
+    max_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a call that timed out or got 429/5xx (retry-after honoured)."
+    )
+
+
 class PolicySpec(CamelModel):
     type: Literal["heuristic", "claude"] = Field("heuristic", description="heuristic (no LLM) or claude.")
     interval_seconds: int = Field(30, ge=1, le=86_400, description="Seconds between decision cycles.")
@@ -293,6 +323,7 @@ class PolicySpec(CamelModel):
         description="Actions the policy may take; anything else is rejected and recorded.",
     )
     heuristic: HeuristicSettings = Field(default_factory=HeuristicSettings)
+    claude: ClaudeSettings = Field(default_factory=ClaudeSettings)
     max_consecutive_failures: int = Field(
         5,
         ge=1,

@@ -28,8 +28,10 @@ from trainpilot.api.experiment import AgentExperiment, AgentExperimentSpec, Agen
 from trainpilot.cli.hints import shell_command
 from trainpilot.cli.manifest import ManifestError, load_experiment
 from trainpilot.cli.progress import Progress, fmt
+from trainpilot.core.policy import Policy
 from trainpilot.runtime.clock import local_now
 from trainpilot.runtime.local import TRAINER_MODULE, LocalRuntime, count_gpus
+from trainpilot.runtime.policies import make_policy
 
 logger = logging.getLogger("trainpilot.cli.run")
 
@@ -70,6 +72,7 @@ class Prepared:
     cores: int
     lock_fd: int
     notes: list[str] = field(default_factory=list)
+    policy: Policy | None = None  # made in prepare(), so a missing API key is a usage error
 
 
 def trainer_command() -> list[str]:
@@ -181,6 +184,10 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
     gpus = count_gpus() if gpus is None else gpus
     cores = cores or os.cpu_count() or 1
     spec = _fit_gpus(experiment.spec, gpus, cpu_only, notes)
+    try:
+        policy = make_policy(spec)
+    except ValueError as error:  # what the policy needs is missing (Claude: the API key)
+        raise UsageError(str(error)) from None
     lock_fd = _claim_run_dir(run_dir, experiment, resume)
     if not resume:
         assert args.experiment
@@ -199,6 +206,7 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
         cores=cores,
         lock_fd=lock_fd,
         notes=notes,
+        policy=policy,
     )
 
 
@@ -495,13 +503,12 @@ async def _cycle_until_done(
     stop: asyncio.Event,
 ) -> AgentExperimentStatus:
     """One agent-loop cycle every spec.policy.intervalSeconds until the experiment ends or `stop` is set."""
-    from trainpilot.core.policy import make_policy
     from trainpilot.loop import LoopMemory, run_cycle
     from trainpilot.runtime.base import RuntimeFailure
 
     spec, name = prepared.spec, prepared.experiment.name
     limits = LocalLimits(max_gpus=prepared.gpus, max_parallel_trials=spec.budget.parallel_trials)
-    policy = make_policy(spec)
+    policy = prepared.policy or make_policy(spec)
     interval = float(spec.policy.interval_seconds)
     memory = LoopMemory()
     while True:

@@ -20,18 +20,20 @@ from pydantic import ValidationError
 from trainpilot.api.experiment import (
     AgentExperimentSpec,
     AgentExperimentStatus,
+    PolicySpec,
     check_experiment_name,
     parse_spec,
 )
 from trainpilot.api.quota import workload_refusal
 from trainpilot.core.conditions import set_condition
-from trainpilot.core.policy import Policy, make_policy
+from trainpilot.core.policy import Policy
 from trainpilot.loop import LoopMemory, run_cycle
 from trainpilot.runtime.base import RuntimeFailure
 from trainpilot.runtime.clock import cluster_now
 from trainpilot.runtime.kubernetes.api import KubeApi
 from trainpilot.runtime.kubernetes.ownership import LEFTOVER_RECHECK_SECONDS, LeftoverGate
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
+from trainpilot.runtime.policies import make_policy
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,8 @@ async def drive(
     runtime: KubernetesRuntime | None = None
     reported_invalid: str | None = None
     memory = LoopMemory()
+    policy: Policy | None = None
+    policy_spec: PolicySpec | None = None
     # The generation whose final status is saved: a finished experiment is patched again only when
     # its spec changes (status.observedGeneration reports that), not on every recheck.
     settled: int | None = status.observed_generation if status.finished else None
@@ -125,7 +129,9 @@ async def drive(
             try:
                 check_experiment_name(name)
                 spec: AgentExperimentSpec = parse_spec(dict(body.get("spec") or {}))
-                policy = make_policy(spec)
+                # One policy while spec.policy stays the same: Claude's remembers what it last asked.
+                if policy is None or policy_spec != spec.policy:
+                    policy, policy_spec = make_policy(spec), spec.policy
                 check_quota_allows(spec, namespace, quota_limits)
             except ValueError as error:
                 message = str(error)

@@ -24,6 +24,18 @@ IN_PLACE_HYPERPARAMETERS: frozenset[str] = frozenset({"lr", "weight_decay"})
 SYSTEM_POLICY = "trainpilot"
 
 
+class ModelCall(BaseModel):
+    """Who decided, when an LLM did: the model, a hash of the exact prompt, what it cost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt_sha256: str
+    prompt_tokens_estimate: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
 class Decision(BaseModel):
     """One move a policy proposes."""
 
@@ -43,6 +55,8 @@ class Decision(BaseModel):
     nodes: int | None = Field(None, description="scale: new node count.")
     gpus_per_node: int | None = Field(None, description="scale: new GPUs per node.")
     outcome: Literal["succeeded", "failed"] | None = Field(None, description="complete: how it ends.")
+    confidence: float | None = Field(None, ge=0, le=1, description="How sure the policy is, 0 to 1.")
+    call: ModelCall | None = Field(None, description="The LLM call that proposed it; never part of an answer.")
 
 
 class DecisionRecord(BaseModel):

@@ -138,7 +138,7 @@ def _check_all(
     records: list[DecisionRecord] = []
     provisional = status
     for item in proposed[:MAX_DECISIONS_PER_CYCLE]:
-        decision = _sanitize(item, policy.name)
+        decision = _sanitize(item, policy)
         if decision is None:
             continue
         verdict = guardrails.check(decision, spec, provisional, limits)
@@ -361,16 +361,23 @@ def _copy(limits: Any) -> Any:
         return None
 
 
-def _sanitize(item: object, policy: str) -> Decision | None:
-    """A fresh, validated Decision in the policy's own name, or None for anything that is not one."""
+def _sanitize(item: object, policy: Policy | str) -> Decision | None:
+    """A fresh, validated Decision in the policy's own name, or None for anything that is not one.
+
+    A policy that speaks with several voices (Claude's keeps the heuristic's safety stops, and falls
+    back to it) names them in `voices`; a decision keeps its name only if it is one of them."""
     try:
         raw = item.model_dump(warnings=False) if isinstance(item, Decision) else item
         decision = Decision.model_validate(raw)
     except Exception:  # anything at all that does not make a valid Decision is dropped
         return None
+    name = policy if isinstance(policy, str) else policy.name
+    voices = getattr(policy, "voices", (name,))
+    said = decision.policy
+    speaks = any(said == voice or said.startswith(f"{voice} (") for voice in voices)
     return decision.model_copy(
         update={
-            "policy": policy,
+            "policy": said[:MAX_REASON_CHARS] if speaks else name,
             "reason": decision.reason[:MAX_REASON_CHARS],
             "rationale": decision.rationale[:MAX_RATIONALE_CHARS],
         }

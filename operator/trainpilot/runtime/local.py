@@ -49,6 +49,9 @@ from trainpilot.runtime.scrape import scrape_all
 
 logger = logging.getLogger(__name__)
 
+# Environment variables of the agent (Claude's key and endpoint) that trial processes never see.
+AGENT_SECRET_PREFIXES = ("ANTHROPIC_",)
+
 TRAINER_MODULE = "trainpilot_trainer"
 KILL_AFTER_SECONDS = 30.0
 _PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR})
@@ -306,7 +309,8 @@ class LocalRuntime:
             del self.gpu_table[index]
 
     def _environment(self, local: dict[str, Any]) -> dict[str, str]:
-        env = dict(os.environ)
+        # The trainer runs the user's training code: it gets no credential of the agent's.
+        env = {name: value for name, value in os.environ.items() if not name.startswith(AGENT_SECRET_PREFIXES)}
         env.update(self.spec.trial_template.env)
         env[contract.ENV_TRIAL_CONFIG] = str(local["config"])
         env[contract.ENV_CONTROL_FILE] = str(local["control"])
