@@ -180,6 +180,22 @@ def test_operator_cli_accepts_the_chart_arguments(values: dict) -> None:
     assert args.standalone is True
     assert args.all_namespaces == bool(values.get("watchAllNamespaces"))
     assert args.verbose == (values.get("logLevel") == "debug")
+    assert args.metrics_port == 8081
+
+
+@pytest.mark.parametrize("port", [8081, 9100, 0])
+def test_the_operator_serves_its_metrics_where_the_pod_says_prometheus_should_look(port: int) -> None:
+    cli = pytest.importorskip("trainpilot.cli.main")
+    template = one(render({"metricsPort": port}), "Deployment")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert cli.build_parser().parse_args(container["args"]).metrics_port == port
+    annotations = template["metadata"].get("annotations") or {}
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    if port:
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(port)
+        assert named["metrics"] == port
+    else:
+        assert "prometheus.io/scrape" not in annotations and "metrics" not in named
 
 
 def test_anthropic_secret_and_log_level() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.builders import EXPERIMENT, at, make_spec, observation, status_of, trial
 from tests.support.messages_api import MessagesApi, Reply, error_reply, prose_reply, tool_reply
-from trainpilot.api.experiment import DEFAULT_CLAUDE_MODEL
+from trainpilot.api.experiment import DEFAULT_CLAUDE_MODEL, ModelUsage
 from trainpilot.core import engine
 from trainpilot.core.decision import Decision
 from trainpilot.core.policy import briefing
@@ -322,3 +322,50 @@ async def test_the_prompt_stays_under_its_token_bound_however_long_the_experimen
     assert briefing.estimate_tokens(briefing.SYSTEM) + briefing.estimate_tokens(prompt) <= 2500
     data = json.loads(prompt.split("\n")[1])
     assert len(data["top_trials"]) >= 1 and data["running_trials"][0]["objective_points"][-1][0] == long_history[-1][0]
+
+
+async def test_calls_and_tokens_add_up_in_status_and_max_tokens_hands_over_to_the_heuristic(messages_api):
+    the_spec = spec(overrideShare=0.0, maxTokens=2000)
+    policy = claude_policy(messages_api, the_spec)
+    messages_api.will(tool_reply([], input_tokens=900, output_tokens=100), error_reply(400, "invalid_request_error"))
+    status = status_of(the_spec, running("exp-t000", 0), running("exp-t001", 1))
+    used = (await cycle(policy, the_spec, status)).provisional.model_usage
+    assert used.model_dump() == {"calls": 1, "input_tokens": 900, "output_tokens": 100}
+
+    moved = status_of(the_spec, running("exp-t000", 0, evaluations=6, step=60), running("exp-t001", 1))
+    used = (
+        await cycle(policy, the_spec, moved.model_copy(update={"model_usage": used}), now=at(10))
+    ).provisional.model_usage
+    assert (used.calls, used.tokens) == (2, 1000)  # a failed call counts, with no tokens
+
+    # At 2000 tokens Claude is never asked again: the heuristic decides, and its records say why.
+    spent = status_of(the_spec).model_copy(update={"model_usage": used.plus(ModelUsage(input_tokens=1000))})
+    asked = len(messages_api.requests)
+    planned = await cycle(policy, the_spec, spent, now=at(20))
+    assert len(messages_api.requests) == asked
+    assert planned.records
+    assert all(r.decision.policy == "heuristic (fallback: maxTokens 2000 spent)" for r in planned.records)
+
+
+async def test_a_verdict_claude_overruled_does_not_come_back_on_the_next_cycle(messages_api):
+    """The heuristic sees an oscillating curve; Claude, shown that verdict, lets the trial run. The
+    next cycles, with nothing new to ask about, must not carry out the overruled stop."""
+    the_spec = spec(overrideShare=0.0)
+    wobbly = [[float(10 * i), v] for i, v in enumerate((2.0, 2.4, 1.9, 2.5, 1.8, 2.6))]
+    status = status_of(the_spec, running("exp-t000", 0, history=wobbly), running("exp-t001", 1))
+    policy = claude_policy(messages_api, the_spec)
+    messages_api.will(tool_reply([]))  # Claude: leave everything as it is
+    asked = await cycle(policy, the_spec, status, now=at(0))
+    verdicts = json.loads(messages_api.prompts()[0].split("\n")[1])["heuristic_verdicts"]
+    assert [(v["action"], v["trial"], v["reason"]) for v in verdicts] == [
+        ("terminate", "exp-t000", "oscillating-val-loss")
+    ]
+    assert asked.records == []
+    idle = await cycle(policy, the_spec, status, now=at(60))
+    assert idle.records == [] and len(messages_api.requests) == 1
+    # What Claude did not overrule still stands: a safety stop on the same trial is carried out.
+    diverged = status_of(the_spec, running("exp-t000", 0, history=wobbly, nonfinite_losses=2), running("exp-t001", 1))
+    safety = await cycle(policy, the_spec, diverged, now=at(120))
+    assert ("terminate", "exp-t000", "nonfinite-loss") in [
+        (r.decision.action, r.decision.trial, r.decision.reason) for r in safety.records
+    ]

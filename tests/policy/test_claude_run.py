@@ -7,6 +7,8 @@ the initial trials, the relaunch after the divergence and the end of the budget 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +71,14 @@ def test_the_quickstart_with_a_scripted_claude_runs_to_success_on_the_record(mes
     kept = {r.decision.reason for r in records if r.decision.policy == "heuristic"}
     assert {"initial-trial", "relaunch-after-divergence"} <= kept
     assert messages_api.requests  # asked, with the key in its header only
+    # Every exchange is archived, and each of Claude's decisions names the exact prompt it came from.
+    archive = [json.loads(line) for line in (run_dir / "prompts.jsonl").read_text().splitlines()]
+    assert len(archive) == len(messages_api.requests)
+    for exchange in archive:
+        digest = hashlib.sha256((exchange["system"] + exchange["prompt"]).encode()).hexdigest()
+        assert exchange["prompt_sha256"] == digest and exchange["input_tokens"] == 900
+    assert {r.decision.call.prompt_sha256 for r in by_claude} <= {e["prompt_sha256"] for e in archive}
+    assert [e["prompt"] for e in archive] == messages_api.prompts()
     # The key is nowhere in what the run wrote or printed, nor in what the trainers saw.
     assert KEY not in done.stdout + done.stderr
     for file in run_dir.rglob("*"):

@@ -186,3 +186,13 @@ EXIT_REASONS = {
     EXIT_DIVERGED: "diverged",
     EXIT_STOPPED: "terminated",
 }
+
+# The operator's own metrics (controller/metrics.py), on --metrics-port.
+OPERATOR_METRICS_PORT = 8081
+METRIC_OPERATOR_CYCLE_SECONDS = "trainpilot_operator_cycle_seconds"
+METRIC_OPERATOR_CYCLE_ERRORS = "trainpilot_operator_cycle_errors_total"
+METRIC_OPERATOR_DECISIONS = "trainpilot_operator_decisions_total"
+METRIC_OPERATOR_LLM_CALLS = "trainpilot_operator_llm_calls_total"
+METRIC_OPERATOR_LLM_SECONDS = "trainpilot_operator_llm_call_seconds"
+METRIC_OPERATOR_LLM_TOKENS = "trainpilot_operator_llm_tokens_total"
+METRIC_OPERATOR_LLM_FALLBACKS = "trainpilot_operator_llm_fallbacks_total"

@@ -313,6 +313,31 @@ class ClaudeSettings(CamelModel):
     max_retries: int = Field(
         2, ge=0, le=10, description="Retries of a call that timed out or got 429/5xx (retry-after honoured)."
     )
+    max_tokens: int | None = Field(
+        None,
+        ge=1000,
+        description="Tokens (in and out) Claude may use in this experiment; past them the heuristic decides, "
+        "its records saying so. Unset: no bound.",
+    )
+
+
+class ModelUsage(CamelModel):
+    """What an LLM policy has used: every call counts, tokens as the API's usage reports them."""
+
+    calls: int = Field(0, ge=0)
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def plus(self, other: ModelUsage) -> ModelUsage:
+        return ModelUsage(
+            calls=self.calls + other.calls,
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
 
 
 class PolicySpec(CamelModel):
@@ -521,6 +546,9 @@ class AgentExperimentStatus(CamelModel):
     decisions_made: int = Field(0, description="Decisions recorded so far; the next id's sequence number.")
     policy_failures: int = Field(
         0, ge=0, description="Cycles in a row whose policy failed; reset by one that answered."
+    )
+    model_usage: ModelUsage = Field(
+        default_factory=ModelUsage, description="The LLM policy's calls and tokens so far (Claude)."
     )
     last_cycle_time: str | None = None
     started_at: str | None = None

@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from trainpilot.api.contract import OPERATOR_METRICS_PORT
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -27,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--liveness",
         default="http://0.0.0.0:8080/healthz",
         help="liveness endpoint URL, or '' to disable (default: %(default)s)",
+    )
+    operator.add_argument(
+        "--metrics-port",
+        type=int,
+        default=OPERATOR_METRICS_PORT,
+        help="port of the operator's own Prometheus metrics (/metrics), or 0 to disable (default: %(default)s)",
     )
     operator.add_argument("--standalone", action="store_true", help="skip peering with other operator replicas")
     operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -30,7 +30,7 @@ from trainpilot.cli.manifest import ManifestError, load_experiment
 from trainpilot.cli.progress import Progress, fmt
 from trainpilot.core.policy import Policy
 from trainpilot.runtime.clock import local_now
-from trainpilot.runtime.local import TRAINER_MODULE, LocalRuntime, count_gpus
+from trainpilot.runtime.local import TRAINER_MODULE, LocalRuntime, count_gpus, prompt_archive
 from trainpilot.runtime.policies import make_policy
 
 logger = logging.getLogger("trainpilot.cli.run")
@@ -185,7 +185,7 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
     cores = cores or os.cpu_count() or 1
     spec = _fit_gpus(experiment.spec, gpus, cpu_only, notes)
     try:
-        policy = make_policy(spec)
+        policy = make_policy(spec, archive=prompt_archive(run_dir.resolve()))
     except ValueError as error:  # what the policy needs is missing (Claude: the API key)
         raise UsageError(str(error)) from None
     lock_fd = _claim_run_dir(run_dir, experiment, resume)

@@ -25,6 +25,7 @@ from trainpilot.api.experiment import (
     parse_spec,
 )
 from trainpilot.api.quota import workload_refusal
+from trainpilot.controller import metrics as operator_metrics
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.policy import Policy
 from trainpilot.loop import LoopMemory, run_cycle
@@ -131,7 +132,8 @@ async def drive(
                 spec: AgentExperimentSpec = parse_spec(dict(body.get("spec") or {}))
                 # One policy while spec.policy stays the same: Claude's remembers what it last asked.
                 if policy is None or policy_spec != spec.policy:
-                    policy, policy_spec = make_policy(spec), spec.policy
+                    policy = make_policy(spec, archive=operator_metrics.observe_exchange)
+                    policy_spec = spec.policy
                 check_quota_allows(spec, namespace, quota_limits)
             except ValueError as error:
                 message = str(error)
@@ -192,18 +194,23 @@ async def _one_cycle(
     """Run one cycle: the status after it, the seconds to wait, and whether its status was saved."""
     namespace, name = runtime.namespace, runtime.experiment
     saved = False
+    started = time.monotonic()
     try:
         result = await run_cycle(
             name, spec, status, runtime, policy, cluster_now(), generation=generation, limits=limits, memory=memory
         )
         status, saved = result.status, result.unrecorded is None
         wait = slot_wait(namespace, name, wait, time.time())
+        operator_metrics.count_decisions([*result.recovered, *result.records])
     except RuntimeFailure as failure:
         logger.warning("cycle of %s/%s failed, retrying: %s", namespace, name, failure)
+        operator_metrics.CYCLE_ERRORS.labels("api").inc()
         wait = min(wait, FAILURE_BACKOFF_SECONDS)
     except Exception:  # a bug must not kill the daemon for good; it is logged in full
         logger.exception("cycle of %s/%s crashed, retrying", namespace, name)
+        operator_metrics.CYCLE_ERRORS.labels("crash").inc()
         wait = max(wait, FAILURE_BACKOFF_SECONDS)
+    operator_metrics.CYCLE_SECONDS.observe(time.monotonic() - started)
     if status.finished:
         wait = max(wait, FINISHED_RECHECK_SECONDS)
     return status, wait, saved

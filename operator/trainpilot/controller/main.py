@@ -24,6 +24,10 @@ def run_operator(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.metrics_port:
+        from trainpilot.controller import metrics
+
+        metrics.serve(args.metrics_port)
     namespaces = list(args.namespace)
     asyncio.run(
         kopf.operator(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainpilot.api import contract
-from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
+from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, ModelUsage
 from trainpilot.core import guardrails
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.decision import SYSTEM_POLICY, Decision, DecisionRecord, decision_id, trial_name
@@ -88,7 +88,8 @@ async def plan_cycle(
     except Exception as error:  # a broken policy must not stop the loop
         if on_policy_error is not None:
             on_policy_error(error)
-        return _policy_failed(experiment, spec, status, policy, error, now)
+        return _policy_failed(experiment, spec, _count_usage(status, policy), policy, error, now)
+    status = _count_usage(status, policy)
     status = _policy_answered(status, policy, now)
     records = _check_all(experiment, spec, status, proposed, policy, now, limits, seen)
     provisional = status
@@ -162,6 +163,15 @@ def _check_all(
         records.append(record)
         provisional = apply_record(spec, provisional, record, now)
     return records
+
+
+def _count_usage(status: AgentExperimentStatus, policy: Policy) -> AgentExperimentStatus:
+    """Add what an LLM policy used this cycle (calls, tokens) to status.modelUsage."""
+    take = getattr(policy, "take_usage", None)
+    used = take() if callable(take) else None
+    if not isinstance(used, ModelUsage) or used.calls == 0:
+        return status
+    return status.model_copy(update={"model_usage": status.model_usage.plus(used)})
 
 
 def creates_trial(decision: Decision) -> bool:

@@ -10,6 +10,8 @@ the status and the error type, never the key or a request header.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainpilot.api.experiment import ClaudeSettings
@@ -23,8 +25,15 @@ class MissingKey(ValueError):
     """No API key where the SDK looks for one."""
 
 
+# Receives every exchange (the exact prompt, the answer or the error, the usage; never the key),
+# so an auditor can see what the model saw: `trainpilot run` appends them to <run dir>/prompts.jsonl.
+Archive = Callable[[dict[str, Any]], None]
+
+
 class AnthropicModel:
-    def __init__(self, settings: ClaudeSettings, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: ClaudeSettings, environ: Mapping[str, str] | None = None, archive: Archive | None = None
+    ) -> None:
         import anthropic
 
         env = os.environ if environ is None else environ
@@ -34,6 +43,7 @@ class AnthropicModel:
                 "or name its Secret in the Helm values anthropic.secretName (operator)"
             )
         self._anthropic = anthropic
+        self._archive = archive
         self._client = anthropic.AsyncAnthropic(
             api_key=env[KEY_VARIABLE],
             base_url=env.get("ANTHROPIC_BASE_URL") or None,
@@ -42,6 +52,39 @@ class AnthropicModel:
         )
 
     async def ask(self, request: ModelRequest) -> ModelReply:
+        started = time.monotonic()
+        try:
+            reply = await self._ask(request)
+        except ModelUnavailable as error:
+            self._keep(request, time.monotonic() - started, error=str(error))
+            raise
+        self._keep(request, time.monotonic() - started, reply=reply)
+        return reply
+
+    def _keep(
+        self, request: ModelRequest, seconds: float, reply: ModelReply | None = None, error: str | None = None
+    ) -> None:
+        if self._archive is None:
+            return
+        exchange: dict[str, Any] = {
+            "seconds": round(seconds, 3),
+            "prompt_sha256": request.prompt_sha256,
+            "model": request.model,
+            "system": request.system,
+            "prompt": request.prompt,
+        }
+        if reply is not None:
+            exchange |= {
+                "answer": reply.tool_input,
+                "stop_reason": reply.stop_reason,
+                "input_tokens": reply.input_tokens,
+                "output_tokens": reply.output_tokens,
+            }
+        else:
+            exchange["error"] = error
+        self._archive(exchange)
+
+    async def _ask(self, request: ModelRequest) -> ModelReply:
         anthropic = self._anthropic
         try:
             message = await self._client.messages.create(

@@ -7,6 +7,7 @@ has child processes and files:
     <run_dir>/experiment.yaml            the manifest, copied on the first run
     <run_dir>/status.json                the experiment's status (atomic replace)
     <run_dir>/ledger.jsonl               every decision, one JSON line each (append + fsync)
+    <run_dir>/prompts.jsonl              every exchange with Claude: exact prompt, answer, usage
     <run_dir>/trials/<trial>/config.json   the TrialConfig the trainer reads
     <run_dir>/trials/<trial>/control.json  in-place changes (atomic replace)
     <run_dir>/trials/<trial>/log.txt       the trainer's stdout and stderr
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 AGENT_SECRET_PREFIXES = ("ANTHROPIC_",)
 
 TRAINER_MODULE = "trainpilot_trainer"
+PROMPTS_NAME = "prompts.jsonl"
 KILL_AFTER_SECONDS = 30.0
 _PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR})
 # torchrun's failure summary names each failed rank's exit code.
@@ -80,6 +82,17 @@ def free_port(host: str = "127.0.0.1", avoid: set[int] | None = None) -> int:
         if not avoid or port not in avoid:
             return port
     raise RuntimeFailure("no free TCP port on 127.0.0.1")
+
+
+def prompt_archive(run_dir: str | Path) -> Callable[[dict[str, Any]], None]:
+    """Appends each exchange with an LLM policy to <run_dir>/prompts.jsonl (one JSON line each)."""
+    path = Path(run_dir) / PROMPTS_NAME
+
+    def keep(exchange: dict[str, Any]) -> None:
+        with open(path, "a", encoding="utf-8") as archive:
+            archive.write(json.dumps(exchange, sort_keys=True) + "\n")
+
+    return keep
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from trainpilot.api.experiment import AgentExperimentSpec
 from trainpilot.core.policy import HeuristicPolicy, Policy
 from trainpilot.core.policy.claude import ClaudePolicy
 
+Archive = Callable[[dict[str, Any]], None]
 
-def make_policy(spec: AgentExperimentSpec, environ: dict[str, str] | None = None) -> Policy:
-    """spec.policy.type's policy. A ValueError names what is missing (the key, for Claude)."""
+
+def make_policy(
+    spec: AgentExperimentSpec, environ: Mapping[str, str] | None = None, archive: Archive | None = None
+) -> Policy:
+    """spec.policy.type's policy. A ValueError names what is missing (the key, for Claude).
+
+    `archive` receives every exchange with Claude (see runtime.claude.Archive)."""
     if spec.policy.type == "claude":
         from trainpilot.runtime.claude import AnthropicModel
 
-        return ClaudePolicy(AnthropicModel(spec.policy.claude, environ))
+        return ClaudePolicy(AnthropicModel(spec.policy.claude, environ, archive))
     return HeuristicPolicy()

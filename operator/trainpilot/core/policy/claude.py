@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from trainpilot.api.experiment import ModelUsage
 from trainpilot.core import guardrails
 from trainpilot.core.decision import Decision, ModelCall
 from trainpilot.core.policy import briefing
@@ -48,6 +49,7 @@ class ModelRequest:
     prompt: str
     tool: dict[str, Any]
     max_tokens: int
+    prompt_sha256: str = ""  # of system + prompt: what decision.call names, and the archive's key
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class _Memory:
     asked_at: datetime | None = None
     asked_about: str | None = None
     sent: set[str] = field(default_factory=set)
+    # (action, trial, reason) of heuristic verdicts Claude saw and did not repeat.
+    overruled: set[tuple[str, str | None, str]] = field(default_factory=set)
 
 
 class ClaudePolicy:
@@ -91,6 +95,7 @@ class ClaudePolicy:
         self.model = model
         self.heuristic = HeuristicPolicy()
         self.memory = _Memory()
+        self.usage = ModelUsage()  # not yet in status
 
     async def decide(self, context: PolicyContext) -> list[Decision]:
         settings = context.spec.policy.claude
@@ -107,7 +112,10 @@ class ClaudePolicy:
         if occasion in (None, self.memory.asked_about) or not self._interval_passed(
             context.now, settings.min_interval_seconds
         ):
-            return proposed  # nothing for Claude, or too soon: the heuristic's own cycle
+            return self._standing(context, proposed)  # nothing new for Claude, or too soon
+        spent = context.status.model_usage.plus(self.usage).tokens
+        if settings.max_tokens is not None and spent >= settings.max_tokens:
+            return fallback(proposed, f"maxTokens {settings.max_tokens} spent")
         slots = [
             {"slot": i, "proposal": dict(d.hyperparameters), "reason": d.reason, "override_allowed": allowed}
             for i, (d, allowed) in enumerate(zip(launches, drawn, strict=True))
@@ -115,14 +123,23 @@ class ClaudePolicy:
         text = briefing.prompt(context, verdicts, slots, settings.max_prompt_tokens)
         digest = hashlib.sha256((briefing.SYSTEM + text).encode()).hexdigest()
         if digest in self.memory.sent:
-            return proposed  # the same question again: its answer would be too
+            return self._standing(context, proposed)  # the same question again: its answer would be too
         self.memory.sent.add(digest)
         self.memory.asked_about, self.memory.asked_at = occasion, _parse(context.now)
-        request = ModelRequest(settings.model, briefing.SYSTEM, text, briefing.tool(), settings.max_answer_tokens)
+        request = ModelRequest(
+            settings.model, briefing.SYSTEM, text, briefing.tool(), settings.max_answer_tokens, prompt_sha256=digest
+        )
         try:
             reply = await self.model.ask(request)
+        except ModelUnavailable as error:
+            self.usage = self.usage.plus(ModelUsage(calls=1))
+            return fallback(proposed, str(error))
+        self.usage = self.usage.plus(
+            ModelUsage(calls=1, input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
+        )
+        try:
             answer = parse_answer(reply)
-        except (ModelUnavailable, BadAnswer) as error:
+        except BadAnswer as error:
             return fallback(proposed, str(error))
         call = ModelCall(
             model=settings.model,
@@ -131,14 +148,33 @@ class ClaudePolicy:
             input_tokens=reply.input_tokens,
             output_tokens=reply.output_tokens,
         )
+        repeated = {(d.action, d.trial) for d in answer}
+        self.memory.overruled = {_key(d) for d in verdicts if (d.action, d.trial) not in repeated}
         decided = merge(kept, verdicts, launches, drawn, answer, call)
         return within_capacity(context, decided)
+
+    def _standing(self, context: PolicyContext, proposed: list[Decision]) -> list[Decision]:
+        """The heuristic's decisions on a cycle Claude is not asked, less the verdicts Claude
+        overruled when it last was (they would otherwise come back one cycle later)."""
+        active = {t.name for t in context.status.active_trials}
+        self.memory.overruled = {key for key in self.memory.overruled if key[1] in active}
+        standing = [d for d in proposed if _key(d) not in self.memory.overruled]
+        return within_capacity(context, standing)
+
+    def take_usage(self) -> ModelUsage:
+        """The calls and tokens since the last take; the engine adds them to status.modelUsage."""
+        used, self.usage = self.usage, ModelUsage()
+        return used
 
     def _interval_passed(self, now: str, seconds: int) -> bool:
         if self.memory.asked_at is None:
             return True
         current = _parse(now)
         return current is None or (current - self.memory.asked_at).total_seconds() >= seconds
+
+
+def _key(decision: Decision) -> tuple[str, str | None, str]:
+    return decision.action, decision.trial, decision.reason
 
 
 def _occasion(context: PolicyContext, verdicts: list[Decision], launches: list[Decision]) -> str | None:
