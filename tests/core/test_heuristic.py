@@ -7,28 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support.builders import NOW, context, heuristic, make_spec, observation, seen, status_of, trial
+from tests.support.builders import NOW, context, healthy, heuristic, make_spec, observation, seen, status_of, trial
 from trainpilot.api.experiment import DecisionSummary
 from trainpilot.core.policy import HeuristicPolicy
 from trainpilot.core.policy.heuristic import count_reversals
 
 HP = {"lr": 0.01, "weight_decay": 0.0}
-
-
-def healthy(name: str, index: int = 0, **fields) -> object:
-    """A running trial whose loss falls steadily."""
-    values = dict(
-        hyperparameters=dict(HP),
-        step=40,
-        train_loss=2.0,
-        smoothed_train_loss=2.1,
-        best_train_loss=2.0,
-        objective=2.2,
-        best_objective=2.2,
-        history=[[10.0, 3.0], [20.0, 2.7], [30.0, 2.5], [40.0, 2.3], [45.0, 2.25], [50.0, 2.2]],
-    )
-    values.update(fields)
-    return trial(name, index, "Running", **values)
 
 
 def by(decisions, action=None, reason=None):

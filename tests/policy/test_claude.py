@@ -12,7 +12,7 @@ import typing
 
 import pytest
 
-from tests.support.builders import EXPERIMENT, at, make_spec, observation, status_of, trial
+from tests.support.builders import EXPERIMENT, at, healthy, make_spec, observation, status_of, trial
 from tests.support.messages_api import MessagesApi, Reply, error_reply, prose_reply, tool_reply
 from trainpilot.api.experiment import DEFAULT_CLAUDE_MODEL, ModelUsage
 from trainpilot.core import engine
@@ -36,21 +36,8 @@ def spec(max_trials: int = 8, **claude):
 
 
 def running(name: str, index: int, **fields):
-    values = dict(
-        hyperparameters=dict(HP),
-        step=50,
-        max_steps=200,
-        train_loss=2.0,
-        smoothed_train_loss=2.0,
-        best_train_loss=2.0,
-        objective=2.2,
-        best_objective=2.2,
-        evaluations=5,
-        gpus_per_node=1,
-        history=[[10.0, 3.0], [20.0, 2.7], [30.0, 2.5], [40.0, 2.3], [50.0, 2.2]],
-    )
-    values.update(fields)
-    return trial(name, index, "Running", **values)
+    """A healthy trial as the operator observes it on a GPU template: evaluated, with a step budget."""
+    return healthy(name, index, **{"step": 50, "max_steps": 200, "evaluations": 5, "gpus_per_node": 1, **fields})
 
 
 def claude_policy(api: MessagesApi, the_spec) -> ClaudePolicy:

@@ -116,3 +116,19 @@ def context(
 async def heuristic(spec, status, observed=None, limits=None):
     """The heuristic policy's decisions for this state."""
     return await HeuristicPolicy().decide(context(spec, status, observed, limits))
+
+
+def healthy(name: str, index: int = 0, **fields: Any) -> TrialStatus:
+    """A running trial whose loss falls steadily."""
+    values: dict[str, Any] = dict(
+        hyperparameters={"lr": 0.01, "weight_decay": 0.0},
+        step=40,
+        train_loss=2.0,
+        smoothed_train_loss=2.1,
+        best_train_loss=2.0,
+        objective=2.2,
+        best_objective=2.2,
+        history=[[10.0, 3.0], [20.0, 2.7], [30.0, 2.5], [40.0, 2.3], [45.0, 2.25], [50.0, 2.2]],
+    )
+    values.update(fields)
+    return trial(name, index, "Running", **values)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from trainpilot.api.experiment import AgentExperimentSpec
 from trainpilot.core.policy import HeuristicPolicy, Policy
 from trainpilot.core.policy.claude import ClaudePolicy
-
-Archive = Callable[[dict[str, Any]], None]
+from trainpilot.runtime.claude import Archive
 
 
 def make_policy(
