@@ -7,10 +7,11 @@ import pytest
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentStatus, parse_spec
 from trainpilot.api.metrics import TrialMetrics
+from trainpilot.core.approvals import Approval
 from trainpilot.core.decision import Decision, DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.core.policy import HeuristicPolicy
-from trainpilot.loop import run_cycle
+from trainpilot.loop import LoopMemory, run_cycle
 from trainpilot.runtime.base import Departure, LedgerConflict, PermanentFailure, RuntimeFailure
 
 
@@ -48,6 +49,7 @@ class MemoryRuntime:
         self.fail_observe: RuntimeFailure | None = None
         self.scrape_errors: dict[str, str] = {}
         self.reported_steps: dict[str, int] = {}
+        self.sign_offs: list[Approval] = []
 
     def checkpoint_dir(self, trial):
         return f"/ckpt/{trial}"
@@ -113,6 +115,12 @@ class MemoryRuntime:
 
     async def ledger(self, since=0):
         return [r for r in self.records if r.seq >= since]
+
+    async def approvals(self):
+        return list(self.sign_offs)
+
+    async def log_cycle(self, entry):
+        self.cycles = [*getattr(self, "cycles", []), entry]
 
     async def announce(self, reason, message):
         self.events.append((reason, message))
@@ -751,3 +759,76 @@ async def test_metrics_that_cannot_be_reached_say_which_url_and_what_to_do_then_
     status = (await cycle(runtime, status, now="2026-11-22T06:09:00Z")).status
     reachable = next(c for c in status.conditions if c.type == contract.CONDITION_METRICS_REACHABLE)
     assert reachable.status == "True" and status.trial("exp-t000").failed_scrapes == 0
+
+
+# ---- human sign-off -----------------------------------------------------------------------
+
+
+async def test_a_held_launch_waits_says_so_and_starts_once_a_human_approves():
+    spec = SPEC.model_copy(update={"policy": SPEC.policy.model_copy(update={"require_approval_for": ["launch"]})})
+    runtime = MemoryRuntime()
+    result = await cycle(runtime, AgentExperimentStatus(), spec=spec)
+    # Both initial trials are held, each on its own.
+    assert runtime.calls == [] and [r.outcome for r in runtime.records] == ["pending-approval"] * 2
+    awaiting = next(c for c in result.status.conditions if c.type == contract.CONDITION_AWAITING_APPROVAL)
+    assert awaiting.status == "True" and "trainpilot approve exp <id>" in awaiting.message
+    assert "exp-d00000 (launch" in awaiting.message and "exp-d00001 (launch" in awaiting.message
+    # The heuristic does not flood the ledger: the next cycle holds nothing new.
+    result = await cycle(runtime, result.status, now="2026-11-22T06:00:10Z", spec=spec)
+    assert len(runtime.records) == 2
+
+    runtime.sign_offs = [Approval("exp-d00000", "approve", "alice")]
+    result = await cycle(runtime, result.status, now="2026-11-22T06:00:20Z", spec=spec)
+    approved = runtime.records[2]
+    assert approved.follows == "exp-d00000" and approved.sign_off.by == "alice" and approved.outcome == "executed"
+    assert runtime.calls[0] == ("launch", approved.new_trial)
+    assert result.status.sign_off("exp-d00000").state == "Approved"
+    # Still there next cycle (an annotation stays until someone removes it): nothing happens twice.
+    calls = len(runtime.calls)
+    result = await cycle(runtime, result.status, now="2026-11-22T06:00:30Z", spec=spec)
+    assert [c for c in runtime.calls[calls:] if c == ("launch", approved.new_trial)] == []
+
+
+async def test_an_approval_recorded_before_a_crash_is_carried_out_once_after_the_restart():
+    spec = SPEC.model_copy(update={"policy": SPEC.policy.model_copy(update={"require_approval_for": ["launch"]})})
+    runtime = MemoryRuntime()
+    held = (await cycle(runtime, AgentExperimentStatus(), spec=spec)).status
+    runtime.sign_offs = [Approval("exp-d00000", "approve", "alice")]
+    runtime.crash_on_launch = True
+    with pytest.raises(Crash):
+        await cycle(runtime, held, now="2026-11-22T06:00:20Z", spec=spec)
+    runtime.crash_on_launch = False  # restarted from the status saved before the approval
+    result = await cycle(runtime, held, now="2026-11-22T06:00:30Z", spec=spec)
+    launched = [name for call, name in runtime.calls if call == "launch"]
+    assert launched == sorted(set(launched)) and "exp-t000" in launched
+    follows = [r for r in runtime.records if r.follows == "exp-d00000"]
+    assert len(follows) == 1 and result.status.sign_off("exp-d00000").state == "Approved"
+
+
+async def test_a_sign_off_naming_no_held_decision_is_announced_once():
+    runtime = MemoryRuntime()
+    runtime.sign_offs = [Approval("exp-d00042", "approve", "alice")]
+    status, memory = AgentExperimentStatus(), LoopMemory()
+    for second in (0, 10, 20):
+        status = (
+            await run_cycle(
+                "exp", SPEC, status, runtime, HeuristicPolicy(), f"2026-11-22T06:00:{second:02d}Z", memory=memory
+            )
+        ).status
+    ignored = [m for reason, m in runtime.events if reason == contract.REASON_SIGN_OFF_IGNORED]
+    assert len(ignored) == 1 and "exp-d00042 is not a decision held for approval" in ignored[0]
+
+
+async def test_a_model_that_refuses_the_operator_for_good_is_announced_once_and_stays_a_condition():
+    class Refused(HeuristicPolicy):
+        def health(self):
+            return False, "Claude refused the operator's calls (HTTP 401 authentication_error)"
+
+    runtime, status, memory = MemoryRuntime(), AgentExperimentStatus(), LoopMemory()
+    for second in (0, 10):
+        now = f"2026-11-22T06:00:{second:02d}Z"
+        status = (await run_cycle("exp", SPEC, status, runtime, Refused(), now, memory=memory)).status
+    said = [m for reason, m in runtime.events if reason == contract.REASON_MODEL_REFUSED]
+    assert said == ["Claude refused the operator's calls (HTTP 401 authentication_error)"]
+    condition = next(c for c in status.conditions if c.type == contract.CONDITION_MODEL_AVAILABLE)
+    assert condition.status == "False" and runtime.records  # the heuristic went on deciding

@@ -24,6 +24,7 @@ from functools import partial
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile
+from trainpilot.core import approvals, cycle_log
 from trainpilot.core.conditions import ConditionValue, set_condition
 from trainpilot.core.decision import DecisionRecord, decision_id, decision_seq
 from trainpilot.core.engine import (
@@ -60,6 +61,7 @@ class LoopMemory:
 
     unrecorded_cycles: int = 0
     unobserved_cycles: int = 0  # refused for good, in a row
+    ignored_sign_offs: set[str] = field(default_factory=set)  # announced once each
 
 
 @dataclass
@@ -103,7 +105,7 @@ async def run_cycle(
     memory: LoopMemory | None = None,
 ) -> CycleResult:
     memory = memory if memory is not None else LoopMemory()
-    cycle = _Cycle(experiment, spec, runtime, policy, now, limits, status)
+    cycle = _Cycle(experiment, spec, runtime, policy, now, limits, status, memory)
     try:
         status = await cycle.advance(status, generation)
         memory.unobserved_cycles = 0
@@ -143,9 +145,10 @@ class _Cycle:
         now: str,
         limits: object | None,
         status: AgentExperimentStatus,
+        memory: LoopMemory,
     ) -> None:
         self.experiment, self.spec, self.runtime, self.policy = experiment, spec, runtime, policy
-        self.now, self.limits = now, limits
+        self.now, self.limits, self.memory = now, limits, memory
         self.result = CycleResult(status=status)
         self.acted = 0
         self.refusals: list[_Refusal] = []  # this cycle's, for the ActionsHealthy condition
@@ -177,9 +180,49 @@ class _Cycle:
             status = status.model_copy(
                 update={"phase": "Running" if status.active_trials else "Pending", "message": ""}
             )
+        status = await self.settle_sign_offs(status)
         status = await self.start_waiting(status)
         planned = await self.plan(status)
-        return await self.carry_out(planned.status, planned.records)
+        status = await self.carry_out(planned.status, planned.records)
+        await self._log_cycle(planned)
+        return _approval_condition(status, self.experiment, self.now)
+
+    async def _log_cycle(self, planned: CyclePlan) -> None:
+        """What the policy was given, after what it decided is in the ledger (best effort: the ledger is
+        the record; the cycle log is what `trainpilot replay` reads)."""
+        if planned.asked is None:
+            return
+        records = [record for record in planned.records if record.id in planned.decided]
+        line = cycle_log.entry(self.experiment, self.spec, planned.asked, records)
+        try:
+            await self.runtime.log_cycle(line)
+        except RuntimeFailure as failure:
+            logger.warning("%s: cycle log not written (replay will miss this cycle): %s", self.experiment, failure)
+
+    async def settle_sign_offs(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Carry out what a human approved (if the guardrails still pass), drop what one rejected, and
+        expire what waited too long; each is a record following the held one."""
+        try:
+            given = await self.runtime.approvals()
+        except RuntimeFailure as failure:
+            logger.warning("%s: approvals could not be read: %s", self.experiment, failure)
+            given = []
+        ids = approvals.wanted(status, given, self.now)
+        held: dict[str, DecisionRecord] = {}
+        if ids:
+            first = min(decision_seq(self.experiment, id) or 0 for id in ids)
+            try:
+                held = {record.id: record for record in await self.runtime.ledger(first) if record.id in ids}
+            except RuntimeFailure as failure:
+                raise _Unrecorded("ledger", failure, status) from None
+        settlement = approvals.settle(self.experiment, self.spec, status, held, given, self.now, self.limits)
+        for approval, why in settlement.ignored:
+            if str(approval) not in self.memory.ignored_sign_offs:
+                self.memory.ignored_sign_offs.add(str(approval))
+                message = f"sign-off ignored ({approval}): {why}"
+                logger.warning("%s: %s", self.experiment, message)
+                await self.runtime.announce(contract.REASON_SIGN_OFF_IGNORED, message)
+        return await self.carry_out(status, settlement.records)
 
     async def plan(self, status: AgentExperimentStatus) -> CyclePlan:
         planned = await plan_with_timeouts(  # engine.plan_cycle, after stopping trials that cannot start
@@ -195,6 +238,10 @@ class _Cycle:
         if planned.policy_failure is not None:
             logger.warning("%s: %s", self.experiment, planned.policy_failure)
             await self.runtime.announce(contract.REASON_POLICY_FAILING, planned.policy_failure)
+        refused = _turned_false(status, planned.status, contract.CONDITION_MODEL_AVAILABLE)
+        if refused is not None:
+            logger.warning("%s: %s", self.experiment, refused)
+            await self.runtime.announce(contract.REASON_MODEL_REFUSED, refused)
         return planned
 
     async def _metrics_reachability(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
@@ -547,6 +594,33 @@ async def _launch(
     await runtime.launch(trial, config)
 
 
+def _turned_false(before: AgentExperimentStatus, after: AgentExperimentStatus, type: str) -> str | None:
+    """The message of condition `type` if it is False now and was not before."""
+    was = next((c.status for c in before.conditions if c.type == type), None)
+    now = next((c for c in after.conditions if c.type == type), None)
+    return now.message if now is not None and now.status == "False" and was != "False" else None
+
+
+def _approval_condition(status: AgentExperimentStatus, experiment: str, now: str) -> AgentExperimentStatus:
+    """AwaitingApproval: True naming what waits and how to approve it, False once nothing does."""
+    waiting = status.awaiting_approval
+    if not waiting:
+        return _healthy_again(
+            status, contract.CONDITION_AWAITING_APPROVAL, "NoneAwaiting", "nothing awaits approval", now, value="False"
+        )
+    listed = "; ".join(
+        f"{held.id} ({held.action}{' ' + held.trial if held.trial else ''}, expires {held.expires_at})"
+        for held in waiting[:5]
+    )
+    message = (
+        f"{len(waiting)} decision(s) await a human: {listed}. Approve with `trainpilot approve {experiment} "
+        f"<id>` or reject with `trainpilot reject {experiment} <id>`"
+    )
+    return _condition(
+        status, contract.CONDITION_AWAITING_APPROVAL, "True", contract.REASON_DECISION_PENDING_APPROVAL, message, now
+    )
+
+
 def _condition(
     status: AgentExperimentStatus, type: str, value: ConditionValue, reason: str, message: str, now: str
 ) -> AgentExperimentStatus:
@@ -554,13 +628,13 @@ def _condition(
 
 
 def _healthy_again(
-    status: AgentExperimentStatus, type: str, reason: str, message: str, now: str
+    status: AgentExperimentStatus, type: str, reason: str, message: str, now: str, value: ConditionValue = "True"
 ) -> AgentExperimentStatus:
-    """A condition that was False turns True; one never set stays unset (nothing was ever wrong)."""
+    """A condition that was set turns to `value` (True: nothing wrong); one never set stays unset."""
     current = next((c for c in status.conditions if c.type == type), None)
-    if current is None or current.status == "True":
+    if current is None or current.status == value:
         return status
-    return _condition(status, type, "True", reason, message, now)
+    return _condition(status, type, value, reason, message, now)
 
 
 def _with_generation(status: AgentExperimentStatus, generation: int | None, now: str) -> AgentExperimentStatus:

@@ -4,12 +4,15 @@ trainers, Claude scripted by the local Messages API (tests/support/messages_api.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from tests.controller.test_operator_e2e import HANDLERS, experiment, finished, ledger_of, manifest
 from tests.support.kube import Kube, aeventually, run_kopf_operator
 from tests.support.messages_api import MessagesApi, tool_reply
+from tests.support.paths import REPO
 from trainpilot.api import contract
 from trainpilot.controller import metrics
 
@@ -52,12 +55,6 @@ async def test_the_quickstart_with_a_scripted_claude_on_the_cluster(
     assert status["phase"] == "Succeeded", status.get("message")
     assert [d.attributes for d in kube.forbidden()] == []
     records = ledger_of(kube, "quickstart")
-    print(
-        "DEBUG",
-        len(messages_api.requests),
-        status.get("modelUsage"),
-        [(r.decision.policy, r.decision.action, r.decision.reason) for r in records],
-    )
     by_claude = [r for r in records if r.decision.policy == "claude"]
     assert by_claude and all(r.decision.action == "launch" and r.outcome == "executed" for r in by_claude)
     assert any(r.decision.hyperparameters.get("lr") == CLAUDE_LR for r in by_claude)
@@ -74,3 +71,20 @@ async def test_the_quickstart_with_a_scripted_claude_on_the_cluster(
     written += json.dumps([e.to_dict() for e in kube.events_posted("default")], default=str)
     written += json.dumps([j.to_dict() for j in kube.batch_v1().list_namespaced_job("default").items], default=str)
     assert KEY not in written
+
+    # The exact prompt and answer of every call, in the cluster: size-bounded ConfigMaps owned by the experiment.
+    archived = kube.core_v1().read_namespaced_config_map("quickstart-prompts", "default")
+    kept = [json.loads(line) for line in archived.data["lines"].splitlines()]
+    assert [exchange["prompt"] for exchange in kept] == messages_api.prompts()
+    assert all(exchange["answer"]["decisions"] == [launch] for exchange in kept if "answer" in exchange)
+    assert archived.metadata.owner_references[0].name == "quickstart"
+    # An auditor replays the run from the cluster alone: Claude's recorded answers give its decisions again.
+    done = subprocess.run(
+        [sys.executable, "-m", "trainpilot.cli", "replay", "quickstart", "-n", "default", "--from-archive"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "with the claude policy" in done.stdout and " 0 cycle(s) differ" in done.stdout

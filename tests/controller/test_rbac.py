@@ -34,6 +34,7 @@ NOT_USED_BY_THE_QUICKSTART: dict[tuple[str, str, str], str] = {
     ("get", "", "persistentvolumeclaims"): "a trial of nodes > 1 reads its checkpoint claim's access modes",
     ("patch", "", "events"): "a warning that repeats (e.g. a ledger write failing) updates its one Event",
     ("watch", "", "pods"): "a restart (scale, restart-mutate) follows its old trial's pods until they are gone",
+    ("delete", "", "configmaps"): "the cycle log and prompt archive drop their oldest segments (test_logs.py)",
 }
 
 

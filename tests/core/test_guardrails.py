@@ -171,9 +171,23 @@ def test_require_approval_holds_an_otherwise_valid_decision():
     status = status_of(spec)
     limits = SimpleNamespace(require_approval_for=["launch"])
     verdict = check(launch(), spec, status, limits)
-    assert verdict.outcome == "pending-approval" and "require_approval_for" in verdict.reason
+    assert verdict.outcome == "pending-approval" and "quota requireApprovalFor" in verdict.reason
     # Approval never rescues an invalid decision.
     assert check(launch(hyperparameters={"lr": 7.0, "weight_decay": 0}), spec, status, limits).outcome == "rejected"
+    bad = launch(hyperparameters={"lr": 7.0, "weight_decay": 0})
+    assert check(bad, spec, status, limits, approved=True).outcome == "rejected"
+    # A human's approval waives only the approval itself.
+    assert check(launch(), spec, status, limits, approved=True).executed
+
+
+def test_the_spec_holds_actions_for_approval_too_and_says_which_setting_did():
+    spec = make_spec(policy={"requireApprovalFor": ["terminate"]})
+    status = status_of(spec, trial("a", 0))
+    verdict = check(act("terminate", trial="a"), spec, status)
+    assert verdict.outcome == "pending-approval" and "spec.policy.requireApprovalFor" in verdict.reason
+    assert check(launch(), spec, status).executed
+    quota = SimpleNamespace(require_approval_for=["launch"], sources={"require_approval_for": "team-ml"})
+    assert "QuotaPolicy team-ml" in check(launch(), spec, status, quota).reason
 
 
 def test_complete_needs_an_outcome_and_a_running_experiment():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support.builders import NOW, context, healthy, heuristic, make_spec, observation, seen, status_of, trial
-from trainpilot.api.experiment import DecisionSummary
+from trainpilot.api.experiment import SignOff
 from trainpilot.core.policy import HeuristicPolicy
 from trainpilot.core.policy.heuristic import count_reversals
 
@@ -320,19 +320,22 @@ async def test_disallowed_actions_are_not_proposed():
     assert [d.reason for d in decisions] == ["suggested"]
 
 
-async def test_a_decision_awaiting_approval_is_not_proposed_again():
+@pytest.mark.parametrize(("state", "proposed"), [("Pending", False), ("Rejected", False), ("Expired", True)])
+async def test_a_decision_awaiting_approval_or_rejected_by_a_human_is_not_proposed_again(state, proposed):
     spec = make_spec()
-    pending = DecisionSummary(
+    held = SignOff(
         id="exp-d00000",
         action="terminate",
         trial="a",
         policy="heuristic",
-        outcome="pending-approval",
         reason="loss-spike",
-        time=NOW,
+        held_at=NOW,
+        expires_at=NOW,
+        state=state,
     )
-    status = status_of(spec, healthy("a", 0, smoothed_train_loss=9.0, best_train_loss=2.0), decisions=[pending])
-    assert by(await heuristic(spec, status), "terminate") == []
+    status = status_of(spec, healthy("a", 0, smoothed_train_loss=9.0, best_train_loss=2.0), sign_offs=[held])
+    # Expired: nobody said no, so it may be held again.
+    assert bool(by(await heuristic(spec, status), "terminate")) is proposed
 
 
 async def test_explicit_settings_override_the_spec():

@@ -29,7 +29,7 @@ NAMESPACED_NEEDS: list[tuple[str, str, set[str]]] = [
     ("trainpilot.dev", "agentexperiments/finalizers", {"update"}),
     ("batch", "jobs", {"create", "get", "list", "delete"}),
     ("", "services", {"create", "get", "list", "delete"}),
-    ("", "configmaps", {"create", "get", "list", "patch", "update"}),
+    ("", "configmaps", {"create", "get", "list", "patch", "update", "delete"}),
     ("", "pods", {"list", "watch"}),
     ("", "persistentvolumeclaims", {"get"}),
     ("", "events", {"create", "patch"}),
@@ -268,3 +268,54 @@ def test_the_install_notes_name_the_watched_namespace_on_every_command():
     commands = [line.strip() for line in notes.splitlines() if line.strip().startswith(("kubectl", "trainpilot"))]
     assert len(commands) == 4 and all(" -n ml " in command for command in commands), notes
     assert "watching namespace ml" in notes
+
+
+def test_the_approval_policy_checks_the_contracts_sign_off_annotations() -> None:
+    import re
+
+    from tests.support import admission
+    from trainpilot.api import contract
+
+    documents = render()
+    policy, binding = one(documents, "ValidatingAdmissionPolicy"), one(documents, "ValidatingAdmissionPolicyBinding")
+    assert policy["apiVersion"] == binding["apiVersion"] == "admissionregistration.k8s.io/v1"
+    assert policy["metadata"]["name"] == binding["metadata"]["name"] == "tp-trainpilot-approvals"
+    assert policy["metadata"]["labels"] == one(documents, "ServiceAccount")["metadata"]["labels"]
+    assert "namespace" not in policy["metadata"] and "namespace" not in binding["metadata"]  # cluster-scoped
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"] == {
+        "resourceRules": [
+            {
+                "apiGroups": [contract.GROUP],
+                "apiVersions": [contract.VERSION],
+                "resources": [contract.EXPERIMENT_PLURAL],
+                "operations": ["CREATE", "UPDATE"],
+            }
+        ]
+    }
+    (condition,) = spec["matchConditions"]
+    watched = re.match(r"\[([^\]]*)\]\.exists\(", condition["expression"])
+    assert watched is not None and re.findall(r"'([^']*)'", watched.group(1)) == list(contract.APPROVAL_ANNOTATIONS)
+    (validation,) = spec["validations"]
+    assert f"'{contract.ANNOTATION_APPROVED_BY}'" in validation["expression"]
+    assert "request.userInfo.username" in validation["expression"]
+    admission.default_policy(policy)
+    assert admission.policy_errors(policy) == []  # every expression compiles, as the API server checks
+    assert binding["spec"] == {"policyName": "tp-trainpilot-approvals", "validationActions": ["Deny"]}
+    assert one(render(namespace="ml"), "ValidatingAdmissionPolicy")["metadata"]["name"] == "tp-trainpilot-approvals"
+    assert not [
+        d for d in render({"approvalPolicy": {"enabled": False}}) if d["kind"].startswith("ValidatingAdmission")
+    ]
+
+
+def test_the_approval_policy_needs_kubernetes_1_30(capfd: pytest.CaptureFixture[str]) -> None:
+    """v1 ValidatingAdmissionPolicy is GA from 1.30: older clusters get a clear message instead (lint
+    mode only logs `fail`), and lint clean with the policy off."""
+    needs = "approvalPolicy needs Kubernetes >= 1.30"
+    helm.lint(str(CHART), {}, strict=True, kube_version="v1.30.0")
+    assert needs not in capfd.readouterr().err
+    helm.lint(str(CHART), {}, strict=True, kube_version="v1.29.0")
+    assert needs in capfd.readouterr().err
+    report = helm.lint(str(CHART), {"approvalPolicy": {"enabled": False}}, strict=True, kube_version="v1.29.0")
+    assert report["errors"] == [] and needs not in capfd.readouterr().err

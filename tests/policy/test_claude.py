@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.builders import EXPERIMENT, at, healthy, make_spec, observation, status_of, trial
 from tests.support.messages_api import MessagesApi, Reply, error_reply, prose_reply, tool_reply
+from trainpilot.api import contract
 from trainpilot.api.experiment import DEFAULT_CLAUDE_MODEL, ModelUsage
 from trainpilot.core import engine
 from trainpilot.core.decision import Decision
@@ -127,6 +128,9 @@ async def test_a_terminate_claude_proposes_is_executed_and_records_who_decided(m
     call = record.decision.call
     assert call is not None and call.model == DEFAULT_CLAUDE_MODEL
     assert (call.input_tokens, call.output_tokens) == (1234, 56) and len(call.prompt_sha256) == 64
+    # Haiku 5.5's list price, $0.10 in and $0.50 out per million tokens.
+    assert call.estimated_cost_usd == pytest.approx((1234 * 0.10 + 56 * 0.50) / 1e6)
+    assert planned.provisional.model_usage.estimated_cost_usd == pytest.approx(call.estimated_cost_usd)
     [request] = messages_api.requests
     assert request.body["tool_choice"] == {"type": "tool", "name": briefing.TOOL_NAME}
     assert request.body["model"] == DEFAULT_CLAUDE_MODEL
@@ -208,6 +212,23 @@ async def test_an_answer_without_a_valid_tool_call_falls_back_to_the_heuristic(m
         assert why in record.decision.policy
         assert record.decision.reason in ("initial-trial", "suggested")
     assert_no_key(messages_api, everything_recorded(planned))
+
+
+async def test_a_key_the_api_refuses_is_a_condition_and_claude_is_not_asked_again(messages_api):
+    the_spec = spec()
+    policy = claude_policy(messages_api, the_spec)
+    messages_api.will(error_reply(401, "authentication_error"))
+    planned = await cycle(policy, the_spec, status_of(the_spec))
+    [condition] = [c for c in planned.status.conditions if c.type == contract.CONDITION_MODEL_AVAILABLE]
+    assert (condition.status, condition.reason) == ("False", contract.REASON_MODEL_REFUSED)
+    assert "HTTP 401 authentication_error" in condition.message and "the heuristic decides" in condition.message
+    assert all(r.decision.policy == "heuristic (fallback: HTTP 401 authentication_error)" for r in planned.records)
+    asked = len(messages_api.requests)
+    moved = status_of(the_spec, running("exp-t000", 0, evaluations=9, step=90), running("exp-t001", 1))
+    again = await cycle(policy, the_spec, moved, now=at(60))
+    assert len(messages_api.requests) == asked  # every later call would be refused the same way
+    assert all(r.decision.policy.startswith("heuristic (fallback: HTTP 401") for r in again.records)
+    assert_no_key(messages_api, everything_recorded(planned) + everything_recorded(again))
 
 
 async def test_a_500_then_success_is_retried_once(messages_api):
@@ -317,7 +338,13 @@ async def test_calls_and_tokens_add_up_in_status_and_max_tokens_hands_over_to_th
     messages_api.will(tool_reply([], input_tokens=900, output_tokens=100), error_reply(400, "invalid_request_error"))
     status = status_of(the_spec, running("exp-t000", 0), running("exp-t001", 1))
     used = (await cycle(policy, the_spec, status)).provisional.model_usage
-    assert used.model_dump() == {"calls": 1, "input_tokens": 900, "output_tokens": 100}
+    assert used.model_dump() == {
+        "calls": 1,
+        "input_tokens": 900,
+        "output_tokens": 100,
+        "estimated_cost_usd": pytest.approx((900 * 0.10 + 100 * 0.50) / 1e6),
+        "unpriced_calls": 0,
+    }
 
     moved = status_of(the_spec, running("exp-t000", 0, evaluations=6, step=60), running("exp-t001", 1))
     used = (
@@ -356,3 +383,20 @@ async def test_a_verdict_claude_overruled_does_not_come_back_on_the_next_cycle(m
     assert ("terminate", "exp-t000", "nonfinite-loss") in [
         (r.decision.action, r.decision.trial, r.decision.reason) for r in safety.records
     ]
+
+
+async def test_a_model_with_no_known_price_is_counted_as_unpriced_unless_the_spec_gives_one(messages_api):
+    status = None
+    for price, expected in ((None, None), ({"input": 3.0, "output": 15.0}, (1000 * 3.0 + 200 * 15.0) / 1e6)):
+        the_spec = spec(overrideShare=0.0, model="claude-haiku-4-5", pricePerMillionTokens=price)
+        status = status_of(the_spec, running("exp-t000", 0), running("exp-t001", 1))
+        messages_api.will(tool_reply([{"action": "terminate", "trial": "exp-t001", "reason": "r"}], 1000, 200))
+        planned = await cycle(claude_policy(messages_api, the_spec), the_spec, status)
+        [record] = planned.records
+        usage = planned.provisional.model_usage
+        if expected is None:
+            assert record.decision.call.estimated_cost_usd is None
+            assert (usage.unpriced_calls, usage.estimated_cost_usd) == (1, 0.0)
+        else:
+            assert record.decision.call.estimated_cost_usd == pytest.approx(expected)
+            assert (usage.unpriced_calls, usage.estimated_cost_usd) == (0, pytest.approx(expected))

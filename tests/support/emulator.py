@@ -33,6 +33,13 @@ and replaces the request parsing and the write path with API-server semantics:
 * the OwnerReferencesPermissionEnforcement admission plugin: setting ``blockOwnerDeletion`` needs
   ``update`` on the owner's ``<plural>/finalizers``, changing an object's ownerReferences needs
   ``delete`` on it;
+* the ValidatingAdmissionPolicy plugin (admissionregistration.k8s.io/v1, tests/support/admission.py):
+  every create, update and patch of any resource (status included, dry runs and no-op writes too),
+  as it would be stored, runs through the stored policies and their bindings (resource rules,
+  namespace and object selectors, matchConditions, variables, validations in CEL with the
+  requesting user in ``request.userInfo``); a denial is the API server's 422 (or the validation's
+  reason: 401, 403, 413) with its message; a policy whose expressions do not compile is 422 with
+  the field;
 * quantities in pods and Job templates decoded as the API server does (``"4x"``: 400
   BadRequest), container resources validated (negative, non-integer extended resources,
   requests above limits: 422; tests/support/quantity.py);
@@ -60,12 +67,13 @@ and replaces the request parsing and the write path with API-server semantics:
 * ``pods/{name}/binding`` (what a scheduler uses) and ``pods/{name}/log`` (served from the
   fake node's log files when one is attached).
 
-Not emulated: admission webhooks, ClusterRole aggregation (aggregationRule), impersonation,
-CRD validation ratcheting, ``optionalOldSelf``, quotas/LimitRanges, server-side apply field
-ownership (apply patches are treated as merge patches), managedFields, protobuf/CBOR, the
-watch cache's bookmarks every minute, Service clusterIP allocation, and every controller
-except the garbage collector and the namespace lifecycle (the fake node plays the job
-controller, the scheduler and the kubelet).
+Not emulated: admission webhooks, ValidatingAdmissionPolicy on DELETE and CONNECT (and its
+paramKind and authorizer, refused at creation; CEL type checking), ClusterRole aggregation
+(aggregationRule), impersonation, CRD validation ratcheting, ``optionalOldSelf``,
+quotas/LimitRanges, server-side apply field ownership (apply patches are treated as merge
+patches), managedFields, protobuf/CBOR, the watch cache's bookmarks every minute, Service
+clusterIP allocation, and every controller except the garbage collector and the namespace
+lifecycle (the fake node plays the job controller, the scheduler and the kubelet).
 
 kmock itself mis-parses ``/api/v1/namespaces`` (it raises while parsing the URL, so the
 request never reaches any handler), so this module parses request paths itself and
@@ -94,7 +102,7 @@ import attrs
 import kmock
 from kmock._internal import rendering as _kmock_rendering  # StreamingError: kmock's own wrapper
 
-from tests.support import openapi, quantity, rbac
+from tests.support import admission, openapi, quantity, rbac
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +269,21 @@ BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     ),
     ResourceSpec(group=rbac.RBAC_GROUP, version="v1", plural="roles", kind="Role", namespaced=True),
     ResourceSpec(group=rbac.RBAC_GROUP, version="v1", plural="rolebindings", kind="RoleBinding", namespaced=True),
+    ResourceSpec(
+        group=admission.GROUP,
+        version=admission.VERSION,
+        plural=admission.POLICIES,
+        kind="ValidatingAdmissionPolicy",
+        namespaced=False,
+        subresources=("status",),
+    ),
+    ResourceSpec(
+        group=admission.GROUP,
+        version=admission.VERSION,
+        plural=admission.BINDINGS,
+        kind="ValidatingAdmissionPolicyBinding",
+        namespaced=False,
+    ),
 )
 _RBAC_PLURALS = {"clusterroles", "clusterrolebindings", "roles", "rolebindings"}
 
@@ -345,6 +368,19 @@ def _convert_events(payload: Any) -> Any:
 
 # Who sent the request being handled (None: the emulator's own work, e.g. the garbage collector).
 _REQUEST_USER: contextvars.ContextVar[rbac.User | None] = contextvars.ContextVar("request_user", default=None)
+
+
+SELF_SUBJECT_REVIEWS = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+
+
+def self_subject_review(user: rbac.User) -> JsonDict:
+    """`kubectl auth whoami`: the caller as this server authenticated it (authentication.k8s.io/v1)."""
+    return {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "SelfSubjectReview",
+        "metadata": {"creationTimestamp": now_rfc3339()},
+        "status": {"userInfo": {"username": user.name, "groups": list(user.groups)}},
+    }
 
 
 class ApiError(kmock.KubernetesError):
@@ -855,6 +891,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     _specs: dict[tuple[str, str, str], ResourceSpec] = attrs.field(factory=dict, init=False)
     _policy: rbac.Policy | None = attrs.field(default=None, init=False)
+    # The stored ValidatingAdmissionPolicies and bindings (rebuilt after any of them changes).
+    _admission_objects: tuple[list[JsonDict], list[JsonDict]] | None = attrs.field(default=None, init=False)
     _rv: int = attrs.field(default=100, init=False)
     _log: list[JsonDict] = attrs.field(factory=list, init=False)
     _tick: asyncio.Event | None = attrs.field(default=None, init=False)
@@ -918,6 +956,8 @@ class Emulator(kmock.KubernetesEmulator):
             user = self._authenticate(raw_request)
             self._authorize_request(user, raw_request)
             _REQUEST_USER.set(user)
+            if raw_request.method == "POST" and raw_request.path == SELF_SUBJECT_REVIEWS:
+                return aiohttp.web.json_response(self_subject_review(user), status=201)
             try:
                 return await self._handle(request)
             except _kmock_rendering.StreamingError as e:
@@ -1051,6 +1091,67 @@ class Emulator(kmock.KubernetesEmulator):
                     "cannot set blockOwnerDeletion if an ownerReference refers to a resource you can't set "
                     f"finalizers on: {decision.reason}, <nil>"
                 )
+
+    # -- ValidatingAdmissionPolicy (tests/support/admission.py) -------------------------------------
+
+    def admission_objects(self) -> tuple[list[JsonDict], list[JsonDict]]:
+        """The ValidatingAdmissionPolicies and bindings now stored (the plugin's informer cache)."""
+        if self._admission_objects is None:
+            policies, bindings = [], []
+            for key, obj in self._live():
+                if (key[0].group, key[0].plural) == (admission.GROUP, admission.POLICIES):
+                    policies.append(obj)
+                elif (key[0].group, key[0].plural) == (admission.GROUP, admission.BINDINGS):
+                    bindings.append(obj)
+            self._admission_objects = (policies, bindings)
+        return self._admission_objects
+
+    def _admit(
+        self, spec: ResourceSpec, request: kmock.Request, new: JsonDict, old: JsonDict | None, *, name: str
+    ) -> None:
+        """Run the ValidatingAdmissionPolicies on a write, as it would be stored (422 or the policy's
+        reason when one denies it). `name`: as the request named it ("" on a create by generateName)."""
+        policies, bindings = self.admission_objects()
+        if not bindings:
+            return
+        meta = new["metadata"]
+        if (spec.group, spec.plural) == ("", "namespaces"):
+            namespace = meta["name"]  # the namespace of a Namespace request is its own name
+        else:
+            namespace = (meta.get("namespace") or "") if spec.namespaced else ""
+        ns_spec = self._specs[("", "v1", "namespaces")]
+        namespace_object = self._current(self._key(ns_spec, None, namespace)) if namespace else None
+        result = admission.evaluate(
+            policies,
+            bindings,
+            admission.Request(
+                operation="CREATE" if old is None else "UPDATE",
+                user=_REQUEST_USER.get() or rbac.ANONYMOUS,
+                group=spec.group,
+                version=spec.version,
+                resource=spec.plural,
+                kind=spec.kind,
+                subresource=request.subresource or "",
+                object=new,
+                old_object=old,
+                namespace=namespace,
+                name=name,
+                dry_run=bool(request.params.get("dryRun")),
+                namespace_object=namespace_object,
+                schema=spec.schema,
+            ),
+        )
+        if result.denial is not None:
+            # admission.NewForbidden's message and details, with the policy's reason and code.
+            shown = meta.get("name") or meta.get("generateName") or "Unknown"
+            details: JsonDict = {"name": shown, "group": spec.group, "kind": spec.plural}
+            details["causes"] = [{"message": result.denial.message}]
+            raise _status_error(
+                result.denial.code,
+                result.denial.reason,
+                rbac.forbidden_status_message(spec.qualified, shown, result.denial.message),
+                **{k: v for k, v in details.items() if v != ""},  # Go's omitempty: no "group" for the core group
+            )
 
     async def _parse_request(self, raw: aiohttp.web.BaseRequest) -> kmock.Request:
         body = await raw.read()
@@ -1218,6 +1319,8 @@ class Emulator(kmock.KubernetesEmulator):
             self._crd_removed(final)
         if spec.group == rbac.RBAC_GROUP:
             self._policy = None
+        if spec.group == admission.GROUP:
+            self._admission_objects = None
         return final
 
     def _after_write(self, spec: ResourceSpec, new: JsonDict, old: JsonDict | None) -> None:
@@ -1225,6 +1328,8 @@ class Emulator(kmock.KubernetesEmulator):
             self._crd_written(new)
         if spec.group == rbac.RBAC_GROUP:
             self._policy = None
+        if spec.group == admission.GROUP:
+            self._admission_objects = None
         if (spec.group, spec.plural) == ("", "events") and self.event_ttl is not None:
             self._expire_later(spec, new)
 
@@ -1317,6 +1422,12 @@ class Emulator(kmock.KubernetesEmulator):
             if not containers:
                 errors.append("spec.containers: Required value")
         errors += quantity.resource_requirement_errors(spec.group, spec.plural, obj)
+        if (spec.group, spec.plural) == (admission.GROUP, admission.POLICIES) and not status_only:
+            admission.default_policy(obj)
+            errors += admission.policy_errors(obj)
+        if (spec.group, spec.plural) == (admission.GROUP, admission.BINDINGS):
+            admission.default_binding(obj)
+            errors += admission.binding_errors(obj)
         if errors:
             raise self._invalid(spec, obj.get("metadata", {}).get("name"), errors)
 
@@ -1728,6 +1839,7 @@ class Emulator(kmock.KubernetesEmulator):
         obj = copy.deepcopy(body)
         self._decode(spec, obj)
         meta = obj.setdefault("metadata", {})
+        requested_name = str(meta.get("name") or "")
         if meta.get("resourceVersion"):
             raise _status_error(400, "BadRequest", "resourceVersion should not be set on objects to be created")
         if spec.namespaced:
@@ -1771,6 +1883,7 @@ class Emulator(kmock.KubernetesEmulator):
         self._reset_status_on_create(spec, obj)
         self._prepare(spec, obj, creating=True, strict=request.params.get("fieldValidation") == "Strict")
         self._enforce_owner_references(spec, request, obj, None)
+        self._admit(spec, request, obj, None, name=requested_name)
         if request.params.get("dryRun"):
             return kmock.Response(status=201, payload=obj)
         stored = self._store(spec, key, obj, None)
@@ -1882,12 +1995,15 @@ class Emulator(kmock.KubernetesEmulator):
             )
 
         new = self._merge_update(spec, old, candidate, status_only=request.subresource == "status")
+        # NB: admission runs on a no-op write too (the API server only skips the storage write).
         if new == old:
+            self._admit(spec, request, new, old, name=request.name or "")
             return copy.deepcopy(old)  # a no-op write: no new resourceVersion, no event
         status_only = request.subresource == "status"
         strict = request.params.get("fieldValidation") == "Strict"
         self._prepare(spec, new, creating=False, old=old, status_only=status_only, strict=strict)
         if new == old:
+            self._admit(spec, request, new, old, name=request.name or "")
             return copy.deepcopy(old)
         errors: list[str] = []
         if (spec.group, spec.plural) == ("", "pods"):
@@ -1903,6 +2019,7 @@ class Emulator(kmock.KubernetesEmulator):
                 strip = lambda o: {k: v for k, v in o.items() if k != "metadata"}  # noqa: E731
             if strip(old) != strip(new):
                 new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
+        self._admit(spec, request, new, old, name=request.name or "")
         if request.params.get("dryRun"):
             return new
         meta = new["metadata"]

@@ -421,7 +421,8 @@ BOOTSTRAP_OBJECTS: tuple[JsonDict, ...] = (
                 "apiGroups": ["authorization.k8s.io"],
                 "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
                 "verbs": ["create"],
-            }
+            },
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]},
         ],
     ),
     _cluster_role_binding("system:basic-user", [AUTHENTICATED]),

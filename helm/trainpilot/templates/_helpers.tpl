@@ -59,10 +59,11 @@ app.kubernetes.io/part-of: trainpilot
 - apiGroups: [""]
   resources: [services]
   verbs: [create, get, list, delete]
-# Trial config and control ConfigMaps (control: patched by in-place mutates); the ledger (PUT).
+# Trial config and control ConfigMaps (control: patched by in-place mutates); the ledger (PUT); the
+# bounded cycle log and prompt archive (PUT; their oldest segments deleted).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create, get, list, patch, update]
+  verbs: [create, get, list, patch, update, delete]
 # Metric scraping and trial state from the trials' pods; a stopped trial's pods are watched until
 # they are gone, for the checkpoint step each one's last status reports (a restart's hand-off).
 - apiGroups: [""]

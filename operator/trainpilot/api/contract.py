@@ -22,6 +22,14 @@ LABEL_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 ANNOTATION_HYPERPARAMETERS = f"{GROUP}/hyperparameters"
 ANNOTATION_DECISION = f"{GROUP}/decision"
 ANNOTATION_LAST_DECISION = f"{GROUP}/last-decision"
+# Human sign-off of a decision held for approval: `approve` or `reject` carries its id, and
+# `approved-by` the user who set it. The chart's ValidatingAdmissionPolicy admits a change to any of
+# the three only when approved-by equals the requesting user as the API server authenticated them,
+# so the name in the ledger is the API server's word, not the annotator's.
+ANNOTATION_APPROVE = f"{GROUP}/approve"
+ANNOTATION_REJECT = f"{GROUP}/reject"
+ANNOTATION_APPROVED_BY = f"{GROUP}/approved-by"
+APPROVAL_ANNOTATIONS = (ANNOTATION_APPROVE, ANNOTATION_REJECT, ANNOTATION_APPROVED_BY)
 
 # Trainer environment.
 ENV_TRIAL_CONFIG = "TRAINPILOT_TRIAL_CONFIG"
@@ -164,6 +172,8 @@ REASON_POLICY_FAILING = "PolicyFailing"
 REASON_RECORDING_FAILED = "RecordingFailed"
 REASON_OBSERVATION_FAILED = "ObservationFailed"
 REASON_METRICS_UNREACHABLE = "MetricsUnreachable"
+REASON_MODEL_REFUSED = "ModelRefused"  # the LLM's API refuses the operator for good (401/403/404)
+REASON_SIGN_OFF_IGNORED = "SignOffIgnored"  # an approve or reject that names no held decision, or nobody
 
 # Status conditions besides Valid (kubectl describe shows them): False says what is wrong.
 CONDITION_VALID = "Valid"
@@ -172,6 +182,8 @@ CONDITION_ACTIONS_HEALTHY = "ActionsHealthy"  # actions are carried out; False: 
 CONDITION_RECORDING_HEALTHY = "RecordingHealthy"  # ledger and status are written; False: RecordingFailed
 CONDITION_OBSERVATION_HEALTHY = "ObservationHealthy"  # trials can be listed; False: ObservationFailed
 CONDITION_METRICS_REACHABLE = "MetricsReachable"  # running trainers' /metrics answer; False: MetricsUnreachable
+CONDITION_MODEL_AVAILABLE = "ModelAvailable"  # the LLM answers; False: refused for good (reason ModelRefused)
+CONDITION_AWAITING_APPROVAL = "AwaitingApproval"  # True: decisions are held for a human (DecisionPendingApproval)
 
 # Trainer exit codes: how a finished trial says why it stopped.
 EXIT_COMPLETED = 0  # ran max_steps

@@ -290,6 +290,11 @@ class HeuristicSettings(CamelModel):
 DEFAULT_CLAUDE_MODEL = "claude-haiku-5-5"
 
 
+class TokenPrice(CamelModel):
+    input: float = Field(ge=0, description="US dollars per million input tokens.")
+    output: float = Field(ge=0, description="US dollars per million output tokens.")
+
+
 class ClaudeSettings(CamelModel):
     """How the Claude policy steers: Optuna proposes every trial, Claude may override a share of them
     and review the running ones; the heuristic's safety rules act whatever Claude says."""
@@ -319,6 +324,11 @@ class ClaudeSettings(CamelModel):
         description="Tokens (in and out) Claude may use in this experiment; past them the heuristic decides, "
         "its records saying so. Unset: no bound.",
     )
+    price_per_million_tokens: TokenPrice | None = Field(
+        None,
+        description="US dollars per million tokens for the cost estimates in status.modelUsage and each "
+        "decision's record (a gateway's, or a model the built-in price list does not know).",
+    )
 
 
 class ModelUsage(CamelModel):
@@ -327,6 +337,10 @@ class ModelUsage(CamelModel):
     calls: int = Field(0, ge=0)
     input_tokens: int = Field(0, ge=0)
     output_tokens: int = Field(0, ge=0)
+    estimated_cost_usd: float = Field(
+        0.0, ge=0, description="List-price estimate of the calls whose model's price is known."
+    )
+    unpriced_calls: int = Field(0, ge=0, description="Calls to a model with no known price (not in the estimate).")
 
     @property
     def tokens(self) -> int:
@@ -337,6 +351,8 @@ class ModelUsage(CamelModel):
             calls=self.calls + other.calls,
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
+            estimated_cost_usd=round(self.estimated_cost_usd + other.estimated_cost_usd, 8),
+            unpriced_calls=self.unpriced_calls + other.unpriced_calls,
         )
 
 
@@ -355,6 +371,18 @@ class PolicySpec(CamelModel):
         le=1000,
         description="Cycles in a row the policy may fail (raise, or answer with no list of decisions) before the "
         "experiment fails with its error; each failure sets the PolicyHealthy condition to False.",
+    )
+    require_approval_for: list[Action] = Field(
+        default_factory=list,
+        description="Actions held for a human's sign-off (DecisionPendingApproval): `trainpilot approve NAME ID` "
+        "carries one out, `trainpilot reject NAME ID` drops it. A QuotaPolicy's requireApprovalFor adds to these.",
+    )
+    approval_timeout_seconds: int = Field(
+        3600,
+        ge=1,
+        le=7 * 86_400,
+        description="A held decision nobody approved within this many seconds expires (recorded as rejected); the "
+        "policy may propose it again.",
     )
 
 
@@ -507,6 +535,27 @@ class TrialStatus(CamelModel):
         return self.state in FINISHED_TRIAL_STATES
 
 
+SignOffState = Literal["Pending", "Approved", "Rejected", "Expired"]
+MAX_SETTLED_SIGN_OFFS = 10
+
+
+class SignOff(CamelModel):
+    """A decision held for a human's sign-off, and what became of it."""
+
+    id: str = Field(description="The held decision's id: what `trainpilot approve NAME ID` names.")
+    action: str
+    trial: str | None = None
+    policy: str
+    reason: str
+    hyperparameters: dict[str, float] = Field(default_factory=dict)
+    held_at: str
+    expires_at: str
+    state: SignOffState = "Pending"
+    by: str | None = Field(None, description="Who approved or rejected it, as the API server authenticated them.")
+    settled_at: str | None = None
+    settled_by_decision: str | None = Field(None, description="The record that settled it.")
+
+
 class BestTrial(CamelModel):
     name: str
     objective: float
@@ -550,12 +599,23 @@ class AgentExperimentStatus(CamelModel):
     model_usage: ModelUsage = Field(
         default_factory=ModelUsage, description="The LLM policy's calls and tokens so far (Claude)."
     )
+    sign_offs: list[SignOff] = Field(
+        default_factory=list,
+        description="Decisions awaiting a human's approval (state Pending), then the last few settled ones.",
+    )
     last_cycle_time: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
 
     def trial(self, name: str) -> TrialStatus | None:
         return next((trial for trial in self.trials if trial.name == name), None)
+
+    @property
+    def awaiting_approval(self) -> list[SignOff]:
+        return [sign_off for sign_off in self.sign_offs if sign_off.state == "Pending"]
+
+    def sign_off(self, id: str) -> SignOff | None:
+        return next((sign_off for sign_off in self.sign_offs if sign_off.id == id), None)
 
     @property
     def active_trials(self) -> list[TrialStatus]:

@@ -25,3 +25,12 @@ def shell_command(path: str | None = None, cwd: str | None = None, executable: s
         shown = relative if not relative.startswith("..") else str(here)
         return shlex.quote(shown if "/" in shown else f"./{shown}")
     return f"{shlex.quote(executable or sys.executable)} -m trainpilot.cli"
+
+
+def needs_cluster_extra(target: str, error: ImportError) -> str:
+    """Why a name that is not a run directory here cannot be read as a cluster experiment."""
+    missing = getattr(error, "name", None) or str(error)
+    return (
+        f"{target!r} is not a run directory here, so it is read as a cluster experiment, which needs the "
+        f"cluster extra (missing: {missing}); install it from the checkout with: pip install -e '.[operator]'"
+    )

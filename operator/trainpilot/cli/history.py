@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from trainpilot.cli.hints import needs_cluster_extra
 from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
 
@@ -35,11 +36,7 @@ def _from_cluster(name: str, namespace: str | None) -> list[DecisionRecord] | st
     try:
         from trainpilot.runtime.kubernetes.ledger import read_ledger
     except ImportError as error:
-        missing = getattr(error, "name", None) or str(error)
-        return (
-            f"{name!r} is not a run directory here, so it is read as a cluster experiment, which needs the "
-            f"cluster extra (missing: {missing}); install it from the checkout with: pip install -e '.[operator]'"
-        )
+        return needs_cluster_extra(name, error)
     try:
         return list(read_ledger(name, namespace))
     except Exception as error:  # noqa: BLE001 - any cluster failure is one line for the user

@@ -58,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("-n", "--namespace", default=None, help="namespace of a cluster experiment")
     history.add_argument("--json", action="store_true", help="raw JSON lines instead of a table")
 
+    for verdict, words in (
+        ("approve", "carry out a decision held for approval (re-checked against the guardrails first)"),
+        ("reject", "drop a decision held for approval"),
+    ):
+        sign_off = commands.add_parser(verdict, help=words)
+        sign_off.add_argument("target", help="a run directory, or an AgentExperiment name in the cluster")
+        sign_off.add_argument("decision", help="the held decision's id (kubectl describe, or trainpilot history)")
+        sign_off.add_argument("-n", "--namespace", default=None, help="namespace of a cluster experiment")
+        sign_off.add_argument(
+            "--wait", type=float, default=60.0, help="seconds to wait for it to be settled (default: %(default)s)"
+        )
+
+    replay = commands.add_parser("replay", help="re-run the recorded cycles through a policy and show differences")
+    replay.add_argument("target", help="a run directory, or an AgentExperiment name in the cluster")
+    replay.add_argument("--policy", choices=["heuristic", "claude"], help="default: the run's own policy type")
+    replay.add_argument("-n", "--namespace", default=None, help="namespace of a cluster experiment")
+    replay.add_argument(
+        "--from-archive", action="store_true", help="claude: answer each prompt from the run's prompt archive"
+    )
+
     validate = commands.add_parser("validate", help="check an AgentExperiment YAML without running it")
     validate.add_argument("experiment", help="AgentExperiment YAML")
     return parser
@@ -97,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from trainpilot.cli.history import main_history
 
             return main_history(args)
+        if args.command == "replay":
+            from trainpilot.cli.replay import main_replay
+
+            return main_replay(args)
+        if args.command in ("approve", "reject"):
+            from trainpilot.cli.sign_off import main_sign_off
+
+            return main_sign_off(args)
         if args.command == "validate":
             from trainpilot.cli.manifest import main_validate
 

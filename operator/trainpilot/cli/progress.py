@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
+from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.decision import DecisionRecord
@@ -141,7 +142,7 @@ class Progress:
 
     def decision(self, record: DecisionRecord) -> None:
         self.decisions.append(record)
-        if self._live is None:
+        if self._live is None or record.outcome == "pending-approval":  # a human is needed: always a line
             self.line(f"decision {record.message()}")
 
     def remember(self, status: AgentExperimentStatus) -> None:
@@ -180,9 +181,11 @@ class Progress:
         for condition in status.conditions:
             previous = self.conditions.get(condition.type)
             self.conditions[condition.type] = condition.status
-            if previous == condition.status or (previous is None and condition.status == "True"):
+            # AwaitingApproval is the one condition whose True needs the user (a decision waits for them).
+            quiet = "False" if condition.type == contract.CONDITION_AWAITING_APPROVAL else "True"
+            if previous == condition.status or (previous is None and condition.status == quiet):
                 continue
-            again = " again" if condition.status == "True" else ""
+            again = " again" if condition.status == quiet else ""
             self.line(f"{condition.type} is {condition.status}{again} ({condition.reason}): {condition.message}")
 
     # ------------------------------------------------------------------ the live view

@@ -30,7 +30,7 @@ from trainpilot.cli.manifest import ManifestError, load_experiment
 from trainpilot.cli.progress import Progress, fmt
 from trainpilot.core.policy import Policy
 from trainpilot.runtime.clock import local_now
-from trainpilot.runtime.local import TRAINER_MODULE, LocalRuntime, count_gpus, prompt_archive
+from trainpilot.runtime.local import DEFAULT_RUNS_DIR, TRAINER_MODULE, LocalRuntime, count_gpus, prompt_archive
 from trainpilot.runtime.policies import make_policy
 
 logger = logging.getLogger("trainpilot.cli.run")
@@ -216,7 +216,7 @@ def _choose_experiment(args: argparse.Namespace, resume: str | None) -> tuple[Ag
         if not args.experiment:
             raise UsageError("give an experiment YAML (trainpilot run EXPERIMENT.yaml), or --resume RUN_DIR")
         experiment = _load(args.experiment)
-        run_dir = Path(args.run_dir) if args.run_dir else Path("trainpilot-runs") / experiment.name
+        run_dir = Path(args.run_dir) if args.run_dir else Path(DEFAULT_RUNS_DIR) / experiment.name
         if run_dir.exists() and not run_dir.is_dir():
             raise UsageError(f"--run-dir {run_dir}: exists and is not a directory")
         return experiment, run_dir

@@ -124,6 +124,9 @@ async def drive(
     settled: int | None = status.observed_generation if status.finished else None
     gate = LeftoverGate(api, {"metadata": dict(body["metadata"])})
 
+    def keep_exchange(exchange: dict[str, Any]) -> None:  # Claude is asked only once the runtime exists
+        archive(runtime, exchange)
+
     try:
         while not stopped:
             generation = body["metadata"].get("generation")
@@ -132,7 +135,7 @@ async def drive(
                 spec: AgentExperimentSpec = parse_spec(dict(body.get("spec") or {}))
                 # One policy while spec.policy stays the same: Claude's remembers what it last asked.
                 if policy is None or policy_spec != spec.policy:
-                    policy = make_policy(spec, archive=operator_metrics.observe_exchange)
+                    policy = make_policy(spec, archive=keep_exchange)
                     policy_spec = spec.policy
                 check_quota_allows(spec, namespace, quota_limits)
             except ValueError as error:
@@ -179,6 +182,13 @@ async def drive(
     finally:
         if runtime is not None:
             runtime.close()  # its watches of stopping trials end with it
+
+
+def archive(runtime: KubernetesRuntime | None, exchange: dict[str, Any]) -> None:
+    """Each exchange with Claude: counted in the operator's metrics, kept in the prompt archive."""
+    operator_metrics.observe_exchange(exchange)
+    if runtime is not None:
+        runtime.keep_prompt(exchange)
 
 
 async def _one_cycle(

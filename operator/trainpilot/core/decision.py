@@ -34,6 +34,16 @@ class ModelCall(BaseModel):
     prompt_tokens_estimate: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    estimated_cost_usd: float | None = Field(None, description="At list price; None when the price is not known.")
+
+
+class SignOffNote(BaseModel):
+    """A human's word on a held decision, as recorded on the record that settles it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["approved", "rejected", "expired"]
+    by: str | None = Field(None, description="The user, as the API server authenticated them; None when expired.")
 
 
 class Decision(BaseModel):
@@ -76,8 +86,9 @@ class DecisionRecord(BaseModel):
     after: dict[str, Any] = Field(default_factory=dict, description="Target's hyperparameters after.")
     observation: dict[str, Any] = Field(default_factory=dict, description="What the policy saw, summarised.")
     follows: str | None = Field(
-        None, description="failed or rejected follow-up: the id of the earlier record it is about."
+        None, description="failed or rejected follow-up, or a sign-off: the id of the earlier record it is about."
     )
+    sign_off: SignOffNote | None = Field(None, description="A held decision approved, rejected or expired.")
 
     @property
     def action(self) -> str:
@@ -118,7 +129,9 @@ class DecisionRecord(BaseModel):
         text = f"[{self.id}] {decision.policy}: {decision.action}{target}{values} ({decision.reason})"
         if decision.rationale:
             text += f": {decision.rationale}"
-        if self.verdict:
+        if self.sign_off is not None and self.sign_off.by and self.outcome == "executed":
+            text += f" -- approved by {self.sign_off.by}"
+        elif self.verdict:
             text += f" -- {self.outcome}: {self.verdict}"
         return text[:1000]
 

@@ -10,6 +10,7 @@ happened.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, ModelUsage
 from trainpilot.core import guardrails
 from trainpilot.core.conditions import set_condition
+from trainpilot.core.cycle_log import PolicyInput
 from trainpilot.core.decision import SYSTEM_POLICY, Decision, DecisionRecord, decision_id, trial_name
 from trainpilot.core.guardrails import Verdict
 from trainpilot.core.observation import Observation
@@ -46,6 +48,8 @@ class CyclePlan:
     records: list[DecisionRecord]
     provisional: AgentExperimentStatus
     policy_failure: str | None = None  # why the policy gave nothing this cycle, for the caller's Event and log
+    asked: PolicyInput | None = None  # what the policy was given, for the cycle log; None: it was not asked
+    decided: tuple[str, ...] = ()  # ids of the records its proposals became
 
 
 async def plan(
@@ -83,19 +87,31 @@ async def plan_cycle(
     if missing is not None:
         return _failing(experiment, spec, status, now, OBJECTIVE_NOT_EXPORTED, missing)
     seen = observation_summary(status, observation)
+    asked = PolicyInput(status, observation, now, limits)
     try:
         proposed = await _ask(experiment, spec, status, observation, policy, now, limits)
     except Exception as error:  # a broken policy must not stop the loop
         if on_policy_error is not None:
             on_policy_error(error)
-        return _policy_failed(experiment, spec, _count_usage(status, policy), policy, error, now)
+        failed = _policy_failed(experiment, spec, _count_usage(status, policy), policy, error, now)
+        return dataclasses.replace(failed, asked=asked)
     status = _count_usage(status, policy)
     status = _policy_answered(status, policy, now)
     records = _check_all(experiment, spec, status, proposed, policy, now, limits, seen)
     provisional = status
     for record in records:
         provisional = apply_record(spec, provisional, record, now)
-    return CyclePlan(status, records, provisional)
+    return CyclePlan(status, records, provisional, asked=asked, decided=tuple(record.id for record in records))
+
+
+async def propose(
+    experiment: str, spec: AgentExperimentSpec, asked: PolicyInput, policy: Policy
+) -> list[DecisionRecord]:
+    """What `policy` would have decided given `asked`, checked as the live cycle checks it (replay)."""
+    status = asked.status
+    proposed = await _ask(experiment, spec, status, asked.observation, policy, asked.now, asked.limits)
+    seen = observation_summary(status, asked.observation)
+    return _check_all(experiment, spec, status, proposed, policy, asked.now, asked.limits, seen)
 
 
 async def _ask(
@@ -144,7 +160,10 @@ def _check_all(
             continue
         verdict = guardrails.check(decision, spec, provisional, limits)
         seq = provisional.decisions_made
-        before, after = _before_after(decision, provisional)
+        before, after = before_after(decision, provisional)
+        why = verdict.reason
+        if verdict.outcome == "pending-approval":
+            why += f"; held until `trainpilot approve {experiment} {decision_id(experiment, seq)}` (or reject)"
         record = DecisionRecord(
             id=decision_id(experiment, seq),
             seq=seq,
@@ -152,7 +171,7 @@ def _check_all(
             experiment=experiment,
             decision=decision,
             outcome=verdict.outcome,
-            verdict=verdict.reason,
+            verdict=why,
             new_trial=trial_name(experiment, len(provisional.trials))
             if verdict.executed and creates_trial(decision)
             else None,
@@ -185,12 +204,25 @@ def creates_trial(decision: Decision) -> bool:
 
 def _policy_answered(status: AgentExperimentStatus, policy: Policy, now: str) -> AgentExperimentStatus:
     status = status.model_copy(update={"policy_failures": 0})
-    return set_condition(
+    status = set_condition(
         status,
         type=contract.CONDITION_POLICY_HEALTHY,
         value="True",
         reason="PolicyAnswered",
         message=f"policy {policy.name} answered",
+        now=now,
+    )
+    health = getattr(policy, "health", None)
+    model = health() if callable(health) else None  # an LLM policy says whether its model answers
+    if model is None:
+        return status
+    available, message = model
+    return set_condition(
+        status,
+        type=contract.CONDITION_MODEL_AVAILABLE,
+        value="True" if available else "False",
+        reason="ModelAnswered" if available else contract.REASON_MODEL_REFUSED,
+        message=message,
         now=now,
     )
 
@@ -302,7 +334,12 @@ def recheck(
         return Verdict("rejected", f"replayed record names new trial {record.new_trial!r}, not {expected_trial!r}")
     if is_failure_record(record):
         return Verdict("executed")  # the loop's own failing of the experiment: it only stops things
-    verdict = guardrails.check(decision, spec, status, limits)
+    approved = record.sign_off is not None and record.sign_off.verdict == "approved"
+    if approved:
+        held = status.sign_off(record.follows or "")
+        if held is None or held.state != "Pending":
+            return Verdict("rejected", f"replayed record's approval follows no decision awaiting it ({record.follows})")
+    verdict = guardrails.check(decision, spec, status, limits, approved=approved)
     if not verdict.executed:
         return Verdict("rejected", f"replayed after a restart, it no longer passes the guardrails: {verdict.reason}")
     return verdict
@@ -394,7 +431,7 @@ def _sanitize(item: object, policy: Policy | str) -> Decision | None:
     )
 
 
-def _before_after(decision: Decision, status: AgentExperimentStatus) -> tuple[dict[str, Any], dict[str, Any]]:
+def before_after(decision: Decision, status: AgentExperimentStatus) -> tuple[dict[str, Any], dict[str, Any]]:
     """The target's settings before and after, for the audit trail."""
     if decision.action == "launch":
         parent = status.trial(decision.parent) if decision.parent else None

@@ -51,7 +51,10 @@ def check(
     spec: AgentExperimentSpec,
     status: AgentExperimentStatus,
     limits: Any = None,
+    approved: bool = False,
 ) -> Verdict:
+    """Executed, rejected (naming the field and the limit) or held for approval; `approved`: a human
+    signed off on it, so only the approval requirement is waived."""
     try:
         _check_numbers(decision)
         _check_action_allowed(decision.action, spec, limits)
@@ -60,10 +63,22 @@ def check(
         _RULES[decision.action](decision, spec, status, limits)
     except _Rejected as rejected:
         return Verdict("rejected", str(rejected))
-    needs_approval = _quota(limits, "require_approval_for") or ()
-    if decision.action in needs_approval:
-        return Verdict("pending-approval", f"quota require_approval_for includes {decision.action!r}")
+    if not approved:
+        held = approval_required(decision.action, spec, limits)
+        if held is not None:
+            return Verdict("pending-approval", held)
     return Verdict("executed")
+
+
+def approval_required(action: str, spec: AgentExperimentSpec, limits: Any = None) -> str | None:
+    """Which setting holds `action` for a human's sign-off; None when nothing does."""
+    if action in spec.policy.require_approval_for:
+        return f"spec.policy.requireApprovalFor includes {action!r}"
+    if action in (_quota(limits, "require_approval_for") or ()):
+        sources = _quota(limits, "sources") or {}
+        source = sources.get("require_approval_for") if isinstance(sources, dict) else None
+        return f"quota requireApprovalFor includes {action!r}" + (f" (QuotaPolicy {source})" if source else "")
+    return None
 
 
 def launch_capacity(

@@ -10,6 +10,7 @@ limit the user set, not a proposal, so it is not checked against the policy's al
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -95,4 +96,4 @@ async def plan_with_timeouts(
     """
     timeouts, status = timeout_records(experiment, spec, status, observation, now)
     planned = await plan_cycle(experiment, spec, status, observation, policy, now, limits, on_policy_error)
-    return CyclePlan(planned.status, timeouts + planned.records, planned.provisional, planned.policy_failure)
+    return dataclasses.replace(planned, records=timeouts + planned.records)

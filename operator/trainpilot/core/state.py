@@ -9,16 +9,18 @@ Everything derived (counters, best trial, phase) is recomputed from the trials a
 from __future__ import annotations
 
 import math
-from datetime import datetime
 
 from trainpilot.api import contract
 from trainpilot.api.experiment import (
+    MAX_SETTLED_SIGN_OFFS,
     MAX_STATUS_DECISIONS,
     MAX_TRIAL_HISTORY,
     AgentExperimentSpec,
     AgentExperimentStatus,
     BestTrial,
     DecisionSummary,
+    SignOff,
+    SignOffState,
     TrialState,
     TrialStatus,
 )
@@ -26,6 +28,7 @@ from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import Hyperparameters
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation, evaluation_step, new_evaluation
+from trainpilot.core.times import plus_seconds, seconds_between
 
 # A terminate with one of these reasons means "it diverged": the heuristic relaunches it lower, and
 # the suggester tells it to Optuna as failed even though it was stopped before the trainer gave up.
@@ -228,13 +231,7 @@ def _number(metrics: TrialMetrics, name: str) -> float | None:
 
 
 def _seconds_between(earlier: str | None, later: str) -> float:
-    if earlier is None:
-        return 0.0
-    try:
-        seconds = (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
-    except (TypeError, ValueError):
-        return 0.0
-    return max(seconds, 0.0)
+    return max(seconds_between(earlier, later) or 0.0, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +264,38 @@ def apply_record(
         _apply_effect(spec, status, record, now)
     elif record.outcome == "failed":
         _apply_failure(status, record, now)
+    _apply_sign_off(spec, status, record)
     return _recount(spec, status)
+
+
+SETTLED_STATES: dict[str, SignOffState] = {"approved": "Approved", "rejected": "Rejected", "expired": "Expired"}
+
+
+def _apply_sign_off(spec: AgentExperimentSpec, status: AgentExperimentStatus, record: DecisionRecord) -> None:
+    """Hold a decision for approval, or settle one; an experiment that ends ends what it still held."""
+    decision = record.decision
+    if record.outcome == "pending-approval":
+        held = SignOff(
+            id=record.id,
+            action=decision.action,
+            trial=decision.trial,
+            policy=decision.policy,
+            reason=decision.reason,
+            hyperparameters=dict(decision.hyperparameters),
+            held_at=record.time,
+            expires_at=plus_seconds(record.time, spec.policy.approval_timeout_seconds),
+        )
+        status.sign_offs = [*status.sign_offs, held]
+    settling = status.sign_off(record.follows) if record.follows and record.sign_off is not None else None
+    if settling is not None and settling.state == "Pending" and record.sign_off is not None:
+        settling.state, settling.by = SETTLED_STATES[record.sign_off.verdict], record.sign_off.by
+        settling.settled_at, settling.settled_by_decision = record.time, record.id
+    if record.outcome == "executed" and decision.action == "complete":
+        for left in status.awaiting_approval:
+            left.state, left.settled_at, left.settled_by_decision = "Expired", record.time, record.id
+    settled = [sign_off for sign_off in status.sign_offs if sign_off.state != "Pending"]
+    keep = {id(sign_off) for sign_off in settled[-MAX_SETTLED_SIGN_OFFS:]}
+    status.sign_offs = [s for s in status.sign_offs if s.state == "Pending" or id(s) in keep]
 
 
 def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, record: DecisionRecord, now: str) -> None:

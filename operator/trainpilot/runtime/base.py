@@ -14,6 +14,8 @@ from typing import Protocol
 
 from trainpilot.api.experiment import AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile, TrialConfig
+from trainpilot.core.approvals import Approval
+from trainpilot.core.cycle_log import CycleEntry
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation
 
@@ -82,6 +84,13 @@ class Runtime(Protocol):
 
     async def ledger(self, since: int = 0) -> list[DecisionRecord]:
         """Every record with seq >= `since`, oldest first (whatever segments they were rotated into)."""
+
+    async def approvals(self) -> list[Approval]:
+        """The humans' approvals and rejections of held decisions as they stand now (annotations
+        vouched for by the API server's admission policy, or files in the run directory)."""
+
+    async def log_cycle(self, entry: CycleEntry) -> None:
+        """Append one cycle's policy input to the cycle log (bounded; `trainpilot replay` reads it)."""
 
     async def announce(self, reason: str, message: str) -> None:
         """Best effort, never raises: say what keeps the experiment from progressing (a Warning Event)."""

@@ -98,7 +98,8 @@ class AnthropicModel:
         except anthropic.APITimeoutError:
             raise ModelUnavailable("timed out") from None
         except anthropic.APIStatusError as error:
-            raise ModelUnavailable(f"HTTP {error.status_code} {_error_type(error.body)}".strip()) from None
+            why = f"HTTP {error.status_code} {_error_type(error.body)}".strip()
+            raise ModelUnavailable(why, permanent=error.status_code in REFUSED_FOR_GOOD) from None
         except anthropic.APIConnectionError:
             raise ModelUnavailable("could not connect") from None
         tool_input = next(
@@ -114,6 +115,10 @@ class AnthropicModel:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+# The caller, not the call, is refused: a bad key (401), no access (403), no such model (404).
+REFUSED_FOR_GOOD = frozenset({401, 403, 404})
 
 
 def _error_type(body: Any) -> str:

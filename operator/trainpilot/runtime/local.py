@@ -8,6 +8,8 @@ has child processes and files:
     <run_dir>/status.json                the experiment's status (atomic replace)
     <run_dir>/ledger.jsonl               every decision, one JSON line each (append + fsync)
     <run_dir>/prompts.jsonl              every exchange with Claude: exact prompt, answer, usage
+    <run_dir>/cycles.jsonl               each cycle's policy input, for `trainpilot replay`
+    <run_dir>/approvals/<id>.<verdict>.json  a human's approve or reject of a held decision
     <run_dir>/trials/<trial>/config.json   the TrialConfig the trainer reads
     <run_dir>/trials/<trial>/control.json  in-place changes (atomic replace)
     <run_dir>/trials/<trial>/log.txt       the trainer's stdout and stderr
@@ -41,7 +43,10 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import ControlFile, TrialConfig
+from trainpilot.core import cycle_log
 from trainpilot.core import ledger as ledger_format
+from trainpilot.core.approvals import Approval
+from trainpilot.core.cycle_log import CycleEntry
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime.base import Departure, LedgerConflict, PermanentFailure, RuntimeFailure
@@ -55,6 +60,8 @@ AGENT_SECRET_PREFIXES = ("ANTHROPIC_",)
 
 TRAINER_MODULE = "trainpilot_trainer"
 PROMPTS_NAME = "prompts.jsonl"
+CYCLES_NAME = "cycles.jsonl"
+DEFAULT_RUNS_DIR = "trainpilot-runs"  # `trainpilot run` puts <experiment>/ here unless given --run-dir
 KILL_AFTER_SECONDS = 30.0
 _PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR})
 # torchrun's failure summary names each failed rank's exit code.
@@ -699,6 +706,18 @@ class LocalRuntime:
             raise RuntimeFailure(f"ledger {self.ledger_path}: {error}") from error
         records, _ = ledger_format.decode(text)
         return [record for record in records if record.seq >= since]
+
+    async def approvals(self) -> list[Approval]:
+        from trainpilot.runtime.sign_off_files import read_sign_offs  # it imports this module
+
+        return read_sign_offs(self.run_dir)
+
+    async def log_cycle(self, entry: CycleEntry) -> None:
+        try:
+            with open(self.run_dir / CYCLES_NAME, "a", encoding="utf-8") as handle:
+                handle.write(cycle_log.encode(entry))
+        except OSError as error:
+            raise RuntimeFailure(f"cycle log {self.run_dir / CYCLES_NAME}: {error}") from error
 
     async def announce(self, reason: str, message: str) -> None:
         # The loop's own warning already reaches the console; this keeps the run's log complete.

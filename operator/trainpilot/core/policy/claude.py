@@ -32,6 +32,7 @@ from trainpilot.core.decision import Decision, ModelCall
 from trainpilot.core.policy import briefing
 from trainpilot.core.policy.base import PolicyContext
 from trainpilot.core.policy.heuristic import HeuristicPolicy
+from trainpilot.core.policy.pricing import estimate_usd
 from trainpilot.core.state import DIVERGED_REASON, SPIKE_REASON
 
 NAME = "claude"
@@ -61,7 +62,14 @@ class ModelReply:
 
 
 class ModelUnavailable(Exception):
-    """The call failed for good (after the client's own retries). The message is safe to record."""
+    """The call failed for good (after the client's own retries). The message is safe to record.
+
+    `permanent`: the API refused the caller, not the call (401, 403, 404: a bad key, no access to
+    the model): every later call would fail the same way, so Claude is not asked again."""
+
+    def __init__(self, why: str, permanent: bool = False) -> None:
+        super().__init__(why)
+        self.permanent = permanent
 
 
 class LanguageModel(Protocol):
@@ -96,10 +104,23 @@ class ClaudePolicy:
         self.heuristic = HeuristicPolicy()
         self.memory = _Memory()
         self.usage = ModelUsage()  # not yet in status
+        self.refused: str | None = None  # why the API refuses us for good; then only the heuristic decides
+        self.answered = False
+
+    def health(self) -> tuple[bool, str] | None:
+        """For the ModelAvailable condition: refused for good (False, why), answered (True), or not asked yet."""
+        if self.refused is not None:
+            return False, (
+                f"Claude refused the operator's calls ({self.refused}); the heuristic decides until the key or "
+                "spec.policy.claude.model is fixed and the operator restarted (or spec.policy changes)"
+            )
+        return (True, "Claude answers") if self.answered else None
 
     async def decide(self, context: PolicyContext) -> list[Decision]:
         settings = context.spec.policy.claude
         proposed = await self.heuristic.decide(context)
+        if self.refused is not None:
+            return fallback(proposed, self.refused)
         kept = [d for d in proposed if d.reason in SAFETY_REASONS or d.action == "complete"]
         verdicts = [d for d in proposed if d not in kept and d.action != "launch"]
         launches = [d for d in proposed if d.action == "launch" and d not in kept]
@@ -133,9 +154,22 @@ class ClaudePolicy:
             reply = await self.model.ask(request)
         except ModelUnavailable as error:
             self.usage = self.usage.plus(ModelUsage(calls=1))
+            if error.permanent:
+                self.refused = str(error)
             return fallback(proposed, str(error))
+        self.answered = True
+        price = settings.price_per_million_tokens
+        cost = estimate_usd(
+            settings.model, reply.input_tokens, reply.output_tokens, (price.input, price.output) if price else None
+        )
         self.usage = self.usage.plus(
-            ModelUsage(calls=1, input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
+            ModelUsage(
+                calls=1,
+                input_tokens=reply.input_tokens,
+                output_tokens=reply.output_tokens,
+                estimated_cost_usd=cost or 0.0,
+                unpriced_calls=int(cost is None),
+            )
         )
         try:
             answer = parse_answer(reply)
@@ -147,6 +181,7 @@ class ClaudePolicy:
             prompt_tokens_estimate=briefing.estimate_tokens(briefing.SYSTEM) + briefing.estimate_tokens(text),
             input_tokens=reply.input_tokens,
             output_tokens=reply.output_tokens,
+            estimated_cost_usd=cost,
         )
         repeated = {(d.action, d.trial) for d in answer}
         self.memory.overruled = {_key(d) for d in verdicts if (d.action, d.trial) not in repeated}

@@ -307,7 +307,7 @@ class _Cycle:
         parent: str | None = None,
         resume_from: str | None = None,
     ) -> None:
-        if not self.may_propose("launch", None, reason):
+        if not self.may_propose("launch", None, reason, hyperparameters):
             return
         self.decisions.append(
             Decision(
@@ -321,11 +321,13 @@ class _Cycle:
             )
         )
 
-    def may_propose(self, action: str, trial: str | None, reason: str) -> bool:
-        """Not an action the spec or quota forbids, nor one already awaiting approval.
+    def may_propose(
+        self, action: str, trial: str | None, reason: str, hyperparameters: dict[str, float] | None = None
+    ) -> bool:
+        """Not an action the spec or quota forbids, nor one awaiting approval, nor one a human rejected.
 
         Guardrails would reject or hold these anyway; proposing them every cycle would only flood
-        the ledger with the same record.
+        the ledger with the same record. (An expired one may be proposed again: nobody said no.)
         """
         if action not in self.spec.policy.allowed_actions:
             return False
@@ -333,11 +335,16 @@ class _Cycle:
         allowed = getattr(limits, "allowed_actions", None) if limits is not None else None
         if allowed is not None and action not in allowed:
             return False
-        return not any(
-            summary.outcome == "pending-approval"
-            and (summary.action, summary.trial, summary.reason) == (action, trial, reason)
-            for summary in self.status.decisions
-        )
+        for sign_off in self.status.sign_offs:
+            if (sign_off.action, sign_off.trial, sign_off.reason) != (action, trial, reason):
+                continue
+            if sign_off.state == "Pending":
+                return False
+            if sign_off.state == "Rejected" and (
+                hyperparameters is None or sign_off.hyperparameters == hyperparameters
+            ):
+                return False
+        return True
 
 
 def suggestion_words(scored: int, startup_trials: int) -> str:

@@ -87,6 +87,15 @@ def load_credentials() -> client.ApiClient:
     return client.ApiClient(client_configuration())
 
 
+def namespace_of_context() -> str:
+    """The current kubeconfig context's namespace, as kubectl defaults to it."""
+    try:
+        _, context = config.list_kube_config_contexts()
+    except config.ConfigException:
+        return "default"
+    return (context or {}).get("context", {}).get("namespace") or "default"
+
+
 def _translate(error: ApiException, what: str) -> ApiError:
     message = error.reason or ""
     try:

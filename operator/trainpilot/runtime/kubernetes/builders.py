@@ -72,7 +72,14 @@ def checkpoint_dir(spec: AgentExperimentSpec, owner: dict[str, Any], trial: str)
     return f"{volume.mount_path.rstrip('/')}/{metadata['name']}/{metadata['uid']}/{trial}"
 
 
-def _config_map(owner: dict[str, Any], trial: str, name: str, data: dict[str, str]) -> dict[str, Any]:
+def owned_config_map(
+    owner: dict[str, Any],
+    name: str,
+    data: dict[str, str],
+    trial: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A ConfigMap the experiment owns (deleted with it), labelled as its child (and `trial`'s)."""
     experiment = owner["metadata"]["name"]
     return {
         "apiVersion": "v1",
@@ -80,7 +87,7 @@ def _config_map(owner: dict[str, Any], trial: str, name: str, data: dict[str, st
         "metadata": {
             "name": name,
             "namespace": owner["metadata"]["namespace"],
-            "labels": child_labels(experiment, trial),
+            "labels": {**child_labels(experiment, trial), **(labels or {})},
             "ownerReferences": [owner_reference(owner)],
         },
         "data": data,
@@ -88,12 +95,12 @@ def _config_map(owner: dict[str, Any], trial: str, name: str, data: dict[str, st
 
 
 def build_config_map(owner: dict[str, Any], trial: str, config: TrialConfig) -> dict[str, Any]:
-    return _config_map(owner, trial, config_map_name(trial), {CONFIG_KEY: config.model_dump_json(indent=2)})
+    return owned_config_map(owner, config_map_name(trial), {CONFIG_KEY: config.model_dump_json(indent=2)}, trial)
 
 
 def build_control_map(owner: dict[str, Any], trial: str, control: ControlFile) -> dict[str, Any]:
     data = {CONTROL_KEY: control.model_dump_json(exclude_none=True)}
-    return _config_map(owner, trial, control_map_name(trial), data)
+    return owned_config_map(owner, control_map_name(trial), data, trial)
 
 
 def build_service(owner: dict[str, Any], trial: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.runtime.base import LedgerConflict
 from trainpilot.runtime.kubernetes.api import Conflict, KubeApi, NotFound
-from trainpilot.runtime.kubernetes.builders import child_labels, owner_reference
+from trainpilot.runtime.kubernetes.builders import owned_config_map
 from trainpilot.runtime.kubernetes.ownership import controller_uid, create_owned, require_owned
 
 logger = logging.getLogger(__name__)
@@ -159,20 +159,8 @@ class ConfigMapLedger:
             self._text = None  # version unknown: re-read before the next write
 
     def _manifest(self, name: str, text: str, archived: int | None) -> dict[str, Any]:
-        data = {KEY_LINES: text}
-        if archived is not None:
-            data[KEY_ARCHIVED] = str(archived)
-        return {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace,
-                "labels": {**child_labels(self.experiment), "trainpilot.dev/ledger": "true"},
-                "ownerReferences": [owner_reference(self.owner)],
-            },
-            "data": data,
-        }
+        data = {KEY_LINES: text} | ({KEY_ARCHIVED: str(archived)} if archived is not None else {})
+        return owned_config_map(self.owner, name, data, labels={"trainpilot.dev/ledger": "true"})
 
 
 async def read_all(api: KubeApi, experiment: str, namespace: str) -> list[DecisionRecord]:
@@ -203,15 +191,7 @@ def read_ledger(name: str, namespace: str | None) -> list[DecisionRecord]:
     """For `trainpilot history <experiment>`: log in like kubectl and read every segment."""
     import asyncio
 
-    from kubernetes import config
-
-    from trainpilot.runtime.kubernetes.api import load_credentials
+    from trainpilot.runtime.kubernetes.api import load_credentials, namespace_of_context
 
     api_client = load_credentials()
-    if namespace is None:
-        try:
-            _, context = config.list_kube_config_contexts()
-            namespace = context.get("context", {}).get("namespace") or "default"
-        except config.ConfigException:
-            namespace = "default"
-    return asyncio.run(read_all(KubeApi(api_client), name, namespace))
+    return asyncio.run(read_all(KubeApi(api_client), name, namespace or namespace_of_context()))

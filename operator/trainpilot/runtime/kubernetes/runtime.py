@@ -15,15 +15,20 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.metrics import TrainerExit, TrialMetrics
 from trainpilot.api.trial import ControlFile, TrialConfig
+from trainpilot.core import cycle_log
+from trainpilot.core.approvals import Approval
+from trainpilot.core.cycle_log import CycleEntry
 from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime import scrape
 from trainpilot.runtime.base import Departure, RuntimeFailure
 from trainpilot.runtime.clock import cluster_now
-from trainpilot.runtime.kubernetes import builders, claims, ownership, waiting
+from trainpilot.runtime.kubernetes import builders, claims, logs, ownership, waiting
 from trainpilot.runtime.kubernetes.api import KubeApi, NotFound
 from trainpilot.runtime.kubernetes.departures import Departures
 from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
+from trainpilot.runtime.kubernetes.logs import ConfigMapLog
+from trainpilot.runtime.kubernetes.sign_off import approvals_in
 from trainpilot.runtime.kubernetes.termination import final_metrics, trainer_exit
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,9 @@ class KubernetesRuntime:
         self.namespace: str = experiment["metadata"]["namespace"]
         self.experiment: str = experiment["metadata"]["name"]
         self.ledger_store = ConfigMapLedger(api, experiment)
+        self.cycle_log = ConfigMapLog(api, experiment, logs.CYCLES)
+        self.prompt_log = ConfigMapLog(api, experiment, logs.PROMPTS)
+        self._prompts: list[dict[str, Any]] = []
         self.departures = Departures(api, self.namespace, self.experiment)
         # The status as last saved (the object's own at first), so a save can clear what became empty.
         stored = experiment.get("status")
@@ -246,6 +254,20 @@ class KubernetesRuntime:
 
     async def ledger(self, since: int = 0) -> list[DecisionRecord]:
         return await self.ledger_store.since(since)
+
+    def keep_prompt(self, exchange: dict[str, Any]) -> None:
+        """An exchange with Claude, for the prompt archive; written with this cycle's log line."""
+        self._prompts.append(exchange)
+
+    async def log_cycle(self, entry: CycleEntry) -> None:
+        if self._prompts:
+            lines = "".join(json.dumps(exchange, sort_keys=True) + "\n" for exchange in self._prompts)
+            await self.prompt_log.append(lines)
+            self._prompts.clear()
+        await self.cycle_log.append(cycle_log.encode(entry, compress=True))
+
+    async def approvals(self) -> list[Approval]:
+        return approvals_in(self.owner["metadata"])  # the object as the watch last delivered it
 
     async def announce(self, reason: str, message: str) -> None:
         """One Warning Event per reason, its message and time brought up to date on each repeat."""
