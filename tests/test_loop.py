@@ -832,3 +832,121 @@ async def test_a_model_that_refuses_the_operator_for_good_is_announced_once_and_
     assert said == ["Claude refused the operator's calls (HTTP 401 authentication_error)"]
     condition = next(c for c in status.conditions if c.type == contract.CONDITION_MODEL_AVAILABLE)
     assert condition.status == "False" and runtime.records  # the heuristic went on deciding
+
+
+# ---- waiting for quota ----------------------------------------------------------------------
+
+
+class Insistent:
+    """Asks for two launches every cycle, whatever the quota says."""
+
+    name = "insistent"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def decide(self, context):
+        self.asked += 1
+        lr = 0.001 * self.asked  # a fresh point each time, as an optimizer would propose
+        return [
+            Decision(action="launch", policy="insistent", reason="more", hyperparameters={"lr": lr}),
+            Decision(action="launch", policy="insistent", reason="more", hyperparameters={"lr": lr * 2}),
+        ]
+
+
+async def test_a_launch_past_the_quota_waits_on_one_record_and_proceeds_once_there_is_room():
+    from trainpilot.api.quota import QuotaLimits
+
+    spec = SPEC.model_copy(update={"initial_trials": [], "budget": SPEC.budget.model_copy(update={"max_trials": 6})})
+    limits = QuotaLimits(max_parallel_trials=1, sources={"max_parallel_trials": "team-ml"})
+    runtime, policy, memory, status = MemoryRuntime(), Insistent(), LoopMemory(), AgentExperimentStatus()
+    for second in range(4):
+        now = f"2026-11-22T06:00:{second * 10:02d}Z"
+        status = (await run_cycle("exp", spec, status, runtime, policy, now, limits=limits, memory=memory)).status
+    # Four cycles of asking for two: one launch ran, one waits, and nothing else was recorded.
+    assert [r.outcome for r in runtime.records] == ["executed", "waiting"]
+    waiting = runtime.records[1]
+    assert "QuotaPolicy team-ml max_parallel_trials is 1" in waiting.verdict
+    assert waiting.event_reason() == contract.REASON_QUOTA_EXCEEDED  # its Event's reason
+    condition = next(c for c in status.conditions if c.type == contract.CONDITION_QUOTA_AVAILABLE)
+    assert condition.status == "False" and condition.reason == contract.REASON_QUOTA_EXCEEDED
+    assert waiting.id in condition.message and "team-ml" in condition.message
+    assert [w.state for w in status.quota_waits] == ["Waiting"]
+    # kubectl describe shows every bound in force and the policy that set it.
+    assert status.quota_limits == {"maxParallelTrials": "1 (QuotaPolicy team-ml)"}
+
+    runtime.exits["exp-t000"] = 0  # the running trial finishes: its slot frees up
+    status = (
+        await run_cycle("exp", spec, status, runtime, policy, "2026-11-22T06:01:00Z", limits=limits, memory=memory)
+    ).status
+    proceeded = runtime.records[2]
+    assert proceeded.follows == waiting.id and proceeded.outcome == "executed"
+    assert proceeded.decision.hyperparameters == waiting.decision.hyperparameters  # what waited, not a new point
+    assert ("launch", proceeded.new_trial) in runtime.calls
+    assert status.quota_waits[0].state == "Proceeded"
+    # The policy's fresh asks wait again, on one new record.
+    assert [r.outcome for r in runtime.records[3:]] == ["waiting"]
+
+
+async def test_a_waiting_decision_that_no_longer_passes_is_dropped_with_why():
+    from trainpilot.api.quota import QuotaLimits
+
+    spec = SPEC.model_copy(update={"initial_trials": [], "budget": SPEC.budget.model_copy(update={"max_trials": 2})})
+    limits = QuotaLimits(max_parallel_trials=1, sources={"max_parallel_trials": "team-ml"})
+    runtime, memory = MemoryRuntime(), LoopMemory()
+
+    class Once:
+        name = "once"
+        asked = False
+
+        async def decide(self, context):
+            if self.asked:
+                return []
+            self.asked = True
+            return [Decision(action="launch", policy="once", reason="r", hyperparameters={"lr": 0.01})] * 2
+
+    policy = Once()
+    status = (
+        await run_cycle(
+            "exp", spec, AgentExperimentStatus(), runtime, policy, "2026-11-22T06:00:00Z", limits=limits, memory=memory
+        )
+    ).status
+    assert [r.outcome for r in runtime.records] == ["executed", "waiting"]
+    # The budget shrinks (a spec edit) to the one trial already launched: the wait can never be met.
+    smaller = spec.model_copy(update={"budget": spec.budget.model_copy(update={"max_trials": 1, "parallel_trials": 1})})
+    status = (
+        await run_cycle("exp", smaller, status, runtime, policy, "2026-11-22T06:00:10Z", limits=limits, memory=memory)
+    ).status
+    dropped = runtime.records[2]
+    assert dropped.outcome == "rejected" and dropped.follows == runtime.records[1].id
+    assert "dropped while waiting for quota: spec.budget.maxTrials is 1" in dropped.verdict
+    assert status.quota_waits[0].state == "Dropped"
+
+
+async def test_a_quota_policy_raised_or_deleted_mid_run_lets_what_waits_proceed_next_cycle():
+    from trainpilot.api.quota import QuotaLimits
+
+    budget = SPEC.budget.model_copy(update={"max_trials": 8, "parallel_trials": 4})
+    spec = SPEC.model_copy(update={"initial_trials": [], "budget": budget})
+    runtime, policy, memory = MemoryRuntime(), Insistent(), LoopMemory()
+    tight = QuotaLimits(max_parallel_trials=1, sources={"max_parallel_trials": "team-ml"})
+    status = AgentExperimentStatus()
+    status = (
+        await run_cycle("exp", spec, status, runtime, policy, "2026-11-22T06:00:00Z", limits=tight, memory=memory)
+    ).status
+    assert [r.outcome for r in runtime.records] == ["executed", "waiting"]
+    # The admin edits the policy to 2 parallel trials: the waiting launch goes first, then one fresh ask waits.
+    edited = QuotaLimits(max_parallel_trials=2, sources={"max_parallel_trials": "team-ml"})
+    status = (
+        await run_cycle("exp", spec, status, runtime, policy, "2026-11-22T06:00:10Z", limits=edited, memory=memory)
+    ).status
+    assert [r.outcome for r in runtime.records[2:]] == ["executed", "waiting"]
+    assert runtime.records[2].follows == runtime.records[1].id
+    # The admin deletes the policy: what waits proceeds, and nothing waits any more.
+    status = (
+        await run_cycle("exp", spec, status, runtime, policy, "2026-11-22T06:00:20Z", limits=None, memory=memory)
+    ).status
+    assert runtime.records[4].follows == runtime.records[3].id and runtime.records[4].outcome == "executed"
+    assert status.waiting_for_quota == []
+    condition = next(c for c in status.conditions if c.type == contract.CONDITION_QUOTA_AVAILABLE)
+    assert condition.status == "True"

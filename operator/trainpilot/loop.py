@@ -24,7 +24,7 @@ from functools import partial
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile
-from trainpilot.core import approvals, cycle_log
+from trainpilot.core import approvals, cycle_log, quota_waits
 from trainpilot.core.conditions import ConditionValue, set_condition
 from trainpilot.core.decision import DecisionRecord, decision_id, decision_seq
 from trainpilot.core.engine import (
@@ -168,6 +168,9 @@ class _Cycle:
         status = fold_observation(self.spec, status, self.observation, self.now)
         status = await self._metrics_reachability(status)
         status = _with_generation(status, generation, self.now)
+        described = getattr(self.limits, "described", None)  # a cluster's QuotaPolicies name themselves
+        if callable(described):
+            status = status.model_copy(update={"quota_limits": described()})
         return self._action_health(await self.decide(status))
 
     async def decide(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
@@ -181,11 +184,31 @@ class _Cycle:
                 update={"phase": "Running" if status.active_trials else "Pending", "message": ""}
             )
         status = await self.settle_sign_offs(status)
+        status = await self.resume_quota_waits(status)
         status = await self.start_waiting(status)
         planned = await self.plan(status)
         status = await self.carry_out(planned.status, planned.records)
         await self._log_cycle(planned)
+        status = _quota_condition(status, self.now)
         return _approval_condition(status, self.experiment, self.now)
+
+    async def resume_quota_waits(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Carry out what waited for a QuotaPolicy bound once there is room; drop what no longer passes."""
+        waiting = [wait.id for wait in status.waiting_for_quota]
+        if not waiting:
+            return status
+        held = await self._held_records(waiting, status)
+        return await self.carry_out(
+            status, quota_waits.resume(self.experiment, self.spec, status, held, self.now, self.limits)
+        )
+
+    async def _held_records(self, ids: list[str], status: AgentExperimentStatus) -> dict[str, DecisionRecord]:
+        """The ledger's records under `ids` (held or waiting decisions), read from the oldest one on."""
+        first = min(decision_seq(self.experiment, id) or 0 for id in ids)
+        try:
+            return {record.id: record for record in await self.runtime.ledger(first) if record.id in ids}
+        except RuntimeFailure as failure:
+            raise _Unrecorded("ledger", failure, status) from None
 
     async def _log_cycle(self, planned: CyclePlan) -> None:
         """What the policy was given, after what it decided is in the ledger (best effort: the ledger is
@@ -208,13 +231,7 @@ class _Cycle:
             logger.warning("%s: approvals could not be read: %s", self.experiment, failure)
             given = []
         ids = approvals.wanted(status, given, self.now)
-        held: dict[str, DecisionRecord] = {}
-        if ids:
-            first = min(decision_seq(self.experiment, id) or 0 for id in ids)
-            try:
-                held = {record.id: record for record in await self.runtime.ledger(first) if record.id in ids}
-            except RuntimeFailure as failure:
-                raise _Unrecorded("ledger", failure, status) from None
+        held = await self._held_records(ids, status) if ids else {}
         settlement = approvals.settle(self.experiment, self.spec, status, held, given, self.now, self.limits)
         for approval, why in settlement.ignored:
             if str(approval) not in self.memory.ignored_sign_offs:
@@ -599,6 +616,21 @@ def _turned_false(before: AgentExperimentStatus, after: AgentExperimentStatus, t
     was = next((c.status for c in before.conditions if c.type == type), None)
     now = next((c for c in after.conditions if c.type == type), None)
     return now.message if now is not None and now.status == "False" and was != "False" else None
+
+
+def _quota_condition(status: AgentExperimentStatus, now: str) -> AgentExperimentStatus:
+    """QuotaAvailable: False (QuotaExceeded) naming the bound while a decision waits for it; True after."""
+    waiting = status.waiting_for_quota
+    if not waiting:
+        return _healthy_again(
+            status, contract.CONDITION_QUOTA_AVAILABLE, "QuotaAvailable", "nothing waits for quota", now
+        )
+    first = waiting[0]
+    message = (
+        f"{len(waiting)} decision(s) wait for quota since {first.since}: {first.id} ({first.action}"
+        f"{' ' + first.trial if first.trial else ''}) waits for {first.bound}; it proceeds when there is room"
+    )
+    return _condition(status, contract.CONDITION_QUOTA_AVAILABLE, "False", contract.REASON_QUOTA_EXCEEDED, message, now)
 
 
 def _approval_condition(status: AgentExperimentStatus, experiment: str, now: str) -> AgentExperimentStatus:

@@ -132,7 +132,8 @@ def test_quota_crd_metadata(crds: dict[str, dict]) -> None:
     spec = schema_of(definition)["properties"]["spec"]["properties"]
     assert {"namespaceSelector", "maxGPUs", "maxParallelTrials", "maxTrialsPerExperiment",
             "maxGPUHoursPerExperiment", "maxNodesPerTrial", "maxGPUsPerNode", "allowedActions",
-            "requireApprovalFor", "allowedImages", "allowedServiceAccounts"} == set(spec)  # fmt: skip
+            "requireApprovalFor", "allowedImages", "allowedServiceAccounts", "maxGPUHoursPerPeriod",
+            "periodDays", "llm"} == set(spec)  # fmt: skip
 
 
 def test_status_is_declared_and_never_pruned(crds: dict[str, dict]) -> None:

@@ -111,6 +111,7 @@ def test_wire_names() -> None:
         "maxGPUHoursPerExperiment": 2.0,
         "maxGPUsPerNode": 1,
         "requireApprovalFor": [],
+        "periodDays": 7,
     }
     assert parsed.name == "w" and parsed.spec.applies_to("ml") and not parsed.spec.applies_to("web")
 

@@ -35,6 +35,9 @@ NOT_USED_BY_THE_QUICKSTART: dict[tuple[str, str, str], str] = {
     ("patch", "", "events"): "a warning that repeats (e.g. a ledger write failing) updates its one Event",
     ("watch", "", "pods"): "a restart (scale, restart-mutate) follows its old trial's pods until they are gone",
     ("delete", "", "configmaps"): "the cycle log and prompt archive drop their oldest segments (test_logs.py)",
+    ("list", "kueue.x-k8s.io", "workloads"): "list workloads: only experiments with spec.queue (test_kueue.py)",
+    ("patch", "trainpilot.dev", "quotapolicies"): "kopf's finalizer on a QuotaPolicy (test_quota_operator.py)",
+    ("patch", "trainpilot.dev", "quotapolicies/status"): "a QuotaPolicy's usage accounting (test_quota_operator.py)",
 }
 
 

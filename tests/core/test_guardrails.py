@@ -28,6 +28,10 @@ def rejected(verdict, *words: str) -> bool:
     return verdict.outcome == "rejected" and all(word in verdict.reason for word in words)
 
 
+def waits(verdict, *words: str) -> bool:
+    return verdict.outcome == "waiting" and all(word in verdict.reason for word in words)
+
+
 def test_a_valid_launch_is_executed():
     spec = make_spec()
     verdict = check(launch(), spec, status_of(spec))
@@ -150,7 +154,8 @@ def test_quota_max_gpus_counts_running_trials_and_this_one():
     spec = make_spec(trialTemplate={"gpusPerNode": 2})
     status = status_of(spec, trial("a", 0, gpus_per_node=2))
     limits = SimpleNamespace(max_gpus=3)
-    assert rejected(check(launch(), spec, status, limits), "quota max_gpus is 3", "2 GPUs in use", "needs 2")
+    # GPUs come back when trials finish: the launch waits for them instead of failing.
+    assert waits(check(launch(), spec, status, limits), "quota max_gpus is 3", "2 GPUs in use", "needs 2")
     # Scaling "a" itself replaces its own GPUs rather than adding to them.
     assert check(act("scale", trial="a", gpus_per_node=3), spec, status, limits).executed
     assert check(launch(), spec, status, SimpleNamespace(max_gpus=4)).executed
@@ -159,9 +164,26 @@ def test_quota_max_gpus_counts_running_trials_and_this_one():
 def test_quota_counts_and_hours():
     spec = make_spec()
     status = status_of(spec, trial("a", 0, gpu_seconds=7200.0))
-    assert rejected(check(launch(), spec, status, SimpleNamespace(max_parallel_trials=1)), "quota max_parallel_trials")
+    assert waits(check(launch(), spec, status, SimpleNamespace(max_parallel_trials=1)), "quota max_parallel_trials")
+    # An experiment's own totals never come back: rejected, and before any bound that would wait.
     assert rejected(check(launch(), spec, status, SimpleNamespace(max_trials_per_experiment=1)), "quota max_trials_per")
     assert rejected(check(launch(), spec, status, SimpleNamespace(max_gpu_hours_per_experiment=2)), "GPU-hours")
+    both = SimpleNamespace(max_parallel_trials=1, max_trials_per_experiment=1)
+    assert rejected(check(launch(), spec, status, both), "max_trials_per_experiment")
+
+
+def test_a_namespaces_gpu_hours_in_the_rolling_period_make_launches_wait_naming_the_policy():
+    from trainpilot.api.quota import PeriodPool
+
+    spec = make_spec()
+    status = status_of(spec)
+    spent = SimpleNamespace(period_pools=[PeriodPool(policy="team-ml", max_gpu_hours=100, days=7, used=100.5)])
+    assert waits(check(launch(), spec, status, spent), "QuotaPolicy team-ml maxGPUHoursPerPeriod (7 days) is 100")
+    room = SimpleNamespace(period_pools=[PeriodPool(policy="team-ml", max_gpu_hours=100, days=7, used=99)])
+    assert check(launch(), spec, status, room).executed
+    # A terminate never waits: freeing GPUs is always allowed.
+    running = status_of(spec, trial("a", 0))
+    assert check(act("terminate", trial="a"), spec, running, spent).executed
     # None means unlimited.
     assert check(launch(), spec, status, SimpleNamespace(max_gpus=None, max_parallel_trials=None)).executed
 
@@ -235,7 +257,7 @@ def test_quota_max_gpus_counts_every_experiment_the_policy_matches():
     team = [quota_policy("team", ["ml"], maxGPUs=8)]
     # Other experiments in "ml" hold 6 GPUs: with this one's 2, the policy's 8 are all in use.
     limits = effective_limits(team, "ml", {"ml": 6, "web": 40})
-    assert rejected(
+    assert waits(
         check(launch(), spec, status, limits),
         "QuotaPolicy team maxGPUs is 8",
         "8 GPUs in use (6 of them by its other experiments)",
@@ -249,7 +271,7 @@ def test_quota_max_gpus_counts_every_experiment_the_policy_matches():
     assert launch_capacity(spec, status, room) == 2
     # A scale replaces the trial's own GPUs, and is held to the shared total as well.
     assert check(act("scale", trial="a", gpus_per_node=4), spec, status, room).executed
-    assert rejected(
+    assert waits(
         check(act("scale", trial="a", gpus_per_node=4), spec, status, effective_limits(team, "ml", {"ml": 5})),
         "QuotaPolicy team maxGPUs is 8",
         "needs 4 more",
@@ -262,7 +284,7 @@ def test_every_matching_policy_keeps_its_own_pool():
     policies = [quota_policy("cluster", maxGPUs=16), quota_policy("team", ["ml"], maxGPUs=12)]
     # "team" has room (4 used in ml), but the cluster-wide pool is nearly full (14 used anywhere).
     limits = effective_limits(policies, "ml", {"ml": 4, "web": 10})
-    assert rejected(check(launch(), spec, status, limits), "QuotaPolicy cluster maxGPUs is 16", "14 of them")
+    assert waits(check(launch(), spec, status, limits), "QuotaPolicy cluster maxGPUs is 16", "14 of them")
     assert check(launch(), spec, status, effective_limits(policies, "ml", {"ml": 4, "web": 8})).executed
 
 

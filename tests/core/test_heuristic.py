@@ -106,6 +106,19 @@ async def test_nan_objective_counts_as_divergence_only_after_a_first_evaluation(
     assert by(await heuristic(spec, status_of(spec, before_eval), inf_seen), "terminate", "nonfinite-loss")
 
 
+async def test_a_trainer_that_resumed_a_checkpoint_is_not_diverged_before_its_first_evaluation_in_the_new_process():
+    """After a Kueue preemption or an eviction, the pod resumes its checkpoint: NaN with
+    trainpilot_eval_step -1 until it measures again, though the trial has a history."""
+    spec = make_spec()
+    resumed = healthy("a", 0)
+    assert resumed.history
+    waiting = observation(seen("a", step=105, val_loss=math.nan, eval_step=-1))
+    assert by(await heuristic(spec, status_of(spec, resumed), waiting), "terminate") == []
+    measured = observation(seen("a", step=150, val_loss=math.nan, eval_step=150))
+    [stop] = by(await heuristic(spec, status_of(spec, resumed), measured), "terminate")
+    assert stop.reason == "nonfinite-loss"
+
+
 # ---- 2. loss spike --------------------------------------------------------------------------
 
 

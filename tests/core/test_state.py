@@ -456,3 +456,16 @@ def test_the_first_bad_sign_is_remembered():
     assert status.trials[0].unstable_since == 30  # the first one, not the latest
     status = status_of(spec, trial("t1", 0))
     assert fold(spec, status, seen("t1", step=25, nonfinite=2)).trials[0].unstable_since == 25
+
+
+def test_a_pending_trial_says_why_it_waits_until_it_runs():
+    from trainpilot.core.observation import TrialObservation
+
+    spec = make_spec()
+    status = status_of(spec, trial(f"{EXPERIMENT}-t000", 0, "Pending"))
+    why = "waiting for Kueue to admit it in LocalQueue team-a: couldn't assign flavors"
+    queued = TrialObservation(name=f"{EXPERIMENT}-t000", phase="Pending", pending_reason=why)
+    status = fold(spec, status, queued)
+    assert status.trials[0].message == f"pending: {why}"
+    status = fold(spec, status, seen(f"{EXPERIMENT}-t000", step=3), time=at(10))
+    assert status.trials[0].state == "Running" and status.trials[0].message == ""

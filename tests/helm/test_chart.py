@@ -33,9 +33,11 @@ NAMESPACED_NEEDS: list[tuple[str, str, set[str]]] = [
     ("", "pods", {"list", "watch"}),
     ("", "persistentvolumeclaims", {"get"}),
     ("", "events", {"create", "patch"}),
+    ("kueue.x-k8s.io", "workloads", {"list"}),
 ]
 CLUSTER_NEEDS: list[tuple[str, str, set[str]]] = [
-    ("trainpilot.dev", "quotapolicies", {"list", "watch"}),
+    ("trainpilot.dev", "quotapolicies", {"list", "watch", "patch"}),
+    ("trainpilot.dev", "quotapolicies/status", {"patch"}),
     ("apiextensions.k8s.io", "customresourcedefinitions", {"list", "watch"}),
 ]
 # Only when watching named namespaces: kopf lists and watches namespaces to see them come and go.
@@ -207,7 +209,7 @@ def test_anthropic_secret_and_log_level() -> None:
     (key,) = [e for e in container["env"] if e["name"] == "ANTHROPIC_API_KEY"]
     assert key["valueFrom"] == {"secretKeyRef": {"name": "anthropic", "key": "ANTHROPIC_API_KEY"}}
     assert "--verbose" in container["args"]
-    with pytest.raises(helm.HelmError, match="logLevel must be info or debug"):
+    with pytest.raises(helm.HelmError, match="at '/logLevel': value must be one of 'info', 'debug'"):
         render({"logLevel": "loud"})
 
 
@@ -225,7 +227,7 @@ def test_quota_policies_from_values_are_valid_objects() -> None:
     for policy in policies:
         assert "namespace" not in policy["metadata"]  # cluster-scoped
         assert admit(quota_crd, policy)[1] == []
-    with pytest.raises(helm.HelmError, match="needs a name"):
+    with pytest.raises(helm.HelmError, match="at '/quotaPolicies/0': missing property 'name'"):
         render({"quotaPolicies": [{"spec": {"maxGPUs": 1}}]})
 
 

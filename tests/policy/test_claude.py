@@ -400,3 +400,25 @@ async def test_a_model_with_no_known_price_is_counted_as_unpriced_unless_the_spe
         else:
             assert record.decision.call.estimated_cost_usd == pytest.approx(expected)
             assert (usage.unpriced_calls, usage.estimated_cost_usd) == (0, pytest.approx(expected))
+
+
+async def test_the_quota_policys_llm_rules_keep_claude_unasked_and_say_which_policy(messages_api):
+    from trainpilot.api.quota import QuotaPolicy, effective_limits
+
+    the_spec = spec()
+    status = status_of(the_spec)
+    no_llm = QuotaPolicy.model_validate({"metadata": {"name": "no-llm"}, "spec": {"llm": {"allowed": False}}})
+    spent = QuotaPolicy.model_validate(
+        {
+            "metadata": {"name": "budget"},
+            "spec": {"llm": {"maxTokensPerDay": 1000}},
+            "status": {"usage": [{"namespace": "ml", "tokensToday": 1200}]},
+        }
+    )
+    for policies, why in (([no_llm], "QuotaPolicy no-llm does not allow LLM use"), ([spent], "maxTokensPerDay 1000")):
+        limits = effective_limits(policies, "ml")
+        planned = await engine.plan_cycle(
+            EXPERIMENT, the_spec, status, observation(time=at(0)), claude_policy(messages_api, the_spec), at(0), limits
+        )
+        assert planned.records and all(why in r.decision.policy for r in planned.records)
+    assert messages_api.requests == []  # never asked

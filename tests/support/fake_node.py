@@ -10,7 +10,10 @@ What it does, following the real components' semantics:
   injected into every container from that annotation) or NonIndexed (``<job>-<5 chars>``) — with
   the template's labels and annotations, ``job-name`` / ``batch.kubernetes.io/job-name`` /
   ``controller-uid`` labels and an ownerReference (controller) to the Job; respects
-  ``parallelism``, ``completions``, ``suspend``, ``backoffLimit`` (default 6: the Job fails with
+  ``parallelism``, ``completions``, ``suspend`` (no pods while suspended; suspending a running Job
+  deletes its pods, their tracking finalizer removed first, so they never count as failed or
+  succeeded; resuming turns the Suspended condition False with reason JobResumed and resets
+  ``startTime``), ``backoffLimit`` (default 6: the Job fails with
   reason BackoffLimitExceeded once more pods failed than that, and its active pods are deleted),
   ``activeDeadlineSeconds`` (DeadlineExceeded), ``ttlSecondsAfterFinished``; recreates failed
   pods with the controller's exponential back-off (10 s, 20 s, ... by default: see
@@ -729,6 +732,11 @@ class FakeNode:
         present = {p["metadata"]["uid"] for p in pods}
         for p in pods:
             puid, phase = p["metadata"]["uid"], (p.get("status") or {}).get("phase")
+            if puid in track.deleted:
+                # Deleted by the controller itself (its Job suspended, say), its tracking finalizer
+                # removed first: the real controller never counts such a pod, whatever its exit code.
+                track.seen_active.pop(puid, None)
+                continue
             if phase == "Succeeded" and puid not in track.failed:
                 track.succeeded[puid] = index_of(p)
                 track.seen_active.pop(puid, None)
@@ -757,7 +765,9 @@ class FakeNode:
             elif phase != "Succeeded":
                 track.seen_active[puid] = index_of(p)
         for puid in list(track.seen_active):
-            if puid not in present:
+            if puid in track.deleted:
+                track.seen_active.pop(puid)
+            elif puid not in present:
                 track.seen_active.pop(puid)
                 track.failed.add(puid)
                 track.last_failure = time.time()
@@ -789,14 +799,30 @@ class FakeNode:
 
         new_status: JsonDict = {}
         now = _now()
-        start_time = status.get("startTime") or track.start_time
-        if not suspended and not start_time:
-            start_time = now
-        track.start_time = start_time
         new_conditions = [c for c in conditions if c.get("type") != "Suspended"]
         was_suspended = next(
             (c for c in conditions if c.get("type") == "Suspended" and c.get("status") == "True"), None
         )
+        if suspended:
+            start_time = status.get("startTime")  # whoever suspends it may clear it (Kueue does)
+        elif was_suspended is not None:
+            # Resumed: Suspended turns False (JobResumed) and startTime starts over, as the real
+            # controller does, so activeDeadlineSeconds counts only the time the Job may run.
+            start_time = now
+            new_conditions.append(
+                {
+                    "type": "Suspended",
+                    "status": "False",
+                    "reason": "JobResumed",
+                    "message": "Job resumed",
+                    "lastProbeTime": now,
+                    "lastTransitionTime": now,
+                }
+            )
+        else:
+            start_time = status.get("startTime") or track.start_time or now
+            new_conditions += [c for c in conditions if c.get("type") == "Suspended"]  # a False one stays
+        track.start_time = start_time
         failure: tuple[str, str] | None = None
         if track.fail_job is not None:
             failure = ("PodFailurePolicy", track.fail_job)
@@ -884,6 +910,7 @@ class FakeNode:
 
         for pod in to_delete:
             track.deleted.add(pod["metadata"]["uid"])
+            await self._release(pod)  # as the real controller does: the finalizer first, then the delete
             with contextlib.suppress(ApiError):
                 await self._api.delete(_ns_path(ns, "pods", pod["metadata"]["name"]))
 

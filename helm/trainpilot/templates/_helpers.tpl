@@ -77,4 +77,8 @@ app.kubernetes.io/part-of: trainpilot
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
+# Kueue (spec.queue): a suspended trial's Workload says why it waits (queued, or preempted).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
 {{- end }}

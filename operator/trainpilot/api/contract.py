@@ -165,6 +165,8 @@ REASON_EXPERIMENT_SUCCEEDED = "ExperimentSucceeded"
 REASON_EXPERIMENT_FAILED = "ExperimentFailed"
 REASON_DECISION_REJECTED = "DecisionRejected"
 REASON_DECISION_PENDING_APPROVAL = "DecisionPendingApproval"
+# A launch or scale waits for a QuotaPolicy bound that frees up (an Event, and the QuotaAvailable condition's reason).
+REASON_QUOTA_EXCEEDED = "QuotaExceeded"
 # An executed decision whose action the world refused for good (a 4xx from the API server).
 REASON_DECISION_FAILED = "DecisionFailed"
 # What keeps an experiment from progressing, as Events and as its conditions' reasons.
@@ -183,6 +185,7 @@ CONDITION_RECORDING_HEALTHY = "RecordingHealthy"  # ledger and status are writte
 CONDITION_OBSERVATION_HEALTHY = "ObservationHealthy"  # trials can be listed; False: ObservationFailed
 CONDITION_METRICS_REACHABLE = "MetricsReachable"  # running trainers' /metrics answer; False: MetricsUnreachable
 CONDITION_MODEL_AVAILABLE = "ModelAvailable"  # the LLM answers; False: refused for good (reason ModelRefused)
+CONDITION_QUOTA_AVAILABLE = "QuotaAvailable"  # False: decisions wait for a QuotaPolicy bound (QuotaExceeded)
 CONDITION_AWAITING_APPROVAL = "AwaitingApproval"  # True: decisions are held for a human (DecisionPendingApproval)
 
 # Trainer exit codes: how a finished trial says why it stopped.

@@ -461,7 +461,10 @@ def build_crds() -> list[dict[str, Any]]:
         ),
         columns=[
             {"name": "Max GPUs", "type": "integer", "jsonPath": ".spec.maxGPUs"},
-            {"name": "Parallel", "type": "integer", "jsonPath": ".spec.maxParallelTrials"},
+            {"name": "GPUs Now", "type": "integer", "jsonPath": ".status.totals.gpusNow"},
+            {"name": "GPU-h Period", "type": "number", "jsonPath": ".status.totals.gpuHoursInPeriod"},
+            {"name": "Tokens Today", "type": "integer", "jsonPath": ".status.totals.tokensToday"},
+            {"name": "Parallel", "type": "integer", "jsonPath": ".spec.maxParallelTrials", "priority": 1},
             _AGE,
         ],
     )

@@ -392,6 +392,24 @@ class MetricsEndpoint(CamelModel):
     scrape_timeout_seconds: float = Field(2.0, gt=0, le=30, description="Give up on a slow scrape after this.")
 
 
+class QueueSettings(CamelModel):
+    """Kueue: trial Jobs go to a LocalQueue and wait there for admission."""
+
+    name: str | None = Field(
+        None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="The Kueue LocalQueue (label kueue.x-k8s.io/queue-name); trial Jobs start suspended and Kueue "
+        "admits them. Unset: no queue, Jobs run at once.",
+    )
+    priority_class: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="A Kueue WorkloadPriorityClass for every trial Job (label kueue.x-k8s.io/priority-class).",
+    )
+
+
 class AgentExperimentSpec(CamelModel):
     objective: Objective = Field(default_factory=Objective)
     search_space: list[SearchParameter] = Field(min_length=1, max_length=32, description="Where the agent may move.")
@@ -403,6 +421,7 @@ class AgentExperimentSpec(CamelModel):
     budget: Budget = Field(default_factory=Budget)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     metrics: MetricsEndpoint = Field(default_factory=MetricsEndpoint)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     suspend: bool = Field(
         False, description="Pause the agent: no decisions and no new trials until false; running trials go on."
     )
@@ -417,6 +436,11 @@ class AgentExperimentSpec(CamelModel):
                     f"searchSpace: unknown hyperparameter {parameter.name!r}; tunable ones are "
                     + ", ".join(sorted(tunable))
                 )
+        if self.queue.priority_class is not None and self.queue.name is None:
+            raise ValueError(
+                "queue.priorityClass is set but queue.name is not: Kueue only admits Jobs of a LocalQueue; "
+                "set queue.name to one, or remove queue.priorityClass"
+            )
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"searchSpace: {duplicates} listed more than once")
@@ -556,6 +580,19 @@ class SignOff(CamelModel):
     settled_by_decision: str | None = Field(None, description="The record that settled it.")
 
 
+class QuotaWait(CamelModel):
+    """A launch or scale waiting for room under a QuotaPolicy bound, and what became of it."""
+
+    id: str = Field(description="The waiting decision's id.")
+    action: str
+    trial: str | None = None
+    reason: str
+    since: str
+    bound: str = Field(description="The bound it waits for, naming the QuotaPolicy.")
+    state: Literal["Waiting", "Proceeded", "Dropped"] = "Waiting"
+    settled_by_decision: str | None = None
+
+
 class BestTrial(CamelModel):
     name: str
     objective: float
@@ -568,7 +605,7 @@ class DecisionSummary(CamelModel):
     action: str
     trial: str | None = None
     policy: str
-    outcome: Literal["executed", "rejected", "pending-approval", "failed"]
+    outcome: Literal["executed", "rejected", "pending-approval", "waiting", "failed"]
     reason: str
     time: str
 
@@ -599,6 +636,12 @@ class AgentExperimentStatus(CamelModel):
     model_usage: ModelUsage = Field(
         default_factory=ModelUsage, description="The LLM policy's calls and tokens so far (Claude)."
     )
+    quota_limits: dict[str, str] = Field(
+        default_factory=dict, description="The QuotaPolicy bounds in force, each naming the policy that set it."
+    )
+    quota_waits: list[QuotaWait] = Field(
+        default_factory=list, description="Decisions waiting for a QuotaPolicy bound (Waiting), then the last few."
+    )
     sign_offs: list[SignOff] = Field(
         default_factory=list,
         description="Decisions awaiting a human's approval (state Pending), then the last few settled ones.",
@@ -609,6 +652,10 @@ class AgentExperimentStatus(CamelModel):
 
     def trial(self, name: str) -> TrialStatus | None:
         return next((trial for trial in self.trials if trial.name == name), None)
+
+    @property
+    def waiting_for_quota(self) -> list[QuotaWait]:
+        return [wait for wait in self.quota_waits if wait.state == "Waiting"]
 
     @property
     def awaiting_approval(self) -> list[SignOff]:

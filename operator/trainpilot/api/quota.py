@@ -43,6 +43,16 @@ class NamespaceSelector(CamelModel):
         return namespace in self.match_names
 
 
+class LLMQuota(CamelModel):
+    allowed: bool = Field(True, description="false: experiments here decide with the heuristic only.")
+    models: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, max_length=MAX_ALLOWED_ENTRIES, description="Models an LLM policy may call; any when absent."
+    )
+    max_tokens_per_day: int | None = Field(
+        None, ge=0, description="LLM tokens (in and out) each matched namespace may use per UTC day."
+    )
+
+
 class QuotaPolicySpec(CamelModel):
     namespace_selector: NamespaceSelector | None = Field(
         None, description="Namespaces this policy applies to; all namespaces when absent."
@@ -87,13 +97,59 @@ class QuotaPolicySpec(CamelModel):
         "[] allows only the default, absent allows any.",
     )
 
+    max_gpu_hours_per_period: float | None = Field(
+        None,
+        ge=0,
+        alias="maxGPUHoursPerPeriod",
+        description="GPU-hours each matched namespace may spend within any rolling periodDays, all its "
+        "experiments together (deleted ones included); past it, launches and scales wait.",
+    )
+    period_days: int = Field(7, ge=1, le=366, description="The rolling period of maxGPUHoursPerPeriod, in days.")
+    llm: LLMQuota | None = Field(None, description="Whether and how much an LLM policy may be used; any when absent.")
+
     def applies_to(self, namespace: str) -> bool:
         return self.namespace_selector is None or self.namespace_selector.matches(namespace)
+
+
+class NamespaceUsage(CamelModel):
+    """What one matched namespace has used, as of the policy's last accounting."""
+
+    namespace: str
+    gpus_now: int = Field(0, ge=0, alias="gpusNow", description="GPUs its unfinished trials hold.")
+    gpu_hours_in_period: float = Field(0.0, ge=0, alias="gpuHoursInPeriod")
+    tokens_today: int = Field(0, ge=0, description="LLM tokens (in and out) since 00:00 UTC.")
+
+
+class UsageBucket(CamelModel):
+    """GPU-hours and tokens one namespace spent on one UTC day: what the rolling period sums."""
+
+    namespace: str
+    day: str = Field(description="YYYY-MM-DD, UTC.")
+    gpu_hours: float = Field(0.0, ge=0, alias="gpuHours")
+    tokens: int = Field(0, ge=0)
+
+
+class Accounted(CamelModel):
+    """How much of one experiment's (cumulative) usage is already in the buckets, by its uid."""
+
+    uid: str
+    namespace: str
+    gpu_hours: float = Field(0.0, ge=0, alias="gpuHours")
+    tokens: int = Field(0, ge=0)
 
 
 class QuotaPolicyStatus(CamelModel):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
+    usage: list[NamespaceUsage] = Field(default_factory=list, description="Per matched namespace with any use.")
+    totals: NamespaceUsage | None = Field(None, description="All matched namespaces together (printer columns).")
+    accounted_at: str | None = None
+    buckets: list[UsageBucket] = Field(
+        default_factory=list,
+        description="Daily usage within the period, kept here "
+        "so it survives operator restarts and deleted experiments.",
+    )
+    accounted: list[Accounted] = Field(default_factory=list, description="Usage of each live experiment counted.")
 
 
 class QuotaPolicy(CamelModel):
@@ -133,6 +189,23 @@ class GPUPool(CamelModel):
     )
 
 
+class PeriodPool(CamelModel):
+    """One policy's maxGPUHoursPerPeriod for this experiment's namespace, and what it has spent."""
+
+    policy: str
+    max_gpu_hours: float = Field(alias="maxGPUHours")
+    days: int
+    used: float = 0.0
+
+
+class TokenPool(CamelModel):
+    """One policy's llm.maxTokensPerDay for this experiment's namespace, and what it used today."""
+
+    policy: str
+    max_tokens: int
+    used_today: int = 0
+
+
 class QuotaLimits(CamelModel):
     """The limits in force for one experiment: every matching policy combined, strictest first.
 
@@ -155,10 +228,51 @@ class QuotaLimits(CamelModel):
     allowed_service_accounts: list[str] | None = Field(
         None, description="None: any; otherwise these and the namespace's default."
     )
+    period_pools: list[PeriodPool] = Field(default_factory=list)
+    llm_allowed: bool = True
+    llm_models: list[str] | None = Field(None, description="None: any model.")
+    token_pools: list[TokenPool] = Field(default_factory=list)
     sources: dict[str, str] = Field(
         default_factory=dict,
         description="Limit (snake_case) -> the policy (or, for approvals, policies) it comes from.",
     )
+
+    def described(self) -> dict[str, str]:
+        """Each bound in force, with the policy that set it: what `kubectl describe aexp` shows."""
+        shown: dict[str, str] = {}
+        for name in NUMERIC_LIMITS:
+            value = getattr(self, name)
+            if value is not None and name != "max_gpus":
+                shown[to_camel(name).replace("Gpu", "GPU")] = f"{value:g} (QuotaPolicy {self.sources.get(name, '?')})"
+        for pool in self.gpu_pools:
+            shown[f"maxGPUs/{pool.policy}"] = f"{pool.max_gpus} shared, {pool.used_elsewhere} held by other experiments"
+        for period in self.period_pools:
+            shown[f"maxGPUHoursPerPeriod/{period.policy}"] = (
+                f"{period.max_gpu_hours:g} per {period.days} days, {period.used:g} used in this namespace"
+            )
+        for tokens in self.token_pools:
+            shown[f"llm.maxTokensPerDay/{tokens.policy}"] = f"{tokens.max_tokens}, {tokens.used_today} used today"
+        if self.allowed_actions is not None:
+            shown["allowedActions"] = f"{self.allowed_actions} (QuotaPolicy {self.sources.get('allowed_actions', '?')})"
+        if self.require_approval_for:
+            approvers = self.sources.get("require_approval_for", "?")
+            shown["requireApprovalFor"] = f"{self.require_approval_for} (QuotaPolicy {approvers})"
+        if not self.llm_allowed:
+            shown["llm.allowed"] = f"false (QuotaPolicy {self.sources.get('llm_allowed', '?')})"
+        if self.llm_models is not None:
+            shown["llm.models"] = f"{self.llm_models} (QuotaPolicy {self.sources.get('llm_models', '?')})"
+        return shown
+
+    def llm_refusal(self, model: str) -> str | None:
+        """Why the QuotaPolicies refuse an LLM call to `model` now; None when they allow it."""
+        if not self.llm_allowed:
+            return f"QuotaPolicy {self.sources.get('llm_allowed', '?')} does not allow LLM use here"
+        if self.llm_models is not None and model not in self.llm_models:
+            return f"QuotaPolicy {self.sources.get('llm_models', '?')} allows only models {self.llm_models}"
+        for pool in self.token_pools:
+            if pool.used_today >= pool.max_tokens:
+                return f"QuotaPolicy {pool.policy} llm.maxTokensPerDay {pool.max_tokens} spent today"
+        return None
 
     def allows(self, action: str) -> bool:
         return self.allowed_actions is None or action in self.allowed_actions
@@ -174,6 +288,10 @@ class QuotaLimits(CamelModel):
             and not self.require_approval_for
             and self.allowed_images is None
             and self.allowed_service_accounts is None
+            and not self.period_pools
+            and self.llm_allowed
+            and self.llm_models is None
+            and not self.token_pools
         )
 
 
@@ -212,11 +330,13 @@ def effective_limits(
     pools: list[GPUPool] = []
     images: list[str] | None = None
     accounts: set[str] | None = None
-    narrowed_by: dict[str, list[str]] = {"allowed_images": [], "allowed_service_accounts": []}
+    narrowed_by: dict[str, list[str]] = {"allowed_images": [], "allowed_service_accounts": [], "llm_models": []}
+    llm: dict[str, Any] = {"llm_allowed": True, "llm_models": None, "period_pools": [], "token_pools": []}
     for policy in sorted(parsed, key=lambda p: p.name):
         spec = policy.spec
         if not spec.applies_to(namespace):
             continue
+        _add_usage_limits(policy, namespace, llm, sources, narrowed_by["llm_models"])
         if spec.max_gpus is not None:
             used = sum(gpus for other, gpus in elsewhere.items() if spec.applies_to(other))
             pools.append(GPUPool(policy=policy.name, max_gpus=spec.max_gpus, used_elsewhere=used))
@@ -252,7 +372,37 @@ def effective_limits(
         allowed_images=None if images is None else _minimal_prefixes(images),
         allowed_service_accounts=None if accounts is None else sorted(accounts),
         sources=sources,
+        **llm,
     )
+
+
+def _add_usage_limits(
+    policy: QuotaPolicy, namespace: str, limits: dict[str, Any], sources: dict[str, str], narrowing: list[str]
+) -> None:
+    """The limits on what a namespace spends over time (GPU-hours per period, LLM use), with what the
+    policy's last accounting says it has spent."""
+    spec = policy.spec
+    here = next((usage for usage in policy.status.usage if usage.namespace == namespace), None)
+    if spec.max_gpu_hours_per_period is not None:
+        used = here.gpu_hours_in_period if here else 0.0
+        pool = PeriodPool(
+            policy=policy.name, max_gpu_hours=spec.max_gpu_hours_per_period, days=spec.period_days, used=used
+        )
+        limits["period_pools"].append(pool)
+    if spec.llm is None:
+        return
+    if not spec.llm.allowed and limits["llm_allowed"]:
+        limits["llm_allowed"] = False
+        sources["llm_allowed"] = policy.name
+    if spec.llm.models is not None:
+        current = limits["llm_models"]
+        limits["llm_models"] = sorted(set(spec.llm.models) if current is None else set(current) & set(spec.llm.models))
+        narrowing.append(policy.name)
+    if spec.llm.max_tokens_per_day is not None:
+        used_today = here.tokens_today if here else 0
+        limits["token_pools"].append(
+            TokenPool(policy=policy.name, max_tokens=spec.llm.max_tokens_per_day, used_today=used_today)
+        )
 
 
 def _intersect_prefixes(first: Iterable[str], second: Iterable[str]) -> list[str]:
@@ -313,3 +463,13 @@ def gpus_held(status: Mapping[str, Any] | None) -> int:
         if isinstance(nodes, int) and isinstance(gpus, int) and nodes > 0 and gpus > 0:
             total += nodes * gpus
     return total
+
+
+def spent(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An experiment's cumulative GPU-hours and LLM tokens, from its saved status."""
+    raw = status or {}
+    hours = raw.get("gpuHoursUsed", 0.0)
+    found = raw.get("modelUsage")
+    usage: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    tokens = sum(int(usage.get(key) or 0) for key in ("inputTokens", "outputTokens"))
+    return {"gpu_hours": float(hours) if isinstance(hours, (int, float)) else 0.0, "tokens": tokens}

@@ -9,6 +9,8 @@ experiment whose final status is saved is left alone until its spec changes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -24,7 +26,7 @@ from trainpilot.api.experiment import (
     check_experiment_name,
     parse_spec,
 )
-from trainpilot.api.quota import workload_refusal
+from trainpilot.api.quota import gpus_held, workload_refusal
 from trainpilot.controller import metrics as operator_metrics
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.policy import Policy
@@ -104,8 +106,30 @@ def check_quota_allows(
         raise ValueError(refusal)
 
 
+class GPUPool:
+    """What the operator's experiments hold right now, and whose turn it is to decide.
+
+    The index of experiments (their saved status) lags a cycle: two experiments deciding at once
+    would each see the other's GPUs as free. One lock per operator makes their cycles take turns,
+    and `held` is each one's count after its last cycle, which the limits read first."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.held: dict[tuple[str, str], int] = {}
+
+    def holds(self, namespace: str, name: str, gpus: int) -> None:
+        self.held[(namespace, name)] = gpus
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.held.pop((namespace, name), None)
+
+
 async def drive(
-    body: Any, stopped: Stopped, api: KubeApi, quota_limits: Callable[[str], object | None] | None = None
+    body: Any,
+    stopped: Stopped,
+    api: KubeApi,
+    quota_limits: Callable[[str], object | None] | None = None,
+    pool: GPUPool | None = None,
 ) -> None:
     """Run one experiment's agent loop until kopf stops the daemon (deletion or shutdown).
 
@@ -123,6 +147,7 @@ async def drive(
     # its spec changes (status.observedGeneration reports that), not on every recheck.
     settled: int | None = status.observed_generation if status.finished else None
     gate = LeftoverGate(api, {"metadata": dict(body["metadata"])})
+    pool = pool if pool is not None else GPUPool()
 
     def keep_exchange(exchange: dict[str, Any]) -> None:  # Claude is asked only once the runtime exists
         archive(runtime, exchange)
@@ -176,10 +201,18 @@ async def drive(
                 logger.warning("holding %s/%s: %s", namespace, name, error)
                 await stopped.wait(wait)
                 continue
-            status, wait, saved = await _one_cycle(runtime, policy, spec, status, generation, limits, memory, wait)
+            # Experiments that share a QuotaPolicy's GPUs decide one at a time, each seeing what the
+            # others hold after their last cycle (not only what their saved status said).
+            shared = bool(getattr(limits, "gpu_pools", None)) and quota_limits is not None
+            async with pool.lock if shared else contextlib.nullcontext():
+                if shared and quota_limits is not None:
+                    limits = quota_limits(namespace)  # again, now that it is this one's turn
+                status, wait, saved = await _one_cycle(runtime, policy, spec, status, generation, limits, memory, wait)
+                pool.holds(namespace, name, gpus_held(status.wire()))
             settled = generation if saved and status.finished else None
             await stopped.wait(wait)
     finally:
+        pool.forget(namespace, name)
         if runtime is not None:
             runtime.close()  # its watches of stopping trials end with it
 

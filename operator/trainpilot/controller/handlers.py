@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from trainpilot.api import contract
-from trainpilot.api.quota import QuotaLimits, effective_limits, gpus_held
+from trainpilot.api.quota import QuotaLimits, effective_limits, gpus_held, parse_quota_policy, spent
 from trainpilot.controller import agent
+from trainpilot.core.quota_usage import ExperimentUsage, account
 from trainpilot.runtime.kubernetes.api import KubeApi, load_credentials
+
+# How often each QuotaPolicy's status adds up what its namespaces spent (the usage its bounds read).
+QUOTA_ACCOUNTING_SECONDS = 10.0
 
 
 @kopf.on.startup()
@@ -23,6 +28,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     memo.api = KubeApi(load_credentials())
+    memo.gpu_pool = agent.GPUPool()
 
 
 @kopf.on.login()
@@ -32,19 +38,45 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.index(contract.GROUP, contract.VERSION, contract.QUOTA_PLURAL)
 def quota_policies(body: kopf.Body, **_: Any) -> dict[None, dict[str, Any]]:
-    return {None: {"metadata": dict(body.metadata), "spec": dict(body.spec)}}
+    # With its status: what the matched namespaces spent (GPU-hours in the period, tokens today).
+    return {None: {key: dict(body.get(key) or {}) for key in ("metadata", "spec", "status")}}
 
 
 @kopf.index(contract.GROUP, contract.VERSION, contract.EXPERIMENT_PLURAL)
-def experiment_gpus(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[str, dict[str, Any]]:
-    """By namespace: the GPUs each experiment's unfinished trials hold, as its last saved status says."""
-    return {namespace: {"name": name, "gpus": gpus_held(status)}}
+def experiment_gpus(namespace: str, name: str, uid: str, status: kopf.Status, **_: Any) -> dict[str, dict[str, Any]]:
+    """By namespace: what each experiment holds and has spent, as its last saved status says."""
+    return {namespace: {"name": name, "uid": uid, "gpus": gpus_held(status), **spent(status)}}
 
 
-def gpus_elsewhere(index: Mapping[str, Iterable[Mapping[str, Any]]], namespace: str, name: str) -> dict[str, int]:
-    """GPUs held in each namespace by every experiment but `namespace/name` (which counts its own, live)."""
+@kopf.timer(contract.GROUP, contract.VERSION, contract.QUOTA_PLURAL, interval=QUOTA_ACCOUNTING_SECONDS, idle=None)
+def account_usage(body: kopf.Body, patch: kopf.Patch, experiment_gpus: kopf.Index, **_: Any) -> None:
+    """Add what the matched experiments spent since the last accounting to the policy's status."""
+    policy = parse_quota_policy({key: dict(body.get(key) or {}) for key in ("metadata", "spec", "status")})
+    experiments = [
+        ExperimentUsage(namespace, entry["name"], entry["uid"], entry["gpus"], entry["gpu_hours"], entry["tokens"])
+        for namespace, entries in experiment_gpus.items()
+        for entry in entries
+    ]
+    moment = datetime.now(UTC)
+    accounted = account(policy, experiments, moment.date(), moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    patch.status.update(accounted.wire())
+
+
+def gpus_elsewhere(
+    index: Mapping[str, Iterable[Mapping[str, Any]]],
+    namespace: str,
+    name: str,
+    live: Mapping[tuple[str, str], int] | None = None,
+) -> dict[str, int]:
+    """GPUs held in each namespace by every experiment but `namespace/name` (which counts its own, live):
+    what each one held after its last cycle in this operator (`live`), else what its saved status says."""
+    held = dict(live or {})
     return {
-        other: sum(entry["gpus"] for entry in entries if (other, entry["name"]) != (namespace, name))
+        other: sum(
+            held.get((other, entry["name"]), entry["gpus"])
+            for entry in entries
+            if (other, entry["name"]) != (namespace, name)
+        )
         for other, entries in index.items()
     }
 
@@ -60,8 +92,10 @@ async def run_agent(
 ) -> None:
     name = body["metadata"]["name"]
 
+    pool = getattr(memo, "gpu_pool", None) or agent.GPUPool()
+
     def limits(namespace: str) -> QuotaLimits:
-        held = gpus_elsewhere(experiment_gpus, namespace, name)
+        held = gpus_elsewhere(experiment_gpus, namespace, name, pool.held)
         return effective_limits(list(quota_policies.get(None, [])), namespace, held)
 
-    await agent.drive(body, stopped, memo.api, limits)
+    await agent.drive(body, stopped, memo.api, limits, pool)

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, SignOff
 from trainpilot.core import guardrails
-from trainpilot.core.decision import DecisionRecord, SignOffNote, decision_id, trial_name
-from trainpilot.core.engine import before_after, creates_trial
+from trainpilot.core.decision import DecisionRecord, SignOffNote
+from trainpilot.core.engine import follow_up
+from trainpilot.core.guardrails import Verdict
 from trainpilot.core.state import apply_record
 from trainpilot.core.times import seconds_between
 
@@ -119,26 +120,13 @@ def _approved(
     now: str,
     limits: Any,
 ) -> DecisionRecord:
-    decision = held.decision
-    verdict = guardrails.check(decision, spec, status, limits, approved=True)
-    if not verdict.executed:
-        why = f"approved by {by}, but it no longer passes the guardrails: {verdict.reason}"
-        return _follow_up(status, held, why, now, "approved", by)
-    seq = status.decisions_made
-    before, after = before_after(decision, status)
-    return DecisionRecord(
-        id=decision_id(experiment, seq),
-        seq=seq,
-        time=now,
-        experiment=experiment,
-        decision=decision,
-        outcome="executed",
-        new_trial=trial_name(experiment, len(status.trials)) if creates_trial(decision) else None,
-        before=before,
-        after=after,
-        follows=held.id,
-        sign_off=SignOffNote(verdict="approved", by=by),
-    )
+    verdict = guardrails.check(held.decision, spec, status, limits, approved=True)
+    note = SignOffNote(verdict="approved", by=by)
+    if verdict.outcome == "waiting":  # approved, and now it waits for the quota like any launch
+        return follow_up(experiment, status, held, verdict, now, sign_off=note)
+    rejected = Verdict("rejected", verdict.reason)
+    why = f"approved by {by}, but it no longer passes the guardrails: {verdict.reason}"
+    return follow_up(experiment, status, held, verdict if verdict.executed else rejected, now, why, note)
 
 
 def _follow_up(
@@ -149,17 +137,5 @@ def _follow_up(
     verdict: Literal["approved", "rejected", "expired"],
     by: str | None,
 ) -> DecisionRecord:
-    seq = status.decisions_made
-    return held.model_copy(
-        update={
-            "id": decision_id(held.experiment, seq),
-            "seq": seq,
-            "time": now,
-            "outcome": "rejected",
-            "verdict": why,
-            "new_trial": None,
-            "observation": {},
-            "follows": held.id,
-            "sign_off": SignOffNote(verdict=verdict, by=by),
-        }
-    )
+    note = SignOffNote(verdict=verdict, by=by)
+    return follow_up(held.experiment, status, held, Verdict("rejected", why), now, why, note)

@@ -16,7 +16,8 @@ from trainpilot.api import contract
 from trainpilot.api.experiment import Action
 
 # "failed": a follow-up to an executed record whose action the world refused for good.
-Outcome = Literal["executed", "rejected", "pending-approval", "failed"]
+# "waiting": a QuotaPolicy bound that frees up (GPUs, slots, the rolling period) has no room yet.
+Outcome = Literal["executed", "rejected", "pending-approval", "waiting", "failed"]
 MutateMode = Literal["in-place", "restart"]
 # In-place changes are what the trainer's control file understands; anything else restarts.
 IN_PLACE_HYPERPARAMETERS: frozenset[str] = frozenset({"lr", "weight_decay"})
@@ -104,6 +105,8 @@ class DecisionRecord(BaseModel):
             return contract.REASON_DECISION_REJECTED
         if self.outcome == "pending-approval":
             return contract.REASON_DECISION_PENDING_APPROVAL
+        if self.outcome == "waiting":
+            return contract.REASON_QUOTA_EXCEEDED
         if self.outcome == "failed":
             return contract.REASON_DECISION_FAILED
         decision = self.decision

@@ -20,7 +20,7 @@ from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus
 from trainpilot.core import guardrails
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.cycle_log import PolicyInput
-from trainpilot.core.decision import SYSTEM_POLICY, Decision, DecisionRecord, decision_id, trial_name
+from trainpilot.core.decision import SYSTEM_POLICY, Decision, DecisionRecord, SignOffNote, decision_id, trial_name
 from trainpilot.core.guardrails import Verdict
 from trainpilot.core.observation import Observation
 from trainpilot.core.policy.base import Policy, PolicyContext
@@ -159,6 +159,8 @@ def _check_all(
         if decision is None:
             continue
         verdict = guardrails.check(decision, spec, provisional, limits)
+        if verdict.outcome == "waiting" and already_waiting(provisional, decision):
+            continue  # one record when it starts waiting, not one every cycle it is asked again
         seq = provisional.decisions_made
         before, after = before_after(decision, provisional)
         why = verdict.reason
@@ -343,6 +345,54 @@ def recheck(
     if not verdict.executed:
         return Verdict("rejected", f"replayed after a restart, it no longer passes the guardrails: {verdict.reason}")
     return verdict
+
+
+def already_waiting(status: AgentExperimentStatus, decision: Decision) -> bool:
+    """A decision like this one (the same action on the same trial; any launch) already waits for quota."""
+    return any((wait.action, wait.trial) == (decision.action, decision.trial) for wait in status.waiting_for_quota)
+
+
+def follow_up(
+    experiment: str,
+    status: AgentExperimentStatus,
+    held: DecisionRecord,
+    verdict: Verdict,
+    now: str,
+    why: str = "",
+    sign_off: SignOffNote | None = None,
+) -> DecisionRecord:
+    """What became of a held or waiting decision, numbered after everything so far: carried out when
+    `verdict` passes, else the same decision again with `verdict`'s outcome (rejected, held) and `why`."""
+    seq = status.decisions_made
+    decision = held.decision
+    if verdict.executed:
+        before, after = before_after(decision, status)
+        return DecisionRecord(
+            id=decision_id(experiment, seq),
+            seq=seq,
+            time=now,
+            experiment=experiment,
+            decision=decision,
+            outcome="executed",
+            new_trial=trial_name(experiment, len(status.trials)) if creates_trial(decision) else None,
+            before=before,
+            after=after,
+            follows=held.id,
+            sign_off=sign_off,
+        )
+    return held.model_copy(
+        update={
+            "id": decision_id(experiment, seq),
+            "seq": seq,
+            "time": now,
+            "outcome": verdict.outcome,
+            "verdict": (why or verdict.reason)[:MAX_RATIONALE_CHARS],
+            "new_trial": None,
+            "observation": {},
+            "follows": held.id,
+            "sign_off": sign_off,
+        }
+    )
 
 
 def rejection_record(

@@ -46,6 +46,10 @@ class _Rejected(Exception):
     """Raised by a rule; its message is the verdict's reason."""
 
 
+class _Waiting(_Rejected):
+    """A QuotaPolicy bound that frees up (GPUs, slots, the rolling period) has no room now."""
+
+
 def check(
     decision: Decision,
     spec: AgentExperimentSpec,
@@ -61,6 +65,8 @@ def check(
         if status.finished:
             raise _Rejected(f"the experiment has already finished (phase {status.phase})")
         _RULES[decision.action](decision, spec, status, limits)
+    except _Waiting as waiting:
+        return Verdict("waiting", str(waiting))
     except _Rejected as rejected:
         return Verdict("rejected", str(rejected))
     if not approved:
@@ -251,9 +257,11 @@ def _check_room(
     gpus: int,
     releasing: Collection[str],
 ) -> None:
-    for allowance in _allowances(spec, status, limits, gpus, releasing):
+    lines = _allowances(spec, status, limits, gpus, releasing)
+    # A bound that never frees up rejects first; then one that will (the decision waits for it).
+    for allowance in sorted(lines, key=lambda line: line.frees_up):
         if allowance.room < 1:
-            raise _Rejected(allowance.describe())
+            raise (_Waiting if allowance.frees_up else _Rejected)(allowance.describe())
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,7 @@ class _Allowance:
     cost: float = 1
     spend: bool = False
     tolerated: bool = False  # the limit itself may be reached (failures tolerated) but not passed
+    frees_up: bool = False  # a QuotaPolicy bound that running trials or time give back: a decision waits
 
     @property
     def room(self) -> int:
@@ -319,21 +328,29 @@ def _allowances(
                 "spec.budget.maxGPUHours", budget.max_gpu_hours, status.gpu_hours_used, "GPU-hours used", spend=True
             )
         )
-    quota_lines = (
-        ("max_trials_per_experiment", launched, "trials launched", 1, False),
-        ("max_parallel_trials", running, "trials running", 1, False),
-        ("max_gpus", gpus_in_use, "GPUs in use", gpus, False),
-        ("max_gpu_hours_per_experiment", status.gpu_hours_used, "GPU-hours used", 0, True),
+    quota_lines = (  # name, used, unit, cost, spend, frees up
+        ("max_trials_per_experiment", launched, "trials launched", 1, False, False),
+        ("max_parallel_trials", running, "trials running", 1, False, True),
+        ("max_gpus", gpus_in_use, "GPUs in use", gpus, False, True),
+        ("max_gpu_hours_per_experiment", status.gpu_hours_used, "GPU-hours used", 0, True, False),
     )
     # Each policy's maxGPUs is shared: the GPUs its other experiments hold count against it too.
     for pool in _quota(limits, "gpu_pools") or ():
         unit = f"GPUs in use ({pool.used_elsewhere:g} of them by its other experiments)"
         used = pool.used_elsewhere + gpus_in_use
-        lines.append(_Allowance(f"QuotaPolicy {pool.policy} maxGPUs", pool.max_gpus, used, unit, cost=gpus))
-    for name, used, unit, cost, spend in quota_lines:
+        field = f"QuotaPolicy {pool.policy} maxGPUs"
+        lines.append(_Allowance(field, pool.max_gpus, used, unit, cost=gpus, frees_up=True))
+    # A namespace's GPU-hours in a rolling period: spent by all its experiments, given back as days pass.
+    for period in _quota(limits, "period_pools") or ():
+        field = f"QuotaPolicy {period.policy} maxGPUHoursPerPeriod ({period.days} days)"
+        unit = "GPU-hours used in the namespace"
+        lines.append(_Allowance(field, period.max_gpu_hours, period.used, unit, spend=True, frees_up=True))
+    for name, used, unit, cost, spend, frees_up in quota_lines:
         limit = _quota(limits, name)
         if limit is not None:
-            lines.append(_Allowance(f"quota {name}", limit, used, unit, cost=cost, spend=spend))
+            source = (_quota(limits, "sources") or {}).get(name)
+            field = f"QuotaPolicy {source} {name}" if isinstance(source, str) else f"quota {name}"
+            lines.append(_Allowance(field, limit, used, unit, cost=cost, spend=spend, frees_up=frees_up))
     return lines
 
 

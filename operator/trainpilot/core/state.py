@@ -9,6 +9,7 @@ Everything derived (counters, best trial, phase) is recomputed from the trials a
 from __future__ import annotations
 
 import math
+from typing import Protocol, TypeVar
 
 from trainpilot.api import contract
 from trainpilot.api.experiment import (
@@ -19,6 +20,7 @@ from trainpilot.api.experiment import (
     AgentExperimentStatus,
     BestTrial,
     DecisionSummary,
+    QuotaWait,
     SignOff,
     SignOffState,
     TrialState,
@@ -30,6 +32,14 @@ from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation, evaluation_step, new_evaluation
 from trainpilot.core.times import plus_seconds, seconds_between
 
+
+class _Settles(Protocol):
+    @property
+    def state(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Settles)
+
 # A terminate with one of these reasons means "it diverged": the heuristic relaunches it lower, and
 # the suggester tells it to Optuna as failed even though it was stopped before the trainer gave up.
 DIVERGED_REASON = "nonfinite-loss"
@@ -38,6 +48,7 @@ DIVERGED_REASONS = frozenset({DIVERGED_REASON, SPIKE_REASON})
 COMPLETE_REASON = "experiment-complete"
 # A terminate with this reason (core.pending) stops a trial whose pods never started: it failed.
 PENDING_TIMEOUT_REASON = "pending-timeout"
+PENDING_PREFIX = "pending: "
 DEFAULT_MAX_STEPS: int = Hyperparameters.model_fields["max_steps"].default
 
 
@@ -110,6 +121,10 @@ def _fold_trial(
         trial.state, message = _next_state(seen)
         if message:
             trial.message = message
+        elif trial.state == "Pending" and seen.pending_reason:
+            trial.message = PENDING_PREFIX + seen.pending_reason  # why it waits (a queue, the scheduler)
+        elif trial.message.startswith(PENDING_PREFIX):
+            trial.message = ""  # it waits no more
     # Conservative: a trial that started or stopped during the interval is charged all of it,
     # so a GPU-hour budget errs on the side of stopping early.
     if was_running or trial.state == "Running":
@@ -265,6 +280,7 @@ def apply_record(
     elif record.outcome == "failed":
         _apply_failure(status, record, now)
     _apply_sign_off(spec, status, record)
+    _apply_quota_wait(status, record)
     return _recount(spec, status)
 
 
@@ -293,9 +309,37 @@ def _apply_sign_off(spec: AgentExperimentSpec, status: AgentExperimentStatus, re
     if record.outcome == "executed" and decision.action == "complete":
         for left in status.awaiting_approval:
             left.state, left.settled_at, left.settled_by_decision = "Expired", record.time, record.id
-    settled = [sign_off for sign_off in status.sign_offs if sign_off.state != "Pending"]
-    keep = {id(sign_off) for sign_off in settled[-MAX_SETTLED_SIGN_OFFS:]}
-    status.sign_offs = [s for s in status.sign_offs if s.state == "Pending" or id(s) in keep]
+    status.sign_offs = _open_and_recent(status.sign_offs, "Pending")
+
+
+def _apply_quota_wait(status: AgentExperimentStatus, record: DecisionRecord) -> None:
+    """Start waiting for a QuotaPolicy bound, or stop: it proceeded, was dropped, or the experiment ended."""
+    decision = record.decision
+    if record.outcome == "waiting":
+        wait = QuotaWait(
+            id=record.id,
+            action=decision.action,
+            trial=decision.trial,
+            reason=decision.reason,
+            since=record.time,
+            bound=record.verdict,
+        )
+        status.quota_waits = [*status.quota_waits, wait]
+    waiting = next((w for w in status.waiting_for_quota if w.id == record.follows), None) if record.follows else None
+    if waiting is not None and record.sign_off is None:
+        waiting.state = "Proceeded" if record.outcome in ("executed", "pending-approval") else "Dropped"
+        waiting.settled_by_decision = record.id
+    if record.outcome == "executed" and decision.action == "complete":
+        for left in status.waiting_for_quota:
+            left.state, left.settled_by_decision = "Dropped", record.id
+    status.quota_waits = _open_and_recent(status.quota_waits, "Waiting")
+
+
+def _open_and_recent(items: list[T], open_state: str) -> list[T]:
+    """Every item still in `open_state`, and the last MAX_SETTLED_SIGN_OFFS settled ones, in order."""
+    settled = [item for item in items if item.state != open_state]
+    keep = {id(item) for item in settled[-MAX_SETTLED_SIGN_OFFS:]}
+    return [item for item in items if item.state == open_state or id(item) in keep]
 
 
 def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, record: DecisionRecord, now: str) -> None:

@@ -121,6 +121,10 @@ class ClaudePolicy:
         proposed = await self.heuristic.decide(context)
         if self.refused is not None:
             return fallback(proposed, self.refused)
+        quota = getattr(context.limits, "llm_refusal", None)  # the QuotaPolicies' word on LLM use here
+        refusal = quota(settings.model) if callable(quota) else None
+        if refusal:
+            return fallback(proposed, refusal)
         kept = [d for d in proposed if d.reason in SAFETY_REASONS or d.action == "complete"]
         verdicts = [d for d in proposed if d not in kept and d.action != "launch"]
         launches = [d for d in proposed if d.action == "launch" and d not in kept]

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from itertools import pairwise
 
+from trainpilot.api import contract
 from trainpilot.api.contract import objective_metric
 from trainpilot.api.experiment import MAX_TRIAL_HISTORY, HeuristicSettings, TrialStatus
 from trainpilot.core import guardrails
@@ -94,10 +95,20 @@ class _Cycle:
         if trial.nonfinite_losses > 0:
             return f"{trial.nonfinite_losses} non-finite training loss(es)"
         raw = self.observed_objective(trial)
-        # The trainer reports NaN until its first evaluation; NaN after one, or infinity, is divergence.
-        if raw is not None and not math.isfinite(raw) and (math.isinf(raw) or trial.history):
+        # The trainer reports NaN until its first evaluation in each process (a pod that resumed a
+        # checkpoint after a Kueue preemption or an eviction, too: trainpilot_eval_step is -1 then);
+        # NaN after one, or infinity, is divergence.
+        if raw is not None and not math.isfinite(raw) and (math.isinf(raw) or self.measured(trial)):
             return f"{self.metric} is {raw}"
         return None
+
+    def measured(self, trial: TrialStatus) -> bool:
+        """Whether the trainer process now running has evaluated at least once."""
+        seen = self.context.observation.trials.get(trial.name)
+        step = seen.metrics.get(contract.METRIC_EVAL_STEP) if seen is not None and seen.metrics is not None else None
+        if step is None or not math.isfinite(step):
+            return bool(trial.history)  # an exporter without trainpilot_eval_step: its history says
+        return step >= 0
 
     def observed_objective(self, trial: TrialStatus) -> float | None:
         seen = self.context.observation.trials.get(trial.name)

@@ -16,6 +16,7 @@ from typing import Any
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, TrialStatus
 from trainpilot.api.trial import ControlFile, TrialConfig
+from trainpilot.runtime.kubernetes import kueue
 
 CONFIG_MOUNT = "/etc/trainpilot/trial"
 CONFIG_KEY = "trial.json"
@@ -148,15 +149,20 @@ def build_job(
     trial: TrialStatus,
     decision_id: str,
 ) -> dict[str, Any]:
-    """The trial's Indexed Job: completions = parallelism = nodes, one trainer container per pod."""
+    """The trial's Indexed Job: completions = parallelism = nodes, one trainer container per pod.
+
+    With spec.queue.name it goes to that Kueue LocalQueue (and WorkloadPriorityClass): labelled for
+    Kueue and created suspended, so that no pod starts before Kueue admits it by unsuspending it.
+    From then on spec.suspend is Kueue's alone: nothing in the operator ever changes it."""
     labels = child_labels(owner["metadata"]["name"], trial.name)
-    return {
+    queue_labels = kueue.job_labels(spec)
+    job: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": trial.name,
             "namespace": owner["metadata"]["namespace"],
-            "labels": labels,
+            "labels": {**labels, **queue_labels},
             "annotations": {
                 contract.ANNOTATION_HYPERPARAMETERS: json.dumps(trial.hyperparameters, sort_keys=True),
                 contract.ANNOTATION_DECISION: decision_id,
@@ -188,6 +194,9 @@ def build_job(
             },
         },
     }
+    if queue_labels:
+        job["spec"]["suspend"] = True
+    return job
 
 
 def build_pod_spec(spec: AgentExperimentSpec, trial: TrialStatus) -> dict[str, Any]:

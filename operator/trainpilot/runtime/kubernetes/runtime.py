@@ -2,7 +2,8 @@
 
 One instance serves one experiment for the life of its daemon. Per cycle it makes a constant
 number of API requests (list Jobs, list Pods, patch status), plus a few per decision, however
-many experiments the operator watches.
+many experiments the operator watches; an experiment with spec.queue lists its Kueue Workloads too,
+once, in a cycle where one of its Jobs is suspended or just admitted (runtime.kubernetes.kueue).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime import scrape
 from trainpilot.runtime.base import Departure, RuntimeFailure
 from trainpilot.runtime.clock import cluster_now
-from trainpilot.runtime.kubernetes import builders, claims, logs, ownership, waiting
+from trainpilot.runtime.kubernetes import builders, claims, kueue, logs, ownership, waiting
 from trainpilot.runtime.kubernetes.api import KubeApi, NotFound
 from trainpilot.runtime.kubernetes.departures import Departures
 from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
@@ -67,6 +68,7 @@ class KubernetesRuntime:
         self.prompt_log = ConfigMapLog(api, experiment, logs.PROMPTS)
         self._prompts: list[dict[str, Any]] = []
         self.departures = Departures(api, self.namespace, self.experiment)
+        self.workloads = kueue.Workloads(api, self.namespace, self.experiment)
         # The status as last saved (the object's own at first), so a save can clear what became empty.
         stored = experiment.get("status")
         self.saved: dict[str, Any] | None = dict(stored) if isinstance(stored, dict) and stored else None
@@ -117,7 +119,14 @@ class KubernetesRuntime:
             )
             if trial in urls and urls[trial] in errors:
                 observation.trials[trial].scrape_error = f"{urls[trial]}: {errors[urls[trial]]}"
-        waiting.note_pending(observation, jobs_by_trial, pods.items)  # for spec.trialTemplate.pendingTimeoutSeconds
+        # Kueue's reasons for suspended Jobs (and admission times): one list, only when some Job needs it.
+        queued = [
+            job for name, job in jobs_by_trial.items() if name in active and waiting.wants_workload(job, pods.items)
+        ]
+        workloads = await self.workloads.of(queued)
+        checkpoints = self.spec.trial_template.checkpoints is not None
+        # For spec.trialTemplate.pendingTimeoutSeconds, which counts only while a Job may run.
+        waiting.note_pending(observation, jobs_by_trial, pods.items, workloads, checkpoints)
         return observation
 
     @staticmethod
@@ -157,6 +166,10 @@ class KubernetesRuntime:
                 metrics=metrics,
                 message=message,
             )
+        if kueue.is_suspended(job):
+            # Queued, or preempted (by Kueue) and its pods stopping: waiting, never Running, so no
+            # GPU time accrues and the trial is neither a crash nor a candidate for a relaunch.
+            return TrialObservation(name=trial, phase="Pending", metrics=metrics)
         running = any(pod.status and pod.status.phase == "Running" for pod in pods)
         return TrialObservation(name=trial, phase="Running" if running else "Pending", metrics=metrics)
 
