@@ -26,7 +26,7 @@ from trainpilot.api.experiment import (
     check_experiment_name,
     parse_spec,
 )
-from trainpilot.api.quota import gpus_held, workload_refusal
+from trainpilot.api.quota import workload_refusal
 from trainpilot.controller import metrics as operator_metrics
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.policy import Policy
@@ -208,7 +208,7 @@ async def drive(
                 if shared and quota_limits is not None:
                     limits = quota_limits(namespace)  # again, now that it is this one's turn
                 status, wait, saved = await _one_cycle(runtime, policy, spec, status, generation, limits, memory, wait)
-                pool.holds(namespace, name, gpus_held(status.wire()))
+                pool.holds(namespace, name, sum(t.nodes * t.gpus_per_node for t in status.active_trials))
             settled = generation if saved and status.finished else None
             await stopped.wait(wait)
     finally:
