@@ -950,3 +950,29 @@ async def test_a_quota_policy_raised_or_deleted_mid_run_lets_what_waits_proceed_
     assert status.waiting_for_quota == []
     condition = next(c for c in status.conditions if c.type == contract.CONDITION_QUOTA_AVAILABLE)
     assert condition.status == "True"
+
+
+# ---- trials scored on different validation sets ------------------------------------------------
+
+
+async def test_trials_scored_on_another_validation_set_are_announced_once_and_left_out_of_the_best():
+    runtime = MemoryRuntime()
+    status = (await cycle(runtime, AgentExperimentStatus())).status  # launches exp-t000 and exp-t001
+    runtime.metrics["exp-t000"] = {contract.METRIC_STEP: 10, contract.METRIC_VALIDATION_FINGERPRINT: 0xAA}
+    runtime.metrics["exp-t001"] = {contract.METRIC_STEP: 10, contract.METRIC_VALIDATION_FINGERPRINT: 0xAA}
+    status = (await cycle(runtime, status, now="2026-11-22T06:01:00Z")).status
+    assert not any(c.type == contract.CONDITION_TRIALS_COMPARABLE for c in status.conditions)  # unset while fine
+    runtime.metrics["exp-t001"][contract.METRIC_VALIDATION_FINGERPRINT] = 0xBB
+    runtime.metrics["exp-t001"][contract.METRIC_VAL_LOSS] = 0.5  # better, but measured on other data
+    runtime.metrics["exp-t001"][contract.METRIC_EVAL_STEP] = 10
+    for minute in (2, 3):
+        status = (await cycle(runtime, status, now=f"2026-11-22T06:0{minute}:00Z")).status
+    comparable = next(c for c in status.conditions if c.type == contract.CONDITION_TRIALS_COMPARABLE)
+    assert (comparable.status, comparable.reason) == ("False", contract.REASON_VALIDATION_MISMATCH)
+    assert "exp-t001 (0000000000bb) scored on another validation set than exp-t000's (0000000000aa)" in (
+        comparable.message
+    )
+    assert [event for event in runtime.events if event[0] == contract.REASON_VALIDATION_MISMATCH] == [
+        (contract.REASON_VALIDATION_MISMATCH, comparable.message)
+    ]  # one Event, not one per cycle
+    assert status.best_trial is None or status.best_trial.name != "exp-t001"

@@ -38,7 +38,7 @@ from trainpilot.core.handoff import handoff_overdue, handoff_step, handoff_words
 from trainpilot.core.pending import plan_with_timeouts
 from trainpilot.core.policy import Policy
 from trainpilot.core.reachability import reached, unreachable
-from trainpilot.core.state import apply_record, fold_observation
+from trainpilot.core.state import apply_record, fold_observation, incomparable_trials
 from trainpilot.core.trials import build_trial_config
 from trainpilot.runtime.base import LedgerConflict, PermanentFailure, Runtime, RuntimeFailure
 
@@ -167,6 +167,7 @@ class _Cycle:
         status = await self.recover(status)
         status = fold_observation(self.spec, status, self.observation, self.now)
         status = await self._metrics_reachability(status)
+        status = await self._comparability(status)
         status = _with_generation(status, generation, self.now)
         described = getattr(self.limits, "described", None)  # a cluster's QuotaPolicies name themselves
         if callable(described):
@@ -260,6 +261,22 @@ class _Cycle:
             logger.warning("%s: %s", self.experiment, refused)
             await self.runtime.announce(contract.REASON_MODEL_REFUSED, refused)
         return planned
+
+    async def _comparability(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """TrialsComparable=False (an Event and a log line when it turns so) while trials were scored
+        on different validation sets; True again once none is (it stays unset until then)."""
+        why = incomparable_trials(status.trials)
+        if why is None:
+            return _healthy_again(
+                status, contract.CONDITION_TRIALS_COMPARABLE, "SameValidationSet", "all trials share one", self.now
+            )
+        after = _condition(
+            status, contract.CONDITION_TRIALS_COMPARABLE, "False", contract.REASON_VALIDATION_MISMATCH, why, self.now
+        )
+        if _turned_false(status, after, contract.CONDITION_TRIALS_COMPARABLE) is not None:
+            logger.warning("%s: %s", self.experiment, why)
+            await self.runtime.announce(contract.REASON_VALIDATION_MISMATCH, why)
+        return after
 
     async def _metrics_reachability(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
         why = unreachable(status, self.observation, self.now)

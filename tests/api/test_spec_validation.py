@@ -106,6 +106,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
     ("unknown-policy", lambda s: s["policy"].update(type="gpt"), "spec.policy.type: Unsupported value", "spec.policy.type"),
     ("unknown-field", lambda s: s["budget"].update(maxTrails=3), 'spec.budget: unknown field "maxTrails"', "spec.budget.maxTrails: Extra inputs are not permitted"),
     ("unknown-hyperparameter", lambda s: s["searchSpace"][0].update(name="learning_rate"), "spec.searchSpace[0].name: Unsupported value", "unknown hyperparameter 'learning_rate'"),
+    ("searched-validation-set", lambda s: s["searchSpace"][0].update(name="eval_windows"), "spec.searchSpace[0].name: Unsupported value", "eval_windows fixes the validation set every trial is scored on"),
     ("duplicate-parameter", lambda s: s["searchSpace"].append({"name": "lr", "min": 0.1, "max": 1}), "spec.searchSpace: Duplicate value", "['lr'] listed more than once"),
     ("empty-values", lambda s: s["searchSpace"][2].update(values=[]), "spec.searchSpace[2].values: Invalid value: 0: should have at least 1", "spec.searchSpace.2.values"),
     ("rung-out-of-range", lambda s: s["policy"]["heuristic"].update(rungs=[0.5, 1.0]), "spec.policy.heuristic.rungs[1]: Invalid value: 1.0: must be less than 1", "spec.policy.heuristic.rungs"),

@@ -92,7 +92,7 @@ def test_the_objectives_validate_lists_are_what_the_trainer_exports():
     """contract.TRAINER_METRICS (which validate lists) is exactly what the trainer's registry serves."""
     from trainpilot_trainer.metrics import Metrics
 
-    metrics = Metrics(max_steps=10, loss_floor=1.0, cuda=True)  # every optional gauge present
+    metrics = Metrics(max_steps=10, loss_floor=1.0, cuda=True, validation=(7, 640))  # every optional gauge
     served = set()
     for family in metrics.registry.collect():
         if family.type == "histogram":

@@ -366,3 +366,20 @@ def test_a_suggestion_names_the_one_sampler_that_chose_it():
     assert early == "Optuna random sample (2 of the 4 scored trials TPE starts from)" and "TPE suggestion" not in early
     late = suggestion_words(scored=5, startup_trials=4)
     assert late == "Optuna TPE suggestion from 5 scored trials" and "random" not in late
+
+
+async def test_asha_compares_only_trials_scored_on_the_same_validation_set():
+    spec = make_spec(budget={"parallelTrials": 4})
+    same, other = "0000000000aa", "0000000000bb"
+    status = status_of(
+        spec,
+        healthy("a", 0, step=60, rung_objectives={"50": 2.0}, validation_fingerprint=same),
+        healthy("b", 1, step=60, rung_objectives={"50": 2.0}, validation_fingerprint=same),
+        healthy("elsewhere", 2, step=60, rung_objectives={"50": 1.0}, validation_fingerprint=other),
+    )
+    # elsewhere's 1.0 was measured on other data: counted as a peer it would stop a and b (cutoff
+    # 1.0); among the comparable two, a tie at the cutoff survives. elsewhere is not judged either.
+    assert by(await heuristic(spec, status), "terminate") == []
+    comparable = status.model_copy(deep=True)
+    comparable.trials[2].validation_fingerprint = same
+    assert [stop.trial for stop in by(await heuristic(spec, comparable), "terminate", "asha-rung")] == ["a", "b"]

@@ -469,3 +469,20 @@ def test_a_pending_trial_says_why_it_waits_until_it_runs():
     assert status.trials[0].message == f"pending: {why}"
     status = fold(spec, status, seen(f"{EXPERIMENT}-t000", step=3), time=at(10))
     assert status.trials[0].state == "Running" and status.trials[0].message == ""
+
+
+def test_only_trials_scored_on_the_reference_validation_set_can_be_the_best():
+    """The first-launched trial's fingerprint is the reference; a trial scored on other data (a
+    different block_size, say) is never the best, however low its number."""
+    spec = make_spec()
+    status = status_of(
+        spec,
+        trial("reference", 0, "Succeeded", best_objective=2.0, validation_fingerprint="00000000000a"),
+        trial("other-data", 1, "Succeeded", best_objective=1.0, validation_fingerprint="00000000000b"),
+        trial("custom-trainer", 2, "Succeeded", best_objective=3.0),  # exports no fingerprint
+    )
+    assert status.best_trial.name == "reference"
+    status = fold(
+        spec, status_of(spec, trial("t", 0, "Running")), seen("t", step=5, **{"validation_fingerprint": 10.0})
+    )
+    assert status.trials[0].validation_fingerprint == "00000000000a"

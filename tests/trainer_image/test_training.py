@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.trainerkit import EXAMPLES, write_config
 from trainpilot.api.trial import Hyperparameters
+from trainpilot_trainer.data import build_dataset
 from trainpilot_trainer.schedule import Schedule
 
 pytestmark = pytest.mark.slow
@@ -67,6 +68,12 @@ def test_example_run_reaches_the_loss_floor_and_exports_metrics(tmp_path, start_
     assert result["val_loss"] == pytest.approx(final["trainpilot_val_loss"]) and result["loss_floor"] == pytest.approx(
         floor
     )
+    # The data it was scored on, as the operator reads it: the dataset's own fingerprint, exactly.
+    dataset = build_dataset(hp)
+    assert (
+        final["trainpilot_validation_fingerprint"] == result["validation_fingerprint"] == dataset.validation_fingerprint
+    )
+    assert final["trainpilot_validation_tokens"] == hp.eval_windows * hp.block_size
     # The loss fell: the first evaluation is well above the last.
     evals = [float(line.split("val_loss ")[1].split()[0]) for line in _lines(finished.stdout, "eval step")]
     assert evals[0] > evals[-1] + 0.05
@@ -252,7 +259,7 @@ def test_sigterm_during_start_up_is_a_clean_stop(tmp_path, start_trainer):
 
 def test_evaluates_at_the_requested_rung_steps(tmp_path, start_trainer):
     path = write_config(
-        tmp_path / "trial.json", {"max_steps": 20, "eval_interval": 10, "eval_batches": 2}, eval_at_steps=[7, 13]
+        tmp_path / "trial.json", {"max_steps": 20, "eval_interval": 10, "eval_windows": 16}, eval_at_steps=[7, 13]
     )
     finished = start_trainer(path).wait(timeout=180)
     assert finished.returncode == 0, finished.stdout + finished.stderr
@@ -389,7 +396,7 @@ def test_bf16_zero2_grad_accum_and_text_data(tmp_path, start_trainer):
             "grad_accum": 2,
             "max_steps": 20,
             "eval_interval": 10,
-            "eval_batches": 2,
+            "eval_windows": 16,
             "lr": 3e-3,
         },
     )

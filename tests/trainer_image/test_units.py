@@ -85,7 +85,9 @@ def test_sampled_stream_has_the_computed_entropy_rate():
 
 
 def test_synthetic_dataset_is_fixed_and_its_splits_differ():
-    hp = Hyperparameters(vocab_size=16, synthetic_order=1, block_size=16, micro_batch=4, eval_batches=3)
+    hp = Hyperparameters(
+        vocab_size=16, synthetic_order=1, block_size=16, micro_batch=4, eval_windows=12, eval_batch_size=5
+    )
     first, second = build_dataset(hp), build_dataset(hp)
     assert first.loss_floor == second.loss_floor == pytest.approx(MarkovChain.random(16, 1, 0.3).entropy_rate)
     for index in range(3):  # the same validation batches every time
@@ -113,7 +115,7 @@ def test_text_split_is_the_contiguous_tail(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"abcdefghij" * 30)
     (tmp_path / ".hidden").write_bytes(b"never read")
     hp = Hyperparameters(
-        dataset="text", data_path=[str(tmp_path)], block_size=8, micro_batch=2, eval_batches=2, val_fraction=0.2
+        dataset="text", data_path=[str(tmp_path)], block_size=8, micro_batch=2, eval_windows=4, val_fraction=0.2
     )
     data = build_dataset(hp)
     corpus = b"abcdefghij" * 30 + b"0123456789" * 30  # sorted file order
@@ -555,3 +557,34 @@ def test_merge_rule_and_size_limit():
     }
     fields = termination_fields({"exit_code": 1, "exit_reason": "crashed", "message": "x" * 10_000}, rank=0)
     assert len(fields["message"]) == 512
+
+
+# ------------------------------------------------------------------ the validation set
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "text"])
+def test_the_validation_set_is_the_same_whatever_the_trial_moves(dataset, tmp_path):
+    """micro_batch, seed, grad_accum and the evaluation batch size never change the data a trial is
+    scored on: the same windows in the same order, the same fingerprint."""
+    (tmp_path / "corpus.txt").write_bytes(bytes(range(256)) * 40)
+    data = {"dataset": dataset, "block_size": 16, "eval_windows": 37}  # not a multiple of any batch size
+    if dataset == "text":
+        data["data_path"] = [str(tmp_path)]
+    base = build_dataset(Hyperparameters(**data, micro_batch=8))
+    windows = np.concatenate([base.val_batch(index)[0] for index in range(base.eval_batches)])
+    assert windows.shape == (37, 16) and base.validation_tokens == 37 * 16
+    for moved in ({"micro_batch": 32}, {"seed": 5}, {"grad_accum": 4}, {"eval_batch_size": 5}):
+        other = build_dataset(Hyperparameters(**data, **moved))
+        assert other.validation_fingerprint == base.validation_fingerprint, moved
+        assert np.array_equal(np.concatenate([other.val_batch(i)[0] for i in range(other.eval_batches)]), windows)
+    # What does change the data changes the fingerprint.
+    for changed in ({"eval_windows": 38}, {"block_size": 15}):
+        assert (
+            build_dataset(Hyperparameters(**{**data, **changed})).validation_fingerprint != base.validation_fingerprint
+        )
+    assert 0 <= base.validation_fingerprint < 2**48  # exact in a Prometheus float
+
+
+def test_eval_batches_is_refused_with_its_replacement_named():
+    with pytest.raises(ValueError, match=r"eval_batches: replaced by eval_windows .* eval_batches x micro_batch"):
+        Hyperparameters.model_validate({"eval_batches": 8})

@@ -4,14 +4,17 @@ Everything here is numpy only (no torch), so bad data settings fail fast, before
 
 Three rules hold for every dataset:
 - train and validation never share tokens (separate streams, or a held-out tail);
-- validation is a FIXED list of `eval_batches` windows, identical at every evaluation, in every
-  trial with the same data settings, whatever the world size;
+- validation is a FIXED list of `eval_windows` windows, identical at every evaluation and in every
+  trial with the same data settings and block_size, whatever its micro_batch, seed, grad_accum or
+  world size; its fingerprint (a hash of the exact tokens) says so to the operator;
 - training batch number `position` of rank `rank` is a pure function of (seed, rank, position),
   so a resumed run draws exactly the batches it would have drawn had it never stopped.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -150,14 +153,36 @@ class Dataset:
     seed: int
     train: TokenStore
     val: TokenStore
-    val_starts: np.ndarray  # (eval_batches, micro_batch) window starts, fixed for the whole run
+    val_starts: np.ndarray  # (eval_windows,) window starts, fixed for the whole run
+    eval_batch_size: int
     loss_floor: float | None = None  # entropy rate, when known
     window_floor: float | None = None  # the floor averaged over a window's positions
     description: str = ""
 
     @property
-    def eval_batches(self) -> int:
+    def eval_windows(self) -> int:
         return len(self.val_starts)
+
+    @property
+    def eval_batches(self) -> int:
+        """Forward passes per evaluation: eval_windows in batches of eval_batch_size, the last one short."""
+        return -(-self.eval_windows // self.eval_batch_size)
+
+    @property
+    def validation_tokens(self) -> int:
+        """Predictions scored per evaluation."""
+        return self.eval_windows * self.block_size
+
+    @functools.cached_property
+    def validation_fingerprint(self) -> int:
+        """A 48-bit hash of every validation window's tokens, in order: equal for two trials exactly
+        when they are scored on the same data. 48 bits fit a Prometheus float exactly."""
+        digest = hashlib.sha256(f"{self.block_size}:{self.eval_windows}:".encode())
+        for first in range(0, self.eval_windows, 4096):
+            x, y = self.val.windows(self.val_starts[first : first + 4096], self.block_size)
+            digest.update(np.ascontiguousarray(x, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(y[:, -1], dtype=np.int64).tobytes())
+        return int.from_bytes(digest.digest()[:6], "big")
 
     def train_batch(self, rank: int, position: int) -> tuple[np.ndarray, np.ndarray]:
         """Micro-batch number `position` of `rank`: random windows, reproducible from the numbers alone."""
@@ -168,7 +193,9 @@ class Dataset:
         return self.train.windows(segments * self.train.segment + offsets, self.block_size)
 
     def val_batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.val.windows(self.val_starts[index], self.block_size)
+        """Validation batch `index` of eval_batches: windows index x eval_batch_size onwards."""
+        first = index * self.eval_batch_size
+        return self.val.windows(self.val_starts[first : first + self.eval_batch_size], self.block_size)
 
 
 def build_dataset(hp: Hyperparameters) -> Dataset:
@@ -186,7 +213,7 @@ def _synthetic(hp: Hyperparameters) -> Dataset:
     n_chains = max(1, SYNTHETIC_TRAIN_TOKENS // chain_length)
     train = chain.sample(np.random.default_rng((DATA_SEED, TRAIN_STREAM)), n_chains, chain_length)
     # Validation: one fresh chain per window, from a different stream than training.
-    count = hp.eval_batches * hp.micro_batch
+    count = hp.eval_windows
     val = chain.sample(np.random.default_rng((DATA_SEED, VAL_STREAM)), count, window)
     floor = chain.entropy_rate
     return Dataset(
@@ -197,7 +224,8 @@ def _synthetic(hp: Hyperparameters) -> Dataset:
         seed=hp.seed,
         train=TokenStore(train.ravel(), chain_length),
         val=TokenStore(val.ravel(), window),
-        val_starts=(np.arange(count) * window).reshape(hp.eval_batches, hp.micro_batch),
+        val_starts=np.arange(count) * window,
+        eval_batch_size=hp.eval_batch_size,
         loss_floor=floor,
         window_floor=chain.window_floor(hp.block_size),
         description=(
@@ -324,7 +352,7 @@ def _dataset_from_arrays(
     hp: Hyperparameters, name: str, vocab_size: int, train: np.ndarray, val: np.ndarray, description: str
 ) -> Dataset:
     # Fixed validation windows spread evenly over the held-out tokens (overlapping if it is short).
-    count = hp.eval_batches * hp.micro_batch
+    count = hp.eval_windows
     starts = np.linspace(0, len(val) - hp.block_size - 1, count).round().astype(np.int64)
     return Dataset(
         name=name,
@@ -334,6 +362,7 @@ def _dataset_from_arrays(
         seed=hp.seed,
         train=TokenStore.whole(train),
         val=TokenStore.whole(val),
-        val_starts=starts.reshape(hp.eval_batches, hp.micro_batch),
+        val_starts=starts,
+        eval_batch_size=hp.eval_batch_size,
         description=description,
     )

@@ -145,7 +145,10 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
     if stop.check():  # the process group does not exist yet: each rank decides for itself
         return report.stopped_during_startup("while loading torch, DeepSpeed and the data")
 
-    metrics = Metrics(hp.max_steps, dataset.loss_floor, cuda=device == "cuda")
+    fingerprint = dataset.validation_fingerprint
+    metrics = Metrics(
+        hp.max_steps, dataset.loss_floor, cuda=device == "cuda", validation=(fingerprint, dataset.validation_tokens)
+    )
     if dist_env.is_main:
         try:
             port = metrics.serve(endpoint.addr, endpoint.port)
@@ -157,7 +160,9 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
             )
             return report.finish(_exit(EXIT_CRASHED, f"cannot serve metrics: {error}"))
         print(
-            f"trial {config.experiment}/{config.trial}: {dataset.description}; device {device} {precision}, "
+            f"trial {config.experiment}/{config.trial}: {dataset.description}; validation "
+            f"{dataset.eval_windows} windows, {dataset.validation_tokens:,} tokens, fingerprint {fingerprint:012x}; "
+            f"device {device} {precision}, "
             f"{dist_env.world_size} rank(s); metrics on http://{endpoint.addr}:{port}{contract.DEFAULT_METRICS_PATH}",
             flush=True,
         )

@@ -17,7 +17,14 @@ STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 
 class Metrics:
-    def __init__(self, max_steps: int, loss_floor: float | None = None, cuda: bool = False):
+    def __init__(
+        self,
+        max_steps: int,
+        loss_floor: float | None = None,
+        cuda: bool = False,
+        validation: tuple[int, int] | None = None,
+    ):
+        """`validation`: the validation set's fingerprint and its number of scored tokens."""
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
 
@@ -68,6 +75,10 @@ class Metrics:
         self.gpu_memory = (
             None if not cuda else gauge(contract.METRIC_GPU_MEMORY, "torch.cuda.memory_allocated() on rank 0.", 0)
         )
+        if validation is not None:
+            fingerprint, tokens = validation
+            gauge(contract.METRIC_VALIDATION_FINGERPRINT, "48-bit hash of the validation windows' tokens.", fingerprint)
+            gauge(contract.METRIC_VALIDATION_TOKENS, "Predictions scored by one validation pass.", tokens)
         self._server = None
 
     def serve(self, addr: str, port: int) -> int:

@@ -106,6 +106,7 @@ class RunResult:
     control_generation: int
     tokens: int
     seconds: float
+    validation_fingerprint: int | None = None
 
     def as_dict(self) -> dict:
         def number(value: float | None) -> float | None:  # JSON has no NaN
@@ -135,4 +136,5 @@ class RunResult:
             "control_generation": self.control_generation,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
+            "validation_fingerprint": self.validation_fingerprint,
         }

@@ -429,15 +429,17 @@ class Trainer:
             control_generation=self.control.applied_generation,
             tokens=self.tokens_seen,
             seconds=time.perf_counter() - self._started,
+            validation_fingerprint=self.dataset.validation_fingerprint,
         )
 
     # ---------------------------------------------------------------- evaluation
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches. Batches are dealt round-robin to ranks;
-        every rank runs the same number of forwards (padding with a zero-weight repeat) because
-        ZeRO-3 gathers parameters collectively inside forward."""
+        """Mean loss per token over the fixed validation windows. Batches are dealt round-robin to
+        ranks; every rank runs the same number of forwards (padding with a zero-weight repeat)
+        because ZeRO-3 gathers parameters collectively inside forward. Each batch counts by its
+        windows, so a short last batch weighs what it holds."""
         world, rank = self.dist.world_size, self.dist.rank
         n_batches = self.dataset.eval_batches
         total = torch.zeros((), dtype=torch.float64, device=self._sync_device)
@@ -447,11 +449,11 @@ class Trainer:
             x, y = self.dataset.val_batch(min(index, n_batches - 1))
             loss = self.engine(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
             if index < n_batches:
-                total += loss.double().to(self._sync_device)
+                total += loss.double().to(self._sync_device) * len(x)
         self.engine.train()
         if world > 1:
             dist.all_reduce(total)
-        self.val_loss = float(total) / n_batches
+        self.val_loss = float(total) / self.dataset.eval_windows
         self.val_step = self.step
         if self.step in self.eval_at:  # an ASHA rung: held on its own gauges until the next one
             self.evaluations[self.step] = self.val_loss

@@ -105,6 +105,11 @@ METRIC_WEIGHT_DECAY = "trainpilot_weight_decay"
 METRIC_STEP_SECONDS = "trainpilot_step_seconds"
 METRIC_GPU_MEMORY = "trainpilot_gpu_memory_allocated_bytes"
 METRIC_MAX_STEPS = "trainpilot_max_steps"
+# Which data the validation loss is measured on: a 48-bit hash of the validation windows' tokens
+# (exact in a Prometheus float) and how many predictions they hold. Trials are only ranked against
+# trials with the same fingerprint.
+METRIC_VALIDATION_FINGERPRINT = "trainpilot_validation_fingerprint"
+METRIC_VALIDATION_TOKENS = "trainpilot_validation_tokens"
 # The trainer's last evaluation at one of its eval_at_steps (the ASHA rung steps the operator put
 # in its config): that step (-1: none yet) and `trainpilot_rung_<objective>` measured there. Held
 # until the next rung, so a scrape every intervalSeconds still sees each rung's own evaluation
@@ -131,6 +136,8 @@ TRAINER_METRICS = (
     METRIC_NONFINITE_LOSS,
     METRIC_LOSS_FLOOR,
     METRIC_GPU_MEMORY,
+    METRIC_VALIDATION_FINGERPRINT,
+    METRIC_VALIDATION_TOKENS,
 )
 # Gauges the trainer sets on every step. Any other objective is an evaluation result, measured
 # at METRIC_EVAL_STEP when the trainer exports it.
@@ -176,6 +183,7 @@ REASON_OBSERVATION_FAILED = "ObservationFailed"
 REASON_METRICS_UNREACHABLE = "MetricsUnreachable"
 REASON_MODEL_REFUSED = "ModelRefused"  # the LLM's API refuses the operator for good (401/403/404)
 REASON_SIGN_OFF_IGNORED = "SignOffIgnored"  # an approve or reject that names no held decision, or nobody
+REASON_VALIDATION_MISMATCH = "ValidationMismatch"  # trials were scored on different validation sets
 
 # Status conditions besides Valid (kubectl describe shows them): False says what is wrong.
 CONDITION_VALID = "Valid"
@@ -187,6 +195,8 @@ CONDITION_METRICS_REACHABLE = "MetricsReachable"  # running trainers' /metrics a
 CONDITION_MODEL_AVAILABLE = "ModelAvailable"  # the LLM answers; False: refused for good (reason ModelRefused)
 CONDITION_QUOTA_AVAILABLE = "QuotaAvailable"  # False: decisions wait for a QuotaPolicy bound (QuotaExceeded)
 CONDITION_AWAITING_APPROVAL = "AwaitingApproval"  # True: decisions are held for a human (DecisionPendingApproval)
+# False: some trials were scored on another validation set than the reference (ValidationMismatch).
+CONDITION_TRIALS_COMPARABLE = "TrialsComparable"
 
 # Trainer exit codes: how a finished trial says why it stopped.
 EXIT_COMPLETED = 0  # ran max_steps

@@ -22,7 +22,12 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from trainpilot.api import contract
-from trainpilot.api.trial import Hyperparameters, describe_validation_error, tunable_hyperparameters
+from trainpilot.api.trial import (
+    VALIDATION_SET_FIELDS,
+    Hyperparameters,
+    describe_validation_error,
+    tunable_hyperparameters,
+)
 
 Action = Literal["launch", "terminate", "mutate", "scale", "complete"]
 ALL_ACTIONS: tuple[Action, ...] = ("launch", "terminate", "mutate", "scale", "complete")
@@ -431,6 +436,11 @@ class AgentExperimentSpec(CamelModel):
         tunable = tunable_hyperparameters()
         names = [parameter.name for parameter in self.search_space]
         for parameter in self.search_space:
+            if parameter.name in VALIDATION_SET_FIELDS:
+                raise ValueError(
+                    f"searchSpace: {parameter.name} fixes the validation set every trial is scored on, so "
+                    "trials that moved it could not be compared; set it in trialTemplate.hyperparameters instead"
+                )
             if parameter.name not in tunable:
                 raise ValueError(
                     f"searchSpace: unknown hyperparameter {parameter.name!r}; tunable ones are "
@@ -535,6 +545,9 @@ class TrialStatus(CamelModel):
     nonfinite_losses: int = 0
     control_generation: int = 0
     loss_floor: float | None = None
+    validation_fingerprint: str | None = Field(
+        None, description="trainpilot_validation_fingerprint as hex: the data its objective is measured on."
+    )
     eval_step: int | None = Field(None, description="trainpilot_eval_step at the last scrape: its latest evaluation.")
     evaluations: int = Field(0, ge=0, description="Evaluations seen: times trainpilot_eval_step advanced.")
     failed_scrapes: int = Field(0, ge=0, description="Cycles in a row its running trainer's /metrics gave nothing.")

@@ -34,6 +34,7 @@ RESULT_ALIASES = {
     "max_steps": contract.METRIC_MAX_STEPS,
     "control_generation": contract.METRIC_CONTROL_GENERATION,
     "weight_decay": contract.METRIC_WEIGHT_DECAY,
+    "validation_fingerprint": contract.METRIC_VALIDATION_FINGERPRINT,
 }
 
 
@@ -128,6 +129,14 @@ class TrialMetrics(BaseModel):
     @property
     def loss_floor(self) -> float | None:
         return self.get(contract.METRIC_LOSS_FLOOR)
+
+    @property
+    def validation_fingerprint(self) -> str | None:
+        """The validation set's fingerprint as 12 hex digits; None from a trainer that exports none."""
+        value = self.get(contract.METRIC_VALIDATION_FINGERPRINT)
+        if value is None or not 0 <= value < 2**48 or value != int(value):
+            return None
+        return f"{int(value):012x}"
 
     @property
     def control_generation(self) -> int:

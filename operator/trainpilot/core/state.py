@@ -66,6 +66,39 @@ def is_scored(trial: TrialStatus) -> bool:
     return trial.best_objective is not None and trial.state != "Failed" and not is_diverged(trial)
 
 
+def reference_fingerprint(trials: list[TrialStatus]) -> str | None:
+    """The validation set trials are ranked on: the first-launched trial's that reported one."""
+    return next(
+        (
+            trial.validation_fingerprint
+            for trial in sorted(trials, key=lambda t: t.index)
+            if trial.validation_fingerprint
+        ),
+        None,
+    )
+
+
+def comparable(trial: TrialStatus, reference: str | None) -> bool:
+    """Scored on the reference validation set (or on one nobody reported: a custom trainer's)."""
+    return reference is None or trial.validation_fingerprint in (None, reference)
+
+
+def incomparable_trials(trials: list[TrialStatus]) -> str | None:
+    """What says that some trials were scored on other data than the reference, or None."""
+    reference = reference_fingerprint(trials)
+    apart = [trial for trial in trials if not comparable(trial, reference)]
+    if not apart:
+        return None
+    first = min((trial for trial in trials if trial.validation_fingerprint == reference), key=lambda t: t.index)
+    listed = ", ".join(f"{trial.name} ({trial.validation_fingerprint})" for trial in apart[:5])
+    more = f" and {len(apart) - 5} more" if len(apart) > 5 else ""
+    return (
+        f"{listed}{more} scored on another validation set than {first.name}'s ({reference}): left out of "
+        "the ranking, ASHA rungs and the best trial. Give every trial the same data settings, block_size "
+        "and eval_windows (trainpilot_validation_fingerprint says which set a trial used)"
+    )
+
+
 def max_steps(spec: AgentExperimentSpec, trial: TrialStatus) -> int:
     """What the trial will run: reported by the trainer, else searched, else the template's."""
     for candidate in (
@@ -161,6 +194,8 @@ def _fold_metrics(spec: AgentExperimentSpec, trial: TrialStatus, metrics: TrialM
     floor = _number(metrics, contract.METRIC_LOSS_FLOOR)
     if floor is not None:
         trial.loss_floor = floor
+    if (fingerprint := metrics.validation_fingerprint) is not None:
+        trial.validation_fingerprint = fingerprint
     # Counters never go backwards; the control generation in status is the one *requested*, which
     # may run ahead of what the trainer reports having applied.
     nonfinite = _number(metrics, contract.METRIC_NONFINITE_LOSS)
@@ -479,8 +514,9 @@ def _recount(spec: AgentExperimentSpec, status: AgentExperimentStatus) -> AgentE
 
 def best_trial(spec: AgentExperimentSpec, trials: list[TrialStatus]) -> BestTrial | None:
     best: TrialStatus | None = None
+    reference = reference_fingerprint(trials)
     for trial in trials:
-        if not is_scored(trial):
+        if not is_scored(trial) or not comparable(trial, reference):
             continue
         if best is None or spec.objective.better(trial.best_objective, best.best_objective):  # type: ignore[arg-type]
             best = trial

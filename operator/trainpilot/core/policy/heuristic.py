@@ -23,7 +23,15 @@ from trainpilot.api.experiment import MAX_TRIAL_HISTORY, HeuristicSettings, Tria
 from trainpilot.core import guardrails
 from trainpilot.core.decision import Decision
 from trainpilot.core.policy.base import PolicyContext
-from trainpilot.core.state import COMPLETE_REASON, DIVERGED_REASON, SPIKE_REASON, is_diverged, rung_step
+from trainpilot.core.state import (
+    COMPLETE_REASON,
+    DIVERGED_REASON,
+    SPIKE_REASON,
+    comparable,
+    is_diverged,
+    reference_fingerprint,
+    rung_step,
+)
 
 
 class HeuristicPolicy:
@@ -196,7 +204,8 @@ class _Cycle:
             for fraction in self.settings.rungs
             if (key := str(rung_step(self.spec, trial, fraction))) in trial.rung_objectives
         ]
-        if not reached:
+        reference = reference_fingerprint(self.status.trials)
+        if not reached or not comparable(trial, reference):
             return
         # Judged at its latest rung only: ASHA never demotes a trial already promoted past a rung.
         fraction, key = reached[-1]
@@ -204,7 +213,8 @@ class _Cycle:
         peers = [
             peer_value
             for peer in self.status.trials
-            if (peer_value := peer.rung_objectives.get(str(rung_step(self.spec, peer, fraction)))) is not None
+            if comparable(peer, reference)
+            and (peer_value := peer.rung_objectives.get(str(rung_step(self.spec, peer, fraction)))) is not None
         ]
         if len(peers) < self.settings.min_peers_at_rung:
             return
