@@ -100,6 +100,7 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
+from kmock._internal import dsl as _kmock_dsl  # the view classes, to match a request without a scan
 from kmock._internal import rendering as _kmock_rendering  # StreamingError: kmock's own wrapper
 
 from tests.support import admission, openapi, quantity, rbac
@@ -1204,8 +1205,35 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         # Skip KubernetesEmulator._handle (its dict-merging write path); keep the DSL matching:
-        # user reactions first, then this class's fallbacks (the _serve_* methods below).
-        return await kmock.RawHandler._handle(self, request)
+        # user reactions first, then this class's fallbacks (the _serve_* methods below). This is
+        # kmock.RawHandler._handle, except that a reaction's view is matched against this request
+        # alone where it can be (`request in view` scans the whole request log for every reaction
+        # of every request: quadratic, and a long test's pollers made it eat a core).
+        priorities = [payload.priorities for payload in self._payloads]
+        width = max((len(priority) for priority in priorities), default=0)
+        keys = [tuple(-p for p in priority) + (0,) * (width - len(priority)) for priority in priorities]
+        for index in sorted(range(len(keys)), key=lambda index: keys[index]):
+            payload = self._payloads[index]
+            if not payload._disabled.is_set() and self._sees(payload._source, request):
+                try:
+                    return await payload(request)
+                except _kmock_rendering.ReactionMismatchError:  # a mismatch, or depleted
+                    payload._disabled.set()
+                except NotImplementedError:  # matched, but nothing to respond with
+                    pass
+        raise NotImplementedError("no reaction matches the request")
+
+    def _sees(self, view: Any, request: kmock.Request) -> bool:
+        """Whether `view` holds `request`, the newest request: criteria filters and priorities over
+        this root are checked on the request itself; anything else (slices, groups, exclusions,
+        which depend on the requests before it) the way kmock does, by scanning the log."""
+        if view is self:
+            return True
+        if type(view) is _kmock_dsl.Filter:
+            return self._sees(view._source, request) and bool(view.criteria(request))
+        if type(view) is _kmock_dsl.Priority:
+            return self._sees(view._source, request)
+        return request in view
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         result = await super()._serve_version(request)
