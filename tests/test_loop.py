@@ -51,7 +51,7 @@ class MemoryRuntime:
         self.reported_steps: dict[str, int] = {}
         self.sign_offs: list[Approval] = []
 
-    def checkpoint_dir(self, trial):
+    def checkpoint_dir(self, trial, spec):
         return f"/ckpt/{trial}"
 
     def _maybe_refuse(self, call, trial):
@@ -80,12 +80,13 @@ class MemoryRuntime:
             )
         return observation
 
-    async def launch(self, trial, config):
+    async def launch(self, trial, config, spec):
         if self.crash_on_launch:
             raise Crash("operator killed mid-cycle")
         self._maybe_refuse("launch", trial.name)
         self.calls.append(("launch", trial.name))
         self.configs = getattr(self, "configs", {}) | {trial.name: config}
+        self.specs = getattr(self, "specs", {}) | {trial.name: spec}
 
     async def stop(self, trial, reason):
         self._maybe_refuse("stop", trial)
@@ -976,3 +977,71 @@ async def test_trials_scored_on_another_validation_set_are_announced_once_and_le
         (contract.REASON_VALIDATION_MISMATCH, comparable.message)
     ]  # one Event, not one per cycle
     assert status.best_trial is None or status.best_trial.name != "exp-t001"
+
+
+# ---- spec edits (docs/spec-edits.md) -----------------------------------------------------------
+
+
+def edited(**template) -> object:
+    """SPEC with trialTemplate fields changed (and its hyperparameters merged)."""
+    hyperparameters = {**SPEC.trial_template.hyperparameters, **template.pop("hyperparameters", {})}
+    return SPEC.model_copy(
+        update={
+            "trial_template": SPEC.trial_template.model_copy(update={"hyperparameters": hyperparameters, **template})
+        }
+    )
+
+
+async def test_a_template_edit_reaches_fresh_trials_while_a_relaunch_resumes_as_its_source_was_launched():
+    runtime = MemoryRuntime()
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+    assert runtime.specs["exp-t000"].trial_template.image == SPEC.trial_template.image
+    new_spec = edited(image="trainer:2", hyperparameters={"warmup_steps": 25})
+    runtime.metrics["exp-t000"] = {
+        contract.METRIC_STEP: 60,
+        contract.METRIC_NONFINITE_LOSS: 1,
+        contract.METRIC_CHECKPOINT_STEP: 50,
+    }
+    runtime.metrics["exp-t001"] = {contract.METRIC_STEP: 60, contract.METRIC_VAL_LOSS: 2.0}
+    runtime.exits["exp-t001"] = 0
+    result = await cycle(runtime, status, now="2026-11-22T06:00:10Z", spec=new_spec)
+    relaunch = result.status.trial("exp-t002")
+    assert relaunch is not None and relaunch.parent == "exp-t000"
+    assert runtime.configs["exp-t002"].resume_from == "/ckpt/exp-t000"
+    # The relaunch resumes exp-t000's checkpoint: it runs exp-t000's template, not the edited one.
+    assert runtime.specs["exp-t002"].trial_template == SPEC.trial_template
+    assert runtime.configs["exp-t002"].hyperparameters.warmup_steps == SPEC.trial_template.hyperparameters.get(
+        "warmup_steps", 10
+    )
+    fresh = [name for name in runtime.configs if name not in ("exp-t000", "exp-t001", "exp-t002")]
+    assert fresh, runtime.calls  # the slot exp-t001 freed goes to a fresh trial
+    assert runtime.specs[fresh[0]].trial_template.image == "trainer:2"
+    assert runtime.configs[fresh[0]].hyperparameters.warmup_steps == 25
+    assert condition(result.status, contract.CONDITION_SPEC_EDITS_APPLIED) is None  # nothing refused
+
+
+async def test_a_refused_edit_keeps_the_value_in_force_says_so_once_and_clears_when_set_back():
+    runtime = MemoryRuntime()
+    status = (await cycle(runtime, AgentExperimentStatus())).status
+    first = runtime.configs["exp-t000"].hyperparameters
+    wrong = edited(hyperparameters={"block_size": first.block_size * 2, "warmup_steps": 30})
+    wrong = wrong.model_copy(update={"objective": wrong.objective.model_copy(update={"direction": "maximize"})})
+    runtime.exits["exp-t001"] = 0  # frees a slot: a fresh trial is launched under the spec in force
+    runtime.metrics["exp-t001"] = {contract.METRIC_STEP: 300, contract.METRIC_VAL_LOSS: 2.0}
+    for second in range(10, 40, 10):
+        status = (await cycle(runtime, status, now=f"2026-11-22T06:00:{second}Z", spec=wrong)).status
+    refused = condition(status, contract.CONDITION_SPEC_EDITS_APPLIED)
+    assert refused.status == "False" and refused.reason == contract.REASON_SPEC_EDIT_REFUSED
+    assert "spec.objective.direction: edit to 'maximize' refused" in refused.message
+    doubled = first.block_size * 2
+    assert f"spec.trialTemplate.hyperparameters.block_size: edit to {doubled} refused" in refused.message
+    assert [reason for reason, _ in runtime.events].count(contract.REASON_SPEC_EDIT_REFUSED) == 1
+    fresh = [name for name in runtime.configs if name not in ("exp-t000", "exp-t001")]
+    assert fresh
+    for name in fresh:  # the allowed edit applies, the refused one does not
+        assert runtime.configs[name].hyperparameters.block_size == first.block_size
+        assert runtime.configs[name].hyperparameters.warmup_steps == 30
+    assert status.best_trial is None or status.best_trial.objective == 2.0  # still minimised
+
+    status = (await cycle(runtime, status, now="2026-11-22T06:01:00Z", spec=edited(hyperparameters={}))).status
+    assert condition(status, contract.CONDITION_SPEC_EDITS_APPLIED).status == "True"

@@ -24,8 +24,8 @@ from functools import partial
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile
-from trainpilot.core import approvals, cycle_log, quota_waits
-from trainpilot.core.conditions import ConditionValue, set_condition
+from trainpilot.core import approvals, cycle_log, quota_waits, spec_edits
+from trainpilot.core.conditions import MAX_CONDITION_MESSAGE, ConditionValue, set_condition
 from trainpilot.core.decision import DecisionRecord, decision_id, decision_seq
 from trainpilot.core.engine import (
     CyclePlan,
@@ -105,7 +105,9 @@ async def run_cycle(
     memory: LoopMemory | None = None,
 ) -> CycleResult:
     memory = memory if memory is not None else LoopMemory()
-    cycle = _Cycle(experiment, spec, runtime, policy, now, limits, status, memory)
+    # The spec as edited, except what the edit table refuses while trials run (docs/spec-edits.md).
+    edits = spec_edits.review(spec, status)
+    cycle = _Cycle(experiment, edits, runtime, policy, now, limits, status, memory)
     try:
         status = await cycle.advance(status, generation)
         memory.unobserved_cycles = 0
@@ -139,7 +141,7 @@ class _Cycle:
     def __init__(
         self,
         experiment: str,
-        spec: AgentExperimentSpec,
+        edits: spec_edits.EditReview,
         runtime: Runtime,
         policy: Policy,
         now: str,
@@ -147,7 +149,8 @@ class _Cycle:
         status: AgentExperimentStatus,
         memory: LoopMemory,
     ) -> None:
-        self.experiment, self.spec, self.runtime, self.policy = experiment, spec, runtime, policy
+        self.experiment, self.spec, self.runtime, self.policy = experiment, edits.spec, runtime, policy
+        self.edits = edits
         self.now, self.limits, self.memory = now, limits, memory
         self.result = CycleResult(status=status)
         self.acted = 0
@@ -168,6 +171,7 @@ class _Cycle:
         status = fold_observation(self.spec, status, self.observation, self.now)
         status = await self._metrics_reachability(status)
         status = await self._comparability(status)
+        status = await self._edits_applied(status)
         status = _with_generation(status, generation, self.now)
         described = getattr(self.limits, "described", None)  # a cluster's QuotaPolicies name themselves
         if callable(described):
@@ -277,6 +281,23 @@ class _Cycle:
             logger.warning("%s: %s", self.experiment, why)
             await self.runtime.announce(contract.REASON_VALIDATION_MISMATCH, why)
         return after
+
+    async def _edits_applied(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """SpecEditsApplied=False naming each refused edit (an Event and a log line whenever what is
+        refused changes); True again once the spec in force is the spec as written."""
+        now = self.now
+        if not self.edits.refused:
+            return _healthy_again(
+                status, contract.CONDITION_SPEC_EDITS_APPLIED, "SpecInForce", "the spec as written is in force", now
+            )
+        message = self.edits.message
+        before = next((c for c in status.conditions if c.type == contract.CONDITION_SPEC_EDITS_APPLIED), None)
+        if before is None or before.status != "False" or before.message != message[:MAX_CONDITION_MESSAGE]:
+            logger.warning("%s: %s", self.experiment, message)
+            await self.runtime.announce(contract.REASON_SPEC_EDIT_REFUSED, message)
+        return _condition(
+            status, contract.CONDITION_SPEC_EDITS_APPLIED, "False", contract.REASON_SPEC_EDIT_REFUSED, message, self.now
+        )
 
     async def _metrics_reachability(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
         why = unreachable(status, self.observation, self.now)
@@ -439,8 +460,11 @@ class _Cycle:
         launched = trial.model_copy(update=update)
         if record is None:
             return status  # its record is not in the ledger (yet): it cannot be launched under it
+        # As it was launched (status.launchSettings): a restart or a relaunch from a checkpoint runs
+        # as the trial it resumes did, whatever the spec says since.
+        spec = status.spec_for(self.spec, name)
         started = await self._attempt(
-            record, name, lambda: _launch(self.experiment, self.spec, self.runtime, launched, source, step)
+            record, name, lambda: _launch(self.experiment, spec, self.runtime, launched, source, step)
         )
         if not started:
             return status  # the follow-up record fails it
@@ -613,19 +637,20 @@ async def _launch(
     source: str | None,
     step: int | None,
 ) -> None:
-    """Start `trial`, resuming checkpoint `step` of trial `source` when given."""
+    """Start `trial` under `spec` (with its launch settings), resuming checkpoint `step` of trial
+    `source` when given (which shares those settings: a trial resumes only one launched alike)."""
     try:
         config = build_trial_config(
             experiment,
             spec,
             trial,
-            checkpoint_dir=runtime.checkpoint_dir(trial.name),
-            resume_from=runtime.checkpoint_dir(source) if source else None,
+            checkpoint_dir=runtime.checkpoint_dir(trial.name, spec),
+            resume_from=runtime.checkpoint_dir(source, spec) if source else None,
             resume_step=step if source else None,
         )
     except ValueError as error:  # the same spec makes the same config: retrying cannot help
         raise PermanentFailure(f"its trial config is invalid: {error}") from error
-    await runtime.launch(trial, config)
+    await runtime.launch(trial, config, spec)
 
 
 def _turned_false(before: AgentExperimentStatus, after: AgentExperimentStatus, type: str) -> str | None:

@@ -159,12 +159,74 @@ def test_no_experiment_and_no_resume(capsys):
     assert code == 2 and "--resume" in err
 
 
-def test_resume_with_a_different_yaml(existing_run, tmp_path, capsys):
+def running_status(spec_doc: dict) -> str:
+    """status.json of a run whose first trial runs, launched under `spec_doc`."""
+    from trainpilot.api.experiment import LaunchSettings, parse_spec
+
+    settings = LaunchSettings.of(parse_spec(spec_doc))
+    trial = {"name": "quickstart-t000", "index": 0, "state": "Running", "launch": settings.key}
+    status = {
+        "phase": "Running",
+        "decisionsMade": 1,
+        "trials": [trial],
+        "launchSettings": {settings.key: settings.model_dump(by_alias=True, mode="json")},
+    }
+    return json.dumps(status)
+
+
+def test_resume_with_an_edit_the_table_allows_applies_it_and_keeps_the_yaml_before(existing_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(localrun, "trainer_command", lambda: [sys.executable, "fake.py"])
+    (existing_run / "status.json").write_text(running_status(quickstart_raw()["spec"]))
     doc = quickstart_raw()
     doc["spec"]["budget"]["maxTrials"] = 6
+    doc["spec"]["trialTemplate"]["hyperparameters"]["warmup_steps"] = 20
+    path = write_yaml(tmp_path / "edited.yaml", doc)
+    args = Namespace(
+        experiment=str(path), run_dir=None, resume=str(existing_run), cpu=False, plain=True, no_report=True
+    )
+    prepared = localrun.prepare(args, gpus=0, cores=2)
+    try:
+        assert prepared.spec.budget.max_trials == 6
+        [note] = [note for note in prepared.notes if note.startswith("applying the edits")]
+        assert "spec.budget.maxTrials (next cycle)" in note
+        assert "spec.trialTemplate.hyperparameters.warmup_steps (new trials)" in note
+        assert (existing_run / "experiment.yaml").read_text() == path.read_text()
+        assert (existing_run / "experiment.1.yaml").read_text() == QUICKSTART.read_text()
+    finally:
+        import os
+
+        os.close(prepared.lock_fd)
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "field"),
+    [
+        ("objective", {"direction": "maximize"}, "spec.objective.direction"),
+        ("hyperparameters", {"eval_windows": 512}, "spec.trialTemplate.hyperparameters.eval_windows"),
+        ("trialTemplate", {"checkpoints": {"claimName": "other"}}, "spec.trialTemplate.checkpoints"),
+    ],
+)
+def test_resume_with_an_edit_the_table_refuses_names_the_field_and_changes_nothing(
+    existing_run, tmp_path, capsys, section, changes, field
+):
+    (existing_run / "status.json").write_text(running_status(quickstart_raw()["spec"]))
+    doc = quickstart_raw()
+    target = doc["spec"]["trialTemplate"]["hyperparameters"] if section == "hyperparameters" else doc["spec"][section]
+    target.update(changes)
+    doc["spec"]["budget"]["maxTrials"] = 6  # allowed, but nothing is half applied
+    before = snapshot(existing_run)
+    code, err = run([str(write_yaml(tmp_path / "edited.yaml", doc)), "--resume", str(existing_run)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{field}: edit to" in err and "refused" in err and "(nothing was changed)" in err
+    assert snapshot(existing_run) == before
+
+
+def test_resume_with_another_experiments_yaml(existing_run, tmp_path, capsys):
+    doc = quickstart_raw()
+    doc["metadata"]["name"] = "another"
     before = snapshot(existing_run)
     code, err = run([str(write_yaml(tmp_path / "other.yaml", doc)), "--resume", str(existing_run)], capsys)
-    assert code == 2 and "differs" in err
+    assert code == 2 and "metadata.name 'another'" in err and "new --run-dir" in err
     assert snapshot(existing_run) == before
 
 

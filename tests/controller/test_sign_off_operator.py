@@ -90,7 +90,7 @@ async def test_held_launches_are_approved_rejected_and_expire_and_nobody_signs_i
             "type": "heuristic",
             "intervalSeconds": 2,
             "requireApprovalFor": ["launch"],
-            "approvalTimeoutSeconds": 6,
+            "approvalTimeoutSeconds": 12,  # time for two `trainpilot` commands on a loaded machine
         },
     }
     seen: list[str] = []
@@ -128,7 +128,7 @@ async def test_held_launches_are_approved_rejected_and_expire_and_nobody_signs_i
     first, second, third = seen[:3]
     assert settled[first].outcome == "executed" and settled[first].sign_off.by == "alice"
     assert settled[second].outcome == "rejected" and settled[second].verdict == "rejected by alice"
-    assert settled[third].sign_off.verdict == "expired" and "approvalTimeoutSeconds (6 s)" in settled[third].verdict
+    assert settled[third].sign_off.verdict == "expired" and "approvalTimeoutSeconds (12 s)" in settled[third].verdict
     assert said[first].returncode == 0 and f"{first}: approved by alice" in said[first].stdout
     assert said[second].returncode == 0 and f"{second}: rejected by alice" in said[second].stdout
     # Bob's annotation claiming alice's name never reached the object.

@@ -48,7 +48,8 @@ def trial_status(name: str, lr: float = 0.003, index: int = 0, **extra) -> Trial
 
 async def launch(runtime: LocalRuntime, trial: TrialStatus, seq: int = 0) -> None:
     config = build_trial_config(EXPERIMENT, runtime.spec, trial, runtime.checkpoint_dir(trial.name), None)
-    await runtime.launch(trial.model_copy(update={"decision": record(seq, "launch", trial.name).id}), config)
+    launched = trial.model_copy(update={"decision": record(seq, "launch", trial.name).id})
+    await runtime.launch(launched, config, runtime.spec)
 
 
 def long_runtime(tmp_path: Path, fake_command, env=None, **kwargs) -> LocalRuntime:
@@ -350,7 +351,7 @@ async def test_resume_trial_restarts_from_own_checkpoint(tmp_path, fake_command)
     later = long_runtime(tmp_path, fake_command)
     notes: list[str] = []
     later.on_message = notes.append
-    assert await later.resume_trial(trial)
+    assert await later.resume_trial(trial, later.spec)
     config = json.loads((later.trial_dir(trial.name) / "config.json").read_text())
     assert config["resume_from"] == str(later.run_dir / "checkpoints" / trial.name)
     deadline = time.monotonic() + 10
@@ -434,7 +435,8 @@ def test_trial_processes_inherit_no_credential_of_the_agent(tmp_path, fake_comma
     monkeypatch.setenv("TRAINPILOT_SOMETHING_ELSE", "kept")
     runtime = make_runtime(tmp_path, fake_command)
     env = runtime._environment(
-        {"config": tmp_path / "c.json", "control": tmp_path / "k.json", "port": 9400, "gpus": [], "processes": 1}
+        {"config": tmp_path / "c.json", "control": tmp_path / "k.json", "port": 9400, "gpus": [], "processes": 1},
+        runtime.spec,
     )
     assert not [name for name in env if name.startswith("ANTHROPIC_")]
     assert env["TRAINPILOT_SOMETHING_ELSE"] == "kept"

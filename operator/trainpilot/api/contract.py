@@ -184,6 +184,7 @@ REASON_METRICS_UNREACHABLE = "MetricsUnreachable"
 REASON_MODEL_REFUSED = "ModelRefused"  # the LLM's API refuses the operator for good (401/403/404)
 REASON_SIGN_OFF_IGNORED = "SignOffIgnored"  # an approve or reject that names no held decision, or nobody
 REASON_VALIDATION_MISMATCH = "ValidationMismatch"  # trials were scored on different validation sets
+REASON_SPEC_EDIT_REFUSED = "SpecEditRefused"  # an edit the table refuses while trials run (docs/spec-edits.md)
 
 # Status conditions besides Valid (kubectl describe shows them): False says what is wrong.
 CONDITION_VALID = "Valid"
@@ -197,6 +198,8 @@ CONDITION_QUOTA_AVAILABLE = "QuotaAvailable"  # False: decisions wait for a Quot
 CONDITION_AWAITING_APPROVAL = "AwaitingApproval"  # True: decisions are held for a human (DecisionPendingApproval)
 # False: some trials were scored on another validation set than the reference (ValidationMismatch).
 CONDITION_TRIALS_COMPARABLE = "TrialsComparable"
+# False: an edit of the spec is refused and the value in force is another (SpecEditRefused).
+CONDITION_SPEC_EDITS_APPLIED = "SpecEditsApplied"
 
 # Trainer exit codes: how a finished trial says why it stopped.
 EXIT_COMPLETED = 0  # ran max_steps

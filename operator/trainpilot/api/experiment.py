@@ -7,6 +7,7 @@ descriptions are what `kubectl explain aexp.spec` shows. Wire names are camelCas
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -506,6 +508,34 @@ TrialState = Literal["Pending", "Running", "Succeeded", "Failed", "Diverged", "T
 FINISHED_TRIAL_STATES: frozenset[str] = frozenset({"Succeeded", "Failed", "Diverged", "Terminated"})
 MAX_STATUS_DECISIONS = 20
 MAX_TRIAL_HISTORY = 12
+LAUNCH_KEY_LENGTH = 12
+_OPAQUE_OBJECT = {"type": "object", "additionalProperties": True}
+
+
+class LaunchSettings(CamelModel):
+    """The parts of the spec a trial was launched with that an edit could change under it: it is
+    scraped, stopped and resumed with these, and so are its restarts and relaunches from its
+    checkpoints, whatever the spec says since (core.spec_edits, docs/spec-edits.md)."""
+
+    objective: Objective
+    trial_template: TrialTemplate
+    metrics: MetricsEndpoint
+    queue: QueueSettings
+
+    @classmethod
+    def of(cls, spec: AgentExperimentSpec) -> LaunchSettings:
+        return cls(objective=spec.objective, trial_template=spec.trial_template, metrics=spec.metrics, queue=spec.queue)
+
+    @property
+    def key(self) -> str:
+        """A digest naming these settings in status.launchSettings: equal settings, one entry."""
+        return hashlib.sha256(self.model_dump_json(by_alias=True).encode()).hexdigest()[:LAUNCH_KEY_LENGTH]
+
+    def applied_to(self, spec: AgentExperimentSpec) -> AgentExperimentSpec:
+        """`spec` as the trial launched with these sees it: its own template, metrics endpoint and queue."""
+        return spec.model_copy(
+            update={"trial_template": self.trial_template, "metrics": self.metrics, "queue": self.queue}
+        )
 
 
 class Condition(CamelModel):
@@ -549,6 +579,9 @@ class TrialStatus(CamelModel):
         None, description="trainpilot_validation_fingerprint as hex: the data its objective is measured on."
     )
     eval_step: int | None = Field(None, description="trainpilot_eval_step at the last scrape: its latest evaluation.")
+    launch: str | None = Field(
+        None, description="Key of the settings it was launched with in status.launchSettings (docs/spec-edits.md)."
+    )
     evaluations: int = Field(0, ge=0, description="Evaluations seen: times trainpilot_eval_step advanced.")
     failed_scrapes: int = Field(0, ge=0, description="Cycles in a row its running trainer's /metrics gave nothing.")
     unstable_since: int | None = Field(
@@ -659,12 +692,29 @@ class AgentExperimentStatus(CamelModel):
         default_factory=list,
         description="Decisions awaiting a human's approval (state Pending), then the last few settled ones.",
     )
+    # Schema-free in the CRD: the operator writes it, and the template's CEL rules would cost once
+    # per entry (the API server refuses a CRD whose rules' estimated cost is unbounded).
+    launch_settings: dict[str, Annotated[LaunchSettings, WithJsonSchema(_OPAQUE_OBJECT)]] = Field(
+        default_factory=dict,
+        description="The spec's template, metrics endpoint and queue each trial was launched with, by key "
+        "(trials[].launch): an edit applies to new trials only (docs/spec-edits.md).",
+    )
     last_cycle_time: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
 
     def trial(self, name: str) -> TrialStatus | None:
         return next((trial for trial in self.trials if trial.name == name), None)
+
+    def settings_of(self, trial: str) -> LaunchSettings | None:
+        """What `trial` was launched with; None for a trial recorded before launch settings were."""
+        found = self.trial(trial)
+        return self.launch_settings.get(found.launch) if found is not None and found.launch else None
+
+    def spec_for(self, spec: AgentExperimentSpec, trial: str) -> AgentExperimentSpec:
+        """`spec` as trial `trial` runs under it (its launch settings in place of the current ones)."""
+        settings = self.settings_of(trial)
+        return settings.applied_to(spec) if settings is not None else spec
 
     @property
     def waiting_for_quota(self) -> list[QuotaWait]:

@@ -36,6 +36,22 @@ DEFAULT_EVAL_WINDOWS = 64
 # The hyperparameters that define the validation set's size: a search space may not move them,
 # or trials would be scored on different data.
 VALIDATION_SET_FIELDS = frozenset({"eval_windows", "eval_batch_size"})
+# The hyperparameters that define the data and the validation windows a trial is scored on (its
+# trainpilot_validation_fingerprint): an edit of the template may not change them once a trial
+# has launched, or later trials could not be compared with earlier ones (core.spec_edits).
+VALIDATION_DATA_FIELDS = frozenset(
+    {
+        "dataset",
+        "data_path",
+        "vocab_size",
+        "text_level",
+        "synthetic_order",
+        "synthetic_concentration",
+        "val_fraction",
+        "block_size",
+        "eval_windows",
+    }
+)
 
 
 class Hyperparameters(BaseModel):

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
 
     run = commands.add_parser("run", help="run an experiment on this machine, no cluster needed")
-    run.add_argument("experiment", nargs="?", help="AgentExperiment YAML (omit with --resume)")
+    run.add_argument(
+        "experiment", nargs="?", help="AgentExperiment YAML (with --resume: the run's own, edited: docs/spec-edits.md)"
+    )
     run.add_argument("--run-dir", help="where the record goes (default ./trainpilot-runs/<experiment>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its directory")
     run.add_argument("--cpu", action="store_true", help="run trials that ask for GPUs on the CPU instead")

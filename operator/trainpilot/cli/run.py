@@ -28,6 +28,7 @@ from trainpilot.api.experiment import AgentExperiment, AgentExperimentSpec, Agen
 from trainpilot.cli.hints import shell_command
 from trainpilot.cli.manifest import ManifestError, load_experiment
 from trainpilot.cli.progress import Progress, fmt
+from trainpilot.core import spec_edits
 from trainpilot.core.policy import Policy
 from trainpilot.runtime.clock import local_now
 from trainpilot.runtime.local import DEFAULT_RUNS_DIR, TRAINER_MODULE, LocalRuntime, count_gpus, prompt_archive
@@ -180,7 +181,8 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
     notes: list[str] = []
     cpu_only = bool(getattr(args, "cpu", False))
     resume: str | None = getattr(args, "resume", None)
-    experiment, run_dir = _choose_experiment(args, resume)
+    experiment, run_dir, edits = _choose_experiment(args, resume)
+    notes.extend(edits)
     gpus = count_gpus() if gpus is None else gpus
     cores = cores or os.cpu_count() or 1
     spec = _fit_gpus(experiment.spec, gpus, cpu_only, notes)
@@ -191,9 +193,10 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
     lock_fd = _claim_run_dir(run_dir, experiment, resume)
     if not resume:
         assert args.experiment
-        tmp = run_dir / f".{MANIFEST_NAME}.tmp"
-        shutil.copyfile(args.experiment, tmp)
-        os.replace(tmp, run_dir / MANIFEST_NAME)
+        _write_manifest(run_dir, args.experiment)
+    elif edits:
+        _keep_previous_manifest(run_dir)
+        _write_manifest(run_dir, args.experiment)
     spec = _fit_parallel_trials(spec, cores, gpus, notes)
     notes.insert(0, _cluster_fields_note(experiment, _processes_per_trial(spec)))
     return Prepared(
@@ -210,8 +213,9 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
     )
 
 
-def _choose_experiment(args: argparse.Namespace, resume: str | None) -> tuple[AgentExperiment, Path]:
-    """The experiment to run and its run directory: from the YAML, or from a run to resume."""
+def _choose_experiment(args: argparse.Namespace, resume: str | None) -> tuple[AgentExperiment, Path, list[str]]:
+    """The experiment to run, its run directory, and what an edited YAML given with --resume
+    changes (one line per field, with its effect; empty when there is no edit)."""
     if not resume:
         if not args.experiment:
             raise UsageError("give an experiment YAML (trainpilot run EXPERIMENT.yaml), or --resume RUN_DIR")
@@ -219,7 +223,7 @@ def _choose_experiment(args: argparse.Namespace, resume: str | None) -> tuple[Ag
         run_dir = Path(args.run_dir) if args.run_dir else Path(DEFAULT_RUNS_DIR) / experiment.name
         if run_dir.exists() and not run_dir.is_dir():
             raise UsageError(f"--run-dir {run_dir}: exists and is not a directory")
-        return experiment, run_dir
+        return experiment, run_dir, []
     run_dir = Path(resume)
     if not run_dir.is_dir():
         raise UsageError(f"--resume {run_dir}: no such run directory")
@@ -232,12 +236,43 @@ def _choose_experiment(args: argparse.Namespace, resume: str | None) -> tuple[Ag
     if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
         raise UsageError("give either --resume RUN_DIR or --run-dir, not both")
     experiment = _load(manifest)
-    if args.experiment and not _same_experiment(_load(args.experiment), experiment):
+    if not args.experiment:
+        return experiment, run_dir, []
+    edited = _load(args.experiment)
+    if _same_experiment(edited, experiment):
+        return experiment, run_dir, []
+    return edited, run_dir, _accepted_edits(run_dir, experiment, edited, args.experiment)
+
+
+def _accepted_edits(run_dir: Path, stored: AgentExperiment, edited: AgentExperiment, path: str) -> list[str]:
+    """What `edited` changes in the stopped run, field by field with its effect (docs/spec-edits.md);
+    UsageError naming each field the table refuses, and then nothing is changed."""
+    if edited.name != stored.name:
         raise UsageError(
-            f"{run_dir} holds experiment {experiment.name!r} as first started, which differs from "
-            f"{args.experiment}; resume it without a YAML, or pass a new --run-dir to start that one"
+            f"{path}: metadata.name {edited.name!r} is not {stored.name!r}, the experiment {run_dir} holds; "
+            "a run directory holds one experiment: pass a new --run-dir to start that one (nothing was changed)"
         )
-    return experiment, run_dir
+    review = spec_edits.review(edited.spec, _read_status(run_dir))
+    if review.refused:
+        raise UsageError(f"--resume {run_dir} {path}: {review.message} (nothing was changed)")
+    fields = spec_edits.changed_fields(stored.spec, edited.spec)
+    described = ", ".join(f"spec.{field} ({spec_edits.rule_for(field).effect})" for field in fields)
+    return [f"applying the edits of {path}: {described} (docs/spec-edits.md says what each does)"]
+
+
+def _write_manifest(run_dir: Path, source: str) -> None:
+    tmp = run_dir / f".{MANIFEST_NAME}.tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, run_dir / MANIFEST_NAME)
+
+
+def _keep_previous_manifest(run_dir: Path) -> None:
+    """experiment.yaml as it was before an edit, as experiment.<n>.yaml (1, 2, ... in edit order)."""
+    stem, suffix = MANIFEST_NAME.rsplit(".", 1)
+    number = 1
+    while (run_dir / f"{stem}.{number}.{suffix}").exists():
+        number += 1
+    shutil.copyfile(run_dir / MANIFEST_NAME, run_dir / f"{stem}.{number}.{suffix}")
 
 
 def _fit_gpus(spec: AgentExperimentSpec, gpus: int, cpu_only: bool, notes: list[str]) -> AgentExperimentSpec:
@@ -491,7 +526,7 @@ async def _start(prepared: Prepared, runtime: LocalRuntime, progress: Progress) 
         f"{len(status.active_trials)} trial(s) to restart"
     )
     for trial in status.active_trials:
-        await runtime.resume_trial(trial)
+        await runtime.resume_trial(trial, status.spec_for(prepared.spec, trial.name))
     return status
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from trainpilot.api.experiment import AgentExperimentStatus, Condition
 
 ConditionValue = Literal["True", "False", "Unknown"]
+MAX_CONDITION_MESSAGE = 1000
 
 
 def set_condition(
@@ -25,7 +26,7 @@ def set_condition(
         type=type,
         status=value,
         reason=reason,
-        message=message[:1000],
+        message=message[:MAX_CONDITION_MESSAGE],
         last_transition_time=transition,
         observed_generation=generation,
     )

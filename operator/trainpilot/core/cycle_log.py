@@ -60,7 +60,8 @@ def entry(experiment: str, spec: AgentExperimentSpec, asked: PolicyInput, record
         time=asked.now,
         # Python mode, written by json.dumps: a NaN loss stays NaN (pydantic's JSON mode makes it null).
         spec=spec.model_dump(by_alias=True),
-        status=asked.status.model_dump(by_alias=True),
+        # Without launchSettings: no policy reads them, and each is a template's worth of text.
+        status=asked.status.model_dump(by_alias=True, exclude={"launch_settings"}),
         observation=asked.observation.model_dump(),
         limits=_limits(asked.limits),
         decided=[record.id for record in records],

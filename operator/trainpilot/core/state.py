@@ -20,6 +20,7 @@ from trainpilot.api.experiment import (
     AgentExperimentStatus,
     BestTrial,
     DecisionSummary,
+    LaunchSettings,
     QuotaWait,
     SignOff,
     SignOffState,
@@ -381,7 +382,11 @@ def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, reco
     decision = record.decision
     target = status.trial(decision.trial) if decision.trial else None
     if decision.action == "launch":
-        template = spec.trial_template
+        # A relaunch from a trial's checkpoint runs as that trial was launched (its checkpoint must
+        # load); a fresh trial takes the spec as it is now.
+        source = status.trial(decision.resume_from) if decision.resume_from else None
+        launch = _launch_settings(spec, status, source)
+        template = launch.trial_template
         _add_trial(
             status,
             record,
@@ -390,6 +395,7 @@ def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, reco
             resume_from=decision.resume_from,
             nodes=decision.nodes if decision.nodes is not None else template.nodes,
             gpus_per_node=decision.gpus_per_node if decision.gpus_per_node is not None else template.gpus_per_node,
+            launch=launch,
         )
     elif decision.action == "terminate":
         _stop(spec, target, decision.reason, now)
@@ -412,6 +418,7 @@ def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, reco
             nodes=decision.nodes if decision.nodes is not None else target.nodes,
             gpus_per_node=decision.gpus_per_node if decision.gpus_per_node is not None else target.gpus_per_node,
             waiting_for=(target.name, now),
+            launch=_launch_settings(spec, status, target),
         )
     elif decision.action == "complete":
         for trial in status.trials:
@@ -419,6 +426,15 @@ def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, reco
         status.phase = "Failed" if decision.outcome == "failed" else "Succeeded"
         status.message = decision.rationale or decision.reason
         status.finished_at = now
+
+
+def _launch_settings(
+    spec: AgentExperimentSpec, status: AgentExperimentStatus, source: TrialStatus | None
+) -> LaunchSettings:
+    """A new trial's launch settings: `source`'s when it resumes one that has them (a restart, a
+    relaunch from a checkpoint), else the spec's as it is now."""
+    inherited = status.settings_of(source.name) if source is not None else None
+    return inherited if inherited is not None else LaunchSettings.of(spec)
 
 
 def _add_trial(
@@ -430,6 +446,7 @@ def _add_trial(
     resume_from: str | None,
     nodes: int,
     gpus_per_node: int,
+    launch: LaunchSettings,
     waiting_for: tuple[str, str] | None = None,
 ) -> None:
     """`waiting_for`: (the trial whose pods must go first, since when)."""
@@ -451,8 +468,10 @@ def _add_trial(
             waiting_since=waiting_for[1] if waiting_for else None,
             nodes=nodes,
             gpus_per_node=gpus_per_node,
+            launch=launch.key,
         )
     )
+    status.launch_settings.setdefault(launch.key, launch)
 
 
 def _stop(spec: AgentExperimentSpec, trial: TrialStatus | None, reason: str, now: str) -> None:

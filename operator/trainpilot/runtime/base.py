@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from trainpilot.api.experiment import AgentExperimentStatus, TrialStatus
+from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core.approvals import Approval
 from trainpilot.core.cycle_log import CycleEntry
@@ -55,15 +55,17 @@ class Departure:
 class Runtime(Protocol):
     name: str
 
-    def checkpoint_dir(self, trial: str) -> str | None:
-        """Where `trial` writes checkpoints as the trainer sees it; None when there is no volume."""
+    def checkpoint_dir(self, trial: str, spec: AgentExperimentSpec) -> str | None:
+        """Where `trial` writes checkpoints as the trainer sees it under `spec` (the one it runs
+        under: its launch settings); None when there is no volume."""
 
     async def observe(self, status: AgentExperimentStatus) -> Observation:
-        """Phases and freshly scraped metrics of every trial that is not finished in `status`."""
+        """Phases and freshly scraped metrics of every trial that is not finished in `status`, each
+        scraped where it was launched to serve (status.launchSettings)."""
 
-    async def launch(self, trial: TrialStatus, config: TrialConfig) -> None:
-        """Start `trial` (launched by decision `trial.decision`) with `config`. Already started
-        (same name) is success."""
+    async def launch(self, trial: TrialStatus, config: TrialConfig, spec: AgentExperimentSpec) -> None:
+        """Start `trial` (launched by decision `trial.decision`) with `config`, as `spec` says (the
+        spec with the trial's launch settings). Already started (same name) is success."""
 
     async def stop(self, trial: str, reason: str) -> None:
         """Stop `trial` gracefully (SIGTERM, so it checkpoints). Already gone is success."""

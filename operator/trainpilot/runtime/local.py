@@ -199,6 +199,7 @@ class LocalTrial:
     gpus: list[int]
     processes: int
     started: float
+    metrics_path: str = contract.DEFAULT_METRICS_PATH  # as launched: an edit does not move where it serves
     log: Any = None
     stop_requested: float | None = None
     stop_reason: str = ""
@@ -215,6 +216,10 @@ class LocalTrial:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.metrics_path}"
 
     def poll(self) -> int | None:
         if self.exit_code is None:
@@ -282,7 +287,8 @@ class LocalRuntime:
     def trial_dir(self, trial: str) -> Path:
         return self.run_dir / "trials" / trial
 
-    def checkpoint_dir(self, trial: str) -> str | None:
+    def checkpoint_dir(self, trial: str, spec: AgentExperimentSpec | None = None) -> str | None:
+        """Under the run directory, whatever the spec (trialTemplate.checkpoints is the cluster's)."""
         path = self.run_dir / "checkpoints" / trial
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
@@ -299,8 +305,9 @@ class LocalRuntime:
 
     # ---------------------------------------------------------------------------- launch
 
-    def processes_for(self, trial: TrialStatus) -> int:
-        template = self.spec.trial_template
+    def processes_for(self, trial: TrialStatus, spec: AgentExperimentSpec) -> int:
+        """`spec`: the one the trial runs under (its launch settings)."""
+        template = spec.trial_template
         gpus_per_node = 0 if self.cpu_only else trial.gpus_per_node
         per_node = template.processes_per_node or max(gpus_per_node, 1)
         return max(1, trial.nodes) * per_node
@@ -328,10 +335,10 @@ class LocalRuntime:
         for index in [index for index, holder in self.gpu_table.items() if holder == trial]:
             del self.gpu_table[index]
 
-    def _environment(self, local: dict[str, Any]) -> dict[str, str]:
+    def _environment(self, local: dict[str, Any], spec: AgentExperimentSpec) -> dict[str, str]:
         # The trainer runs the user's training code: it gets no credential of the agent's.
         env = {name: value for name, value in os.environ.items() if not name.startswith(AGENT_SECRET_PREFIXES)}
-        env.update(self.spec.trial_template.env)
+        env.update(spec.trial_template.env)
         env[contract.ENV_TRIAL_CONFIG] = str(local["config"])
         env[contract.ENV_CONTROL_FILE] = str(local["control"])
         env[contract.ENV_METRICS_ADDR] = "127.0.0.1"
@@ -363,7 +370,7 @@ class LocalRuntime:
             module,
         ]
 
-    async def launch(self, trial: TrialStatus, config: TrialConfig) -> None:
+    async def launch(self, trial: TrialStatus, config: TrialConfig, spec: AgentExperimentSpec) -> None:
         existing = self.trials.get(trial.name)
         if existing is not None:
             return  # already started in this session: idempotent
@@ -375,10 +382,11 @@ class LocalRuntime:
             note = "restarted after the previous `trainpilot run` stopped"
             if self.has_checkpoint(trial.name):
                 config = config.model_copy(update={"resume_from": self.checkpoint_dir(trial.name)})
-        self._start(trial, config, note=note, decision=trial.decision, restarted=bool(note))
+        self._start(trial, config, spec, note=note, decision=trial.decision, restarted=bool(note))
 
-    async def resume_trial(self, trial: TrialStatus) -> bool:
-        """Restart an active trial of a stopped run under the same name; False when it cannot be."""
+    async def resume_trial(self, trial: TrialStatus, spec: AgentExperimentSpec) -> bool:
+        """Restart an active trial of a stopped run under the same name, under `spec` (the one it was
+        launched with); False when it cannot be."""
         if trial.name in self.trials:
             return True
         path = self.trial_dir(trial.name) / "config.json"
@@ -396,12 +404,18 @@ class LocalRuntime:
             where = f"from {config.resume_from}, as first launched (no checkpoint of its own yet)"
         else:
             where = "from scratch (no checkpoint yet)"
-        self._start(trial, config, note=f"resumed run: restarted {where}", restarted=True)
+        self._start(trial, config, spec, note=f"resumed run: restarted {where}", restarted=True)
         self._say(f"{trial.name}: restarted {where} (resumed run)")
         return True
 
     def _start(
-        self, trial: TrialStatus, config: TrialConfig, note: str = "", decision: str = "", restarted: bool = False
+        self,
+        trial: TrialStatus,
+        config: TrialConfig,
+        spec: AgentExperimentSpec,
+        note: str = "",
+        decision: str = "",
+        restarted: bool = False,
     ) -> None:
         directory = self.trial_dir(trial.name)
         directory.mkdir(parents=True, exist_ok=True)
@@ -411,7 +425,7 @@ class LocalRuntime:
         atomic_write(config_path, config.model_dump_json(indent=2) + "\n")
         if not control.exists():
             atomic_write(control, ControlFile(generation=0).model_dump_json() + "\n")
-        processes = self.processes_for(trial)
+        processes = self.processes_for(trial, spec)
         gpus = self._allocate_gpus(trial.name, self.gpus_for(trial))
         used_ports = {local.port for local in self.trials.values() if local.exit_code is None}
         port = free_port(avoid=used_ports)
@@ -434,7 +448,7 @@ class LocalRuntime:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=directory,
-                env=self._environment(local),
+                env=self._environment(local, spec),
                 start_new_session=True,  # a terminal Ctrl-C reaches us, not the trainers
             )
         except OSError as error:
@@ -451,6 +465,7 @@ class LocalRuntime:
             port=port,
             gpus=gpus,
             processes=processes,
+            metrics_path=spec.metrics.path,
             started=time.monotonic(),
             log=log,
             restarted=restarted,
@@ -544,8 +559,7 @@ class LocalRuntime:
             if local.poll() is not None:
                 self._release_gpus(local.name)
         names = [trial.name for trial in status.launched_trials]
-        path = self.spec.metrics.path
-        urls = {name: f"http://127.0.0.1:{self.trials[name].port}{path}" for name in names if name in self.trials}
+        urls = {name: self.trials[name].metrics_url for name in names if name in self.trials}
         scraped = await scrape_all(urls, self.spec.metrics.scrape_timeout_seconds)
         observations: dict[str, TrialObservation] = {}
         for name in names:
@@ -592,7 +606,7 @@ class LocalRuntime:
         needs a few scrapes a second for its curve. Decisions never read these samples.
         """
         urls = {
-            local.name: f"http://127.0.0.1:{local.port}{self.spec.metrics.path}"
+            local.name: local.metrics_url
             for local in self.trials.values()
             if local.exit_code is None and local.process.poll() is None
         }

@@ -95,7 +95,10 @@ class MutateOnce:
 
 
 async def test_an_in_place_mutate_reaches_the_running_trainer(kube: Kube, fake_node) -> None:
-    experiment = Driven(kube, "mutating", MutateOnce(), max_steps=100_000, eval_interval=100_000, checkpoint_interval=0)
+    # No warm-up: a slow trainer may take the new lr within the first steps, where warm-up would scale it.
+    experiment = Driven(
+        kube, "mutating", MutateOnce(), max_steps=100_000, eval_interval=100_000, checkpoint_interval=0, warmup_steps=0
+    )
 
     async def applied():
         await experiment.cycle()

@@ -240,5 +240,6 @@ async def test_an_evicted_or_preempted_trial_resumes_from_its_checkpoint_instead
     assert job.status.succeeded == 1 and not job.status.failed
     log = fake_node.read_log(replacement.metadata.name)
     resumed = next(line for line in log.splitlines() if "resumed from" in line)
-    assert f"resumed from {experiment.runtime.checkpoint_dir(trial.name)}/step" in resumed, resumed
+    checkpoints = experiment.runtime.checkpoint_dir(trial.name, experiment.runtime.spec)
+    assert f"resumed from {checkpoints}/step" in resumed, resumed
     assert int(resumed.split(" at step ")[1].split()[0]) >= 40

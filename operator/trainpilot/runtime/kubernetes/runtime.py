@@ -81,8 +81,8 @@ class KubernetesRuntime:
     def selector(self) -> str:
         return f"{contract.LABEL_EXPERIMENT}={self.experiment}"
 
-    def checkpoint_dir(self, trial: str) -> str | None:
-        return builders.checkpoint_dir(self.spec, self.owner, trial)
+    def checkpoint_dir(self, trial: str, spec: AgentExperimentSpec) -> str | None:
+        return builders.checkpoint_dir(spec, self.owner, trial)
 
     # ---------------------------------------------------------------- observe
 
@@ -109,7 +109,9 @@ class KubernetesRuntime:
         for trial in active:
             rank0 = self._rank0(pods_by_trial.get(trial, []))
             if rank0 is not None and rank0.status and rank0.status.pod_ip and rank0.status.phase == "Running":
-                urls[trial] = scrape.metrics_url(rank0.status.pod_ip, self.spec.metrics.port, self.spec.metrics.path)
+                # Where it was launched to serve: an edit of spec.metrics applies to new trials only.
+                endpoint = status.spec_for(self.spec, trial).metrics
+                urls[trial] = scrape.metrics_url(rank0.status.pod_ip, endpoint.port, endpoint.path)
         errors: dict[str, str] = {}
         scraped = await scrape.scrape_all(urls, self.spec.metrics.scrape_timeout_seconds, errors)
 
@@ -186,9 +188,9 @@ class KubernetesRuntime:
 
     # ---------------------------------------------------------------- act
 
-    async def launch(self, trial: TrialStatus, config: TrialConfig) -> None:
+    async def launch(self, trial: TrialStatus, config: TrialConfig, spec: AgentExperimentSpec) -> None:
         owner, ns = self.owner, self.namespace
-        await claims.check_checkpoint_claim(self.api, self.spec, trial, ns)  # nodes > 1 needs ReadWriteMany
+        await claims.check_checkpoint_claim(self.api, spec, trial, ns)  # nodes > 1 needs ReadWriteMany
         control = ControlFile(generation=trial.control_generation)
         objects = [
             (
@@ -202,7 +204,7 @@ class KubernetesRuntime:
                 builders.build_control_map(owner, trial.name, control),
             ),
             ("service", self.api.core.create_namespaced_service, builders.build_service(owner, trial.name)),
-            ("job", self.api.batch.create_namespaced_job, builders.build_job(owner, self.spec, trial, trial.decision)),
+            ("job", self.api.batch.create_namespaced_job, builders.build_job(owner, spec, trial, trial.decision)),
         ]
         # The Job goes last: its pods mount the ConfigMaps, which must exist first.
         for kind, create, manifest in objects:
