@@ -18,7 +18,8 @@ from trainpilot.core import ledger as ledger_format
 from trainpilot.core.decision import Decision, DecisionRecord
 from trainpilot.core.trials import build_trial_config
 from trainpilot.runtime.base import Departure, LedgerConflict, PermanentFailure, RuntimeFailure
-from trainpilot.runtime.local import LocalRuntime, atomic_write, parse_result_line
+from trainpilot.runtime.files import atomic_write
+from trainpilot.runtime.local import LocalRuntime, parse_result_line
 
 EXPERIMENT = "quickstart"
 

@@ -51,6 +51,7 @@ from trainpilot.core.decision import DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime.base import Departure, LedgerConflict, PermanentFailure, RuntimeFailure
 from trainpilot.runtime.clock import local_now
+from trainpilot.runtime.files import atomic_write
 from trainpilot.runtime.scrape import scrape_all
 
 logger = logging.getLogger(__name__)
@@ -100,31 +101,6 @@ def prompt_archive(run_dir: str | Path) -> Callable[[dict[str, Any]], None]:
             archive.write(json.dumps(exchange, sort_keys=True) + "\n")
 
     return keep
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def result_fields(text: str) -> dict[str, Any] | None:

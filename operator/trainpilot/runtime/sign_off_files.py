@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trainpilot.core.approvals import Approval
 from trainpilot.runtime.base import RuntimeFailure
-from trainpilot.runtime.local import atomic_write
+from trainpilot.runtime.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
