@@ -29,3 +29,11 @@ def test_the_spike_rule_is_the_policys_and_a_resume_names_its_tag():
     assert build_trial_config("exp", spec, trial("t2"), None, "/ckpt/exp/t0").resume_tag is None  # `latest`
     with pytest.raises(ValueError, match="resume_step needs resume_from"):
         build_trial_config("exp", spec, trial("t3"), None, None, resume_step=120)
+
+
+def test_the_trial_config_keeps_as_many_checkpoint_tags_as_the_retention_says():
+    keep = build_trial_config("exp", make_spec(retention={"checkpointTags": 2}), trial("t"), "/ckpt/t", None)
+    assert keep.keep_checkpoint_tags == 2
+    assert build_trial_config("exp", make_spec(), trial("t"), "/ckpt/t", None).keep_checkpoint_tags == 3
+    every = build_trial_config("exp", make_spec(retention={"checkpointTags": None}), trial("t"), "/ckpt/t", None)
+    assert every.keep_checkpoint_tags is None

@@ -83,6 +83,22 @@ def test_example_run_reaches_the_loss_floor_and_exports_metrics(tmp_path, start_
     assert sorted(p.name for p in checkpoints.glob("step*")) == ["step100", "step200", "step300"]
 
 
+def test_a_trial_keeps_only_its_newest_checkpoint_tags(tmp_path, start_trainer):
+    path, config = _example("trial-cpu.json", tmp_path, keep_checkpoint_tags=2, metrics_linger_seconds=0)
+    config["hyperparameters"].update(max_steps=60, eval_interval=1000, checkpoint_interval=10)
+    path.write_text(json.dumps(config))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step90").mkdir(parents=True)  # left by an earlier run cut short: never resumable
+    finished = start_trainer(path).wait(timeout=120)
+    assert finished.returncode == 0, finished.stdout
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step50", "step60"]
+    assert (checkpoints / "latest").read_text() == "step60"
+    removed = [
+        line.rsplit(": ", 1)[1] for line in _lines(finished.stdout, "checkpoint tags removed (keep_checkpoint_tags 2)")
+    ]
+    assert removed == ["step90", "step10", "step20", "step30", "step40"]  # each as soon as it was the third
+
+
 @pytest.mark.parametrize("fail_fast", [True, False])
 def test_diverging_lr_counts_nonfinite_losses(tmp_path, start_trainer, fail_fast):
     changes = {"metrics_linger_seconds": 30}

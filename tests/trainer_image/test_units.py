@@ -24,6 +24,7 @@ from trainpilot_trainer.config import (
     metrics_endpoint,
     resolve_device,
     resolve_precision,
+    tags_to_remove,
 )
 from trainpilot_trainer.control import ControlWatcher
 from trainpilot_trainer.data import MarkovChain, build_dataset, default_text_root, entropy, text_files
@@ -588,3 +589,27 @@ def test_the_validation_set_is_the_same_whatever_the_trial_moves(dataset, tmp_pa
 def test_eval_batches_is_refused_with_its_replacement_named():
     with pytest.raises(ValueError, match=r"eval_batches: replaced by eval_windows .* eval_batches x micro_batch"):
         Hyperparameters.model_validate({"eval_batches": 8})
+
+
+# ---- checkpoint tag rotation (spec.retention.checkpointTags) ------------------------------------
+
+
+def test_tag_rotation_keeps_the_current_tag_and_the_newest_complete_ones_below_it():
+    folders = ["step10", "step20", "step30", "step40", "other", "step5x"]
+    complete = {"step10", "step20", "step30", "step40"}
+    assert tags_to_remove(folders, "step40", complete, keep=2) == ["step10", "step20"]
+    assert tags_to_remove(folders, "step40", complete, keep=1) == ["step10", "step20", "step30"]
+    assert tags_to_remove(folders, "step40", complete, keep=10) == []  # never a folder that is not a tag
+
+
+def test_tag_rotation_drops_what_a_cut_short_run_left_and_keeps_counting_complete_tags():
+    # step30 was cut short (no marker); step60 is from an earlier run that got further: neither is resumable.
+    folders = ["step10", "step20", "step30", "step40", "step60"]
+    complete = {"step10", "step20", "step40", "step60"}
+    assert tags_to_remove(folders, "step40", complete, keep=2) == ["step10", "step30", "step60"]
+
+
+def test_tag_rotation_orders_by_step_not_by_name():
+    folders = ["step9", "step10", "step100"]
+    assert tags_to_remove(folders, "step100", set(folders), keep=2) == ["step9"]
+    assert tags_to_remove(folders, "step7", set(folders), keep=1) == []  # the current tag is not there

@@ -107,6 +107,30 @@ LAYOUTS = {
 }
 
 
+def tags_to_remove(folders: list[str], current: str, complete: set[str], keep: int) -> list[str]:
+    """The tag folders to delete once `current` is saved, keeping `keep` tags: `current` and the newest
+    complete ones below it. A tag above `current` or without its completion marker is what an earlier,
+    cut-short run of this trial left: never resumed, so removed too."""
+    steps = {name: _tag_step(name) for name in folders}
+    tags = {name: step for name, step in steps.items() if step is not None}
+    now = tags.get(current)
+    if now is None:
+        return []
+    older = sorted(
+        (name for name, step in tags.items() if name != current and step < now and name in complete),
+        key=tags.__getitem__,
+        reverse=True,
+    )
+    kept = {current, *older[: keep - 1]}
+    return sorted((name for name in tags if name not in kept), key=tags.__getitem__)
+
+
+def _tag_step(name: str) -> int | None:
+    prefix = contract.CHECKPOINT_TAG_PREFIX
+    digits = name[len(prefix) :]
+    return int(digits) if name.startswith(prefix) and digits.isdigit() else None
+
+
 def completion_record(tag: str, step: int, world_size: int, zero_stage: int, precision: str, deepspeed: str) -> dict:
     """What COMPLETE_MARKER holds: how the tag was saved, which check_resume reads back."""
     return {

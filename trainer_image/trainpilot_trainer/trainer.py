@@ -33,7 +33,13 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 from trainpilot.api.trial import ControlFile, TrialConfig  # noqa: E402
 
-from .config import COMPLETE_MARKER, checkpoint_tag, completion_record, deepspeed_config  # noqa: E402
+from .config import (  # noqa: E402
+    COMPLETE_MARKER,
+    checkpoint_tag,
+    completion_record,
+    deepspeed_config,
+    tags_to_remove,
+)
 from .control import ControlWatcher  # noqa: E402
 from .data import Dataset  # noqa: E402
 from .distributed import DistEnv  # noqa: E402
@@ -222,7 +228,20 @@ class Trainer:
         self.checkpoint_step = self.step
         self.metrics.checkpoint_step.set(self.step)
         self.log(f"checkpoint step {self.step} saved to {directory}/{tag}", flush=True)
+        if self.dist.is_main and self.config.keep_checkpoint_tags is not None:
+            self._remove_old_tags(Path(directory), tag, self.config.keep_checkpoint_tags)
         return True
+
+    def _remove_old_tags(self, directory: Path, current: str, keep: int) -> None:
+        """Rank 0, after `current` is complete and named by `latest`: only the newest `keep` tags stay
+        (spec.retention.checkpointTags), so a long trial does not fill its volume."""
+        folders = [entry.name for entry in directory.iterdir() if entry.is_dir()]
+        complete = {name for name in folders if (directory / name / COMPLETE_MARKER).is_file()}
+        removed = tags_to_remove(folders, current, complete, keep)
+        for name in removed:
+            shutil.rmtree(directory / name, ignore_errors=True)
+        if removed:
+            self.log(f"checkpoint tags removed (keep_checkpoint_tags {keep}): {', '.join(removed)}", flush=True)
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:

@@ -51,6 +51,9 @@ EXPERIMENT_NAME_RULE = (
 # so that the budget and the QuotaPolicy count every GPU a trial holds.
 GPU_RESOURCE_SUFFIX = "/gpu"
 MAX_RESOURCES_PER_KIND = 32
+# Three tags: the newest, and two to fall back to (a relaunch resumes the newest; a tag a crash cut
+# short is never named by `latest`). At 124M parameters a tag is about 1.7 GB.
+DEFAULT_CHECKPOINT_TAGS = 3
 MAX_ENV = 128
 
 
@@ -417,6 +420,18 @@ class QueueSettings(CamelModel):
     )
 
 
+class Retention(CamelModel):
+    """What is deleted so that an experiment does not fill its volume (docs/trainer.md#checkpoints)."""
+
+    checkpoint_tags: int | None = Field(
+        DEFAULT_CHECKPOINT_TAGS,
+        ge=1,
+        le=1000,
+        description="Checkpoint tags each trial keeps, the newest: older ones are deleted as it saves a new one. "
+        "null keeps every tag.",
+    )
+
+
 class AgentExperimentSpec(CamelModel):
     objective: Objective = Field(default_factory=Objective)
     search_space: list[SearchParameter] = Field(min_length=1, max_length=32, description="Where the agent may move.")
@@ -429,6 +444,7 @@ class AgentExperimentSpec(CamelModel):
     policy: PolicySpec = Field(default_factory=PolicySpec)
     metrics: MetricsEndpoint = Field(default_factory=MetricsEndpoint)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    retention: Retention = Field(default_factory=Retention)
     suspend: bool = Field(
         False, description="Pause the agent: no decisions and no new trials until false; running trials go on."
     )

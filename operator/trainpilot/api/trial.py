@@ -174,6 +174,11 @@ class TrialConfig(BaseModel):
     checkpoint_dir: str | None = Field(
         None, description="Where checkpoints go (a PVC in a cluster). None disables checkpoints."
     )
+    keep_checkpoint_tags: PositiveInt | None = Field(
+        None,
+        description="Checkpoint tags kept in checkpoint_dir: after each complete save the trainer deletes all but "
+        "the newest this many (the one `latest` names among them). None keeps every one.",
+    )
     resume_from: str | None = Field(
         None,
         description="A checkpoint directory to resume from, possibly another trial's.",

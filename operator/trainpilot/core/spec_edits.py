@@ -65,6 +65,11 @@ RULES: tuple[EditRule, ...] = (
     EditRule("metrics.scrapeTimeoutSeconds", NEXT_CYCLE, "the next scrape waits the new time"),
     EditRule("metrics", NEW_TRIALS, "a trainer serves its metrics where it was launched to, and is scraped there"),
     EditRule("queue", NEW_TRIALS, "a Job already created stays in the LocalQueue and priority it was created with"),
+    EditRule(
+        "retention.checkpointTags",
+        NEW_TRIALS,
+        "a running trainer keeps the count it was started with; restarts and new trials take the new one",
+    ),
     EditRule("trialTemplate.pendingTimeoutSeconds", NEXT_CYCLE, "pending trials are timed against the new limit"),
     EditRule(
         "trialTemplate.checkpoints",

@@ -46,6 +46,7 @@ def build_trial_config(
         trial=trial.name,
         hyperparameters=hyperparameters,
         checkpoint_dir=checkpoint_dir,
+        keep_checkpoint_tags=spec.retention.checkpoint_tags,
         resume_from=resume_from,
         resume_tag=None if resume_step is None else contract.checkpoint_tag(resume_step),
         control_file=control_file,
