@@ -152,33 +152,36 @@ def review(desired: AgentExperimentSpec, status: AgentExperimentStatus) -> EditR
     launched with. Fields refused once a trial has launched are held to the first trial's launch
     settings; trialTemplate.checkpoints to the active trials'."""
     refused: list[Refusal] = []
+    objective, template = desired.objective, desired.trial_template
     first = _first_launch(status)
     if first is not None:
-        for name in ("metric", "direction"):
-            wanted, kept = getattr(desired.objective, name), getattr(first.objective, name)
+        kept_objective = {name: getattr(first.objective, name) for name in ("metric", "direction")}
+        for name, kept in kept_objective.items():
+            wanted = getattr(desired.objective, name)
             if wanted != kept:
                 refused.append(Refusal(f"objective.{name}", wanted, kept, rule_for(f"objective.{name}")))
+        objective = objective.model_copy(update=kept_objective)
+        hyperparameters = dict(template.hyperparameters)
         for name in sorted(VALIDATION_DATA_FIELDS):
-            wanted, kept = (
-                _template_value(desired.trial_template.hyperparameters, name),
-                _template_value(first.trial_template.hyperparameters, name),
-            )
+            wanted = _template_value(desired.trial_template.hyperparameters, name)
+            kept = _template_value(first.trial_template.hyperparameters, name)
             if wanted != kept:
                 field = f"{HYPERPARAMETERS}.{name}"
                 refused.append(Refusal(field, wanted, kept, rule_for(field)))
-    for settings in _active_settings(status):
-        wanted_volume, kept_volume = desired.trial_template.checkpoints, settings.trial_template.checkpoints
-        if wanted_volume != kept_volume:
-            refused.append(
-                Refusal(
-                    "trialTemplate.checkpoints",
-                    _plain(wanted_volume),
-                    _plain(kept_volume),
-                    rule_for("trialTemplate.checkpoints"),
-                )
-            )
-            break
-    return EditReview(spec=_undo(desired, refused, first, status), refused=tuple(refused))
+                hyperparameters.pop(name, None)
+                if name in first.trial_template.hyperparameters:
+                    hyperparameters[name] = kept
+        template = template.model_copy(update={"hyperparameters": hyperparameters})
+    volumes = [settings.trial_template.checkpoints for settings in _active_settings(status)]
+    kept_volume = next((volume for volume in volumes if volume != desired.trial_template.checkpoints), None)
+    if any(volume != desired.trial_template.checkpoints for volume in volumes):
+        field = "trialTemplate.checkpoints"
+        refused.append(Refusal(field, _plain(template.checkpoints), _plain(kept_volume), rule_for(field)))
+        template = template.model_copy(update={"checkpoints": kept_volume})
+    if not refused:
+        return EditReview(spec=desired, refused=())
+    spec = desired.model_copy(update={"objective": objective, "trial_template": template})
+    return EditReview(spec=spec, refused=tuple(refused))
 
 
 def _first_launch(status: AgentExperimentStatus) -> LaunchSettings | None:
@@ -202,32 +205,3 @@ def _template_value(hyperparameters: dict[str, Any], name: str) -> Any:
 
 def _plain(value: Any) -> Any:
     return value.model_dump(by_alias=True, mode="json") if isinstance(value, BaseModel) else value
-
-
-def _undo(
-    desired: AgentExperimentSpec,
-    refused: list[Refusal],
-    first: LaunchSettings | None,
-    status: AgentExperimentStatus,
-) -> AgentExperimentSpec:
-    if not refused:
-        return desired
-    fields = {refusal.field for refusal in refused}
-    objective, template = desired.objective, desired.trial_template
-    if first is not None and fields & {"objective.metric", "objective.direction"}:
-        objective = objective.model_copy(
-            update={"metric": first.objective.metric, "direction": first.objective.direction}
-        )
-    data = {field.rpartition(".")[2] for field in fields if field.startswith(HYPERPARAMETERS + ".")}
-    if first is not None and data:
-        hyperparameters = {k: v for k, v in template.hyperparameters.items() if k not in data}
-        hyperparameters.update({k: v for k, v in first.trial_template.hyperparameters.items() if k in data})
-        template = template.model_copy(update={"hyperparameters": hyperparameters})
-    if "trialTemplate.checkpoints" in fields:
-        kept = next(refusal.in_force for refusal in refused if refusal.field == "trialTemplate.checkpoints")
-        active = _active_settings(status)
-        volume = next(
-            (s.trial_template.checkpoints for s in active if _plain(s.trial_template.checkpoints) == kept), None
-        )
-        template = template.model_copy(update={"checkpoints": volume})
-    return desired.model_copy(update={"objective": objective, "trial_template": template})
