@@ -30,6 +30,7 @@ class MemoryRuntime:
     """
 
     name = "memory"
+    removable: frozenset[str] = frozenset()  # the retention tests say what it may delete
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -96,6 +97,9 @@ class MemoryRuntime:
         if trial in self.lingering:
             return None
         return Departure(checkpoint_step=self.reported_steps.get(trial))
+
+    async def remove(self, trial, part, spec):
+        self.calls.append((f"remove {part}", trial))
 
     async def set_control(self, trial, control):
         self._maybe_refuse("control", trial)
@@ -1045,3 +1049,36 @@ async def test_a_refused_edit_keeps_the_value_in_force_says_so_once_and_clears_w
 
     status = (await cycle(runtime, status, now="2026-11-22T06:01:00Z", spec=edited(hyperparameters={}))).status
     assert condition(status, contract.CONDITION_SPEC_EDITS_APPLIED).status == "True"
+
+
+# ---- retention ------------------------------------------------------------------------------------
+
+
+async def test_retention_records_each_deletion_before_it_acts_and_never_repeats_one():
+    runtime = MemoryRuntime()
+    runtime.removable = frozenset({"checkpoints", "children"})
+    spec = SPEC.model_copy(
+        update={"retention": SPEC.retention.model_copy(update={"checkpoint_trials": 0, "children_after_seconds": 30})}
+    )
+    status = (await cycle(runtime, AgentExperimentStatus(), spec=spec)).status
+    runtime.metrics["exp-t001"] = {
+        contract.METRIC_STEP: 300,
+        contract.METRIC_VAL_LOSS: 2.0,
+        contract.METRIC_CHECKPOINT_STEP: 300,
+    }
+    runtime.exits["exp-t001"] = 0
+    status = (await cycle(runtime, status, now="2026-11-22T06:00:10Z", spec=spec)).status
+    assert status.trial("exp-t001").state == "Succeeded"
+    # Its checkpoints go at once (checkpointTrials 0) unless it is the best: exp-t001 is, so they stay.
+    assert ("remove checkpoints", "exp-t001") not in runtime.calls
+    runtime.calls.clear()
+    for second in (20, 50, 55):
+        status = (await cycle(runtime, status, now=f"2026-11-22T06:00:{second}Z", spec=spec)).status
+    assert [c for c in runtime.calls if c[0].startswith("remove")] == [("remove children", "exp-t001")]
+    [record] = [r for r in runtime.records if r.decision.action == "clean-up"]
+    assert record.decision.trial == "exp-t001" and record.decision.removes == "children"
+    assert runtime.records.index(record) == record.seq  # in the sequence, written before it acted
+    assert status.trial("exp-t001").removed == ["children"]
+    assert (
+        record.event_reason() == contract.REASON_TRIAL_CLEANED_UP and "childrenAfterSeconds is 30" in record.message()
+    )

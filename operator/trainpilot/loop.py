@@ -24,11 +24,12 @@ from functools import partial
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile
-from trainpilot.core import approvals, cycle_log, quota_waits, spec_edits
+from trainpilot.core import approvals, cycle_log, quota_waits, retention, spec_edits
 from trainpilot.core.conditions import MAX_CONDITION_MESSAGE, ConditionValue, set_condition
-from trainpilot.core.decision import DecisionRecord, decision_id, decision_seq
+from trainpilot.core.decision import CLEAN_UP, DecisionRecord, decision_id, decision_seq
 from trainpilot.core.engine import (
     CyclePlan,
+    clean_up_record,
     failed_record,
     failure_record,
     recheck,
@@ -176,7 +177,8 @@ class _Cycle:
         described = getattr(self.limits, "described", None)  # a cluster's QuotaPolicies name themselves
         if callable(described):
             status = status.model_copy(update={"quota_limits": described()})
-        return self._action_health(await self.decide(status))
+        status = await self.decide(status)
+        return self._action_health(await self.clean_up(status))
 
     async def decide(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
         """Plan and carry out this cycle's decisions, unless the experiment is over or paused."""
@@ -196,6 +198,15 @@ class _Cycle:
         await self._log_cycle(planned)
         status = _quota_condition(status, self.now)
         return _approval_condition(status, self.experiment, self.now)
+
+    async def clean_up(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        """Delete what spec.retention says finished trials no longer need, each a record first."""
+        removals = retention.due(self.spec, status, self.now, self.runtime.removable)
+        records = [
+            clean_up_record(self.experiment, status.decisions_made + number, removal, self.now)
+            for number, removal in enumerate(removals)
+        ]
+        return await self.carry_out(status, records)
 
     async def resume_quota_waits(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
         """Carry out what waited for a QuotaPolicy bound once there is room; drop what no longer passes."""
@@ -411,7 +422,7 @@ class _Cycle:
         if record.outcome != "executed":
             return status
         self.acted += 1
-        for trial, action in _actions(self.runtime, before, status, record):
+        for trial, action in _actions(self.runtime, self.spec, before, status, record):
             await self._attempt(record, trial, action)
         if record.new_trial is not None:
             status = await self._start(status, record.new_trial, record)
@@ -589,6 +600,7 @@ class _Cycle:
 
 def _actions(
     runtime: Runtime,
+    spec: AgentExperimentSpec,
     before: AgentExperimentStatus,
     after: AgentExperimentStatus,
     record: DecisionRecord,
@@ -608,6 +620,9 @@ def _actions(
     if action == "complete":
         for trial in before.active_trials:
             stop(trial.name, "experiment-complete")
+    if action == CLEAN_UP and decision.trial and decision.removes:
+        name, part = decision.trial, decision.removes
+        calls.append((name, lambda: runtime.remove(name, part, after.spec_for(spec, name))))
     if action == "mutate" and decision.mode == "in-place" and decision.trial:
         target = after.trial(decision.trial)
         if target is not None:

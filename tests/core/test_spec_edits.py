@@ -47,6 +47,7 @@ EDITS: dict[str, dict[str, Any]] = {
     "metrics.scrapeTimeoutSeconds": {"metrics": {"scrapeTimeoutSeconds": 5}},
     "metrics": {"metrics": {"port": 9500}},
     "queue": {"queue": {"name": "team-b"}},
+    "retention": {"retention": {"checkpointTrials": 1}},
     "retention.checkpointTags": {"retention": {"checkpointTags": 1}},
     "trialTemplate.pendingTimeoutSeconds": {"trialTemplate": {"pendingTimeoutSeconds": 120}},
     "trialTemplate.checkpoints": {"trialTemplate": {"checkpoints": {"claimName": "other"}}},

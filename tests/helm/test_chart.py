@@ -18,9 +18,10 @@ helm = pytest.importorskip("helm_python")
 RELEASE_NAMESPACE = "trainpilot-system"
 
 # What the operator does, per API group and resource, and nothing more (least privilege: the
-# end-to-end tests in tests/controller/test_rbac.py run the operator with exactly the chart's
-# rules and fail on a 403 or on a rule it never uses): kopf's watches and patches, the finalizers
-# its children's blocking ownerReferences need, trial Jobs, rendezvous Services, trial/control/
+# quickstart end-to-end test in tests/controller/test_operator_e2e.py runs the operator with exactly
+# the chart's rules and fails on a 403 or on a rule it never uses, tests/controller/test_rbac.py):
+# kopf's watches and patches, the finalizers its children's blocking ownerReferences need, trial
+# Jobs (and cleanup Jobs), rendezvous Services, trial/control/
 # ledger ConfigMaps (the ledger is replaced with PUT: update), metric scraping from pods and a
 # restarted trial's pods watched until gone, the checkpoint claim's access modes, decision Events.
 NAMESPACED_NEEDS: list[tuple[str, str, set[str]]] = [

@@ -81,7 +81,7 @@ def test_the_default_model_is_one_the_installed_sdk_knows_and_does_not_deprecate
 def test_the_tool_schema_is_the_decision_model_minus_what_the_system_fills_in():
     schema = briefing.answer_schema()
     item = schema["properties"]["decisions"]["items"]
-    assert set(item["properties"]) == set(Decision.model_fields) - {"policy", "call"}
+    assert set(item["properties"]) == set(Decision.model_fields) - {"policy", "call", "removes"}
     assert "confidence" in item["properties"] and "rationale" in item["properties"]
     assert item["properties"]["action"]["enum"] == ["launch", "terminate", "mutate", "scale", "complete"]
     assert "policy" not in item.get("required", [])

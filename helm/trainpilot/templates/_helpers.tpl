@@ -52,7 +52,8 @@ app.kubernetes.io/part-of: trainpilot
 - apiGroups: [trainpilot.dev]
   resources: [agentexperiments/finalizers]
   verbs: [update]
-# Trials: Jobs, their rendezvous Services; a child that already exists is read to check its owner.
+# Trials: Jobs, their rendezvous Services; a child that already exists is read to check its owner;
+# spec.retention deletes a finished trial's, and creates a Job that deletes its checkpoints.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, get, list, delete]

@@ -172,6 +172,8 @@ REASON_EXPERIMENT_SUCCEEDED = "ExperimentSucceeded"
 REASON_EXPERIMENT_FAILED = "ExperimentFailed"
 REASON_DECISION_REJECTED = "DecisionRejected"
 REASON_DECISION_PENDING_APPROVAL = "DecisionPendingApproval"
+# spec.retention deleted a finished trial's checkpoints or its Job, Service and ConfigMaps.
+REASON_TRIAL_CLEANED_UP = "TrialCleanedUp"
 # A launch or scale waits for a QuotaPolicy bound that frees up (an Event, and the QuotaAvailable condition's reason).
 REASON_QUOTA_EXCEEDED = "QuotaExceeded"
 # An executed decision whose action the world refused for good (a 4xx from the API server).

@@ -54,6 +54,9 @@ MAX_RESOURCES_PER_KIND = 32
 # Three tags: the newest, and two to fall back to (a relaunch resumes the newest; a tag a crash cut
 # short is never named by `latest`). At 124M parameters a tag is about 1.7 GB.
 DEFAULT_CHECKPOINT_TAGS = 3
+DEFAULT_CHECKPOINT_TRIALS = 5
+DEFAULT_CHILDREN_AFTER_SECONDS = 3600  # an hour to read a finished trial's pod logs with kubectl
+RetainedPart = Literal["checkpoints", "children"]
 MAX_ENV = 128
 
 
@@ -430,6 +433,20 @@ class Retention(CamelModel):
         description="Checkpoint tags each trial keeps, the newest: older ones are deleted as it saves a new one. "
         "null keeps every tag.",
     )
+    checkpoint_trials: int | None = Field(
+        DEFAULT_CHECKPOINT_TRIALS,
+        ge=0,
+        le=1000,
+        description="Finished trials whose checkpoints are kept besides the best trial's: the last this many to "
+        "finish. The others' are deleted (never those an active trial resumes from). null keeps every trial's.",
+    )
+    children_after_seconds: int | None = Field(
+        DEFAULT_CHILDREN_AFTER_SECONDS,
+        ge=0,
+        le=30 * 86_400,
+        description="A finished trial's Job (with its pods), Service and ConfigMaps are deleted this long after it "
+        "finished; its status, ledger records and logs stay. null keeps them.",
+    )
 
 
 class AgentExperimentSpec(CamelModel):
@@ -615,6 +632,9 @@ class TrialStatus(CamelModel):
     finished_at: str | None = None
     gpu_seconds: float = 0.0
     message: str = ""
+    removed: list[RetainedPart] = Field(
+        default_factory=list, description="What spec.retention deleted of it since it finished."
+    )
 
     @property
     def finished(self) -> bool:

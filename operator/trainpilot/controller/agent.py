@@ -28,6 +28,7 @@ from trainpilot.api.experiment import (
 )
 from trainpilot.api.quota import workload_refusal
 from trainpilot.controller import metrics as operator_metrics
+from trainpilot.core import retention
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.policy import Policy
 from trainpilot.loop import LoopMemory, run_cycle
@@ -185,8 +186,11 @@ async def drive(
                 runtime = KubernetesRuntime(api, {**owner, "status": body.get("status")}, spec)
             else:
                 runtime.update(owner, spec)
-            if status.finished and settled == generation:
-                await stopped.wait(FINISHED_RECHECK_SECONDS)  # final and saved for this spec: nothing to patch
+            now = cluster_now()
+            if status.finished and settled == generation and not retention.due(spec, status, now, runtime.removable):
+                # Final and saved for this spec, and nothing for spec.retention to delete yet: wake when
+                # the next finished trial's children are due, or to recheck.
+                await stopped.wait(_finished_wait(spec, status, now))
                 continue
             held, status = await gate.hold(runtime, status, cluster_now())  # an earlier incarnation's leftovers
             if held:
@@ -215,6 +219,11 @@ async def drive(
         pool.forget(namespace, name)
         if runtime is not None:
             runtime.close()  # its watches of stopping trials end with it
+
+
+def _finished_wait(spec: AgentExperimentSpec, status: AgentExperimentStatus, now: str) -> float:
+    until = retention.seconds_until_due(spec, status, now)
+    return FINISHED_RECHECK_SECONDS if until is None else min(FINISHED_RECHECK_SECONDS, until + 1.0)
 
 
 def archive(runtime: KubernetesRuntime | None, exchange: dict[str, Any]) -> None:
@@ -255,5 +264,5 @@ async def _one_cycle(
         wait = max(wait, FAILURE_BACKOFF_SECONDS)
     operator_metrics.CYCLE_SECONDS.observe(time.monotonic() - started)
     if status.finished:
-        wait = max(wait, FINISHED_RECHECK_SECONDS)
+        wait = max(wait, _finished_wait(spec, status, cluster_now()))
     return status, wait, saved

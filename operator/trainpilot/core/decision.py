@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainpilot.api import contract
-from trainpilot.api.experiment import Action
+from trainpilot.api.experiment import Action, RetainedPart
 
 # "failed": a follow-up to an executed record whose action the world refused for good.
 # "waiting": a QuotaPolicy bound that frees up (GPUs, slots, the rolling period) has no room yet.
@@ -23,6 +23,11 @@ MutateMode = Literal["in-place", "restart"]
 IN_PLACE_HYPERPARAMETERS: frozenset[str] = frozenset({"lr", "weight_decay"})
 # The name on records the loop makes itself (failing an experiment that cannot go on), never a policy's.
 SYSTEM_POLICY = "trainpilot"
+# What a record may do: a policy's actions, and the loop's own deletions under spec.retention, which
+# no policy can propose (allowedActions lists Actions only) and a replay carries out only if the
+# retention rules still call for it.
+CLEAN_UP = "clean-up"
+RecordAction = Literal[Action, "clean-up"]
 
 
 class ModelCall(BaseModel):
@@ -52,7 +57,7 @@ class Decision(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    action: Action
+    action: RecordAction
     policy: str = Field(description="Which policy proposed it: heuristic, claude, ...")
     reason: str = Field(description="Short kebab-case cause, e.g. nonfinite-loss, asha-rung, goal-reached.")
     rationale: str = Field("", description="Human-readable why, shown in events and the ledger.")
@@ -66,6 +71,7 @@ class Decision(BaseModel):
     nodes: int | None = Field(None, description="scale: new node count.")
     gpus_per_node: int | None = Field(None, description="scale: new GPUs per node.")
     outcome: Literal["succeeded", "failed"] | None = Field(None, description="complete: how it ends.")
+    removes: RetainedPart | None = Field(None, description="clean-up: what of the finished trial is deleted.")
     confidence: float | None = Field(None, ge=0, le=1, description="How sure the policy is, 0 to 1.")
     call: ModelCall | None = Field(None, description="The LLM call that proposed it; never part of an answer.")
 
@@ -118,6 +124,8 @@ class DecisionRecord(BaseModel):
             return contract.REASON_HYPERPARAMETERS_MUTATED
         if decision.action == "scale":
             return contract.REASON_TRIAL_SCALED
+        if decision.action == CLEAN_UP:
+            return contract.REASON_TRIAL_CLEANED_UP
         if decision.outcome == "failed":
             return contract.REASON_EXPERIMENT_FAILED
         return contract.REASON_EXPERIMENT_SUCCEEDED
@@ -129,7 +137,8 @@ class DecisionRecord(BaseModel):
         values = ""
         if decision.hyperparameters:
             values = " " + ", ".join(f"{k}={v:g}" for k, v in sorted(decision.hyperparameters.items()))
-        text = f"[{self.id}] {decision.policy}: {decision.action}{target}{values} ({decision.reason})"
+        removes = f" {decision.removes}" if decision.removes else ""
+        text = f"[{self.id}] {decision.policy}: {decision.action}{target}{removes}{values} ({decision.reason})"
         if decision.rationale:
             text += f": {decision.rationale}"
         if self.sign_off is not None and self.sign_off.by and self.outcome == "executed":

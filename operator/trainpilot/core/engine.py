@@ -17,10 +17,18 @@ from typing import Any
 
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, ModelUsage
-from trainpilot.core import guardrails
+from trainpilot.core import guardrails, retention
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.cycle_log import PolicyInput
-from trainpilot.core.decision import SYSTEM_POLICY, Decision, DecisionRecord, SignOffNote, decision_id, trial_name
+from trainpilot.core.decision import (
+    CLEAN_UP,
+    SYSTEM_POLICY,
+    Decision,
+    DecisionRecord,
+    SignOffNote,
+    decision_id,
+    trial_name,
+)
 from trainpilot.core.guardrails import Verdict
 from trainpilot.core.observation import Observation
 from trainpilot.core.policy.base import Policy, PolicyContext
@@ -283,6 +291,21 @@ def failure_record(
     )
 
 
+def clean_up_record(experiment: str, seq: int, removal: retention.Removal, now: str) -> DecisionRecord:
+    """The loop's own deletion of part of a finished trial under spec.retention, recorded first."""
+    decision = Decision(
+        action=CLEAN_UP,
+        policy=SYSTEM_POLICY,
+        reason="retention",
+        rationale=removal.why[:MAX_RATIONALE_CHARS],
+        trial=removal.trial,
+        removes=removal.removes,
+    )
+    return DecisionRecord(
+        id=decision_id(experiment, seq), seq=seq, time=now, experiment=experiment, decision=decision, outcome="executed"
+    )
+
+
 def is_failure_record(record: DecisionRecord) -> bool:
     decision = record.decision
     return decision.policy == SYSTEM_POLICY and decision.action == "complete" and decision.outcome == "failed"
@@ -336,6 +359,14 @@ def recheck(
         return Verdict("rejected", f"replayed record names new trial {record.new_trial!r}, not {expected_trial!r}")
     if is_failure_record(record):
         return Verdict("executed")  # the loop's own failing of the experiment: it only stops things
+    if decision.action == CLEAN_UP:
+        # Deletes for good: carried out only if the retention rules call for it now, whoever wrote it.
+        due = retention.due(spec, status, record.time, ("checkpoints", "children"))
+        if decision.policy == SYSTEM_POLICY and any(
+            (removal.trial, removal.removes) == (decision.trial, decision.removes) for removal in due
+        ):
+            return Verdict("executed")
+        return Verdict("rejected", f"replayed clean-up of {decision.trial} is not one spec.retention calls for")
     approved = record.sign_off is not None and record.sign_off.verdict == "approved"
     if approved:
         held = status.sign_off(record.follows or "")

@@ -65,6 +65,7 @@ RULES: tuple[EditRule, ...] = (
     EditRule("metrics.scrapeTimeoutSeconds", NEXT_CYCLE, "the next scrape waits the new time"),
     EditRule("metrics", NEW_TRIALS, "a trainer serves its metrics where it was launched to, and is scraped there"),
     EditRule("queue", NEW_TRIALS, "a Job already created stays in the LocalQueue and priority it was created with"),
+    EditRule("retention", NEXT_CYCLE, "the next cycle deletes what the new rules call for; nothing deleted comes back"),
     EditRule(
         "retention.checkpointTags",
         NEW_TRIALS,

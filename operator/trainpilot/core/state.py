@@ -29,7 +29,7 @@ from trainpilot.api.experiment import (
 )
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import Hyperparameters
-from trainpilot.core.decision import DecisionRecord
+from trainpilot.core.decision import CLEAN_UP, DecisionRecord
 from trainpilot.core.observation import Observation, TrialObservation, evaluation_step, new_evaluation
 from trainpilot.core.times import plus_seconds, seconds_between
 
@@ -420,6 +420,9 @@ def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, reco
             waiting_for=(target.name, now),
             launch=_launch_settings(spec, status, target),
         )
+    elif decision.action == CLEAN_UP and target is not None and decision.removes is not None:
+        if decision.removes not in target.removed:
+            target.removed = [*target.removed, decision.removes]
     elif decision.action == "complete":
         for trial in status.trials:
             _stop(spec, trial, COMPLETE_REASON, now)

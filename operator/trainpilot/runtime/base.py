@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
+from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, RetainedPart, TrialStatus
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core.approvals import Approval
 from trainpilot.core.cycle_log import CycleEntry
@@ -54,6 +54,8 @@ class Departure:
 
 class Runtime(Protocol):
     name: str
+    # What of a finished trial this runtime can delete under spec.retention (core.retention).
+    removable: frozenset[RetainedPart]
 
     def checkpoint_dir(self, trial: str, spec: AgentExperimentSpec) -> str | None:
         """Where `trial` writes checkpoints as the trainer sees it under `spec` (the one it runs
@@ -69,6 +71,9 @@ class Runtime(Protocol):
 
     async def stop(self, trial: str, reason: str) -> None:
         """Stop `trial` gracefully (SIGTERM, so it checkpoints). Already gone is success."""
+
+    async def remove(self, trial: str, part: RetainedPart, spec: AgentExperimentSpec) -> None:
+        """Delete `part` of finished trial `trial` (launched under `spec`). Already gone is success."""
 
     async def departed(self, trial: str) -> Departure | None:
         """None while any process or pod of the stopped `trial` remains (it may still be saving its

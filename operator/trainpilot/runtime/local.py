@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from trainpilot.api import contract
-from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
+from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, RetainedPart, TrialStatus
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core import cycle_log
@@ -213,6 +214,8 @@ class LocalRuntime:
     """Trials as local processes, the ledger and status as files in a run directory."""
 
     name = "local"
+    # A finished trial's process is gone with it; its folder (config, log, metrics) is the record.
+    removable: frozenset[RetainedPart] = frozenset({"checkpoints"})
 
     def __init__(
         self,
@@ -627,6 +630,11 @@ class LocalRuntime:
             except ProcessLookupError:
                 pass
         self._signal(local, signal.SIGKILL)
+
+    async def remove(self, trial: str, part: RetainedPart, spec: AgentExperimentSpec) -> None:
+        if part == "checkpoints":
+            shutil.rmtree(self.run_dir / "checkpoints" / trial, ignore_errors=True)
+            self._say(f"{trial}: checkpoints deleted (spec.retention.checkpointTrials)")
 
     async def stop(self, trial: str, reason: str) -> None:
         local = self.trials.get(trial)

@@ -152,3 +152,24 @@ def test_disruptions_are_ignored_by_a_pod_failure_policy(nodes):
     assert spec["podReplacementPolicy"] == "Failed"
     assert spec["backoffLimit"] == 0
     assert spec["template"]["spec"]["restartPolicy"] == "Never"  # what a podFailurePolicy requires
+
+
+def test_a_cleanup_job_deletes_one_trials_checkpoint_folder_on_the_claim_as_the_trial_ran():
+    spec = make_spec(
+        checkpoints={"claimName": "ckpt", "mountPath": "/ckpt"},
+        serviceAccountName="trainer",
+        nodeSelector={"pool": "gpu"},
+    )
+    spec = spec.model_copy(update={"queue": spec.queue.model_copy(update={"name": "team-a"})})
+    job = builders.build_cleanup_job(OWNER, spec, "lr-search-t003")
+    assert job is not None and job["metadata"]["name"] == "lr-search-t003-cleanup"
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["rm", "-rf", "--", "/ckpt/lr-search/0000-1111/lr-search-t003"]
+    assert container["image"] == spec.trial_template.image
+    assert pod["volumes"] == [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}}]
+    assert (pod["serviceAccountName"], pod["nodeSelector"]) == ("trainer", {"pool": "gpu"})
+    # No trial's: nothing observes it as one. In the trials' LocalQueue, suspended for Kueue to admit.
+    assert contract.LABEL_TRIAL not in job["metadata"]["labels"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and job["spec"]["suspend"] is True
+    assert builders.build_cleanup_job(OWNER, make_spec(), "lr-search-t003") is None  # no volume, nothing to delete

@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from trainpilot.api.experiment import TrialStatus
+from trainpilot.api.experiment import ALL_ACTIONS, TrialStatus
 from trainpilot.core.decision import Decision
 from trainpilot.core.policy.base import PolicyContext
 
@@ -26,7 +26,8 @@ MAX_TEXT_CHARS = 200
 # A token is about four characters of JSON; the estimate only has to bound, not to count.
 CHARS_PER_TOKEN = 4
 # Fields of Decision that the engine or the policy fills in, never the model.
-NOT_ANSWERED = ("policy", "call")
+# Filled in by the system: who decided, the call, and what only the loop's own clean-up records say.
+NOT_ANSWERED = ("policy", "call", "removes")
 
 SYSTEM = """You are the research lead of a hyperparameter search run by TrainPilot. A classical
 optimizer (Optuna) proposes every new trial; a rule-based heuristic watches every curve. You review
@@ -55,6 +56,8 @@ def answer_schema() -> dict[str, Any]:
         schema["properties"].pop(field, None)
         definitions.pop("ModelCall", None)
     schema["required"] = [name for name in schema.get("required", []) if name not in NOT_ANSWERED]
+    # A policy's actions only: the loop's own clean-up is no move a policy may make.
+    schema["properties"]["action"] = {**schema["properties"]["action"], "enum": list(ALL_ACTIONS)}
     answer: dict[str, Any] = {
         "type": "object",
         "properties": {"decisions": {"type": "array", "items": schema, "maxItems": 16}},

@@ -279,6 +279,60 @@ def _resources(spec: AgentExperimentSpec, trial: TrialStatus) -> dict[str, dict[
     return resources
 
 
+def cleanup_job_name(trial: str) -> str:
+    return f"{trial}-cleanup"
+
+
+def build_cleanup_job(owner: dict[str, Any], spec: AgentExperimentSpec, trial: str) -> dict[str, Any] | None:
+    """A Job that deletes `trial`'s checkpoint folder on the claim (the operator never mounts it),
+    run with the trial's own image, service account and node selector. None without a volume.
+    Labelled with the experiment only: it is no trial's, and nothing observes it as one."""
+    volume = spec.trial_template.checkpoints
+    directory = checkpoint_dir(spec, owner, trial)
+    if volume is None or directory is None:
+        return None
+    template = spec.trial_template
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "cleanup",
+                "image": template.image,
+                "imagePullPolicy": template.image_pull_policy,
+                "command": ["rm", "-rf", "--", directory],
+                "volumeMounts": [{"name": "checkpoints", "mountPath": volume.mount_path}],
+                "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+            }
+        ],
+        "volumes": [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": volume.claim_name}}],
+    }
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.service_account_name:
+        pod_spec["serviceAccountName"] = template.service_account_name
+    labels = child_labels(owner["metadata"]["name"])
+    # In the trials' LocalQueue when they have one: a Kueue that manages every Job admits it there.
+    queue_labels = kueue.job_labels(spec)
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": cleanup_job_name(trial),
+            "namespace": owner["metadata"]["namespace"],
+            "labels": {**labels, **queue_labels},
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "backoffLimit": 3,
+            "ttlSecondsAfterFinished": 600,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+    if queue_labels:
+        job["spec"]["suspend"] = True
+    return job
+
+
 def _volumes(spec: AgentExperimentSpec, trial: TrialStatus) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The pod's volumes and the trainer's mounts of them: trial config, control file, checkpoints."""
     volumes: list[dict[str, Any]] = [

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from trainpilot.api import contract
-from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
+from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, RetainedPart, TrialStatus
 from trainpilot.api.metrics import TrainerExit, TrialMetrics
 from trainpilot.api.trial import ControlFile, TrialConfig
 from trainpilot.core import cycle_log
@@ -56,6 +56,7 @@ def _exit_reason(code: int | None, reported: TrainerExit | None = None) -> str:
 
 class KubernetesRuntime:
     name = "kubernetes"
+    removable: frozenset[RetainedPart] = frozenset({"checkpoints", "children"})
 
     def __init__(self, api: KubeApi, experiment: dict[str, Any], spec: AgentExperimentSpec) -> None:
         self.api = api
@@ -222,6 +223,23 @@ class KubernetesRuntime:
         await self.api.delete_if_present(
             f"service {trial}", self.api.core.delete_namespaced_service, trial, self.namespace
         )
+
+    async def remove(self, trial: str, part: RetainedPart, spec: AgentExperimentSpec) -> None:
+        """children: the Job (its pods with it), Service and ConfigMaps; checkpoints: a cleanup Job
+        on the claim. Each delete or create is idempotent, so a replayed record repeats it safely."""
+        ns = self.namespace
+        if part == "checkpoints":
+            job = builders.build_cleanup_job(self.owner, spec, trial)
+            if job is not None:
+                await ownership.create_owned(
+                    self.api, f"cleanup job of {trial}", self.api.batch.create_namespaced_job, ns, job
+                )
+            return
+        body = {"propagationPolicy": "Background"}
+        await self.api.delete_if_present(f"job {trial}", self.api.batch.delete_namespaced_job, trial, ns, body=body)
+        await self.api.delete_if_present(f"service {trial}", self.api.core.delete_namespaced_service, trial, ns)
+        for name in (builders.config_map_name(trial), builders.control_map_name(trial)):
+            await self.api.delete_if_present(f"config map {name}", self.api.core.delete_namespaced_config_map, name, ns)
 
     async def departed(self, trial: str) -> Departure | None:
         return await self.departures.departed(trial)
