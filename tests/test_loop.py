@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trainpilot.api import contract
-from trainpilot.api.experiment import AgentExperimentStatus, parse_spec
+from trainpilot.api.experiment import AgentExperimentStatus, CheckpointVolume, parse_spec
 from trainpilot.api.metrics import TrialMetrics
 from trainpilot.core.approvals import Approval
 from trainpilot.core.decision import Decision, DecisionRecord
@@ -1036,9 +1036,9 @@ async def test_a_refused_edit_keeps_the_value_in_force_says_so_once_and_clears_w
         status = (await cycle(runtime, status, now=f"2026-11-22T06:00:{second}Z", spec=wrong)).status
     refused = condition(status, contract.CONDITION_SPEC_EDITS_APPLIED)
     assert refused.status == "False" and refused.reason == contract.REASON_SPEC_EDIT_REFUSED
-    assert "spec.objective.direction: edit to 'maximize' refused" in refused.message
+    assert "spec.objective.direction 'maximize' (in force: 'minimize')" in refused.message
     doubled = first.block_size * 2
-    assert f"spec.trialTemplate.hyperparameters.block_size: edit to {doubled} refused" in refused.message
+    assert f"spec.trialTemplate.hyperparameters.block_size {doubled} (in force: " in refused.message
     assert [reason for reason, _ in runtime.events].count(contract.REASON_SPEC_EDIT_REFUSED) == 1
     fresh = [name for name in runtime.configs if name not in ("exp-t000", "exp-t001")]
     assert fresh
@@ -1048,6 +1048,23 @@ async def test_a_refused_edit_keeps_the_value_in_force_says_so_once_and_clears_w
     assert status.best_trial is None or status.best_trial.objective == 2.0  # still minimised
 
     status = (await cycle(runtime, status, now="2026-11-22T06:01:00Z", spec=edited(hyperparameters={}))).status
+    assert condition(status, contract.CONDITION_SPEC_EDITS_APPLIED).status == "True"
+
+
+async def test_an_edit_held_while_trials_run_applies_in_the_cycle_that_sees_the_last_one_finish():
+    runtime = MemoryRuntime()
+    launched = edited(checkpoints=CheckpointVolume(claim_name="ckpt"))
+    status = (await cycle(runtime, AgentExperimentStatus(), spec=launched)).status
+    moved = edited(checkpoints=CheckpointVolume(claim_name="other"))
+    status = (await cycle(runtime, status, now="2026-11-22T06:00:10Z", spec=moved)).status
+    assert condition(status, contract.CONDITION_SPEC_EDITS_APPLIED).status == "False"
+    for trial in ("exp-t000", "exp-t001"):
+        runtime.exits[trial] = 0
+        runtime.metrics[trial] = {contract.METRIC_STEP: 300, contract.METRIC_VAL_LOSS: 2.0}
+    status = (await cycle(runtime, status, now="2026-11-22T06:00:20Z", spec=moved)).status
+    # The cycle that sees both finish launches the next trials on the new volume, not the old one.
+    fresh = [name for name in runtime.specs if name not in ("exp-t000", "exp-t001")]
+    assert fresh and all(runtime.specs[name].trial_template.checkpoints.claim_name == "other" for name in fresh)
     assert condition(status, contract.CONDITION_SPEC_EDITS_APPLIED).status == "True"
 
 

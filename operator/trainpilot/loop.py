@@ -106,9 +106,7 @@ async def run_cycle(
     memory: LoopMemory | None = None,
 ) -> CycleResult:
     memory = memory if memory is not None else LoopMemory()
-    # The spec as edited, except what the edit table refuses while trials run (docs/spec-edits.md).
-    edits = spec_edits.review(spec, status)
-    cycle = _Cycle(experiment, edits, runtime, policy, now, limits, status, memory)
+    cycle = _Cycle(experiment, spec, runtime, policy, now, limits, status, memory)
     try:
         status = await cycle.advance(status, generation)
         memory.unobserved_cycles = 0
@@ -142,7 +140,7 @@ class _Cycle:
     def __init__(
         self,
         experiment: str,
-        edits: spec_edits.EditReview,
+        desired: AgentExperimentSpec,
         runtime: Runtime,
         policy: Policy,
         now: str,
@@ -150,13 +148,19 @@ class _Cycle:
         status: AgentExperimentStatus,
         memory: LoopMemory,
     ) -> None:
-        self.experiment, self.spec, self.runtime, self.policy = experiment, edits.spec, runtime, policy
-        self.edits = edits
+        self.experiment, self.desired, self.runtime, self.policy = experiment, desired, runtime, policy
+        self._review(status)
         self.now, self.limits, self.memory = now, limits, memory
         self.result = CycleResult(status=status)
         self.acted = 0
         self.refusals: list[_Refusal] = []  # this cycle's, for the ActionsHealthy condition
         self._follow_ups: list[Callable[[int], DecisionRecord]] = []  # records still to write, by seq
+
+    def _review(self, status: AgentExperimentStatus) -> None:
+        """The spec this cycle runs with: as written, except what the edit table refuses given the
+        trials in `status` (docs/spec-edits.md)."""
+        self.edits = spec_edits.review(self.desired, status)
+        self.spec = self.edits.spec
 
     async def advance(self, status: AgentExperimentStatus, generation: int | None) -> AgentExperimentStatus:
         if status.started_at is None:
@@ -170,9 +174,11 @@ class _Cycle:
         # stopped is Terminated for its reason, not a crash because its Job is gone.
         status = await self.recover(status)
         status = fold_observation(self.spec, status, self.observation, self.now)
+        self._review(status)  # a trial seen to finish just now no longer holds an edit back
         status = await self._metrics_reachability(status)
         status = await self._comparability(status)
         status = await self._edits_applied(status)
+        status = await self._retention_applied(status)
         status = _with_generation(status, generation, self.now)
         described = getattr(self.limits, "described", None)  # a cluster's QuotaPolicies name themselves
         if callable(described):
@@ -308,6 +314,16 @@ class _Cycle:
             await self.runtime.announce(contract.REASON_SPEC_EDIT_REFUSED, message)
         return _condition(
             status, contract.CONDITION_SPEC_EDITS_APPLIED, "False", contract.REASON_SPEC_EDIT_REFUSED, message, self.now
+        )
+
+    async def _retention_applied(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
+        why = retention.stalled(self.spec, self.observation, self.now)
+        if why is not None:
+            return await self._report(
+                status, contract.CONDITION_RETENTION_APPLIED, contract.REASON_CLEAN_UP_STALLED, why
+            )
+        return _healthy_again(
+            status, contract.CONDITION_RETENTION_APPLIED, "CleanedUp", "what spec.retention asked for is done", self.now
         )
 
     async def _metrics_reachability(self, status: AgentExperimentStatus) -> AgentExperimentStatus:

@@ -359,22 +359,3 @@ async def test_deleting_an_experiment_removes_its_children_without_hanging(kube:
         )
         await aeventually(gone, timeout=30, message="the daemon's finalizer is released")
         await aeventually(lambda: children() == [], timeout=60, message="children garbage-collected")
-
-
-async def test_spec_changes_are_honoured_on_the_next_cycle(kube: Kube, fake_node) -> None:
-    def status_of() -> dict:
-        return experiment(kube, "quickstart").get("status") or {}
-
-    async with run_kopf_operator(HANDLERS, namespace="default"):
-        kube.apply(manifest(suspend=True, budget={"maxTrials": 2, "parallelTrials": 2}))
-        await aeventually(lambda: status_of().get("phase") == "Suspended", timeout=30)
-        assert kube.batch_v1().list_namespaced_job("default").items == []
-        generation = experiment(kube, "quickstart")["metadata"]["generation"]
-        patch = {"spec": {"suspend": False, "budget": {"maxTrials": 3, "parallelTrials": 2}}}
-        kube.custom().patch_namespaced_custom_object(
-            contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, "quickstart", patch
-        )
-        status = await aeventually(lambda: finished(kube, "quickstart"), timeout=240, interval=1)
-    assert status["phase"] == "Succeeded"
-    assert status["trialsLaunched"] == 3  # the raised budget, not the original 2
-    assert status["observedGeneration"] == generation + 1

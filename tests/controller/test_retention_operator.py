@@ -41,6 +41,24 @@ def manifest(checkpoints: str) -> dict:
     return body
 
 
+def jobs_named(kube: Kube, name: str) -> list:
+    return [job for job in kube.batch_v1().list_namespaced_job("default").items if job.metadata.name == name]
+
+
+def condition(kube: Kube, type_: str) -> dict:
+    return next((c for c in status_of(kube).get("conditions") or [] if c["type"] == type_), {})
+
+
+def create_claim(kube: Kube) -> None:
+    kube.core_v1().create_namespaced_persistent_volume_claim(
+        "default",
+        {
+            "metadata": {"name": "ckpt"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+
+
 def status_of(kube: Kube) -> dict:
     found = kube.custom().get_namespaced_custom_object(
         contract.GROUP, contract.VERSION, "default", contract.EXPERIMENT_PLURAL, NAME
@@ -63,13 +81,7 @@ def children(kube: Kube, trial: str) -> list[str]:
 
 
 async def test_finished_trials_lose_what_retention_says_and_the_ledger_says_so(kube: Kube, fake_node) -> None:
-    kube.core_v1().create_namespaced_persistent_volume_claim(
-        "default",
-        {
-            "metadata": {"name": "ckpt"},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-        },
-    )
+    create_claim(kube)
     # The claim's directory on the fake node: the trainers write there through the path in their
     # config, and the cleanup Job's command is mapped there through its mount.
     checkpoints = fake_node.pvc_dir("ckpt", "default")
@@ -91,6 +103,9 @@ async def test_finished_trials_lose_what_retention_says_and_the_ledger_says_so(k
         folder = checkpoints / NAME / uid
         await aeventually(lambda: not (folder / other).exists(), timeout=30, interval=0.5)
 
+        # A clean-up that succeeded leaves no Job behind.
+        await aeventually(lambda: not jobs_named(kube, f"{other}-cleanup"), timeout=30, interval=0.5)
+
     assert (folder / best / "latest").exists()  # the best trial's checkpoints stay
     assert [t["removed"] for t in status["trials"] if t["name"] == other] == [["checkpoints", "children"]]
     for trial in (best, other):
@@ -104,3 +119,49 @@ async def test_finished_trials_lose_what_retention_says_and_the_ledger_says_so(k
     cleaned = [e for e in kube.events_posted("default") if e.reason == contract.REASON_TRIAL_CLEANED_UP]
     assert len(cleaned) == len(records)
     assert [d.attributes for d in kube.forbidden()] == []  # the chart's RBAC covers it all
+
+
+async def test_a_clean_up_that_cannot_run_is_said_and_done_once_it_can(kube: Kube, fake_node) -> None:
+    """Its pod waits for the claim (as one does for a ReadWriteOnce claim another node holds): past
+    pendingTimeoutSeconds, RetentionApplied=False names the Job, the folder and what to do, after the
+    experiment has finished too; once the claim is back it runs, and the condition clears."""
+    create_claim(kube)
+    checkpoints = fake_node.pvc_dir("ckpt", "default")
+    body = manifest(str(checkpoints))
+    body["spec"]["retention"] = {"checkpointTrials": 0}
+    body["spec"]["trialTemplate"]["pendingTimeoutSeconds"] = 5
+    body["spec"]["trialTemplate"]["hyperparameters"]["max_steps"] = 600  # the claim goes while both run
+    body["spec"]["policy"]["heuristic"] = {"minPeersAtRung": 10}  # no ASHA stop: both finish
+    async with run_kopf_operator(HANDLERS, namespace="default"):
+        kube.apply(body)
+        await aeventually(
+            lambda: len([t for t in status_of(kube).get("trials") or [] if t.get("step", 0) > 0]) == 2,
+            timeout=60,
+            interval=0.3,
+        )
+        kube.core_v1().delete_namespaced_persistent_volume_claim("ckpt", "default")  # the trials have it mounted
+
+        def stalled() -> dict | None:
+            found = condition(kube, contract.CONDITION_RETENTION_APPLIED)
+            return found if found.get("status") == "False" and status_of(kube).get("phase") == "Succeeded" else None
+
+        said = await aeventually(stalled, timeout=60, interval=0.5)
+        best = status_of(kube)["bestTrial"]["name"]
+        [other] = [t["name"] for t in status_of(kube)["trials"] if t["name"] != best]
+        assert said["reason"] == contract.REASON_CLEAN_UP_STALLED
+        assert f"{other}: Job {other}-cleanup has not deleted {checkpoints}/{NAME}/" in said["message"]
+        assert "(spec.trialTemplate.pendingTimeoutSeconds 5): container cleanup: ContainerCreating" in said["message"]
+        assert "ReadWriteOnce" in said["message"]
+        stalls = [e for e in kube.events_posted("default") if e.reason == contract.REASON_CLEAN_UP_STALLED]
+        assert stalls and other in stalls[0].message
+
+        create_claim(kube)
+        await aeventually(
+            lambda: condition(kube, contract.CONDITION_RETENTION_APPLIED).get("status") == "True",
+            timeout=60,
+            interval=0.5,
+        )
+        assert not jobs_named(kube, f"{other}-cleanup")
+        assert not any(checkpoints.glob(f"{NAME}/*/{other}"))
+        assert any(checkpoints.glob(f"{NAME}/*/{best}/latest"))
+    assert [d.attributes for d in kube.forbidden()] == []

@@ -7,7 +7,8 @@ from tests.support.builders import EXPERIMENT, at, make_spec, trial
 from trainpilot.api.experiment import AgentExperimentStatus, BestTrial
 from trainpilot.core.decision import CLEAN_UP, Decision
 from trainpilot.core.engine import clean_up_record, recheck
-from trainpilot.core.retention import Removal, due
+from trainpilot.core.observation import CleanUpObservation, Observation
+from trainpilot.core.retention import STALLED_HINT, Removal, due, stalled
 from trainpilot.core.state import apply_record
 
 BOTH = ("checkpoints", "children")
@@ -100,3 +101,28 @@ def test_a_finished_experiment_knows_when_its_next_children_are_due():
     assert seconds_until_due(spec, seen, at(40)) == 20  # t0's
     assert seconds_until_due(spec, seen, at(100)) == 0
     assert seconds_until_due(make_spec(retention={"childrenAfterSeconds": None}), seen, at(40)) is None
+
+
+def clean_up(since: float, failed: bool = False, reason: str = "container cleanup: ContainerCreating"):
+    return CleanUpObservation(
+        job="exp-t000-cleanup", directory="/ckpt/exp/uid/exp-t000", since=at(since), failed=failed, reason=reason
+    )
+
+
+def test_a_clean_up_is_stalled_once_it_fails_or_waits_past_the_pending_timeout():
+    spec = make_spec(trialTemplate={"pendingTimeoutSeconds": 60})
+    waiting = Observation(time=at(100), clean_ups={"exp-t000": clean_up(since=50)})
+    assert stalled(spec, waiting, at(100)) is None  # 50 s: a pod may take that long to start
+    why = stalled(spec, waiting, at(110))
+    assert why is not None and why.startswith(
+        "exp-t000: Job exp-t000-cleanup has not deleted /ckpt/exp/uid/exp-t000 in 60 s "
+        "(spec.trialTemplate.pendingTimeoutSeconds 60): container cleanup: ContainerCreating; "
+    )
+    assert why.endswith(STALLED_HINT)
+    failed = Observation(
+        time=at(51), clean_ups={"exp-t000": clean_up(since=50, failed=True, reason="BackoffLimitExceeded")}
+    )
+    assert stalled(spec, failed, at(51)) == (
+        f"exp-t000: Job exp-t000-cleanup failed to delete /ckpt/exp/uid/exp-t000: BackoffLimitExceeded; {STALLED_HINT}"
+    )
+    assert stalled(spec, Observation(time=at(500)), at(500)) is None  # none left: all done

@@ -13,6 +13,7 @@ from tests.support.paths import REPO
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, LaunchSettings
 from trainpilot.api.trial import VALIDATION_DATA_FIELDS, Hyperparameters
 from trainpilot.core import spec_edits
+from trainpilot.core.conditions import MAX_CONDITION_MESSAGE
 from trainpilot.core.decision import Decision, DecisionRecord, decision_id
 from trainpilot.core.spec_edits import (
     NEW_TRIALS,
@@ -171,7 +172,8 @@ def test_an_edit_while_a_trial_runs_does_what_its_row_says(field):
     if effect in (REFUSED_ONCE_LAUNCHED, REFUSED_WHILE_RUNNING):
         [refusal] = result.refused
         assert refusal.field == field
-        assert f"spec.{field}: edit to" in result.message and "refused" in result.message
+        assert f"spec.{field} {refusal.wanted!r} (in force: {refusal.in_force!r})" in result.message
+        assert result.message.startswith(f"edits refused (docs/spec-edits.md): {effect} (")
         assert value_at(result.spec, field) == value_at(before, field) != value_at(edited, field)
         assert (
             result.spec.model_copy(update={"trial_template": edited.trial_template, "objective": edited.objective})
@@ -216,6 +218,30 @@ def test_refused_and_allowed_edits_together_apply_the_allowed_ones():
     assert result.spec.objective.direction == "minimize"
     assert result.spec.budget.max_trials == 12 and result.spec.trial_template.image == "trainer:2"
     assert "set it back, or start a new experiment" in result.message
+
+
+def test_many_refused_edits_fit_one_condition_message_each_named_with_the_value_in_force():
+    before = spec()
+    status = launched(before, ("exp-t000", "Running"))
+    edited = spec(
+        objective={"metric": "train_loss", "direction": "maximize"},
+        trialTemplate={"hyperparameters": DATA_VALUES, "checkpoints": {"claimName": "other"}},
+    )
+    result = review(edited, status)
+    assert len(result.refused) == 2 + len(DATA_VALUES) + 1
+    assert len(result.message) <= MAX_CONDITION_MESSAGE
+    data = [r for r in result.refused if r.field.startswith("trialTemplate.hyperparameters.")]
+    assert len(data) == len(DATA_VALUES)
+    [volume] = [r for r in result.refused if r.field == "trialTemplate.checkpoints"]
+    assert result.message == (
+        "edits refused (docs/spec-edits.md): refused once a trial has launched (trials are compared on it; set it "
+        "back, or start a new experiment for the new value): spec.objective: metric 'train_loss' (in force: "
+        "'val_loss'), direction 'maximize' (in force: 'minimize'), spec.trialTemplate.hyperparameters: "
+        + ", ".join(f"{r.field.rpartition('.')[2]} {r.wanted!r} (in force: {r.in_force!r})" for r in data)
+        + "; refused while trials run (running trials use what they were launched with; it applies once no trial "
+        "is active, or set it back to keep the spec and the cluster in step): spec.trialTemplate.checkpoints "
+        f"{volume.wanted!r} (in force: {volume.in_force!r})"
+    )
 
 
 def test_changed_fields_names_hyperparameters_one_by_one_and_maps_as_a_whole():

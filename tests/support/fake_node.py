@@ -125,6 +125,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -322,6 +323,26 @@ class _JobTracking:
     start_time: str | None = None
 
 
+# How long stopping waits for cancelled tasks: one that ignores its cancellation is reported (with
+# where it hangs) instead of holding a test's teardown for stop_sync's whole timeout.
+STOP_WAIT_SECONDS = 5
+
+
+async def _settle(tasks: list[asyncio.Task[Any]], what: str) -> None:
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=STOP_WAIT_SECONDS)
+    for task in pending:
+        stack = "".join(traceback.format_stack(task.get_stack()[-1])) if task.get_stack() else "(no frame)"
+        logger.warning(
+            "fake node: %s task %s still running %s s after cancel, at:\n%s",
+            what,
+            task.get_name(),
+            STOP_WAIT_SECONDS,
+            stack,
+        )
+
+
 class FakeNode:
     """
     The job controller, scheduler and kubelet of one fake node (see the module docs).
@@ -482,9 +503,10 @@ class FakeNode:
         finally:
             for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await _settle(self._tasks, "node loops")
             await self._kill_all()
-            await self._api.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._api.close(), STOP_WAIT_SECONDS)
 
     async def _kill_all(self) -> None:
         for rt in list(self.pods.values()):
@@ -493,8 +515,7 @@ class FakeNode:
         for rt in list(self.pods.values()):
             if rt.task is not None and not rt.task.done():
                 rt.task.cancel()
-        tasks = [rt.task for rt in self.pods.values() if rt.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _settle([rt.task for rt in self.pods.values() if rt.task is not None], "pod tasks")
         for rt in list(self.pods.values()):
             if rt.process is not None and rt.process.returncode is None:
                 with contextlib.suppress(Exception):

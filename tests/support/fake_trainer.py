@@ -2,7 +2,8 @@
 
 Behaviour comes from the trial config and a few FAKE_* environment variables (set through
 trialTemplate.env): FAKE_STEP_SECONDS, FAKE_EXIT (exit with this code after FAKE_EXIT_AFTER
-steps), FAKE_IGNORE_TERM, FAKE_LINGER, FAKE_NO_SERVER. An lr of 1 or more diverges at step 20.
+steps), FAKE_IGNORE_TERM, FAKE_LINGER, FAKE_NO_SERVER, FAKE_METRICS_PATH (serve metrics there only, 404
+elsewhere; by default on every path). An lr of 1 or more diverges at step 20.
 """
 
 import json
@@ -22,6 +23,7 @@ eval_interval = int(hp.get("eval_interval", 50))
 checkpoint_interval = int(hp.get("checkpoint_interval", 0))
 step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.005"))
 linger = float(os.environ.get("FAKE_LINGER", "0.3"))
+metrics_path = os.environ.get("FAKE_METRICS_PATH")
 floor = 1.25
 state = {"step": 0, "train": float("nan"), "val": float("nan"), "nonfinite": 0, "ckpt": -1, "lr": lr, "gen": 0}
 
@@ -53,6 +55,9 @@ def exposition() -> bytes:
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
+        if metrics_path and self.path.split("?")[0] != metrics_path:
+            self.send_error(404)
+            return
         body = exposition()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")

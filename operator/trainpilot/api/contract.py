@@ -187,6 +187,7 @@ REASON_MODEL_REFUSED = "ModelRefused"  # the LLM's API refuses the operator for 
 REASON_SIGN_OFF_IGNORED = "SignOffIgnored"  # an approve or reject that names no held decision, or nobody
 REASON_VALIDATION_MISMATCH = "ValidationMismatch"  # trials were scored on different validation sets
 REASON_SPEC_EDIT_REFUSED = "SpecEditRefused"  # an edit the table refuses while trials run (docs/spec-edits.md)
+REASON_CLEAN_UP_STALLED = "CleanUpStalled"  # a checkpoint clean-up failed or cannot run (spec.retention)
 
 # Status conditions besides Valid (kubectl describe shows them): False says what is wrong.
 CONDITION_VALID = "Valid"
@@ -202,6 +203,8 @@ CONDITION_AWAITING_APPROVAL = "AwaitingApproval"  # True: decisions are held for
 CONDITION_TRIALS_COMPARABLE = "TrialsComparable"
 # False: an edit of the spec is refused and the value in force is another (SpecEditRefused).
 CONDITION_SPEC_EDITS_APPLIED = "SpecEditsApplied"
+# False: a deletion spec.retention asked for failed or cannot run (CleanUpStalled).
+CONDITION_RETENTION_APPLIED = "RetentionApplied"
 
 # Trainer exit codes: how a finished trial says why it stopped.
 EXIT_COMPLETED = 0  # ran max_steps

@@ -187,9 +187,14 @@ async def drive(
             else:
                 runtime.update(owner, spec)
             now = cluster_now()
-            if status.finished and settled == generation and not retention.due(spec, status, now, runtime.removable):
-                # Final and saved for this spec, and nothing for spec.retention to delete yet: wake when
-                # the next finished trial's children are due, or to recheck.
+            if (
+                status.finished
+                and settled == generation
+                and not retention.due(spec, status, now, runtime.removable)
+                and not runtime.unfinished_clean_ups
+            ):
+                # Final and saved for this spec, and nothing for spec.retention to delete or to see done:
+                # wake when the next finished trial's children are due, or to recheck.
                 await stopped.wait(_finished_wait(spec, status, now))
                 continue
             held, status = await gate.hold(runtime, status, cluster_now())  # an earlier incarnation's leftovers
@@ -263,6 +268,6 @@ async def _one_cycle(
         operator_metrics.CYCLE_ERRORS.labels("crash").inc()
         wait = max(wait, FAILURE_BACKOFF_SECONDS)
     operator_metrics.CYCLE_SECONDS.observe(time.monotonic() - started)
-    if status.finished:
+    if status.finished and not runtime.unfinished_clean_ups:  # else: watch it at the policy's pace
         wait = max(wait, _finished_wait(spec, status, cluster_now()))
     return status, wait, saved

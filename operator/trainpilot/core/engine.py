@@ -451,6 +451,8 @@ def failed_record(
     `trial` (DecisionFailed)."""
     launched = trial == record.new_trial
     what = "launching" if launched else ("changing" if record.decision.mode == "in-place" else "stopping")
+    if record.decision.action == CLEAN_UP:
+        what = f"deleting the {record.decision.removes} of"
     return record.model_copy(
         update={
             "id": decision_id(experiment, seq),

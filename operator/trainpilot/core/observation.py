@@ -72,6 +72,19 @@ class TrialObservation(BaseModel):
     )
 
 
+class CleanUpObservation(BaseModel):
+    """A deletion spec.retention asked for that a runtime started and has not seen done: on a
+    cluster, the Job deleting a trial's checkpoint folder on the claim."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str
+    directory: str = Field(description="The folder it deletes.")
+    since: str = Field(description="RFC 3339: when it was started.")
+    failed: bool = False
+    reason: str = Field("", description="Why it has not run yet (its pod's reason), or how it failed.")
+
+
 class Observation(BaseModel):
     """Everything a runtime saw in one cycle."""
 
@@ -79,3 +92,6 @@ class Observation(BaseModel):
 
     time: str = Field(description="RFC 3339, UTC.")
     trials: dict[str, TrialObservation] = Field(default_factory=dict)
+    clean_ups: dict[str, CleanUpObservation] = Field(
+        default_factory=dict, description="By trial: its checkpoint clean-up, while it has not succeeded."
+    )

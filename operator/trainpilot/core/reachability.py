@@ -18,9 +18,10 @@ MAX_FAILED_SCRAPES = 3
 STARTUP_GRACE_SECONDS = 120
 
 WHAT_TO_DO = (
-    "the operator reads each trial's metrics at its pod IP: run it in the cluster (helm install, "
-    "docs/kind.md), or from a machine with a route to the pod network; a trainer that serves no "
-    "/metrics (a custom command) needs spec.metrics.port and spec.metrics.path set to where it does"
+    "the operator reads each trial's metrics at its pod IP (trainpilot run: on 127.0.0.1): run it in "
+    "the cluster (helm install, docs/kind.md), or from a machine with a route to the pod network; a "
+    "trainer that serves no /metrics (a custom command) needs spec.metrics.port and spec.metrics.path "
+    "set to where it does; a slow one, a longer spec.metrics.scrapeTimeoutSeconds"
 )
 
 

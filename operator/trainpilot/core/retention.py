@@ -16,7 +16,15 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, RetainedPart, TrialStatus
+from trainpilot.core.observation import Observation
 from trainpilot.core.times import seconds_between
+
+# What to do about a clean-up that cannot run, said with each one (RetentionApplied=False).
+STALLED_HINT = (
+    "a ReadWriteOnce claim mounts on one node at a time, so a clean-up waits while a trial on another node "
+    "uses it (a ReadWriteMany claim avoids that); a failed clean-up stays until you delete its Job "
+    "(kubectl delete job NAME), after deleting the folder by hand or fixing the cause"
+)
 
 
 @dataclass(frozen=True)
@@ -79,3 +87,22 @@ def _kept_checkpoints(status: AgentExperimentStatus, finished: list[TrialStatus]
         kept.add(status.best_trial.name)
     kept.update(trial.parent for trial in status.active_trials if trial.parent)
     return kept
+
+
+def stalled(spec: AgentExperimentSpec, observation: Observation, now: str) -> str | None:
+    """Why RetentionApplied is False: the clean-ups that failed, or that have not run within
+    spec.trialTemplate.pendingTimeoutSeconds of being started; None when none has."""
+    limit = spec.trial_template.pending_timeout_seconds
+    problems = []
+    for trial, seen in sorted(observation.clean_ups.items()):
+        waited = seconds_between(seen.since, now)
+        if seen.failed:
+            problems.append(f"{trial}: Job {seen.job} failed to delete {seen.directory}: {seen.reason or 'failed'}")
+        elif waited is not None and waited >= limit:
+            problems.append(
+                f"{trial}: Job {seen.job} has not deleted {seen.directory} in {waited:.0f} s "
+                f"(spec.trialTemplate.pendingTimeoutSeconds {limit}): {seen.reason or 'not started'}"
+            )
+    if not problems:
+        return None
+    return "; ".join(problems) + f"; {STALLED_HINT}"

@@ -126,16 +126,18 @@ class Refusal:
     rule: EditRule
 
     @property
-    def message(self) -> str:
-        fix = (
-            "set it back, or start a new experiment for the new value"
-            if self.rule.effect == REFUSED_ONCE_LAUNCHED
-            else "it applies once no trial is active; set it back to keep the spec and the cluster in step"
-        )
-        return (
-            f"spec.{self.field}: edit to {self.wanted!r} refused ({self.rule.effect}: {self.rule.why}); "
-            f"{self.in_force!r} stays in force; {fix}"
-        )
+    def edit(self) -> str:
+        return f"spec.{self.field} {self.wanted!r} (in force: {self.in_force!r})"
+
+
+# What each refusing effect means to whoever edited, and what to do: the message's sentence per effect.
+_MEANS: dict[Effect, str] = {
+    REFUSED_ONCE_LAUNCHED: "trials are compared on it; set it back, or start a new experiment for the new value",
+    REFUSED_WHILE_RUNNING: (
+        "running trials use what they were launched with; it applies once no trial is active, "
+        "or set it back to keep the spec and the cluster in step"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,29 @@ class EditReview:
 
     @property
     def message(self) -> str:
-        return "; ".join(refusal.message for refusal in self.refused)
+        """Every refused edit with the value in force, grouped by effect (what it means and the fix
+        said once), sibling fields under their parent: a dozen refusals fit one condition message.
+        docs/spec-edits.md has each field's reason."""
+        parts = []
+        for effect, means in _MEANS.items():
+            refusals = [refusal for refusal in self.refused if refusal.rule.effect == effect]
+            if refusals:
+                parts.append(f"{effect} ({means}): {_edits(refusals)}")
+        return "edits refused (docs/spec-edits.md): " + "; ".join(parts)
+
+
+def _edits(refusals: list[Refusal]) -> str:
+    by_parent: dict[str, list[Refusal]] = {}
+    for refusal in refusals:
+        by_parent.setdefault(refusal.field.rpartition(".")[0], []).append(refusal)
+    said = []
+    for parent, siblings in by_parent.items():
+        if parent and len(siblings) > 1:
+            named = ", ".join(f"{r.field.rpartition('.')[2]} {r.wanted!r} (in force: {r.in_force!r})" for r in siblings)
+            said.append(f"spec.{parent}: {named}")
+        else:
+            said.extend(refusal.edit for refusal in siblings)
+    return ", ".join(said)
 
 
 def review(desired: AgentExperimentSpec, status: AgentExperimentStatus) -> EditReview:

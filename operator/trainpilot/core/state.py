@@ -503,6 +503,10 @@ def _apply_failure(status: AgentExperimentStatus, record: DecisionRecord, now: s
         target.control_generation = max(target.control_generation - 1, 0)
         target.message = record.verdict
         return
+    if decision.action == CLEAN_UP:
+        # The trial's results stand; what was not deleted is said here, never tried again (no loop).
+        target.message = record.verdict
+        return
     # A launch that never happened, or a trial that could not be stopped: either way it is out of
     # the experiment's hands, and counts as failed (maxFailedTrials ends an experiment that keeps this up).
     target.state = "Failed"

@@ -539,7 +539,8 @@ class LocalRuntime:
                 self._release_gpus(local.name)
         names = [trial.name for trial in status.launched_trials]
         urls = {name: self.trials[name].metrics_url for name in names if name in self.trials}
-        scraped = await scrape_all(urls, self.spec.metrics.scrape_timeout_seconds)
+        errors: dict[str, str] = {}
+        scraped = await scrape_all(urls, self.spec.metrics.scrape_timeout_seconds, errors)
         observations: dict[str, TrialObservation] = {}
         for name in names:
             local = self.trials.get(name)
@@ -559,6 +560,8 @@ class LocalRuntime:
             if code is None:
                 phase = "Running"
                 observation = TrialObservation(name=name, phase=phase, metrics=metrics)
+                if local.metrics_url in errors:  # counted like a cluster's: MetricsReachable says so
+                    observation.scrape_error = f"{local.metrics_url}: {errors[local.metrics_url]}"
             else:
                 self._release_gpus(name)
                 if metrics is None:
@@ -633,7 +636,13 @@ class LocalRuntime:
 
     async def remove(self, trial: str, part: RetainedPart, spec: AgentExperimentSpec) -> None:
         if part == "checkpoints":
-            shutil.rmtree(self.run_dir / "checkpoints" / trial, ignore_errors=True)
+            folder = self.run_dir / "checkpoints" / trial
+            try:
+                shutil.rmtree(folder)
+            except FileNotFoundError:
+                pass
+            except OSError as error:  # said like any action refused for good (ActionsHealthy)
+                raise PermanentFailure(f"{trial}: checkpoints in {folder} not deleted: {error}") from error
             self._say(f"{trial}: checkpoints deleted (spec.retention.checkpointTrials)")
 
     async def stop(self, trial: str, reason: str) -> None:

@@ -322,9 +322,10 @@ def build_cleanup_job(owner: dict[str, Any], spec: AgentExperimentSpec, trial: s
             "labels": {**labels, **queue_labels},
             "ownerReferences": [owner_reference(owner)],
         },
+        # No ttlSecondsAfterFinished: the operator deletes it once it succeeded (runtime.kubernetes.
+        # clean_ups); one that failed stays, the record of checkpoints not deleted.
         "spec": {
             "backoffLimit": 3,
-            "ttlSecondsAfterFinished": 600,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }

@@ -24,7 +24,7 @@ from trainpilot.core.observation import Observation, TrialObservation
 from trainpilot.runtime import scrape
 from trainpilot.runtime.base import Departure, RuntimeFailure
 from trainpilot.runtime.clock import cluster_now
-from trainpilot.runtime.kubernetes import builders, claims, kueue, logs, ownership, waiting
+from trainpilot.runtime.kubernetes import builders, claims, clean_ups, kueue, logs, ownership, waiting
 from trainpilot.runtime.kubernetes.api import KubeApi, NotFound
 from trainpilot.runtime.kubernetes.departures import Departures
 from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
@@ -70,6 +70,9 @@ class KubernetesRuntime:
         self._prompts: list[dict[str, Any]] = []
         self.departures = Departures(api, self.namespace, self.experiment)
         self.workloads = kueue.Workloads(api, self.namespace, self.experiment)
+        # Whether the last cycle saw a checkpoint clean-up not done yet: a finished experiment keeps
+        # cycling until it is, so that one that cannot run is said (RetentionApplied).
+        self.unfinished_clean_ups = False
         # The status as last saved (the object's own at first), so a save can clear what became empty.
         stored = experiment.get("status")
         self.saved: dict[str, Any] | None = dict(stored) if isinstance(stored, dict) and stored else None
@@ -90,7 +93,8 @@ class KubernetesRuntime:
     async def observe(self, status: AgentExperimentStatus) -> Observation:
         active = [trial.name for trial in status.launched_trials]
         observation = Observation(time=cluster_now())
-        if not active:
+        cleaning = [trial.name for trial in status.trials if "checkpoints" in trial.removed]
+        if not active and not cleaning:
             return observation
         jobs = await self.api.call(
             "list trial jobs", self.api.batch.list_namespaced_job, self.namespace, label_selector=self.selector
@@ -100,6 +104,10 @@ class KubernetesRuntime:
         )
         # Only this incarnation's (by uid): an earlier experiment of this name may have left some.
         jobs_by_trial = {job.metadata.name: job for job in ownership.owned(jobs.items, self.owner)}
+        observation.clean_ups = await clean_ups.observe(self.api, self.namespace, cleaning, jobs_by_trial, pods.items)
+        self.unfinished_clean_ups = bool(observation.clean_ups)
+        if not active:
+            return observation
         pods_by_trial: dict[str, list[Any]] = {}
         for pod in ownership.current_pods(pods.items, jobs_by_trial.values()):
             trial = (pod.metadata.labels or {}).get(contract.LABEL_TRIAL)
@@ -234,6 +242,7 @@ class KubernetesRuntime:
                 await ownership.create_owned(
                     self.api, f"cleanup job of {trial}", self.api.batch.create_namespaced_job, ns, job
                 )
+                self.unfinished_clean_ups = True  # until a cycle sees it done
             return
         body = {"propagationPolicy": "Background"}
         await self.api.delete_if_present(f"job {trial}", self.api.batch.delete_namespaced_job, trial, ns, body=body)
