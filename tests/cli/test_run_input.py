@@ -217,7 +217,7 @@ def test_resume_with_an_edit_the_table_refuses_names_the_field_and_changes_nothi
     before = snapshot(existing_run)
     code, err = run([str(write_yaml(tmp_path / "edited.yaml", doc)), "--resume", str(existing_run)], capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert f"{field}: edit to" in err and "refused" in err and "(nothing was changed)" in err
+    assert f"{field} " in err and "(in force: " in err and "edits refused" in err and "(nothing was changed)" in err
     assert snapshot(existing_run) == before
 
 

@@ -152,8 +152,9 @@ def test_resume_with_edits_through_every_row_of_the_edit_table(tmp_path, monkeyp
     before = snapshot(run_dir)
     with pytest.raises(localrun.UsageError) as refusal:
         localrun.prepare(args_for(edit("refused.yaml", refused), run_dir, resume=True), gpus=0, cores=2)
-    for field, wanted in leaves(refused):
+    for field, wanted in leaves(COMPARED_ON):
         assert names_refusal(str(refusal.value), field, wanted), field
+    assert "spec.trialTemplate.checkpoints {'claimName': 'ckpt2'" in str(refusal.value)
     assert str(refusal.value).endswith("(nothing was changed)")
     assert snapshot(run_dir) == before
     doc["spec"] = merge_patch(doc["spec"], undo(refused, spec))
