@@ -36,7 +36,8 @@ need() {
 trainer_build_args() {
     # kind nodes have no GPUs: by default a CPU-only trainer image, about a tenth of the CUDA one.
     if [ "${TRAINER_BASE:-cpu}" != cuda ]; then
-        echo --build-arg BASE_IMAGE=python:3.11-slim --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+        echo --build-arg BASE_IMAGE=python:3.11-slim --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
+            --build-arg WITH_COMPILER=0
     fi
 }
 

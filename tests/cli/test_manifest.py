@@ -89,10 +89,11 @@ def test_validate_does_not_warn_for_an_objective_the_trainer_can_serve(tmp_path,
 
 
 def test_the_objectives_validate_lists_are_what_the_trainer_exports():
-    """contract.TRAINER_METRICS (which validate lists) is exactly what the trainer's registry serves."""
+    """contract.TRAINER_METRICS (which validate lists) is exactly what the trainer's registry serves, with every
+    optional gauge on."""
     from trainpilot_trainer.metrics import Metrics
 
-    metrics = Metrics(max_steps=10, loss_floor=1.0, cuda=True, validation=(7, 640))  # every optional gauge
+    metrics = Metrics(max_steps=10, loss_floor=1.0, cuda=True, validation=(7, 640), entropy_rate=1.1, mfu=True)
     served = set()
     for family in metrics.registry.collect():
         if family.type == "histogram":

@@ -82,3 +82,18 @@ def test_config_from_the_environment_and_none_at_all(tmp_path):
 def test_bad_metrics_port(tmp_path):
     path = write_config(tmp_path / "trial.json")
     _assert_one_clear_line(run_trainer(path, tmp_path, TRAINPILOT_METRICS_PORT="ninety"), "TRAINPILOT_METRICS_PORT")
+
+
+def test_a_token_id_past_vocab_size_in_training_data_exits_2_naming_the_field(tmp_path):
+    """Found in a batch once training runs (the training file is never read whole): still exit 2 and
+    the field, not a device-side assert or a traceback."""
+    import numpy as np
+
+    (np.arange(4000, dtype=np.uint16) % 300).tofile(tmp_path / "train.bin")
+    (np.arange(400, dtype=np.uint16) % 50).tofile(tmp_path / "val.bin")
+    data = {"dataset": "tokens", "data_path": [str(tmp_path)], "vocab_size": 64}
+    finished = run_trainer(write_config(tmp_path / "trial.json", {**data, "max_steps": 20}), tmp_path)
+    assert finished.returncode == 2, finished.stdout + finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert "hyperparameters.vocab_size: train.bin holds token id" in finished.stderr
+    assert finished.result["exit_reason"] == "invalid-config"

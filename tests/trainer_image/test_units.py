@@ -3,6 +3,7 @@ control file, metrics exposition, result line. Milliseconds each."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -72,6 +73,52 @@ def test_order_two_floor_and_window_floor_by_hand():
     assert chain.window_floor(block) == pytest.approx((math.log(2) + (block - 1) * binary_entropy(flip)) / block)
 
 
+def _brute_force_losses(chain: MarkovChain, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """-log p(y_t | x_0..x_t) from the probability of whole sequences, each prefix's probability summed
+    over every way to complete it to k symbols: no conditional formula, only the chain's definition."""
+    k, vocab = chain.order, chain.vocab_size
+
+    def probability(sequence: tuple[int, ...]) -> float:
+        if len(sequence) < k:
+            return sum(
+                probability(sequence + rest) for rest in itertools.product(range(vocab), repeat=k - len(sequence))
+            )
+        state = 0
+        for symbol in sequence[:k]:
+            state = state * vocab + symbol
+        p = chain.stationary[state]
+        for symbol in sequence[k:]:
+            p *= chain.transitions[state, symbol]
+            state = (state * vocab + symbol) % chain.n_states
+        return float(p)
+
+    losses = np.empty(x.shape)
+    for window in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            prefix = tuple(int(v) for v in x[window, : t + 1])
+            losses[window, t] = -math.log(probability((*prefix, int(y[window, t]))) / probability(prefix))
+    return losses
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_the_chains_own_loss_on_given_windows_matches_a_brute_force_computation(order):
+    chain = MarkovChain.random(vocab_size=3, order=order, concentration=0.5)
+    windows = chain.sample(np.random.default_rng(order), 20, 7).astype(np.int64)
+    x, y = windows[:, :-1], windows[:, 1:]
+    assert chain.losses(x, y) == pytest.approx(_brute_force_losses(chain, x, y), abs=1e-10)
+
+
+def test_the_exported_floor_is_the_chains_own_loss_on_the_validation_windows():
+    hp = Hyperparameters(vocab_size=16, synthetic_order=1, synthetic_concentration=0.1, block_size=32, eval_windows=128)
+    data = build_dataset(hp)
+    chain = MarkovChain.random(16, 1, 0.1)
+    x, y = data.val.windows(data.val_starts, data.block_size)
+    assert data.loss_floor == pytest.approx(float(chain.losses(x, y).mean()), abs=1e-12)
+    assert data.entropy_rate == pytest.approx(chain.entropy_rate, abs=1e-12)
+    # The quickstart's set: its sampling error puts the exact floor well away from the entropy rate.
+    assert abs(data.loss_floor - data.entropy_rate) > 0.005
+
+
 def test_sampled_stream_has_the_computed_entropy_rate():
     chain = MarkovChain.random(vocab_size=8, order=2, concentration=0.3)
     stream = chain.sample(np.random.default_rng(0), 64, 4096).astype(np.int64)
@@ -90,7 +137,8 @@ def test_synthetic_dataset_is_fixed_and_its_splits_differ():
         vocab_size=16, synthetic_order=1, block_size=16, micro_batch=4, eval_windows=12, eval_batch_size=5
     )
     first, second = build_dataset(hp), build_dataset(hp)
-    assert first.loss_floor == second.loss_floor == pytest.approx(MarkovChain.random(16, 1, 0.3).entropy_rate)
+    assert first.loss_floor == second.loss_floor
+    assert first.entropy_rate == pytest.approx(MarkovChain.random(16, 1, 0.3).entropy_rate)
     for index in range(3):  # the same validation batches every time
         assert np.array_equal(first.val_batch(index)[0], second.val_batch(index)[0])
     x, y = first.train_batch(rank=0, position=7)
@@ -166,6 +214,20 @@ def test_tokens_dataset_reads_nanogpt_bins(tmp_path):
     (tmp_path / "val.bin").unlink()
     with pytest.raises(ConfigError, match="hyperparameters.data_path: .*val.bin"):
         build_dataset(hp)
+
+
+def test_token_ids_at_or_above_vocab_size_are_refused_naming_the_field(tmp_path):
+    (np.arange(1000, dtype=np.uint16) % 300).tofile(tmp_path / "train.bin")  # ids up to 299
+    (np.arange(200, dtype=np.uint16) % 100).tofile(tmp_path / "val.bin")  # ids up to 99
+    hp = Hyperparameters(dataset="tokens", data_path=[str(tmp_path)], vocab_size=100, block_size=16, micro_batch=4)
+    data = build_dataset(hp)  # the validation set is whole and in range
+    message = r"hyperparameters.vocab_size: train.bin holds token id \d+, and ids must be below vocab_size 100"
+    with pytest.raises(ConfigError, match=message):
+        for position in range(50):  # some batch reaches past 99
+            data.train_batch(0, position)
+    bad = hp.model_copy(update={"vocab_size": 50})
+    with pytest.raises(ConfigError, match="val.bin holds token id 99.*at least 100"):
+        build_dataset(bad)  # the validation set is checked up front
 
 
 # ------------------------------------------------------------------ schedule
@@ -418,7 +480,24 @@ def test_exporter_serves_the_contract_names():
     assert samples["trainpilot_step_seconds_count"] == 1
     assert "trainpilot_loss_floor" not in samples  # unknown floor: absent, not a made-up value
     assert "trainpilot_gpu_memory_allocated_bytes" not in samples
+    assert not {"trainpilot_mfu", "trainpilot_tokens_per_second_per_gpu", "trainpilot_entropy_rate"} & set(samples)
     assert not [name for name in samples if not name.startswith("trainpilot_")]
+
+
+def test_gpu_metrics_and_mfu_are_exported_where_they_mean_something():
+    metrics = Metrics(max_steps=300, loss_floor=1.24, cuda=True, entropy_rate=1.26, mfu=True)
+    exposed = {metric.name for metric in metrics.registry.collect() if metric.name.startswith("trainpilot_")}
+    gpu = {
+        "trainpilot_gpu_memory_allocated_bytes",
+        "trainpilot_gpu_memory_peak_bytes",
+        "trainpilot_gpu_memory_reserved_bytes",
+        "trainpilot_tokens_per_second_per_gpu",
+        "trainpilot_mfu",
+    }
+    assert gpu | {"trainpilot_loss_floor", "trainpilot_entropy_rate"} <= exposed
+    # A GPU whose peak is unknown: its throughput and memory, but no MFU.
+    unknown_peak = Metrics(max_steps=300, cuda=True)
+    assert "trainpilot_mfu" not in {metric.name for metric in unknown_peak.registry.collect()}
 
 
 def test_divergence_ceiling():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +47,100 @@ def resolve_device(hp: Hyperparameters, cuda_available: bool) -> str:
     return hp.device
 
 
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this CUDA compute capability has bf16 tensor cores: Ampere (8.0) and later.
+    Older ones (Volta 7.0, Turing 7.5) only emulate bf16, far slower than their fp16."""
+    return capability >= (8, 0)
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The fast path's parts as this run uses them (Hyperparameters' auto values resolved)."""
+
+    compile: bool
+    pad_vocab_multiple: int
+    loss_chunk: int
+    fused_adamw: bool
+    tf32: bool
+    pinned_batches: bool
+    deepspeed_timers: bool
+
+
+# The trainer as it ran before the fast path: every part off, DeepSpeed's timers on (its default).
+# bench/gpu_throughput.py's baseline.
+BASELINE_PATH = FastPath(
+    compile=False,
+    pad_vocab_multiple=1,
+    loss_chunk=0,
+    fused_adamw=False,
+    tf32=False,
+    pinned_batches=False,
+    deepspeed_timers=True,
+)
+GPU_VOCAB_MULTIPLE = 64  # tensor cores want matmul sizes in multiples of 64 (of 8 at least)
+GPU_LOSS_CHUNK = 8192
+
+
+def resolve_fast_path(hp: Hyperparameters, device: str, compiler: str | None) -> tuple[FastPath, list[str]]:
+    """The parts of the fast path this run uses, and a line for each that was asked for but cannot be
+    had here (said once at start-up). `compiler`: the C compiler found, if any."""
+    gpu = device == "cuda"
+    notes = []
+    compile_ = gpu if hp.compile is None else hp.compile
+    if compile_ and compiler is None:
+        compile_ = False
+        notes.append(
+            "torch.compile is off: it compiles kernels at run time and no C compiler (cc, gcc or clang, or $CC) "
+            "is installed here; set hyperparameters.compile: false to silence this"
+            if hp.compile
+            else "torch.compile is off: no C compiler is installed here (the CPU image has none)"
+        )
+    pinned = gpu if hp.pinned_batches is None else hp.pinned_batches
+    if pinned and not gpu:
+        pinned = False
+        notes.append("pinned_batches is for GPU trials (pinned host memory feeds a device copy); off on the CPU")
+    fast = FastPath(
+        compile=compile_,
+        pad_vocab_multiple=hp.pad_vocab_multiple or (GPU_VOCAB_MULTIPLE if gpu else 1),
+        loss_chunk=(GPU_LOSS_CHUNK if gpu else 0) if hp.loss_chunk is None else hp.loss_chunk,
+        fused_adamw=gpu if hp.fused_adamw is None else hp.fused_adamw,
+        tf32=hp.tf32 and gpu,
+        pinned_batches=pinned,
+        deepspeed_timers=hp.deepspeed_timers,
+    )
+    return fast, notes
+
+
+def describe_fast_path(fast: FastPath) -> str:
+    on = [
+        name
+        for name, enabled in (
+            ("compile", fast.compile),
+            ("fused AdamW", fast.fused_adamw),
+            ("TF32", fast.tf32),
+            ("pinned batches", fast.pinned_batches),
+        )
+        if enabled
+    ]
+    if fast.pad_vocab_multiple > 1:
+        on.append(f"vocabulary padded to a multiple of {fast.pad_vocab_multiple}")
+    if fast.loss_chunk:
+        on.append(f"loss in chunks of {fast.loss_chunk} positions")
+    if not fast.deepspeed_timers:
+        on.append("DeepSpeed timers off")
+    return ", ".join(on) or "all off"
+
+
+def find_compiler(environ: Mapping[str, str]) -> str | None:
+    """The C compiler torch.compile's backends would call (Triton's launcher, inductor's C++ on a CPU)."""
+    for name in (environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
 def resolve_precision(hp: Hyperparameters, device: str, bf16_supported: bool = True) -> str:
-    """auto: bf16 on a GPU (fp16 on GPUs without bf16), fp32 on a CPU. fp16 never on a CPU."""
+    """auto: bf16 on a GPU with native bf16 (fp16 on older GPUs), fp32 on a CPU. fp16 never on a CPU."""
     if hp.precision == "auto":
         if device == "cpu":
             return "fp32"
@@ -58,7 +152,7 @@ def resolve_precision(hp: Hyperparameters, device: str, bf16_supported: bool = T
     return hp.precision
 
 
-def deepspeed_config(hp: Hyperparameters, precision: str) -> dict:
+def deepspeed_config(hp: Hyperparameters, precision: str, fast: FastPath | None = None) -> dict:
     """The DeepSpeed config for `hp`. The lr given here only seeds the optimizer: the trainer
     sets every param group's lr itself before each step (see schedule.py), so there is no
     DeepSpeed scheduler."""
@@ -73,8 +167,10 @@ def deepspeed_config(hp: Hyperparameters, precision: str) -> dict:
                 "betas": [hp.beta1, hp.beta2],
                 "eps": 1e-8,
                 "weight_decay": hp.weight_decay,
-                # Plain torch.optim.AdamW: DeepSpeed's fused CPU Adam would be compiled at start-up.
+                # torch.optim.AdamW: DeepSpeed's own fused Adam would be compiled at start-up; torch's
+                # fused kernel (one launch for all parameters) needs no build.
                 "torch_adam": True,
+                **({"fused": True} if fast is not None and fast.fused_adamw else {}),
             },
         },
         "zero_optimization": {"stage": hp.zero_stage},
@@ -82,6 +178,8 @@ def deepspeed_config(hp: Hyperparameters, precision: str) -> dict:
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
+        # The throughput timer synchronises the device twice per micro-step.
+        "timers": {"throughput": {"enabled": fast is None or fast.deepspeed_timers}},
     }
 
 

@@ -95,7 +95,7 @@ class MarkovChain:
         return float(self.stationary @ entropy(self.transitions))
 
     def window_floor(self, block_size: int) -> float:
-        """The best mean loss over a training window of `block_size` predictions.
+        """The expected best mean loss over a window of `block_size` predictions, over all windows.
 
         The first k-1 predictions of a window lack a full context, so they cost more than the
         entropy rate: H(X_1..X_k | X_0) more in total, from the stationary k-symbol marginals.
@@ -105,6 +105,34 @@ class MarkovChain:
         first_symbol = self.stationary.reshape(self.vocab_size, -1).sum(axis=1)
         warm_up = float(entropy(self.stationary)) - float(entropy(first_symbol))
         return (warm_up + (block_size - self.order + 1) * self.entropy_rate) / block_size
+
+    def losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The chain's own loss, -log p(y_t | x_0..x_t), of each prediction of windows (x, y): what
+        the best possible model scores on exactly these windows, knowing only each window's prefix.
+
+        A prediction with at least k symbols of context uses the transition row of the last k; one
+        with c < k uses the stationary marginals of c and c+1 consecutive symbols (their ratio)."""
+        windows, length = x.shape
+        vocab, order = self.vocab_size, self.order
+        losses = np.empty((windows, length))
+        full = np.arange(length) >= order - 1
+        if full.any():
+            # The state before predicting y_t: x_{t-k+1}..x_t, oldest most significant.
+            states = np.zeros((windows, length), dtype=np.int64)
+            for lag in range(order):
+                shifted = np.zeros_like(states)
+                shifted[:, lag:] = x[:, : length - lag]
+                states += shifted * vocab**lag
+            p = self.transitions[states[:, full], y[:, full]]
+            losses[:, full] = -np.log(p)
+        marginal = self.stationary.reshape((vocab,) * order)
+        for t in range(min(order - 1, length)):  # context of c = t + 1 symbols
+            c = t + 1
+            joint = marginal.sum(axis=tuple(range(c + 1, order)))  # (c + 1) consecutive symbols
+            context = joint.sum(axis=-1)
+            index = tuple(x[:, j] for j in range(c))
+            losses[:, t] = -np.log(joint[(*index, y[:, t])] / context[index])
+        return losses
 
     def sample(self, rng: np.random.Generator, n_sequences: int, length: int) -> np.ndarray:
         """`n_sequences` independent stationary runs of the chain, `length` symbols each."""
@@ -155,9 +183,14 @@ class Dataset:
     val: TokenStore
     val_starts: np.ndarray  # (eval_windows,) window starts, fixed for the whole run
     eval_batch_size: int
-    loss_floor: float | None = None  # entropy rate, when known
-    window_floor: float | None = None  # the floor averaged over a window's positions
+    # The source's own loss on exactly the validation windows, when the source is known: the best
+    # any trial can score there (the entropy rate differs from it by the sampling error of the set).
+    loss_floor: float | None = None
+    entropy_rate: float | None = None  # the source's, in nats per token, when known
     description: str = ""
+    # Token ids come from a file (tokens): each batch is checked against vocab_size, so an id out of
+    # range is a clear exit 2 naming the field, not a device-side assert inside the embedding.
+    check_token_ids: bool = False
 
     @property
     def eval_windows(self) -> int:
@@ -190,12 +223,24 @@ class Dataset:
         window = self.block_size + 1
         segments = rng.integers(0, self.train.n_segments, self.micro_batch)
         offsets = rng.integers(0, self.train.segment - window + 1, self.micro_batch)
-        return self.train.windows(segments * self.train.segment + offsets, self.block_size)
+        return self._checked(self.train.windows(segments * self.train.segment + offsets, self.block_size), "train.bin")
 
     def val_batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Validation batch `index` of eval_batches: windows index x eval_batch_size onwards."""
         first = index * self.eval_batch_size
-        return self.val.windows(self.val_starts[first : first + self.eval_batch_size], self.block_size)
+        windows = self.val.windows(self.val_starts[first : first + self.eval_batch_size], self.block_size)
+        return self._checked(windows, "val.bin")
+
+    def _checked(self, windows: tuple[np.ndarray, np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.check_token_ids:
+            x, y = windows
+            top = int(max(x.max(), y.max()))
+            if top >= self.vocab_size:
+                raise ConfigError(
+                    f"hyperparameters.vocab_size: {where} holds token id {top}, and ids must be below "
+                    f"vocab_size {self.vocab_size}; set vocab_size to the tokenizer's (at least {top + 1})"
+                )
+        return windows
 
 
 def build_dataset(hp: Hyperparameters) -> Dataset:
@@ -215,7 +260,8 @@ def _synthetic(hp: Hyperparameters) -> Dataset:
     # Validation: one fresh chain per window, from a different stream than training.
     count = hp.eval_windows
     val = chain.sample(np.random.default_rng((DATA_SEED, VAL_STREAM)), count, window)
-    floor = chain.entropy_rate
+    rate = chain.entropy_rate
+    floor = float(chain.losses(val[:, :-1], val[:, 1:]).mean())
     return Dataset(
         name="synthetic",
         vocab_size=vocab_size,
@@ -227,10 +273,11 @@ def _synthetic(hp: Hyperparameters) -> Dataset:
         val_starts=np.arange(count) * window,
         eval_batch_size=hp.eval_batch_size,
         loss_floor=floor,
-        window_floor=chain.window_floor(hp.block_size),
+        entropy_rate=rate,
         description=(
             f"synthetic order-{hp.synthetic_order} Markov chain over {vocab_size} symbols "
-            f"(concentration {hp.synthetic_concentration}), entropy rate {floor:.4f} nats"
+            f"(concentration {hp.synthetic_concentration}), entropy rate {rate:.4f} nats, "
+            f"the chain's own loss on the validation windows {floor:.4f}"
         ),
     )
 
@@ -330,7 +377,7 @@ def _tokens(hp: Hyperparameters) -> Dataset:
         arrays[split] = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, np.uint16)
     _check_long_enough(str(folder), len(arrays["train"]), len(arrays["val"]), hp.block_size)
     assert hp.vocab_size is not None  # the config model requires it for tokens
-    return _dataset_from_arrays(
+    dataset = _dataset_from_arrays(
         hp,
         "tokens",
         hp.vocab_size,
@@ -338,6 +385,10 @@ def _tokens(hp: Hyperparameters) -> Dataset:
         arrays["val"],
         f"tokens from {folder}: {len(arrays['train']):,} train, {len(arrays['val']):,} val (uint16)",
     )
+    dataset.check_token_ids = True
+    for index in range(dataset.eval_batches):  # the whole validation set now, training batches as drawn
+        dataset.val_batch(index)
+    return dataset
 
 
 def _check_long_enough(what: str, n_train: int, n_val: int, block_size: int) -> None:

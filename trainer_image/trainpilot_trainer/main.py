@@ -27,10 +27,14 @@ from .config import (
     check_resume,
     check_resume_fits,
     control_file_path,
+    describe_fast_path,
+    find_compiler,
     metrics_endpoint,
+    native_bf16,
     own_checkpoint,
     read_trial_config,
     resolve_device,
+    resolve_fast_path,
     resolve_precision,
 )
 from .control import ControlWatcher
@@ -38,6 +42,7 @@ from .data import build_dataset
 from .distributed import prepare_environment
 from .errors import ConfigError
 from .exitcodes import EXIT_CRASHED, EXIT_INVALID_CONFIG, EXIT_REASONS, EXIT_STOPPED
+from .flops import peak_flops
 from .metrics import Metrics
 from .signals import StopRequest, install_stop_handlers
 from .termination import write_termination_message
@@ -129,8 +134,10 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
         import torch  # only now: the checks above must not wait for torch to import
 
         device = resolve_device(hp, torch.cuda.is_available())
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        # Native bf16 only (Ampere and later): emulated bf16 on older GPUs is slower than their fp16.
+        bf16 = device == "cuda" and native_bf16(torch.cuda.get_device_capability(dist_env.local_rank))
         precision = resolve_precision(hp, device, bf16_supported=bf16)
+        fast, fast_notes = resolve_fast_path(hp, device, find_compiler(os.environ))
         dataset = build_dataset(hp)
     except ConfigError as error:
         return report.invalid_config(str(error))
@@ -146,8 +153,15 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
         return report.stopped_during_startup("while loading torch, DeepSpeed and the data")
 
     fingerprint = dataset.validation_fingerprint
+    device_name = torch.cuda.get_device_name(dist_env.local_rank) if device == "cuda" else "cpu"
+    peak = peak_flops(device_name, precision, fast.tf32) if device == "cuda" else None
     metrics = Metrics(
-        hp.max_steps, dataset.loss_floor, cuda=device == "cuda", validation=(fingerprint, dataset.validation_tokens)
+        hp.max_steps,
+        dataset.loss_floor,
+        cuda=device == "cuda",
+        validation=(fingerprint, dataset.validation_tokens),
+        entropy_rate=dataset.entropy_rate,
+        mfu=peak is not None,
     )
     if dist_env.is_main:
         try:
@@ -166,10 +180,13 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
             f"{dist_env.world_size} rank(s); metrics on http://{endpoint.addr}:{port}{contract.DEFAULT_METRICS_PATH}",
             flush=True,
         )
+        print(f"fast path: {describe_fast_path(fast)}; {_peak_line(device_name, precision, peak)}", flush=True)
+        for note in fast_notes:
+            print(f"trainpilot: {note}", flush=True)
     control = ControlWatcher(control_file_path(config, os.environ))
     trainer = None
     try:
-        trainer = Trainer(config, dataset, dist_env, device, precision, metrics, control, stop)
+        trainer = Trainer(config, dataset, dist_env, device, precision, metrics, control, stop, fast=fast, peak=peak)
         # From here on all ranks decide together (the per-step agreement); rank 0 speaks for them.
         report.prints_result = dist_env.is_main
         if dist_env.is_main:
@@ -185,6 +202,14 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
     metrics.close()
     _shutdown_process_group(together=code == 0)
     return code
+
+
+def _peak_line(device_name: str, precision: str, peak: float | None) -> str:
+    if device_name == "cpu":
+        return "MFU: not measured on a CPU"
+    if peak is None:
+        return f"MFU: not exported, no {precision} peak known for {device_name} (flops.PEAKS)"
+    return f"MFU against {peak / 1e12:,.0f} TFLOP/s dense {precision} peak of {device_name}"
 
 
 def linger(seconds: float, stop: StopRequest) -> None:

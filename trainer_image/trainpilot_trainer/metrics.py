@@ -23,8 +23,11 @@ class Metrics:
         loss_floor: float | None = None,
         cuda: bool = False,
         validation: tuple[int, int] | None = None,
+        entropy_rate: float | None = None,
+        mfu: bool = False,
     ):
-        """`validation`: the validation set's fingerprint and its number of scored tokens."""
+        """`validation`: the validation set's fingerprint and its number of scored tokens; `mfu`:
+        whether the device's peak is known, so that MFU means something."""
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
 
@@ -69,11 +72,25 @@ class Metrics:
             None
             if loss_floor is None
             else gauge(
-                contract.METRIC_LOSS_FLOOR, "Best achievable loss (entropy rate of the data), nats/token.", loss_floor
+                contract.METRIC_LOSS_FLOOR, "Best achievable loss on the validation windows, nats/token.", loss_floor
             )
         )
-        self.gpu_memory = (
-            None if not cuda else gauge(contract.METRIC_GPU_MEMORY, "torch.cuda.memory_allocated() on rank 0.", 0)
+        if entropy_rate is not None:
+            gauge(contract.METRIC_ENTROPY_RATE, "Entropy rate of the synthetic source, nats/token.", entropy_rate)
+        self.gpu_memory = self.gpu_memory_peak = self.gpu_memory_reserved = self.tokens_per_gpu = None
+        if cuda:
+            self.gpu_memory = gauge(contract.METRIC_GPU_MEMORY, "torch.cuda.memory_allocated() on rank 0.", 0)
+            self.gpu_memory_peak = gauge(
+                contract.METRIC_GPU_MEMORY_PEAK, "torch.cuda.max_memory_allocated() on rank 0.", 0
+            )
+            self.gpu_memory_reserved = gauge(
+                contract.METRIC_GPU_MEMORY_RESERVED, "torch.cuda.memory_reserved() on rank 0.", 0
+            )
+            self.tokens_per_gpu = gauge(contract.METRIC_TOKENS_PER_SECOND_PER_GPU, "Training throughput per GPU.", 0)
+        self.mfu = (
+            gauge(contract.METRIC_MFU, "Model FLOPs utilisation: model FLOP/s over the GPU's dense peak.", 0)
+            if mfu
+            else None
         )
         if validation is not None:
             fingerprint, tokens = validation

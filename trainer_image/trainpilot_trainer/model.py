@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,15 @@ class GPTShape:
     block_size: int
     vocab_size: int
     dropout: float = 0.0
+    # Embedding rows rounded up to a multiple of this (tensor-core-friendly head matmuls); the
+    # extra rows are zero and sliced off the logits, so the model is the unpadded one.
+    pad_vocab_multiple: int = 1
+    # Positions per chunk of the head and loss (0: all at once); see GPT.forward.
+    loss_chunk: int = 0
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,6 +94,18 @@ class GPT(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * shape.n_layer))
+        self._pad_vocabulary()
+
+    def _pad_vocabulary(self) -> None:
+        """Zero rows after the real ones, added once every weight is drawn: the model starts, and
+        trains, exactly as the unpadded one (nothing reads those rows or sends them a gradient)."""
+        extra = self.shape.padded_vocab - self.shape.vocab_size
+        if extra == 0:
+            return
+        weight = self.token_embedding.weight
+        padded = nn.Parameter(torch.cat([weight.data, weight.data.new_zeros(extra, weight.shape[1])]))
+        self.token_embedding.weight = self.head.weight = padded
+        self.token_embedding.num_embeddings = self.head.out_features = self.shape.padded_vocab
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -99,9 +121,24 @@ class GPT(nn.Module):
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_final(x))
+        hidden = self.ln_final(x).reshape(-1, self.shape.n_embd)
+        targets = targets.reshape(-1)
+        chunk = self.shape.loss_chunk
+        if not chunk or chunk >= len(targets):
+            return self._loss_sum(hidden, targets) / len(targets)
+        # In chunks, each recomputed in backward: the fp32 logits of one chunk exist at a time, not
+        # the whole batch's (positions x vocab x 4 bytes, a third of the step's memory at GPT-2 size).
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), chunk):
+            total = total + checkpoint(
+                self._loss_sum, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False
+            )
+        return total / len(targets)
+
+    def _loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)[:, : self.shape.vocab_size]
         # Float32 for the loss: under bf16 the log-softmax would lose the digits we compare to the floor.
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices (and the embeddings), never biases or LayerNorm gains."""
@@ -114,4 +151,6 @@ class GPT(nn.Module):
         ]
 
     def num_parameters(self) -> int:
-        return sum(parameter.numel() for parameter in self.parameters())
+        """The model's parameters, without the embedding's padding rows (never used)."""
+        padding = (self.shape.padded_vocab - self.shape.vocab_size) * self.shape.n_embd
+        return sum(parameter.numel() for parameter in self.parameters()) - padding

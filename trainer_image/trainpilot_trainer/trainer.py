@@ -33,11 +33,15 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 from trainpilot.api.trial import ControlFile, TrialConfig  # noqa: E402
 
+from .batches import BatchFeeder  # noqa: E402
 from .config import (  # noqa: E402
     COMPLETE_MARKER,
+    FastPath,
     checkpoint_tag,
     completion_record,
     deepspeed_config,
+    find_compiler,
+    resolve_fast_path,
     tags_to_remove,
 )
 from .control import ControlWatcher  # noqa: E402
@@ -45,6 +49,7 @@ from .data import Dataset  # noqa: E402
 from .distributed import DistEnv  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .exitcodes import EXIT_COMPLETED, EXIT_DIVERGED, EXIT_STOPPED  # noqa: E402
+from .flops import flops_per_token, mfu  # noqa: E402
 from .metrics import Metrics  # noqa: E402
 from .model import GPT, GPTShape  # noqa: E402
 from .outcome import LossWatch, RunResult, loss_ceiling  # noqa: E402
@@ -57,6 +62,8 @@ DEEPSPEED_VERSION = deepspeed.__version__.strip()
 
 # Weight of the newest step in the smoothed step time behind trainpilot_tokens_per_second.
 THROUGHPUT_SMOOTHING = 0.1
+# torch.compile's backend (inductor); tests on a CPU name one that needs no C++ build.
+COMPILE_BACKEND_ENV = "TRAINPILOT_COMPILE_BACKEND"
 
 
 def quiet_stdout():
@@ -101,7 +108,11 @@ class Trainer:
         control: ControlWatcher | None = None,
         stop: StopRequest | None = None,
         log=print,
+        fast: FastPath | None = None,
+        peak: float | None = None,
     ):
+        """`fast`: the fast path's parts (default: as resolved for `device`); `peak`: the device's
+        peak FLOP/s, for MFU (None: unknown, not exported)."""
         self.config = config
         self.hp = hp = config.hyperparameters
         self.dataset = dataset
@@ -112,23 +123,43 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.log = log if dist_env.is_main else (lambda *args, **kwargs: None)
 
+        self.fast = fast = fast if fast is not None else resolve_fast_path(hp, device, find_compiler(os.environ))[0]
         if device == "cuda":
             torch.cuda.set_device(dist_env.local_rank)
             self.device = torch.device("cuda", dist_env.local_rank)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast.tf32
         else:
             self.device = torch.device("cpu")
         init_distributed(device)
 
         torch.manual_seed(hp.seed)  # identical initial weights on every rank
-        shape = GPTShape(hp.n_layer, hp.n_head, hp.n_embd, hp.block_size, dataset.vocab_size, hp.dropout)
+        shape = GPTShape(
+            hp.n_layer,
+            hp.n_head,
+            hp.n_embd,
+            hp.block_size,
+            dataset.vocab_size,
+            hp.dropout,
+            pad_vocab_multiple=fast.pad_vocab_multiple,
+            loss_chunk=fast.loss_chunk,
+        )
         self.model = GPT(shape)
         self.num_parameters = self.model.num_parameters()  # before ZeRO-3 partitions them away
+        self.flops_per_token = flops_per_token(
+            hp.n_layer, hp.n_embd, hp.block_size, self.num_parameters, hp.block_size * hp.n_embd
+        )
+        self.peak = peak
         with quiet_stdout():
             self.engine, _, _, _ = deepspeed.initialize(
                 model=self.model,
                 model_parameters=self.model.parameter_groups(hp.weight_decay),
-                config=deepspeed_config(hp, precision),
+                config=deepspeed_config(hp, precision, fast),
             )
+            if fast.compile:
+                # The engine's compile keeps the module's own parameter names, so checkpoints of
+                # compiled and eager runs load into each other.
+                self.engine.compile(backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
+        self.batches = BatchFeeder(dataset, dist_env.rank, self.device, pinned=fast.pinned_batches)
 
         self.schedule = Schedule.from_hyperparameters(hp)
         self.weight_decay = hp.weight_decay
@@ -283,9 +314,9 @@ class Trainer:
     # ---------------------------------------------------------------- one step
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.dataset.train_batch(self.dist.rank, self.data_position)
+        batch = self.batches.take(self.data_position)
         self.data_position += 1
-        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+        return batch
 
     def _train_step(self) -> float:
         """One optimizer step (grad_accum micro-steps); returns this rank's mean loss."""
@@ -293,11 +324,14 @@ class Trainer:
         for group in self.param_groups:
             group["lr"] = self.lr
         accum = self.hp.grad_accum
-        want_own_norm = self._own_grad_norm and (self.step + 1) % self.config.log_interval == 0
+        # The gradient norm costs a host sync: read on the steps that log it, and the last one.
+        log_step = (self.step + 1) % self.config.log_interval == 0 or self.step + 1 == self.hp.max_steps
+        want_own_norm = self._own_grad_norm and log_step
         total = None
         for micro in range(accum):
             x, y = self._batch()
             loss = self.engine(x, y)
+            self.batches.prefetch(self.data_position)  # host work while the device computes
             self.engine.backward(loss)
             if want_own_norm and micro == accum - 1:
                 # After the boundary backward the gradients are averaged over ranks, not yet clipped.
@@ -305,10 +339,10 @@ class Trainer:
                 self.grad_norm = float(torch.nn.utils.get_total_norm(grads))
             self.engine.step()
             total = loss.detach() if total is None else total + loss.detach()
-        if not self._own_grad_norm:
+        if not self._own_grad_norm and log_step:
             norm = self.engine.get_global_grad_norm()
             self.grad_norm = math.nan if norm is None else float(norm)
-        return float(total) / accum  # the one host sync per step
+        return float(total) / accum  # the one host sync per step (two on a log step)
 
     def _agree(self, local_loss: float) -> tuple[float, bool, ControlFile | None]:
         """Mean loss over ranks, whether any rank was asked to stop, and rank 0's new control file
@@ -349,8 +383,17 @@ class Trainer:
         metrics.grad_norm.set(self.grad_norm)
         metrics.tokens_per_second.set(self.tokens_per_second)
         metrics.step_seconds.observe(seconds)
+        per_device = self.tokens_per_second / self.dist.world_size
+        if metrics.mfu is not None and self.peak is not None:
+            metrics.mfu.set(mfu(per_device, self.flops_per_token, self.peak))
         if metrics.gpu_memory is not None:
             metrics.gpu_memory.set(torch.cuda.memory_allocated(self.device))
+        if metrics.gpu_memory_peak is not None:
+            metrics.gpu_memory_peak.set(torch.cuda.max_memory_allocated(self.device))
+        if metrics.gpu_memory_reserved is not None:
+            metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved(self.device))
+        if metrics.tokens_per_gpu is not None:
+            metrics.tokens_per_gpu.set(per_device)
 
     # ---------------------------------------------------------------- the loop
 

@@ -104,6 +104,14 @@ METRIC_CONTROL_GENERATION = "trainpilot_control_generation"
 METRIC_WEIGHT_DECAY = "trainpilot_weight_decay"
 METRIC_STEP_SECONDS = "trainpilot_step_seconds"
 METRIC_GPU_MEMORY = "trainpilot_gpu_memory_allocated_bytes"
+METRIC_GPU_MEMORY_PEAK = "trainpilot_gpu_memory_peak_bytes"  # torch.cuda.max_memory_allocated()
+METRIC_GPU_MEMORY_RESERVED = "trainpilot_gpu_memory_reserved_bytes"  # held by the caching allocator
+METRIC_TOKENS_PER_SECOND_PER_GPU = "trainpilot_tokens_per_second_per_gpu"
+# Model FLOPs utilisation, 0..1: the model's own training FLOPs against the GPU's dense peak
+# (trainer_image/trainpilot_trainer/flops.py); exported only where the peak is known.
+METRIC_MFU = "trainpilot_mfu"
+# The synthetic source's entropy rate; trainpilot_loss_floor is its own loss on the validation windows.
+METRIC_ENTROPY_RATE = "trainpilot_entropy_rate"
 METRIC_MAX_STEPS = "trainpilot_max_steps"
 # Which data the validation loss is measured on: a 48-bit hash of the validation windows' tokens
 # (exact in a Prometheus float) and how many predictions they hold. Trials are only ranked against
@@ -117,7 +125,8 @@ METRIC_VALIDATION_TOKENS = "trainpilot_validation_tokens"
 METRIC_RUNG_STEP = "trainpilot_rung_step"
 METRIC_RUNG_VAL_LOSS = "trainpilot_rung_val_loss"
 # Every one-value metric the built-in trainer exports (trainer_image/trainpilot_trainer/metrics.py;
-# GPU memory only on CUDA, the loss floor only when known), besides the METRIC_STEP_SECONDS
+# GPU memory, per-GPU throughput and MFU only on CUDA (MFU where the GPU's peak is known), the loss
+# floor and entropy rate only when known), besides the METRIC_STEP_SECONDS
 # histogram. An objective `x` reads `trainpilot_x`, so these are all it can optimise.
 TRAINER_METRICS = (
     METRIC_STEP,
@@ -135,7 +144,12 @@ TRAINER_METRICS = (
     METRIC_CONTROL_GENERATION,
     METRIC_NONFINITE_LOSS,
     METRIC_LOSS_FLOOR,
+    METRIC_ENTROPY_RATE,
     METRIC_GPU_MEMORY,
+    METRIC_GPU_MEMORY_PEAK,
+    METRIC_GPU_MEMORY_RESERVED,
+    METRIC_TOKENS_PER_SECOND_PER_GPU,
+    METRIC_MFU,
     METRIC_VALIDATION_FINGERPRINT,
     METRIC_VALIDATION_TOKENS,
 )

@@ -36,6 +36,10 @@ DEFAULT_EVAL_WINDOWS = 64
 # The hyperparameters that define the validation set's size: a search space may not move them,
 # or trials would be scored on different data.
 VALIDATION_SET_FIELDS = frozenset({"eval_windows", "eval_batch_size"})
+# How the trainer runs, not what it learns (the fast path): never a search dimension.
+FAST_PATH_FIELDS = frozenset(
+    {"compile", "pad_vocab_multiple", "loss_chunk", "fused_adamw", "tf32", "pinned_batches", "deepspeed_timers"}
+)
 # The hyperparameters that define the data and the validation windows a trial is scored on (its
 # trainpilot_validation_fingerprint): an edit of the template may not change them once a trial
 # has launched, or later trials could not be compared with earlier ones (core.spec_edits).
@@ -118,6 +122,27 @@ class Hyperparameters(BaseModel):
     seed: int = Field(0, ge=0, description="Seeds model init and data order.")
     fail_fast: bool = Field(True, description="Stop at the first non-finite loss, without checkpointing it.")
     device: Device = Field("auto", description="auto picks CUDA when present.")
+
+    # The fast path (docs/trainer.md#fast-path): each part on by default where it helps (null: auto,
+    # on a GPU), each switchable; none changes what a trial learns beyond rounding.
+    compile: bool | None = Field(
+        None, description="torch.compile the model; auto: on a GPU where a C compiler is present (Triton needs one)."
+    )
+    pad_vocab_multiple: PositiveInt | None = Field(
+        None, le=1024, description="Pad the embedding rows to a multiple of this; auto: 64 on a GPU, 1 on a CPU."
+    )
+    loss_chunk: int | None = Field(
+        None,
+        ge=0,
+        description="Positions per chunk of the output head and loss, recomputed in backward, so the fp32 logits "
+        "of the whole batch never exist at once; 0: in one piece; auto: 8192 on a GPU, 0 on a CPU.",
+    )
+    fused_adamw: bool | None = Field(None, description="torch's fused AdamW kernel; auto: on a GPU.")
+    tf32: bool = Field(True, description="fp32 matmuls on TF32 tensor cores (Ampere and later GPUs).")
+    pinned_batches: bool | None = Field(
+        None, description="Batches in pinned host memory, copied without blocking, the next one prefetched; auto: GPU."
+    )
+    deepspeed_timers: bool = Field(False, description="DeepSpeed's throughput timers (they synchronise the device).")
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +305,6 @@ def tunable_hyperparameters() -> Mapping[str, type]:
                 break
     # Booleans are ints to Python; they are switches, not a search dimension.
     tunable.pop("fail_fast", None)
-    for name in VALIDATION_SET_FIELDS:
+    for name in VALIDATION_SET_FIELDS | FAST_PATH_FIELDS:
         tunable.pop(name, None)
     return MappingProxyType(tunable)
