@@ -19,8 +19,11 @@ from trainpilot.api.trial import Hyperparameters, TrialConfig
 from trainpilot_trainer.config import (
     BASELINE_PATH,
     FastPath,
+    ResumePoint,
+    completion_record,
     deepspeed_config,
     native_bf16,
+    padding_of,
     resolve_fast_path,
     resolve_precision,
 )
@@ -204,3 +207,13 @@ def test_the_gpu_throughput_bench_runs_at_a_tiny_size_on_a_cpu():
     assert set(rows) == {"baseline", "fast"} and rows["baseline"].endswith("all off")
     assert float(rows["fast"].split()[1].replace(",", "")) > 0
     assert lines[-1].startswith("fast path / baseline: ") and lines[-1].endswith("x tokens/s")
+
+
+def test_a_checkpoint_resumes_with_the_vocabulary_padding_it_was_saved_with():
+    gpu = resolve_fast_path(Hyperparameters(), "cuda", compiler="cc")[0]
+    before_the_fast_path = ResumePoint("/ckpt/t0", "step100", "zero0", {"step": 100, "precision": "bf16"})
+    kept, note = padding_of(before_the_fast_path, gpu)
+    assert kept == dataclasses.replace(gpu, pad_vocab_multiple=1)
+    assert note is not None and "saved with the vocabulary padded to a multiple of 1" in note
+    padded = ResumePoint("/ckpt/t0", "step200", "zero0", completion_record("step200", 200, 1, 0, "bf16", "0.19.8", 64))
+    assert padding_of(padded, gpu) == (gpu, None)

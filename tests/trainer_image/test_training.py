@@ -423,3 +423,51 @@ def test_bf16_zero2_grad_accum_and_text_data(tmp_path, start_trainer):
     assert result["val_loss"] < math.log(256)  # better than uniform over bytes
     assert result["grad_norm"] is not None  # reported by DeepSpeed's ZeRO optimizer
     assert "device cpu bf16" in finished.stdout
+
+
+def test_a_checkpoint_saved_unpadded_resumes_under_a_padded_config_keeping_its_padding(tmp_path, start_trainer):
+    """A checkpoint from before the fast path (or from a CPU run) resumed where the vocabulary would be
+    padded: it keeps the padding it was saved with, says so, and loads."""
+    checkpoints = tmp_path / "ckpt"
+    first = write_config(
+        tmp_path / "first.json", {"max_steps": 20, "checkpoint_interval": 20}, checkpoint_dir=str(checkpoints)
+    )
+    assert start_trainer(first).wait(timeout=120).returncode == 0
+    second = write_config(
+        tmp_path / "second.json",
+        {"max_steps": 30, "pad_vocab_multiple": 64},
+        resume_from=str(checkpoints),
+    )
+    finished = start_trainer(second).wait(timeout=120)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "saved with the vocabulary padded to a multiple of 1; this run keeps that (not 64)" in finished.stdout
+    assert f"resumed from {checkpoints}/step20 at step 20" in finished.stdout and finished.result["step"] == 30
+
+
+def test_a_zero1_checkpoint_resumes_at_another_world_size_through_its_universal_checkpoint(tmp_path, start_trainer):
+    """bf16 ZeRO-1, 2 ranks -> 1 rank: the checkpoint holds one optimizer partition per rank, so rank
+    0 converts it to DeepSpeed's universal checkpoint first (once: a second resume reuses it)."""
+    parent = tmp_path / "parent"
+    hp = {"precision": "bf16", "zero_stage": 1, "eval_interval": 10, "checkpoint_interval": 20}
+    pair = write_config(tmp_path / "pair.json", {**hp, "max_steps": 20}, checkpoint_dir=str(parent))
+    saved = start_trainer(pair, nproc=2).wait(timeout=180)
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert len(list((parent / "step20").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+
+    for child in ("child", "second-child"):
+        alone = write_config(
+            tmp_path / f"{child}.json",
+            {**hp, "max_steps": 30},
+            resume_from=str(parent),
+            checkpoint_dir=str(tmp_path / child),
+        )
+        finished = start_trainer(alone).wait(timeout=180)
+        assert finished.returncode == 0, finished.stdout + finished.stderr
+        assert (
+            f"resumed from {parent}/step20 at step 20 (saved by 2 rank(s), now 1, through its universal checkpoint)"
+            in (finished.stdout)
+        )
+        converted = f"converted {parent}/step20 to a universal checkpoint" in finished.stdout
+        assert converted == (child == "child")  # the second reuses the first's conversion
+        assert finished.result["step"] == 30 and math.isfinite(finished.result["val_loss"])
+        assert finished.result["tokens"] == 20 * 2 * 8 * 32 + 10 * 8 * 32

@@ -314,10 +314,20 @@ def test_metrics_endpoint_and_control_path_from_the_environment():
 
 
 def _fake_checkpoint(
-    root, zero_ranks=0, zero3=False, tag="step40", stage=None, precision="fp32", prefix="", complete=True, latest=True
+    root,
+    zero_ranks=0,
+    zero3=False,
+    tag="step40",
+    stage=None,
+    precision="fp32",
+    prefix="",
+    complete=True,
+    latest=True,
+    universal=False,
 ):
     """The file names DeepSpeed writes for each layout (contents do not matter here), with the
-    trainer's completion record unless `complete` is false (a save cut short)."""
+    trainer's completion record unless `complete` is false (a save cut short). Without `universal`,
+    as the trainer saved before it added the universal-checkpoint information."""
     folder = root / tag
     folder.mkdir(parents=True)
     if not zero3:
@@ -330,6 +340,8 @@ def _fake_checkpoint(
         stage = 3 if zero3 else (2 if zero_ranks else 0)
     if complete:
         record = completion_record(tag, 40, max(zero_ranks, 1), stage, precision, "0.19.8")
+        if not universal:
+            del record["universal"]
         (folder / COMPLETE_MARKER).write_text(json.dumps(record))
     if latest:
         (root / "latest").write_text(tag)
@@ -343,7 +355,14 @@ def test_resume_world_size_rules(tmp_path):
     assert check_resume(zero2, None, zero_stage=2, world_size=2).tag == "step40"
     assert check_resume(zero2, None, zero_stage=1, world_size=2).tag == "step40"  # stage 1 and 2 share a layout
     with pytest.raises(ConfigError, match="resume_from: .*saved by 2 ranks with ZeRO-1/2.*same world size"):
-        check_resume(zero2, None, zero_stage=2, world_size=1)
+        check_resume(zero2, None, zero_stage=2, world_size=1)  # saved without the universal information
+    universal = _fake_checkpoint(tmp_path / "universal", zero_ranks=2, universal=True)
+    assert not check_resume(universal, None, zero_stage=1, world_size=2).universal  # the same world: as saved
+    for world_size in (1, 4):  # another: through its universal checkpoint
+        assert check_resume(universal, None, zero_stage=1, world_size=world_size).universal
+    universal3 = _fake_checkpoint(tmp_path / "universal3", zero_ranks=2, zero3=True, universal=True)
+    with pytest.raises(ConfigError, match="saved by 2 ranks with ZeRO-3"):
+        check_resume(universal3, None, zero_stage=3, world_size=1)  # ZeRO-3 is not converted
     with pytest.raises(ConfigError, match="resume_from: .*saved with ZeRO-1/2; this run has zero_stage 0"):
         check_resume(zero2, None, zero_stage=0, world_size=2)
     zero3 = _fake_checkpoint(tmp_path / "zero3", zero_ranks=2, zero3=True)

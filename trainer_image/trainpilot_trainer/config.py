@@ -6,6 +6,7 @@ milliseconds and every invalid combination is reported before anything heavy sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -152,7 +153,9 @@ def resolve_precision(hp: Hyperparameters, device: str, bf16_supported: bool = T
     return hp.precision
 
 
-def deepspeed_config(hp: Hyperparameters, precision: str, fast: FastPath | None = None) -> dict:
+def deepspeed_config(
+    hp: Hyperparameters, precision: str, fast: FastPath | None = None, load_universal: bool = False
+) -> dict:
     """The DeepSpeed config for `hp`. The lr given here only seeds the optimizer: the trainer
     sets every param group's lr itself before each step (see schedule.py), so there is no
     DeepSpeed scheduler."""
@@ -180,6 +183,7 @@ def deepspeed_config(hp: Hyperparameters, precision: str, fast: FastPath | None 
         "wall_clock_breakdown": False,
         # The throughput timer synchronises the device twice per micro-step.
         "timers": {"throughput": {"enabled": fast is None or fast.deepspeed_timers}},
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -229,7 +233,9 @@ def _tag_step(name: str) -> int | None:
     return int(digits) if name.startswith(prefix) and digits.isdigit() else None
 
 
-def completion_record(tag: str, step: int, world_size: int, zero_stage: int, precision: str, deepspeed: str) -> dict:
+def completion_record(
+    tag: str, step: int, world_size: int, zero_stage: int, precision: str, deepspeed: str, pad_vocab_multiple: int = 1
+) -> dict:
     """What COMPLETE_MARKER holds: how the tag was saved, which check_resume reads back."""
     return {
         "tag": tag,
@@ -238,7 +244,23 @@ def completion_record(tag: str, step: int, world_size: int, zero_stage: int, pre
         "zero_stage": zero_stage,
         "precision": precision,
         "deepspeed": deepspeed,
+        "pad_vocab_multiple": pad_vocab_multiple,
+        "universal": True,  # saved with universal_checkpoint_info: ds_to_universal can convert it
     }
+
+
+def padding_of(point: ResumePoint, fast: FastPath) -> tuple[FastPath, str | None]:
+    """`fast` with the vocabulary padding `point` was saved with (one saved before the fast path has
+    none): padding changes no weight that matters, but a checkpoint loads only into its own shape.
+    The note says so when that differs from what this run would have chosen."""
+    saved = point.record.get("pad_vocab_multiple", 1)
+    if not isinstance(saved, int) or saved < 1 or saved == fast.pad_vocab_multiple:
+        return fast, None
+    note = (
+        f"pad_vocab_multiple: {point.where} was saved with the vocabulary padded to a multiple of {saved}; "
+        f"this run keeps that (not {fast.pad_vocab_multiple}) to load it"
+    )
+    return dataclasses.replace(fast, pad_vocab_multiple=saved), note
 
 
 def find_checkpoint(directory: str) -> str:
@@ -307,6 +329,9 @@ class ResumePoint:
     tag: str
     layout: str
     record: dict
+    # Saved by another number of ranks with one optimizer partition each (ZeRO-1/2): loaded through
+    # DeepSpeed's universal checkpoint, converted first (Trainer.resume).
+    universal: bool = False
 
     @property
     def where(self) -> str:
@@ -319,8 +344,9 @@ def check_resume(directory: str, tag: str | None, zero_stage: int, world_size: i
 
     A ZeRO-0 checkpoint holds the whole optimizer state and loads at any world size. ZeRO-1/2,
     ZeRO-3 and split bf16 ZeRO-0 checkpoints hold one partition per rank: DeepSpeed loads them only
-    at the same world size (stage 1 and 2 load each other's); anything else needs DeepSpeed's
-    offline universal-checkpoint conversion, which this trainer does not do."""
+    at the same world size (stage 1 and 2 load each other's). A ZeRO-1/2 one saved with the
+    universal-checkpoint information (by this trainer since it records `universal` in its
+    completion record) loads at another world size through DeepSpeed's universal checkpoint."""
     field = "resume_tag" if tag is not None else "resume_from"
     if tag is None:
         tag = find_checkpoint(directory)
@@ -338,11 +364,14 @@ def check_resume(directory: str, tag: str | None, zero_stage: int, world_size: i
             f"resume_from: {where} was saved with {LAYOUTS[layout]}; this run has zero_stage {zero_stage}, "
             "which cannot load it; resume with the zero_stage it was saved with"
         )
+    if layout == "zero1-2" and ranks != world_size and record.get("universal") is True:
+        return ResumePoint(directory, tag, layout, record, universal=True)
     if layout != "zero0" and ranks != world_size:
         raise ConfigError(
             f"resume_from: {where} was saved by {ranks} ranks with {LAYOUTS[layout]}, which resumes only at "
             f"the same world size (this run has {world_size}); save with zero_stage 0 (and fp32, or DeepSpeed "
-            "0.17.6 or later for bf16) to change world size"
+            "0.17.6 or later for bf16), or with zero_stage 1 or 2 by this trainer (whose checkpoints convert to "
+            "DeepSpeed's universal checkpoint), to change world size"
         )
     return ResumePoint(directory, tag, layout, record)
 

@@ -32,6 +32,7 @@ from .config import (
     metrics_endpoint,
     native_bf16,
     own_checkpoint,
+    padding_of,
     read_trial_config,
     resolve_device,
     resolve_fast_path,
@@ -149,6 +150,8 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
             check_resume_fits(resume, precision, DEEPSPEED_VERSION)
         except ConfigError as error:
             return report.invalid_config(str(error))
+        fast, note = padding_of(resume, fast)
+        fast_notes += [note] if note else []
     if stop.check():  # the process group does not exist yet: each rank decides for itself
         return report.stopped_during_startup("while loading torch, DeepSpeed and the data")
 
@@ -186,13 +189,15 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
     control = ControlWatcher(control_file_path(config, os.environ))
     trainer = None
     try:
-        trainer = Trainer(config, dataset, dist_env, device, precision, metrics, control, stop, fast=fast, peak=peak)
+        # How it runs: the fast path, the device's peak (MFU), and whether the resume is universal.
+        runs = {"fast": fast, "peak": peak, "universal_resume": resume is not None and resume.universal}
+        trainer = Trainer(config, dataset, dist_env, device, precision, metrics, control, stop, **runs)
         # From here on all ranks decide together (the per-step agreement); rank 0 speaks for them.
         report.prints_result = dist_env.is_main
         if dist_env.is_main:
             print(f"model: {trainer.num_parameters:,} parameters, {hp.n_layer} layers x {hp.n_embd} wide", flush=True)
         if resume is not None:
-            trainer.resume(resume.directory, resume.tag)
+            trainer.resume(resume.directory, resume.tag, universal=resume.universal)
         result = trainer.run()
         code = report.finish(result.as_dict(), config.metrics_linger_seconds)
     except ConfigError as error:  # e.g. a checkpoint that does not fit this model (all ranks see it)

@@ -26,6 +26,11 @@ set_accelerator_env(torch.cuda.is_available())  # must precede the first import 
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from deepspeed.checkpoint.constants import (  # noqa: E402
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 # DeepSpeed's ZeRO still calls collectives that torch has renamed; torch warns on every call
 # (once per step at ZeRO-3), about code the user cannot change.
@@ -55,6 +60,7 @@ from .model import GPT, GPTShape  # noqa: E402
 from .outcome import LossWatch, RunResult, loss_ceiling  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 from .signals import StopRequest  # noqa: E402
+from .universal import convert, universal_tag  # noqa: E402
 
 __all__ = ["DEEPSPEED_VERSION", "StopRequest", "Trainer"]
 
@@ -110,9 +116,11 @@ class Trainer:
         log=print,
         fast: FastPath | None = None,
         peak: float | None = None,
+        universal_resume: bool = False,
     ):
         """`fast`: the fast path's parts (default: as resolved for `device`); `peak`: the device's
-        peak FLOP/s, for MFU (None: unknown, not exported)."""
+        peak FLOP/s, for MFU (None: unknown, not exported); `universal_resume`: the run will resume a
+        checkpoint saved at another world size (universal.py), which DeepSpeed must know at start."""
         self.config = config
         self.hp = hp = config.hyperparameters
         self.dataset = dataset
@@ -153,7 +161,7 @@ class Trainer:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=self.model,
                 model_parameters=self.model.parameter_groups(hp.weight_decay),
-                config=deepspeed_config(hp, precision, fast),
+                config=deepspeed_config(hp, precision, fast, load_universal=universal_resume),
             )
             if fast.compile:
                 # The engine's compile keeps the module's own parameter names, so checkpoints of
@@ -248,11 +256,23 @@ class Trainer:
             "experiment": self.config.experiment,
             "trial": self.config.trial,
         }
-        self.engine.save_checkpoint(directory, tag=tag, client_state={"trainpilot": state}, save_latest=False)
+        # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert a partitioned (ZeRO-1/2)
+        # checkpoint, so that it can resume at another world size.
+        client_state = {
+            "trainpilot": state,
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        }
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
         self._barrier()  # every rank's partition is on disk
         if self.dist.is_main:
             record = completion_record(
-                tag, self.step, self.dist.world_size, self.hp.zero_stage, self.precision, DEEPSPEED_VERSION
+                tag,
+                self.step,
+                self.dist.world_size,
+                self.hp.zero_stage,
+                self.precision,
+                DEEPSPEED_VERSION,
+                self.fast.pad_vocab_multiple,
             )
             _write_atomically(folder / COMPLETE_MARKER, json.dumps(record))
             _write_atomically(Path(directory) / "latest", tag)
@@ -278,13 +298,20 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.barrier()
 
-    def resume(self, directory: str, tag: str) -> None:
+    def resume(self, directory: str, tag: str, universal: bool = False) -> None:
         """Continue from a checkpoint: weights, optimizer moments, step and data position. The
-        schedule is this run's (possibly changed) one, evaluated from the loaded step on."""
+        schedule is this run's (possibly changed) one, evaluated from the loaded step on. With
+        `universal` (saved by another number of ZeRO-1/2 ranks), through its universal checkpoint."""
+        load = tag
+        if universal:
+            load = universal_tag(tag)
+            if self.dist.is_main:
+                load = convert(directory, tag, self.log)
+            self._barrier()  # every rank loads what rank 0 has finished converting
         try:
             with quiet_stdout():
                 path, client_state = self.engine.load_checkpoint(
-                    directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+                    directory, tag=load, load_optimizer_states=True, load_lr_scheduler_states=False
                 )
         except (RuntimeError, KeyError, ValueError) as error:
             # torch's load_state_dict error starts with a header line; the first detail says what differs.
@@ -305,9 +332,10 @@ class Trainer:
         self._apply_optimizer_settings()
         self.metrics.step.set(self.step)
         saved_world = state.get("world_size")
+        through = ", through its universal checkpoint" if universal else ""
         self.log(
             f"resumed from {directory}/{tag} at step {self.step} (saved by {saved_world} rank(s), "
-            f"now {self.dist.world_size})",
+            f"now {self.dist.world_size}{through})",
             flush=True,
         )
 
