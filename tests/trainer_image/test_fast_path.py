@@ -15,7 +15,7 @@ import torch
 
 from tests.support.paths import REPO
 from tests.support.trainerkit import EASY_DATA, TINY
-from trainpilot.api.trial import Hyperparameters, TrialConfig
+from trainpilot.api.trial import FAST_PATH_FIELDS, Hyperparameters, TrialConfig
 from trainpilot_trainer.config import (
     BASELINE_PATH,
     FastPath,
@@ -23,9 +23,9 @@ from trainpilot_trainer.config import (
     completion_record,
     deepspeed_config,
     native_bf16,
-    padding_of,
     resolve_fast_path,
     resolve_precision,
+    saved_settings,
 )
 from trainpilot_trainer.flops import device_peak, flops_per_token, mfu, peak_flops
 from trainpilot_trainer.model import GPT, GPTShape
@@ -34,7 +34,7 @@ OFF = dataclasses.replace(BASELINE_PATH, deepspeed_timers=False)  # every part o
 STEPS = 25
 
 
-def loss_curve(fast: FastPath, monkeypatch) -> tuple[list[float], object]:
+def loss_curve(fast: FastPath, monkeypatch, precision: str = "fp32", **hyperparameters) -> tuple[list[float], object]:
     """The training loss of each of STEPS steps of the real trainer (DeepSpeed, in this process)."""
     from trainpilot_trainer.data import build_dataset
     from trainpilot_trainer.distributed import prepare_environment
@@ -45,7 +45,16 @@ def loss_curve(fast: FastPath, monkeypatch) -> tuple[list[float], object]:
         monkeypatch.delenv(name, raising=False)
     config = TrialConfig(
         trial="fast-path",
-        hyperparameters={**TINY, **EASY_DATA, "lr": 3e-3, "max_steps": 1000, "eval_interval": 1000, "device": "cpu"},
+        hyperparameters={
+            **TINY,
+            **EASY_DATA,
+            "lr": 3e-3,
+            "max_steps": 1000,
+            "eval_interval": 1000,
+            "device": "cpu",
+            "precision": precision,
+            **hyperparameters,
+        },
     )
     dataset = build_dataset(config.hyperparameters)
     trainer = Trainer(
@@ -53,7 +62,7 @@ def loss_curve(fast: FastPath, monkeypatch) -> tuple[list[float], object]:
         dataset,
         prepare_environment(os.environ),
         "cpu",
-        "fp32",
+        precision,
         Metrics(config.hyperparameters.max_steps),
         log=lambda *args, **kwargs: None,
         fast=fast,
@@ -87,6 +96,15 @@ def test_each_switch_of_the_fast_path_keeps_the_loss_curve(switch, monkeypatch):
     assert switched == pytest.approx(baseline, rel=2e-4)
 
 
+def test_fp32_gradient_accumulation_under_bf16_keeps_the_loss_curve(monkeypatch):
+    zero1 = {"zero_stage": 1, "grad_accum": 2}
+    baseline, plain = loss_curve(OFF, monkeypatch, "bf16", **zero1)
+    switched, trainer = loss_curve(dataclasses.replace(OFF, fp32_grad_accum=True), monkeypatch, "bf16", **zero1)
+    assert type(trainer.engine.optimizer).__name__ == "BF16_Optimizer" != type(plain.engine.optimizer).__name__
+    assert baseline[-1] < baseline[0] - 0.3
+    assert switched == pytest.approx(baseline, rel=2e-2)  # bf16: the sums round differently
+
+
 def test_a_padded_vocabulary_is_the_same_model_and_a_chunked_loss_the_same_loss_and_gradient():
     def model(**shape) -> GPT:
         torch.manual_seed(0)
@@ -110,7 +128,7 @@ def test_a_padded_vocabulary_is_the_same_model_and_a_chunked_loss_the_same_loss_
 def test_the_fast_path_is_on_by_default_on_a_gpu_and_off_on_a_cpu():
     hp = Hyperparameters()
     gpu, notes = resolve_fast_path(hp, "cuda", compiler="cc")
-    assert gpu == FastPath(True, 64, 8192, True, True, True, False) and notes == []
+    assert gpu == FastPath(True, 64, 8192, True, True, True, False, fp32_grad_accum=True) and notes == []
     cpu, notes = resolve_fast_path(hp, "cpu", compiler="cc")
     assert cpu == dataclasses.replace(OFF, tf32=False) and notes == []
     # No compiler (the CPU image): compile is off and says so once, whatever asked for it.
@@ -119,10 +137,9 @@ def test_the_fast_path_is_on_by_default_on_a_gpu_and_off_on_a_cpu():
     asked, notes = resolve_fast_path(Hyperparameters(compile=True, pinned_batches=True), "cpu", compiler=None)
     assert not asked.compile and not asked.pinned_batches and len(notes) == 2
     assert "hyperparameters.compile: false" in notes[0]
-    # Each part can be switched off on a GPU.
-    off = Hyperparameters(
-        compile=False, pad_vocab_multiple=1, loss_chunk=0, fused_adamw=False, tf32=False, pinned_batches=False
-    )
+    # Each part can be switched off on a GPU: the trial config's switches are the FastPath's fields.
+    assert FAST_PATH_FIELDS == {field.name for field in dataclasses.fields(FastPath)}
+    off = Hyperparameters(**{name: getattr(OFF, name) for name in FAST_PATH_FIELDS})
     assert resolve_fast_path(off, "cuda", compiler="cc")[0] == OFF
 
 
@@ -209,11 +226,27 @@ def test_the_gpu_throughput_bench_runs_at_a_tiny_size_on_a_cpu():
     assert lines[-1].startswith("fast path / baseline: ") and lines[-1].endswith("x tokens/s")
 
 
-def test_a_checkpoint_resumes_with_the_vocabulary_padding_it_was_saved_with():
+def test_a_checkpoint_resumes_with_the_padding_and_gradient_accumulation_it_was_saved_with():
     gpu = resolve_fast_path(Hyperparameters(), "cuda", compiler="cc")[0]
-    before_the_fast_path = ResumePoint("/ckpt/t0", "step100", "zero0", {"step": 100, "precision": "bf16"})
-    kept, note = padding_of(before_the_fast_path, gpu)
-    assert kept == dataclasses.replace(gpu, pad_vocab_multiple=1)
-    assert note is not None and "saved with the vocabulary padded to a multiple of 1" in note
-    padded = ResumePoint("/ckpt/t0", "step200", "zero0", completion_record("step200", 200, 1, 0, "bf16", "0.19.8", 64))
-    assert padding_of(padded, gpu) == (gpu, None)
+    zero1 = Hyperparameters(zero_stage=1)
+    before_the_fast_path = ResumePoint("/ckpt/t0", "step100", "zero1-2", {"step": 100, "precision": "bf16"})
+    kept, notes = saved_settings(before_the_fast_path, gpu, zero1, "bf16")
+    assert kept == dataclasses.replace(gpu, pad_vocab_multiple=1, fp32_grad_accum=False)
+    assert notes == [
+        "pad_vocab_multiple: /ckpt/t0/step100 was saved with 1; this run keeps that (not 64) to load it",
+        "fp32_grad_accum: /ckpt/t0/step100 was saved with False; this run keeps that (not True) to load it",
+    ]
+    record = completion_record("step200", 200, 1, 1, "bf16", "0.19.8", 64, fp32_grad_accum=True)
+    assert saved_settings(ResumePoint("/ckpt/t0", "step200", "zero1-2", record), gpu, zero1, "bf16") == (gpu, [])
+    # At ZeRO-0 gradients accumulate in bf16 whatever fp32_grad_accum says: nothing to keep or say.
+    zero0 = ResumePoint("/ckpt/t0", "step300", "zero0", completion_record("step300", 300, 1, 0, "bf16", "0.19.8", 64))
+    assert saved_settings(zero0, gpu, Hyperparameters(), "bf16")[1] == []
+
+
+def test_fp32_gradient_accumulation_is_deepspeeds_bf16_optimizer_at_zero_1():
+    gpu = resolve_fast_path(Hyperparameters(), "cuda", compiler="cc")[0]
+    assert gpu.fp32_grad_accum
+    at = {stage: deepspeed_config(Hyperparameters(zero_stage=stage), "bf16", gpu) for stage in (0, 1, 2)}
+    assert at[1]["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in at[0] and "data_types" not in at[2]  # DeepSpeed has no such optimizer there
+    assert "data_types" not in deepspeed_config(Hyperparameters(zero_stage=1), "fp32", gpu)

@@ -440,15 +440,16 @@ def test_a_checkpoint_saved_unpadded_resumes_under_a_padded_config_keeping_its_p
     )
     finished = start_trainer(second).wait(timeout=120)
     assert finished.returncode == 0, finished.stdout + finished.stderr
-    assert "saved with the vocabulary padded to a multiple of 1; this run keeps that (not 64)" in finished.stdout
+    assert f"pad_vocab_multiple: {checkpoints}/step20 was saved with 1; this run keeps that (not 64)" in finished.stdout
     assert f"resumed from {checkpoints}/step20 at step 20" in finished.stdout and finished.result["step"] == 30
 
 
 def test_a_zero1_checkpoint_resumes_at_another_world_size_through_its_universal_checkpoint(tmp_path, start_trainer):
-    """bf16 ZeRO-1, 2 ranks -> 1 rank: the checkpoint holds one optimizer partition per rank, so rank
-    0 converts it to DeepSpeed's universal checkpoint first (once: a second resume reuses it)."""
+    """bf16 ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, the GPU fast path at
+    ZeRO-1), 2 ranks -> 1 rank: the checkpoint holds one optimizer partition per rank, so rank 0
+    converts it to DeepSpeed's universal checkpoint first (once: a second resume reuses it)."""
     parent = tmp_path / "parent"
-    hp = {"precision": "bf16", "zero_stage": 1, "eval_interval": 10, "checkpoint_interval": 20}
+    hp = {"precision": "bf16", "zero_stage": 1, "fp32_grad_accum": True, "eval_interval": 10, "checkpoint_interval": 20}
     pair = write_config(tmp_path / "pair.json", {**hp, "max_steps": 20}, checkpoint_dir=str(parent))
     saved = start_trainer(pair, nproc=2).wait(timeout=180)
     assert saved.returncode == 0, saved.stdout + saved.stderr

@@ -65,6 +65,7 @@ class FastPath:
     tf32: bool
     pinned_batches: bool
     deepspeed_timers: bool
+    fp32_grad_accum: bool = False
 
 
 # The trainer as it ran before the fast path: every part off, DeepSpeed's timers on (its default).
@@ -108,6 +109,7 @@ def resolve_fast_path(hp: Hyperparameters, device: str, compiler: str | None) ->
         tf32=hp.tf32 and gpu,
         pinned_batches=pinned,
         deepspeed_timers=hp.deepspeed_timers,
+        fp32_grad_accum=gpu if hp.fp32_grad_accum is None else hp.fp32_grad_accum,
     )
     return fast, notes
 
@@ -184,7 +186,15 @@ def deepspeed_config(
         # The throughput timer synchronises the device twice per micro-step.
         "timers": {"throughput": {"enabled": fast is None or fast.deepspeed_timers}},
         **({"checkpoint": {"load_universal": True}} if load_universal else {}),
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_grad_accum(hp, precision, fast) else {}),
     }
+
+
+def fp32_grad_accum(hp: Hyperparameters, precision: str, fast: FastPath | None) -> bool:
+    """Whether gradients accumulate in fp32 under bf16: DeepSpeed does that with its BF16_Optimizer
+    (fp32 master weights and gradients, one optimizer partition per rank), which it offers at ZeRO
+    stage 1 only."""
+    return fast is not None and fast.fp32_grad_accum and precision == "bf16" and hp.zero_stage == 1
 
 
 def checkpoint_tag(step: int) -> str:
@@ -234,7 +244,14 @@ def _tag_step(name: str) -> int | None:
 
 
 def completion_record(
-    tag: str, step: int, world_size: int, zero_stage: int, precision: str, deepspeed: str, pad_vocab_multiple: int = 1
+    tag: str,
+    step: int,
+    world_size: int,
+    zero_stage: int,
+    precision: str,
+    deepspeed: str,
+    pad_vocab_multiple: int = 1,
+    fp32_grad_accum: bool = False,
 ) -> dict:
     """What COMPLETE_MARKER holds: how the tag was saved, which check_resume reads back."""
     return {
@@ -245,22 +262,29 @@ def completion_record(
         "precision": precision,
         "deepspeed": deepspeed,
         "pad_vocab_multiple": pad_vocab_multiple,
+        "fp32_grad_accum": fp32_grad_accum,
         "universal": True,  # saved with universal_checkpoint_info: ds_to_universal can convert it
     }
 
 
-def padding_of(point: ResumePoint, fast: FastPath) -> tuple[FastPath, str | None]:
-    """`fast` with the vocabulary padding `point` was saved with (one saved before the fast path has
-    none): padding changes no weight that matters, but a checkpoint loads only into its own shape.
-    The note says so when that differs from what this run would have chosen."""
-    saved = point.record.get("pad_vocab_multiple", 1)
-    if not isinstance(saved, int) or saved < 1 or saved == fast.pad_vocab_multiple:
-        return fast, None
-    note = (
-        f"pad_vocab_multiple: {point.where} was saved with the vocabulary padded to a multiple of {saved}; "
-        f"this run keeps that (not {fast.pad_vocab_multiple}) to load it"
-    )
-    return dataclasses.replace(fast, pad_vocab_multiple=saved), note
+def saved_settings(
+    point: ResumePoint, fast: FastPath, hp: Hyperparameters, precision: str
+) -> tuple[FastPath, list[str]]:
+    """`fast` with the parts of the fast path that shape a checkpoint as `point` was saved with: the
+    vocabulary padding (the weights' shape) and fp32 gradient accumulation (DeepSpeed's optimizer and
+    its state). Neither changes what was learned; a checkpoint loads only with its own. One saved
+    before the fast path has neither. A note for each that differs from what this run would use."""
+    saved = {
+        "pad_vocab_multiple": point.record.get("pad_vocab_multiple", 1),
+        "fp32_grad_accum": point.record.get("fp32_grad_accum", False),
+    }
+    ours = {"pad_vocab_multiple": fast.pad_vocab_multiple, "fp32_grad_accum": fp32_grad_accum(hp, precision, fast)}
+    notes = [
+        f"{name}: {point.where} was saved with {saved[name]}; this run keeps that (not {ours[name]}) to load it"
+        for name in saved
+        if saved[name] != ours[name]
+    ]
+    return dataclasses.replace(fast, **saved), notes
 
 
 def find_checkpoint(directory: str) -> str:

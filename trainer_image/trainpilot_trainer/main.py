@@ -32,11 +32,11 @@ from .config import (
     metrics_endpoint,
     native_bf16,
     own_checkpoint,
-    padding_of,
     read_trial_config,
     resolve_device,
     resolve_fast_path,
     resolve_precision,
+    saved_settings,
 )
 from .control import ControlWatcher
 from .data import build_dataset
@@ -150,8 +150,8 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
             check_resume_fits(resume, precision, DEEPSPEED_VERSION)
         except ConfigError as error:
             return report.invalid_config(str(error))
-        fast, note = padding_of(resume, fast)
-        fast_notes += [note] if note else []
+        fast, kept = saved_settings(resume, fast, hp, precision)
+        fast_notes += kept
     if stop.check():  # the process group does not exist yet: each rank decides for itself
         return report.stopped_during_startup("while loading torch, DeepSpeed and the data")
 

@@ -46,6 +46,7 @@ from .config import (  # noqa: E402
     completion_record,
     deepspeed_config,
     find_compiler,
+    fp32_grad_accum,
     resolve_fast_path,
     tags_to_remove,
 )
@@ -273,6 +274,7 @@ class Trainer:
                 self.precision,
                 DEEPSPEED_VERSION,
                 self.fast.pad_vocab_multiple,
+                fp32_grad_accum(self.hp, self.precision, self.fast),
             )
             _write_atomically(folder / COMPLETE_MARKER, json.dumps(record))
             _write_atomically(Path(directory) / "latest", tag)

@@ -38,7 +38,16 @@ DEFAULT_EVAL_WINDOWS = 64
 VALIDATION_SET_FIELDS = frozenset({"eval_windows", "eval_batch_size"})
 # How the trainer runs, not what it learns (the fast path): never a search dimension.
 FAST_PATH_FIELDS = frozenset(
-    {"compile", "pad_vocab_multiple", "loss_chunk", "fused_adamw", "tf32", "pinned_batches", "deepspeed_timers"}
+    {
+        "compile",
+        "pad_vocab_multiple",
+        "loss_chunk",
+        "fused_adamw",
+        "tf32",
+        "pinned_batches",
+        "deepspeed_timers",
+        "fp32_grad_accum",
+    }
 )
 # The hyperparameters that define the data and the validation windows a trial is scored on (its
 # trainpilot_validation_fingerprint): an edit of the template may not change them once a trial
@@ -143,6 +152,11 @@ class Hyperparameters(BaseModel):
         None, description="Batches in pinned host memory, copied without blocking, the next one prefetched; auto: GPU."
     )
     deepspeed_timers: bool = Field(False, description="DeepSpeed's throughput timers (they synchronise the device).")
+    fp32_grad_accum: bool | None = Field(
+        None,
+        description="bf16 at zero_stage 1: gradients accumulated and master weights kept in fp32 (DeepSpeed's "
+        "BF16_Optimizer); auto: on a GPU.",
+    )
 
     @model_validator(mode="before")
     @classmethod
