@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.emulator import merge_patch
 from tests.support.localkit import FAKE_TRAINER, quickstart_raw, snapshot, write_yaml
 from tests.support.spec_edit_cases import (
     COMPARED_ON,
     edited_fields,
     leaves,
-    merge_patch,
     names_refusal,
     rows_not_edited,
     undo,

@@ -12,10 +12,11 @@ import json
 import pytest
 
 from tests.controller.test_operator_e2e import HANDLERS, QUICKSTART, ledger_of
+from tests.support.emulator import merge_patch
 from tests.support.kube import Kube, aeventually, run_kopf_operator
 from tests.support.kueue import running_kueue
 from tests.support.localkit import FAKE_TRAINER
-from tests.support.spec_edit_cases import COMPARED_ON, leaves, merge_patch, names_refusal, rows_not_edited, undo
+from tests.support.spec_edit_cases import COMPARED_ON, leaves, names_refusal, rows_not_edited, undo
 from trainpilot.api import contract
 from trainpilot.core import cycle_log
 from trainpilot.runtime.kubernetes import logs

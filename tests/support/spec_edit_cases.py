@@ -3,7 +3,7 @@ emulated cluster, tests/cli/test_spec_edits_run.py with `trainpilot run --resume
 every row of docs/spec-edits.md (core.spec_edits.RULES) is edited, which `rows_edited` checks.
 
 Edits are JSON merge patches (RFC 7386) of the spec, what `kubectl patch --type merge` sends and
-what the tests apply to a YAML for `--resume`.
+what the tests apply to a YAML for `--resume` with the emulator's own `merge_patch`.
 """
 
 from __future__ import annotations
@@ -34,19 +34,6 @@ COMPARED_ON: dict[str, Any] = {
 }
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: objects merge key by key, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    merged = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = merge_patch(merged.get(key), value)
-    return merged
-
-
 def undo(patch: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """The merge patch that sets every field `patch` edits back to its value in `spec` (null if absent)."""
     back: dict[str, Any] = {}
@@ -58,24 +45,20 @@ def undo(patch: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     return back
 
 
-def edited_fields(patch: dict[str, Any], prefix: str = "") -> Iterator[str]:
-    """The spec fields a merge patch edits, as dotted paths at the depth the edit table decides on."""
-    for key, value in patch.items():
-        field = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict) and value and field not in WHOLE_MAPS:
-            yield from edited_fields(value, field)
-        else:
-            yield field
-
-
 def leaves(patch: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(field, value) of each edit in a merge patch."""
+    """(field, value) of each edit in a merge patch, the field a dotted path at the depth the edit
+    table decides on."""
     for key, value in patch.items():
         field = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict) and value and field not in WHOLE_MAPS:
             yield from leaves(value, field)
         else:
             yield field, value
+
+
+def edited_fields(patch: dict[str, Any]) -> Iterator[str]:
+    """The spec fields a merge patch edits."""
+    return (field for field, _ in leaves(patch))
 
 
 def names_refusal(message: str, field: str, wanted: Any) -> bool:
