@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support.builders import make_spec, status_of, trial
+from tests.support.builders import healthy, make_spec, status_of, trial
 from trainpilot.api.quota import effective_limits
 from trainpilot.core.decision import Decision
 from trainpilot.core.guardrails import check, launch_capacity
@@ -83,6 +83,35 @@ def test_launch_over_gpu_hours_is_rejected():
     spec = make_spec(budget={"maxGPUHours": 1.0})
     status = status_of(spec, trial("a", 0, "Succeeded", gpu_seconds=3600.0))
     assert rejected(check(launch(), spec, status), "spec.budget.maxGPUHours is 1")
+
+
+def test_trial_steps_are_priced_ahead_so_running_trials_hold_what_they_will_train():
+    spec = make_spec(
+        budget={"maxTrialSteps": 700, "parallelTrials": 4}, trialTemplate={"hyperparameters": {"max_steps": 200}}
+    )
+    # a: 150 trained, stopped early (gives back 50); b: running, holds all 200; c: resumed at 100, holds 100
+    status = status_of(
+        spec,
+        trial("a", 0, "Terminated", step=150),
+        healthy("b", 1, step=20),
+        healthy("c", 2, step=120, resumed_from_step=100),
+    )
+    assert status.trial_steps_used == 150 + 20 + 20
+    assert launch_capacity(spec, status) == 1  # 700 - (150 + 200 + 100) = 250: one more 200-step trial
+    assert check(launch(), spec, status).executed
+    spec = make_spec(
+        budget={"maxTrialSteps": 600, "parallelTrials": 4}, trialTemplate={"hyperparameters": {"max_steps": 200}}
+    )
+    assert rejected(
+        check(launch(), spec, status),
+        "spec.budget.maxTrialSteps is 600: 450 trial-steps committed, and this needs 200 more",
+    )
+    # Resuming a checkpoint costs only the steps still to train: 200 - 150 = 50 fit in the 150 left.
+    resumable = status.model_copy(deep=True)
+    resumable.trials[0].checkpoint_step = 150
+    assert check(launch(resume_from="a", parent="a"), spec, resumable).executed
+    # Stopping b this cycle gives back the 180 steps it will not train: 600 - (150 + 20 + 100) = 330.
+    assert launch_capacity(spec, status) == 0 and launch_capacity(spec, status, releasing={"b"}) == 1
 
 
 def test_launch_references_must_exist_and_resume_needs_a_checkpoint():

@@ -10,7 +10,7 @@ import pytest
 from tests.support.builders import NOW, context, healthy, heuristic, make_spec, observation, seen, status_of, trial
 from trainpilot.api.experiment import SignOff
 from trainpilot.core.policy import HeuristicPolicy
-from trainpilot.core.policy.heuristic import count_reversals
+from trainpilot.core.policy.heuristic import count_reversals, plateau
 
 HP = {"lr": 0.01, "weight_decay": 0.0}
 
@@ -242,7 +242,139 @@ async def test_asha_judges_a_trial_at_its_latest_rung_only():
     assert by(await heuristic(spec, status), "terminate") == []
 
 
-# ---- 5. finish ------------------------------------------------------------------------------
+async def test_a_rung_loser_is_replaced_by_a_perturbed_child_of_the_best_trial_there_from_its_checkpoint():
+    spec = make_spec(
+        budget={"parallelTrials": 3},
+        searchSpace=[
+            {"name": "lr", "min": 1e-4, "max": 1.0, "log": True},
+            {"name": "micro_batch", "values": [4, 8, 16]},
+            {"name": "warmup_steps", "min": 0, "max": 100},
+        ],
+    )
+    hp = {"lr": 0.01, "micro_batch": 8, "warmup_steps": 50}
+    status = status_of(
+        spec,
+        healthy("lead", 0, step=80, checkpoint_step=75, rung_objectives={"50": 2.0}, hyperparameters=hp),
+        healthy("mid", 1, step=60, rung_objectives={"50": 2.5}, hyperparameters=hp),
+        healthy("bad", 2, step=60, checkpoint_step=50, rung_objectives={"50": 3.0}, hyperparameters=hp),
+    )
+    decisions = await heuristic(spec, status)
+    assert [(d.action, d.reason, d.trial) for d in decisions if d.action == "terminate"] == [
+        ("terminate", "asha-rung", "mid"),
+        ("terminate", "asha-rung", "bad"),
+    ]
+    exploits = by(decisions, "launch", "pbt-exploit")
+    assert len(exploits) == 2 and by(decisions, "launch", "suggested") == []
+    for child in exploits:
+        assert (child.parent, child.resume_from) == ("lead", "lead")
+        values = child.hyperparameters
+        assert values["lr"] in (pytest.approx(0.008), pytest.approx(0.012))
+        assert values["micro_batch"] in (4, 16)  # a listed choice moves to a neighbour
+        assert values["warmup_steps"] in (40, 60)
+        assert "exploit lead" in child.rationale and "checkpoint at step 75" in child.rationale
+    # The draws are seeded per loser: the same status gives the same children.
+    assert exploits == by(await heuristic(spec, status), "launch", "pbt-exploit")
+
+
+async def test_no_exploit_without_a_checkpoint_to_resume_or_when_switched_off():
+    spec = make_spec(budget={"parallelTrials": 3})
+    status = status_of(
+        spec,
+        healthy("lead", 0, step=80, rung_objectives={"50": 2.0}),  # no checkpoint yet
+        healthy("mid", 1, step=60, rung_objectives={"50": 2.5}),
+        healthy("bad", 2, step=60, rung_objectives={"50": 3.0}),
+    )
+    decisions = await heuristic(spec, status)
+    assert by(decisions, "launch", "pbt-exploit") == [] and len(by(decisions, "launch", "suggested")) == 2
+    finished = status.model_copy(deep=True)  # its last checkpoint has no steps left to train
+    finished.trials[0] = trial("lead", 0, "Succeeded", step=200, checkpoint_step=200, rung_objectives={"50": 2.0})
+    assert by(await heuristic(spec, finished), "launch", "pbt-exploit") == []
+    off = make_spec(budget={"parallelTrials": 3}, policy={"heuristic": {"exploit": False}})
+    status.trials[0].checkpoint_step = 75
+    decisions = await heuristic(off, status)
+    assert by(decisions, "launch", "pbt-exploit") == [] and len(by(decisions, "launch", "suggested")) == 2
+
+
+# ---- 5. plateau -----------------------------------------------------------------------------
+
+FLAT = points(3.0, 2.5, 2.3, 2.31, 2.305, 2.302, 2.301)  # best 2.3, then four evaluations no better
+
+
+async def test_a_plateau_first_cuts_the_lr_in_place():
+    spec = make_spec()
+    status = status_of(spec, healthy("a", 0, step=70, history=FLAT, objective=2.301, best_objective=2.3))
+    [cut] = by(await heuristic(spec, status), "mutate")
+    assert (cut.reason, cut.mode, cut.trial, cut.hyperparameters) == ("plateau-lr-cut", "in-place", "a", {"lr": 0.005})
+    assert "last 4 evaluations, 2.301, does not improve on 2.3" in cut.rationale
+    assert "lr 0.01 x 0.5 = 0.005 in place (change 1 of maxLrCuts 1)" in cut.rationale
+
+
+async def test_after_the_cut_a_trial_still_stuck_for_as_many_evaluations_is_stopped():
+    spec = make_spec()
+    # Cut at step 60 (the 7th point); judged only on evaluations after it.
+    after = points(3.0, 2.5, 2.3, 2.31, 2.305, 2.302, 2.301, 2.31, 2.305, 2.303)
+    cut = dict(control_generation=1, changed_at_step=60, hyperparameters={"lr": 0.005, "weight_decay": 0.0})
+    too_soon = status_of(spec, healthy("a", 0, step=100, history=after, best_objective=2.3, **cut))
+    assert by(await heuristic(spec, too_soon), "terminate") == []  # 3 evaluations since the cut
+    stuck = status_of(spec, healthy("a", 0, step=110, history=[*after, [110.0, 2.302]], best_objective=2.3, **cut))
+    [stop] = by(await heuristic(spec, stuck), "terminate")
+    assert stop.reason == "stagnated" and "after 1 in-place change(s) (maxLrCuts 1)" in stop.rationale
+    better = status_of(spec, healthy("a", 0, step=110, history=[*after, [110.0, 2.25]], best_objective=2.25, **cut))
+    assert by(await heuristic(spec, better), "terminate") == []
+
+
+async def test_a_plateau_stops_the_trial_when_the_lr_cannot_be_cut_and_nothing_when_switched_off():
+    no_mutate = make_spec(policy={"allowedActions": ["launch", "terminate", "complete"]})
+    status = status_of(no_mutate, healthy("a", 0, step=70, history=FLAT, best_objective=2.3))
+    assert [d.reason for d in by(await heuristic(no_mutate, status), "terminate")] == ["stagnated"]
+    off = make_spec(policy={"heuristic": {"stagnationEvaluations": 0}})
+    assert by(await heuristic(off, status_of(off, healthy("a", 0, history=FLAT))), "terminate") == []
+    assert by(await heuristic(off, status_of(off, healthy("a", 0, history=FLAT))), "mutate") == []
+
+
+def test_plateau_compares_the_recent_window_with_the_best_before_it():
+    assert plateau(FLAT, None, 4, 0.002, "minimize") == (2.3, 2.301)
+    assert plateau(FLAT, None, 4, 0.0, "minimize") == (2.3, 2.301)  # no gain at all is a plateau
+    assert plateau(points(3.0, 2.5, 2.3, 2.2, 2.1), None, 4, 0.002, "minimize") is None
+    assert plateau(FLAT[:4], None, 4, 0.002, "minimize") is None  # nothing before the window
+    assert plateau(FLAT, 40, 4, 0.002, "minimize") is None  # the window starts at or before the change
+    rising = points(0.5, 0.7, 0.8, 0.79, 0.8, 0.8, 0.8)
+    assert plateau(rising, None, 4, 0.002, "maximize") == (0.8, 0.8)
+
+
+# ---- scaling the leader ----------------------------------------------------------------------
+
+
+def leading(spec, lead_objective=2.0, **lead):
+    return status_of(
+        spec,
+        healthy("lead", 0, best_objective=lead_objective, checkpoint_step=40, **lead),
+        trial("b", 1, "Terminated", best_objective=2.2),
+        trial("c", 2, "Succeeded", best_objective=2.3),
+    )
+
+
+async def test_a_clear_leader_gets_the_idle_slot_as_nodes_once_no_trial_can_be_launched():
+    spec = make_spec(budget={"maxTrials": 3}, policy={"heuristic": {"scaleLeaderNodes": 2}})
+    [scale] = by(await heuristic(spec, leading(spec)), "scale")
+    assert (scale.trial, scale.nodes, scale.reason) == ("lead", 2, "scale-leader")
+    assert "0.2 ahead of the next best 2.2 (scaleLead 2.0%)" in scale.rationale and "1 -> 2 node(s)" in scale.rationale
+
+
+async def test_no_scale_when_switched_off_close_behind_zero_3_already_scaled_or_a_trial_can_still_be_launched():
+    on = {"policy": {"heuristic": {"scaleLeaderNodes": 2}}}
+    spec = make_spec(budget={"maxTrials": 3}, **on)
+    assert by(await heuristic(make_spec(budget={"maxTrials": 3}), leading(spec)), "scale") == []  # default: off
+    assert by(await heuristic(spec, leading(spec, lead_objective=2.19)), "scale") == []  # 0.5% ahead only
+    assert by(await heuristic(spec, leading(spec, nodes=2)), "scale") == []
+    zero3 = make_spec(budget={"maxTrials": 3}, trialTemplate={"hyperparameters": {"zero_stage": 3}}, **on)
+    assert by(await heuristic(zero3, leading(zero3)), "scale") == []
+    room = make_spec(budget={"maxTrials": 4}, **on)
+    decisions = await heuristic(room, leading(room))
+    assert by(decisions, "scale") == [] and len(by(decisions, "launch")) == 1
+
+
+# ---- 6. finish ------------------------------------------------------------------------------
 
 
 async def test_goal_reached_completes_and_stops_the_rest():
@@ -294,6 +426,23 @@ async def test_gpu_hours_spent_stops_running_trials_too():
         ("terminate", "experiment-complete"),
         ("complete", "budget-spent"),
     ]
+
+
+async def test_trial_steps_spent_completes_once_the_rest_cannot_pay_for_a_trial_and_nothing_runs():
+    spec = make_spec(budget={"maxTrialSteps": 500}, trialTemplate={"hyperparameters": {"max_steps": 200}})
+    running = status_of(spec, trial("a", 0, "Succeeded", step=200, best_objective=2.0), healthy("b", 1, step=50))
+    assert await heuristic(spec, running) == []  # 100 left after b's 200: not a trial; waits for b
+    stopped = status_of(
+        spec, trial("a", 0, "Succeeded", step=200, best_objective=2.0), trial("b", 1, "Terminated", step=50)
+    )
+    [launch] = await heuristic(spec, stopped)  # b stopped at 50: 250 left, one more trial
+    assert launch.action == "launch"
+    done = status_of(
+        spec, trial("a", 0, "Succeeded", step=200, best_objective=2.0), trial("b", 1, "Terminated", step=150)
+    )
+    [complete] = await heuristic(spec, done)
+    assert (complete.reason, complete.outcome) == ("budget-spent", "succeeded")
+    assert "350 trial-steps used (maxTrialSteps 500): 150 left, less than a trial's 200" in complete.rationale
 
 
 # ---- 6. launch ------------------------------------------------------------------------------

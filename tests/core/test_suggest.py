@@ -122,6 +122,47 @@ def test_diverged_trials_are_told_as_failures_not_scores():
     assert summary["sampler"] == "TPESampler"
 
 
+CLIFF = 0.1  # lr above it diverges; below it, higher is better: the best points sit at the edge
+
+
+def _diverging_share(seed: int, told_as: str, rounds: int = 30, startup: int = 5) -> float:
+    """Share of TPE's suggestions (after the random start) that land where trials diverge."""
+    spec = make_spec(
+        searchSpace=[{"name": "lr", "min": 1e-5, "max": 1.0, "log": True}],
+        policy={"heuristic": {"seed": seed, "startup_trials": startup, "divergedToldAs": told_as}},
+    )
+    trials = []
+    for index in range(rounds):
+        point = Suggester(spec, status_of(spec, *trials)).suggest(1)[0]
+        lr = point["lr"]
+        outcome = {"state": "Diverged"} if lr > CLIFF else {"state": "Succeeded", "best_objective": -math.log10(lr)}
+        trials.append(trial(f"t{index}", index, hyperparameters=point, **outcome))
+    return statistics.mean(t.hyperparameters["lr"] > CLIFF for t in trials[startup:])
+
+
+def test_diverged_trials_told_as_the_worst_score_steer_tpe_away_from_the_region_that_diverged():
+    seeds = (0, 3, 7, 11)
+    worst = statistics.mean(_diverging_share(seed, "worst") for seed in seeds)
+    fail = statistics.mean(_diverging_share(seed, "fail") for seed in seeds)
+    # Told as FAIL, TPE never sees them: it keeps sampling around its best points, across the cliff.
+    assert worst < 0.6 * fail, (worst, fail)
+
+
+def test_a_diverged_trial_is_told_as_the_worst_scored_objective_or_fail_before_anything_scored():
+    spec = make_spec(searchSpace=[{"name": "lr", "min": 1e-5, "max": 1.0, "log": True}])
+    diverged = trial("a", 0, "Diverged", hyperparameters={"lr": 0.9})
+    import optuna
+
+    def told(*trials):
+        suggester = Suggester(spec, status_of(spec, *trials))
+        distributions = {"lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)}
+        return suggester._told(optuna, trials[0], distributions, suggester._worst_scored())
+
+    assert told(diverged).state == optuna.trial.TrialState.FAIL
+    scored = [trial(f"s{v}", 1, "Succeeded", best_objective=v, hyperparameters={"lr": 0.01}) for v in (1.5, 2.5)]
+    assert told(diverged, *scored).value == 2.5
+
+
 def test_state_summary_lists_the_top_five_best_first():
     spec = make_spec(objective={"direction": "maximize"})
     trials = [trial(f"t{i}", i, "Succeeded", best_objective=float(i)) for i in range(8)]

@@ -142,6 +142,16 @@ class SearchParameter(CamelModel):
         assert self.min is not None and self.max is not None
         return min(max(value, self.min), self.max)
 
+    def step_from(self, value: float, factor: float) -> float:
+        """`value` times `factor`, kept in the space (PBT's explore): a listed choice moves to its
+        neighbour in the factor's direction, a whole number is rounded."""
+        if self.values is not None:
+            ordered = sorted(set(self.values))
+            index = ordered.index(self.clamp(value)) + (1 if factor > 1 else -1)
+            return ordered[min(max(index, 0), len(ordered) - 1)]
+        moved = self.clamp(value * factor)
+        return float(round(moved)) if self.is_integer else moved
+
     def describe(self) -> str:
         if self.values is not None:
             return f"one of {self.values}"
@@ -264,6 +274,14 @@ class Budget(CamelModel):
     max_gpu_hours: float | None = Field(
         None, gt=0, alias="maxGPUHours", description="GPU-hours to spend at most (nodes x GPUs x hours)."
     )
+    max_trial_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000_000,
+        description="Optimizer steps to spend at most, summed over trials (each counts the steps it trains "
+        "itself, not those of a checkpoint it resumed). A launch is refused unless the steps every running "
+        "trial still has to go and its own fit: compute, comparable on CPUs where GPU-hours are zero.",
+    )
 
 
 class HeuristicSettings(CamelModel):
@@ -285,8 +303,60 @@ class HeuristicSettings(CamelModel):
     reduction_factor: float = Field(3.0, gt=1, description="ASHA eta: keep the best 1/eta at each rung.")
     min_peers_at_rung: int = Field(2, ge=1, description="Trials needed at a rung before anyone is stopped there.")
     max_relaunches: int = Field(2, ge=0, le=10, description="Relaunches of one lineage after divergence.")
-    seed: int = Field(0, ge=0, description="Seeds the Optuna TPE sampler.")
+    seed: int = Field(0, ge=0, description="Seeds the Optuna TPE sampler and the explore draws.")
     startup_trials: int = Field(4, ge=1, le=100, description="Random suggestions before TPE models the space.")
+    diverged_told_as: Literal["worst", "fail"] = Field(
+        "worst",
+        description="What TPE is told of a diverged trial: worst (the worst objective of any scored trial, so it "
+        "stops proposing the region that diverged) or fail (Optuna's FAIL, which TPE ignores).",
+    )
+    stagnation_evaluations: int = Field(
+        4,
+        ge=0,
+        le=11,  # status keeps 12 evaluations: the window and one before it
+        description="Evaluations in a row that do not improve a running trial's best by stagnationMinImprovement: "
+        "a plateau. Its lr is cut in place first (plateauLrFactor, up to maxLrCuts times), then it is stopped. "
+        "0: never.",
+    )
+    stagnation_min_improvement: float = Field(
+        0.002, ge=0, lt=1, description="Relative improvement of the best objective that counts as progress."
+    )
+    plateau_lr_factor: float = Field(0.5, gt=0, lt=1, description="lr multiplier of an in-place cut on a plateau.")
+    max_lr_cuts: int = Field(
+        1, ge=0, le=10, description="In-place lr changes a trial may have had before a plateau stops it."
+    )
+    exploit: bool = Field(
+        True,
+        description="PBT exploit/explore at ASHA rungs: a trial stopped at a rung is replaced by a child of the "
+        "rung's best trial, resumed from its checkpoint with values perturbed by exploreFactors.",
+    )
+    explore_factors: list[float] = Field(
+        default_factory=lambda: [0.8, 1.2],
+        min_length=1,
+        max_length=4,
+        description="Each searched value of an exploit child is its parent's times one of these (a seeded draw), "
+        "clamped into the space; a listed choice moves to its neighbour.",
+    )
+
+    scale_leader_nodes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Nodes to give a running trial that leads every other by scaleLead, once no new trial can be "
+        "launched and a slot is idle: it restarts from its checkpoint on that many nodes (a larger global batch: "
+        "micro_batch is per rank). ZeRO-3 trials are never scaled (their checkpoints keep their world size). "
+        "0: never.",
+    )
+    scale_lead: float = Field(
+        0.02, ge=0, lt=1, description="Relative margin by which a trial's objective must beat every other's best."
+    )
+
+    @field_validator("explore_factors")
+    @classmethod
+    def _check_explore_factors(cls, value: list[float]) -> list[float]:
+        if any(not (0 < factor < 10) or factor == 1 for factor in value):
+            raise ValueError("each explore factor is a multiplier in (0, 10) other than 1")
+        return value
 
     @field_validator("rungs")
     @classmethod
@@ -607,6 +677,9 @@ class TrialStatus(CamelModel):
     checkpoint_step: int | None = None
     nonfinite_losses: int = 0
     control_generation: int = 0
+    changed_at_step: int | None = Field(
+        None, description="Step at which its values last changed in place: a plateau is judged on what came after."
+    )
     loss_floor: float | None = None
     validation_fingerprint: str | None = Field(
         None, description="trainpilot_validation_fingerprint as hex: the data its objective is measured on."
@@ -710,6 +783,9 @@ class AgentExperimentStatus(CamelModel):
     trials_summary: str = Field("0/0", description="done/total, for kubectl's printer column.")
     best_objective: float | None = Field(None, description="bestTrial.objective, for kubectl's printer column.")
     gpu_hours_used: float = 0.0
+    trial_steps_used: int = Field(
+        0, ge=0, description="Optimizer steps trained so far, summed over trials (spec.budget.maxTrialSteps)."
+    )
     decisions: list[DecisionSummary] = Field(default_factory=list)
     decisions_made: int = Field(0, description="Decisions recorded so far; the next id's sequence number.")
     policy_failures: int = Field(

@@ -25,6 +25,7 @@ from typing import Any
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.quota import workload_refusal
 from trainpilot.core.decision import IN_PLACE_HYPERPARAMETERS, Decision, Outcome
+from trainpilot.core.state import max_steps, steps_committed, steps_trained
 
 # What a TrialTemplate allows, so a scale cannot go where a spec could not.
 MAX_NODES = 64
@@ -98,7 +99,13 @@ def launch_capacity(
     `releasing`: trials about to be stopped in the same cycle, whose slots and GPUs count as free.
     """
     gpus = spec.trial_template.nodes * spec.trial_template.gpus_per_node
-    return min(allowance.room for allowance in _allowances(spec, status, limits, gpus, releasing))
+    steps = planned_steps(spec, TrialStatus(name="", index=0))
+    return min(allowance.room for allowance in _allowances(spec, status, limits, gpus, releasing, steps))
+
+
+def planned_steps(spec: AgentExperimentSpec, trial: TrialStatus, start: int | None = None) -> int:
+    """The steps `trial` will train when it starts at step `start` (a checkpoint's): its cost in maxTrialSteps."""
+    return max(max_steps(spec, trial) - (start or 0), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,16 +142,19 @@ def _check_launch(decision: Decision, spec: AgentExperimentSpec, status: AgentEx
     for field, name in (("parent", decision.parent), ("resumeFrom", decision.resume_from)):
         if name is not None and status.trial(name) is None:
             raise _Rejected(f"{field}: there is no trial named {_show(name)}")
+    start = None
     if decision.resume_from is not None:
         source = status.trial(decision.resume_from)
         if source is not None and source.checkpoint_step is None:
             raise _Rejected(f"resumeFrom: trial {source.name} has no checkpoint yet")
+        start = source.checkpoint_step if source is not None else None
     template = spec.trial_template
     nodes = decision.nodes if decision.nodes is not None else template.nodes
     gpus = decision.gpus_per_node if decision.gpus_per_node is not None else template.gpus_per_node
     _check_shape(nodes, gpus, limits)
     _check_workload(spec, limits)
-    _check_room(spec, status, limits, nodes * gpus, releasing=())
+    steps = planned_steps(spec, TrialStatus(name="", index=0, hyperparameters=decision.hyperparameters), start)
+    _check_room(spec, status, limits, nodes * gpus, releasing=(), steps=steps)
 
 
 def _check_terminate(decision: Decision, spec: AgentExperimentSpec, status: AgentExperimentStatus, limits: Any) -> None:
@@ -166,7 +176,9 @@ def _check_mutate(decision: Decision, spec: AgentExperimentSpec, status: AgentEx
     elif decision.mode == "restart":
         _check_workload(spec, limits)
         # A restart launches a child in the parent's slot: it costs a trial, not a slot.
-        _check_room(spec, status, limits, target.nodes * target.gpus_per_node, releasing=(target.name,))
+        child = target.model_copy(update={"hyperparameters": {**target.hyperparameters, **decision.hyperparameters}})
+        steps = planned_steps(spec, child, target.step)
+        _check_room(spec, status, limits, target.nodes * target.gpus_per_node, releasing=(target.name,), steps=steps)
     else:
         raise _Rejected("mode: a mutate needs mode in-place or restart")
 
@@ -179,7 +191,8 @@ def _check_scale(decision: Decision, spec: AgentExperimentSpec, status: AgentExp
     gpus = decision.gpus_per_node if decision.gpus_per_node is not None else target.gpus_per_node
     _check_shape(nodes, gpus, limits)
     _check_workload(spec, limits)
-    _check_room(spec, status, limits, nodes * gpus, releasing=(target.name,))
+    steps = planned_steps(spec, target, target.step)
+    _check_room(spec, status, limits, nodes * gpus, releasing=(target.name,), steps=steps)
 
 
 def _check_complete(decision: Decision, spec: AgentExperimentSpec, status: AgentExperimentStatus, limits: Any) -> None:
@@ -256,8 +269,9 @@ def _check_room(
     limits: Any,
     gpus: int,
     releasing: Collection[str],
+    steps: int,
 ) -> None:
-    lines = _allowances(spec, status, limits, gpus, releasing)
+    lines = _allowances(spec, status, limits, gpus, releasing, steps)
     # A bound that never frees up rejects first; then one that will (the decision waits for it).
     for allowance in sorted(lines, key=lambda line: line.frees_up):
         if allowance.room < 1:
@@ -301,6 +315,7 @@ def _allowances(
     limits: Any,
     gpus: int,
     releasing: Collection[str],
+    steps: int,
 ) -> list[_Allowance]:
     budget = spec.budget
     staying = [trial for trial in status.active_trials if trial.name not in releasing]
@@ -322,6 +337,13 @@ def _allowances(
             tolerated=True,
         )
     )
+    if budget.max_trial_steps is not None:
+        # Priced ahead: a running trial holds all the steps it will train, so the budget is never
+        # overrun, and a trial stopped early gives back what it did not train.
+        committed = sum(steps_trained(t) if t.name in releasing else steps_committed(spec, t) for t in status.trials)
+        lines.append(
+            _Allowance("spec.budget.maxTrialSteps", budget.max_trial_steps, committed, "trial-steps committed", steps)
+        )
     if budget.max_gpu_hours is not None:
         lines.append(
             _Allowance(

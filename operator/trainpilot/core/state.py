@@ -61,8 +61,8 @@ def is_diverged(trial: TrialStatus) -> bool:
 def is_scored(trial: TrialStatus) -> bool:
     """Its objective counts: measured, and the trial neither crashed nor diverged.
 
-    Crashed and diverged trials never finished what their settings asked for, so, like
-    Optuna's FAIL trials, they are never the best and never guide the search.
+    Crashed and diverged trials never finished what their settings asked for, so they are never
+    the best (the suggester still tells a diverged one to TPE as a bad outcome: divergedToldAs).
     """
     return trial.best_objective is not None and trial.state != "Failed" and not is_diverged(trial)
 
@@ -110,6 +110,18 @@ def max_steps(spec: AgentExperimentSpec, trial: TrialStatus) -> int:
         if isinstance(candidate, (int, float)) and math.isfinite(candidate) and candidate > 0:
             return int(candidate)
     return DEFAULT_MAX_STEPS
+
+
+def steps_trained(trial: TrialStatus) -> int:
+    """Optimizer steps the trial trained itself: not those of the checkpoint it resumed."""
+    return max(trial.step - (trial.resumed_from_step or 0), 0)
+
+
+def steps_committed(spec: AgentExperimentSpec, trial: TrialStatus) -> int:
+    """What the trial costs of spec.budget.maxTrialSteps: its steps once finished, all it will run until then."""
+    if trial.finished:
+        return steps_trained(trial)
+    return max(max_steps(spec, trial) - (trial.resumed_from_step or 0), steps_trained(trial))
 
 
 def rung_step(spec: AgentExperimentSpec, trial: TrialStatus, fraction: float) -> int:
@@ -405,6 +417,7 @@ def _apply_effect(spec: AgentExperimentSpec, status: AgentExperimentStatus, reco
         if target is not None and not target.finished:
             target.hyperparameters = {**target.hyperparameters, **decision.hyperparameters}
             target.control_generation += 1
+            target.changed_at_step = target.step
     elif decision.action in ("mutate", "scale") and target is not None:
         # A restart: the old trial stops (checkpointing on SIGTERM) and a child resumes from it,
         # started only once the old one's pods are gone (the loop's hand-off), never mid-save.
@@ -530,6 +543,7 @@ def _recount(spec: AgentExperimentSpec, status: AgentExperimentStatus) -> AgentE
     status.trials_terminated = sum(trial.state == "Terminated" for trial in trials)
     status.trials_summary = f"{len(trials) - status.trials_running}/{spec.budget.max_trials}"
     status.gpu_hours_used = sum(trial.gpu_seconds for trial in trials) / 3600
+    status.trial_steps_used = sum(steps_trained(trial) for trial in trials)
     status.best_trial = best_trial(spec, trials)
     status.best_objective = status.best_trial.objective if status.best_trial else None
     # Suspended is the loop's to set and clear; final phases never go back.

@@ -33,7 +33,7 @@ class Suggester:
         if count <= 0:
             return []
         optuna = _optuna()
-        distributions = {parameter.name: _distribution(parameter) for parameter in self.spec.search_space}
+        distributions = {parameter.name: distribution(parameter) for parameter in self.spec.search_space}
         sampler = optuna.samplers.TPESampler(
             # The same seed over a history that now includes the last suggestion would propose it
             # again; offsetting by the number of trials keeps runs deterministic yet moving.
@@ -44,8 +44,9 @@ class Suggester:
             constant_liar=True,
         )
         study = optuna.create_study(direction=self.spec.objective.direction, sampler=sampler)
+        worst = self._worst_scored()
         for trial in self.status.trials:
-            told = self._told(optuna, trial, distributions)
+            told = self._told(optuna, trial, distributions, worst)
             if told is not None:
                 study.add_trial(told)
         for initial in self.initial_remaining[:count]:
@@ -79,8 +80,20 @@ class Suggester:
 
     # ----------------------------------------------------------------------------------------
 
-    def _told(self, optuna: Any, trial: TrialStatus, distributions: dict[str, Any]) -> Any:
-        """A finished or running trial as Optuna sees it; None when it no longer fits the space."""
+    def _worst_scored(self) -> float | None:
+        """What a diverged trial is told as (spec.policy.heuristic.divergedToldAs worst); None: FAIL."""
+        if self.spec.policy.heuristic.diverged_told_as != "worst":
+            return None
+        values = [trial.best_objective for trial in self.status.trials if is_scored(trial)]
+        if not values:
+            return None  # nothing scored yet to compare with; told as worst once something is
+        return max(values) if self.spec.objective.direction == "minimize" else min(values)  # type: ignore[type-var]
+
+    def _told(self, optuna: Any, trial: TrialStatus, distributions: dict[str, Any], worst: float | None) -> Any:
+        """A finished or running trial as Optuna sees it; None when it no longer fits the space.
+
+        A diverged trial is a bad outcome, not a missing one: TPE skips FAIL trials, so told as FAIL
+        it would keep proposing the region that diverged."""
         if any(
             not self._fits(parameter, trial.hyperparameters.get(parameter.name)) for parameter in self.spec.search_space
         ):
@@ -89,6 +102,8 @@ class Suggester:
         state = optuna.trial.TrialState
         if not trial.finished:
             return optuna.trial.create_trial(state=state.RUNNING, params=params, distributions=distributions)
+        if is_diverged(trial) and worst is not None:
+            return optuna.trial.create_trial(params=params, distributions=distributions, value=worst)
         if not is_scored(trial):
             return optuna.trial.create_trial(state=state.FAIL, params=params, distributions=distributions)
         return optuna.trial.create_trial(params=params, distributions=distributions, value=trial.best_objective)
@@ -117,7 +132,7 @@ class Suggester:
         return plain
 
 
-def _distribution(parameter: SearchParameter) -> Any:
+def distribution(parameter: SearchParameter) -> Any:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if parameter.values is not None:

@@ -32,3 +32,31 @@ class Policy(Protocol):
     name: str
 
     async def decide(self, context: PolicyContext) -> list[Decision]: ...
+
+
+def may_propose(
+    context: PolicyContext,
+    action: str,
+    trial: str | None,
+    reason: str,
+    hyperparameters: dict[str, float] | None = None,
+) -> bool:
+    """Not an action the spec or quota forbids, nor one awaiting approval, nor one a human rejected.
+
+    Guardrails would reject or hold these anyway; proposing them every cycle would only flood
+    the ledger with the same record. (An expired one may be proposed again: nobody said no.)
+    """
+    if action not in context.spec.policy.allowed_actions:
+        return False
+    limits = context.limits
+    allowed = getattr(limits, "allowed_actions", None) if limits is not None else None
+    if allowed is not None and action not in allowed:
+        return False
+    for sign_off in context.status.sign_offs:
+        if (sign_off.action, sign_off.trial, sign_off.reason) != (action, trial, reason):
+            continue
+        if sign_off.state == "Pending":
+            return False
+        if sign_off.state == "Rejected" and (hyperparameters is None or sign_off.hyperparameters == hyperparameters):
+            return False
+    return True

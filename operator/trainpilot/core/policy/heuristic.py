@@ -2,8 +2,10 @@
 
 Per cycle, in this order: stop what diverged (and relaunch it with a lower learning rate), stop
 loss spikes (a divergence too: relaunched the same way), stop oscillating validation curves,
-stop losers at ASHA rungs, finish when the goal is reached or the budget is spent, and otherwise
-fill free slots (relaunches first, then the spec's initial trials, then Optuna's suggestions).
+stop losers at ASHA rungs (each replaced by a perturbed child of the rung's best, PBT-style), cut
+the lr of a trial on a plateau in place and stop one still stuck after it, finish when the goal is
+reached or the budget is spent, and otherwise fill free slots (relaunches first, then exploit
+children, then the spec's initial trials, then Optuna's suggestions, which learn from divergence).
 Every threshold comes from HeuristicSettings; every decision's rationale quotes the numbers that
 drove it.
 
@@ -14,24 +16,31 @@ Terminated, a relaunched one has a child), which is what keeps it from repeating
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 from trainpilot.api import contract
 from trainpilot.api.contract import objective_metric
 from trainpilot.api.experiment import MAX_TRIAL_HISTORY, HeuristicSettings, TrialStatus
 from trainpilot.core import guardrails
 from trainpilot.core.decision import Decision
-from trainpilot.core.policy.base import PolicyContext
+from trainpilot.core.policy.base import PolicyContext, may_propose
 from trainpilot.core.state import (
     COMPLETE_REASON,
     DIVERGED_REASON,
     SPIKE_REASON,
     comparable,
     is_diverged,
+    is_scored,
+    max_steps,
     reference_fingerprint,
     rung_step,
 )
+
+# A trial as the template defines it: what one more launch would cost.
+_TEMPLATE = TrialStatus(name="", index=0)
 
 
 class HeuristicPolicy:
@@ -51,6 +60,7 @@ class _Relaunch:
     hyperparameters: dict[str, float] | None  # None: the lr cannot go lower; take a suggestion
     resume_from: str | None
     rationale: str
+    reason: str = "relaunch-after-divergence"  # or pbt-exploit: a rung's loser replaced by a winner's child
 
 
 class _Cycle:
@@ -65,6 +75,7 @@ class _Cycle:
         self.decisions: list[Decision] = []
         self.stopping: set[str] = set()
         self.relaunches: list[_Relaunch] = []
+        self.exploits: list[_Relaunch] = []
 
     def decide(self) -> list[Decision]:
         self.stop_divergent()
@@ -74,8 +85,11 @@ class _Cycle:
             self.stop_oscillating(trial)
         for trial in self.running():
             self.stop_asha_loser(trial)
+        for trial in self.running():
+            self.handle_plateau(trial)
         if not self.finish():
             self.launch()
+            self.scale_leader()
         return self.decisions
 
     def running(self) -> list[TrialStatus]:
@@ -229,8 +243,95 @@ class _Cycle:
                 f"{self.metric} {value:.4g} at rung {fraction:g} (step {key}) is not among the best {keep} "
                 f"of {len(peers)} trials there (cutoff {cutoff:.4g}, reductionFactor {eta:g})",
             )
+            if trial.name in self.stopping and self.settings.exploit:
+                self.plan_exploit(trial, fraction, reference)
 
-    # ---- 5. finish --------------------------------------------------------------------------
+    def plan_exploit(self, loser: TrialStatus, fraction: float, reference: str | None) -> None:
+        """PBT's exploit and explore: the rung's best trial with a checkpoint goes on in the loser's
+        place, from that checkpoint, with its values perturbed (Jaderberg et al. 2017)."""
+        candidates = [
+            (value, peer)
+            for peer in self.status.trials
+            if peer.name != loser.name
+            and peer.name not in self.stopping
+            and peer.checkpoint_step is not None
+            and peer.checkpoint_step < max_steps(self.spec, peer)  # a finished run's last checkpoint has nothing left
+            and comparable(peer, reference)
+            and not is_diverged(peer)
+            and peer.state != "Failed"
+            and (value := peer.rung_objectives.get(str(rung_step(self.spec, peer, fraction)))) is not None
+        ]
+        if not candidates:
+            return
+        direction = self.spec.objective.direction
+        value, winner = sorted(candidates, key=lambda pair: pair[0], reverse=direction == "maximize")[0]
+        draw = random.Random(f"{self.settings.seed}:{loser.name}")
+        explored, moves = {}, []
+        for parameter in self.spec.search_space:
+            old = winner.hyperparameters.get(parameter.name)
+            if old is None:
+                return  # a trial from before the space grew: nothing to perturb from
+            factor = draw.choice(self.settings.explore_factors)
+            new = parameter.step_from(old, factor)
+            explored[parameter.name] = new
+            moves.append(f"{parameter.name} {old:g} x {factor:g} -> {new:g}")
+        rationale = (
+            f"{loser.name} stopped at rung {fraction:g}; exploit {winner.name}, the best there with a checkpoint "
+            f"({self.metric} {value:.4g}), resuming its checkpoint at step {winner.checkpoint_step}, and explore: "
+            f"{', '.join(moves)} (exploreFactors {self.settings.explore_factors})"
+        )
+        self.exploits.append(_Relaunch(winner, explored, winner.name, rationale, reason="pbt-exploit"))
+
+    # ---- 5. plateau -------------------------------------------------------------------------
+
+    def handle_plateau(self, trial: TrialStatus) -> None:
+        """A running trial whose best has not improved for stagnationEvaluations evaluations: its lr
+        is cut in place (a learning-rate drop, as on a plateau), then, still stuck, it is stopped."""
+        evaluations = self.settings.stagnation_evaluations
+        if evaluations <= 0:
+            return
+        found = plateau(
+            trial.history,
+            trial.changed_at_step,
+            evaluations,
+            self.settings.stagnation_min_improvement,
+            self.spec.objective.direction,
+        )
+        if found is None:
+            return
+        before, recent = found
+        symptom = (
+            f"its best {self.metric} in the last {evaluations} evaluations, {recent:.4g}, does not improve on "
+            f"{before:.4g} by stagnationMinImprovement {self.settings.stagnation_min_improvement:.1%}"
+        )
+        space, lr = self.spec.parameter("lr"), trial.hyperparameters.get("lr")
+        factor = self.settings.plateau_lr_factor
+        lowered = space.clamp(lr * factor) if space is not None and lr is not None else None
+        cuts = trial.control_generation
+        if (
+            lowered is not None
+            and lr is not None
+            and lowered < lr
+            and cuts < self.settings.max_lr_cuts
+            and self.may_propose("mutate", trial.name, "plateau-lr-cut", {"lr": lowered})
+        ):
+            self.propose(
+                "mutate",
+                "plateau-lr-cut",
+                f"{symptom} at step {trial.step}; lr {lr:g} x {factor:g} = {lowered:g} in place "
+                f"(change {cuts + 1} of maxLrCuts {self.settings.max_lr_cuts})",
+                trial=trial.name,
+                mode="in-place",
+                hyperparameters={"lr": lowered},
+            )
+            return
+        self.terminate(
+            trial,
+            "stagnated",
+            f"{symptom} at step {trial.step}, after {cuts} in-place change(s) (maxLrCuts {self.settings.max_lr_cuts})",
+        )
+
+    # ---- 6. finish --------------------------------------------------------------------------
 
     def finish(self) -> bool:
         status, budget, objective = self.status, self.spec.budget, self.spec.objective
@@ -255,26 +356,37 @@ class _Cycle:
                 f"all {status.trials_launched} trials launched (maxTrials {budget.max_trials}) "
                 f"and none is running; {best_text}"
             )
+        elif (steps_left := self.trial_steps_left()) is not None and not self.running():
+            outcome, reason = budget_outcome, "budget-spent"
+            rationale = (
+                f"{status.trial_steps_used} trial-steps used (maxTrialSteps {budget.max_trial_steps}): "
+                f"{steps_left} left, less than a trial's {guardrails.planned_steps(self.spec, _TEMPLATE)}, "
+                f"and none is running; {best_text}"
+            )
         else:
             return False
         if not self.may_propose("complete", None, reason):
             return False
         for trial in self.running():
             self.terminate(trial, COMPLETE_REASON, f"the experiment is completing ({reason})")
-        self.decisions.append(
-            Decision(
-                action="complete", policy=HeuristicPolicy.name, reason=reason, rationale=rationale, outcome=outcome
-            )
-        )
+        self.propose("complete", reason, rationale, outcome=outcome)
         return True
 
-    # ---- 6. launch --------------------------------------------------------------------------
+    def trial_steps_left(self) -> int | None:
+        """What maxTrialSteps leaves once it no longer pays for a whole trial; None while it does (or is unset)."""
+        limit = self.spec.budget.max_trial_steps
+        if limit is None:
+            return None
+        left = limit - self.status.trial_steps_used
+        return left if left < guardrails.planned_steps(self.spec, _TEMPLATE) else None
+
+    # ---- 7. launch --------------------------------------------------------------------------
 
     def launch(self) -> None:
         capacity = guardrails.launch_capacity(self.spec, self.status, self.context.limits, releasing=self.stopping)
         if capacity <= 0:
             return
-        relaunches = self.relaunches[:capacity]
+        relaunches = (self.relaunches + self.exploits)[:capacity]
         fresh = capacity - len(relaunches)
         suggester = self.context.suggester
         initial = suggester.initial_remaining
@@ -287,7 +399,7 @@ class _Cycle:
         )
         for relaunch in relaunches:
             self.propose_launch(
-                "relaunch-after-divergence",
+                relaunch.reason,
                 relaunch.rationale,
                 relaunch.hyperparameters or spare.pop(0),
                 parent=relaunch.parent.name,
@@ -308,17 +420,58 @@ class _Cycle:
                 )
             self.propose_launch(reason, rationale, point)
 
+    # ---- 8. scale the leader --------------------------------------------------------------
+
+    def scale_leader(self) -> None:
+        """Idle capacity goes to the trial that clearly leads, once no new trial can be launched."""
+        nodes = self.settings.scale_leader_nodes
+        running = self.running()
+        launching = sum(d.action == "launch" for d in self.decisions)
+        if nodes <= 0 or not running or len(running) + launching >= self.spec.budget.parallel_trials:
+            return  # off, or no slot is idle
+        if guardrails.launch_capacity(self.spec, self.status, self.context.limits, releasing=self.stopping) > 0:
+            return  # new trials still come first
+        reference = reference_fingerprint(self.status.trials)
+        leader = self.status.best_trial
+        lead = self.status.trial(leader.name) if leader is not None else None
+        if lead is None or lead.finished or lead.name in self.stopping or lead.nodes >= nodes:
+            return
+        zero_stage = lead.hyperparameters.get("zero_stage", self.spec.trial_template.hyperparameters.get("zero_stage"))
+        if zero_stage == 3 or lead.best_objective is None or not comparable(lead, reference):
+            return
+        others = [
+            other.best_objective
+            for other in self.status.trials
+            if other.name != lead.name
+            and other.best_objective is not None
+            and is_scored(other)
+            and comparable(other, reference)
+        ]
+        if not others:
+            return
+        direction = self.spec.objective.direction
+        runner_up = min(others) if direction == "minimize" else max(others)
+        margin = self.settings.scale_lead * abs(runner_up)
+        ahead = runner_up - lead.best_objective if direction == "minimize" else lead.best_objective - runner_up
+        if ahead < margin or not self.may_propose("scale", lead.name, "scale-leader"):
+            return
+        self.propose(
+            "scale",
+            "scale-leader",
+            f"{lead.name} leads with {self.metric} {lead.best_objective:.4g}, {ahead:.4g} ahead of the next best "
+            f"{runner_up:.4g} (scaleLead {self.settings.scale_lead:.1%}); no new trial can be launched and a slot is "
+            f"idle: {lead.nodes} -> {nodes} node(s) (scaleLeaderNodes), resuming its checkpoint",
+            trial=lead.name,
+            nodes=nodes,
+        )
+
     # ---- proposing --------------------------------------------------------------------------
 
     def terminate(self, trial: TrialStatus, reason: str, rationale: str) -> None:
         if trial.name in self.stopping or not self.may_propose("terminate", trial.name, reason):
             return
         self.stopping.add(trial.name)
-        self.decisions.append(
-            Decision(
-                action="terminate", policy=HeuristicPolicy.name, trial=trial.name, reason=reason, rationale=rationale
-            )
-        )
+        self.propose("terminate", reason, rationale, trial=trial.name)
 
     def propose_launch(
         self,
@@ -330,42 +483,19 @@ class _Cycle:
     ) -> None:
         if not self.may_propose("launch", None, reason, hyperparameters):
             return
-        self.decisions.append(
-            Decision(
-                action="launch",
-                policy=HeuristicPolicy.name,
-                reason=reason,
-                rationale=rationale,
-                hyperparameters=hyperparameters,
-                parent=parent,
-                resume_from=resume_from,
-            )
+        self.propose(
+            "launch", reason, rationale, hyperparameters=hyperparameters, parent=parent, resume_from=resume_from
         )
 
     def may_propose(
         self, action: str, trial: str | None, reason: str, hyperparameters: dict[str, float] | None = None
     ) -> bool:
-        """Not an action the spec or quota forbids, nor one awaiting approval, nor one a human rejected.
+        return may_propose(self.context, action, trial, reason, hyperparameters)
 
-        Guardrails would reject or hold these anyway; proposing them every cycle would only flood
-        the ledger with the same record. (An expired one may be proposed again: nobody said no.)
-        """
-        if action not in self.spec.policy.allowed_actions:
-            return False
-        limits = self.context.limits
-        allowed = getattr(limits, "allowed_actions", None) if limits is not None else None
-        if allowed is not None and action not in allowed:
-            return False
-        for sign_off in self.status.sign_offs:
-            if (sign_off.action, sign_off.trial, sign_off.reason) != (action, trial, reason):
-                continue
-            if sign_off.state == "Pending":
-                return False
-            if sign_off.state == "Rejected" and (
-                hyperparameters is None or sign_off.hyperparameters == hyperparameters
-            ):
-                return False
-        return True
+    def propose(self, action: str, reason: str, rationale: str, **fields: Any) -> None:
+        self.decisions.append(
+            Decision(action=action, policy=HeuristicPolicy.name, reason=reason, rationale=rationale, **fields)
+        )
 
 
 def suggestion_words(scored: int, startup_trials: int) -> str:
@@ -401,3 +531,24 @@ def count_reversals(values: list[float], min_amplitude: float) -> tuple[int, flo
 
 def _values(point: dict[str, float]) -> str:
     return "{" + ", ".join(f"{name}={value:g}" for name, value in sorted(point.items())) + "}"
+
+
+def plateau(
+    history: list[list[float]],
+    since_step: int | None,
+    evaluations: int,
+    min_improvement: float,
+    direction: str,
+) -> tuple[float, float] | None:
+    """(best before, best of the last `evaluations`) when those, all after `since_step`, do not beat
+    the best before them by `min_improvement` (relative); None while the trial improves or has too few."""
+    recent = history[-evaluations:]
+    earlier = history[:-evaluations]
+    if len(recent) < evaluations or not earlier or (since_step is not None and recent[0][0] <= since_step):
+        return None
+    pick = min if direction == "minimize" else max
+    before, now = pick(point[1] for point in earlier), pick(point[1] for point in recent)
+    gain = (before - now) if direction == "minimize" else (now - before)
+    if gain > min_improvement * abs(before):
+        return None
+    return before, now
