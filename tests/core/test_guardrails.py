@@ -120,6 +120,8 @@ def test_launch_references_must_exist_and_resume_needs_a_checkpoint():
     assert rejected(check(launch(parent="nope"), spec, status), "parent", "'nope'")
     assert rejected(check(launch(resume_from="nope"), spec, status), "resumeFrom", "'nope'")
     assert rejected(check(launch(resume_from="a"), spec, status), "resumeFrom", "no checkpoint")
+    deleted = status_of(spec, trial("a", 0, "Succeeded", checkpoint_step=100, removed=["checkpoints"]))
+    assert rejected(check(launch(resume_from="a"), spec, deleted), "resumeFrom", "deleted under spec.retention")
 
 
 def test_disallowed_action_is_rejected():

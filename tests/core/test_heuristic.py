@@ -289,6 +289,11 @@ async def test_no_exploit_without_a_checkpoint_to_resume_or_when_switched_off():
     finished = status.model_copy(deep=True)  # its last checkpoint has no steps left to train
     finished.trials[0] = trial("lead", 0, "Succeeded", step=200, checkpoint_step=200, rung_objectives={"50": 2.0})
     assert by(await heuristic(spec, finished), "launch", "pbt-exploit") == []
+    deleted = status.model_copy(deep=True)  # spec.retention deleted its checkpoints
+    deleted.trials[0] = healthy(
+        "lead", 0, step=80, checkpoint_step=75, rung_objectives={"50": 2.0}, removed=["checkpoints"]
+    )
+    assert by(await heuristic(spec, deleted), "launch", "pbt-exploit") == []
     off = make_spec(budget={"parallelTrials": 3}, policy={"heuristic": {"exploit": False}})
     status.trials[0].checkpoint_step = 75
     decisions = await heuristic(off, status)

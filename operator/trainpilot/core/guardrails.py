@@ -147,6 +147,8 @@ def _check_launch(decision: Decision, spec: AgentExperimentSpec, status: AgentEx
         source = status.trial(decision.resume_from)
         if source is not None and source.checkpoint_step is None:
             raise _Rejected(f"resumeFrom: trial {source.name} has no checkpoint yet")
+        if source is not None and "checkpoints" in source.removed:
+            raise _Rejected(f"resumeFrom: trial {source.name}'s checkpoints were deleted under spec.retention")
         start = source.checkpoint_step if source is not None else None
     template = spec.trial_template
     nodes = decision.nodes if decision.nodes is not None else template.nodes

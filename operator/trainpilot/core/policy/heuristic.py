@@ -256,6 +256,7 @@ class _Cycle:
             and peer.name not in self.stopping
             and peer.checkpoint_step is not None
             and peer.checkpoint_step < max_steps(self.spec, peer)  # a finished run's last checkpoint has nothing left
+            and "checkpoints" not in peer.removed  # spec.retention deleted them
             and comparable(peer, reference)
             and not is_diverged(peer)
             and peer.state != "Failed"
