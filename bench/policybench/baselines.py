@@ -118,20 +118,6 @@ def words(point: dict[str, float]) -> str:
 _FRESH = TrialStatus(name="", index=0)  # a trial of the template, not yet started
 
 
-def fresh_trial_steps(spec: AgentExperimentSpec) -> int:
-    """What a fresh trial costs of spec.budget.maxTrialSteps (its max_steps), as the guardrails price it."""
-    return guardrails.planned_steps(spec, _FRESH)
-
-
-def trial_steps_left(spec: AgentExperimentSpec, status: AgentExperimentStatus) -> int | None:
-    """What maxTrialSteps leaves once it no longer pays for a fresh trial; None while it does (or is unset)."""
-    limit = spec.budget.max_trial_steps
-    if limit is None:
-        return None
-    left = limit - status.trial_steps_used
-    return left if left < fresh_trial_steps(spec) else None
-
-
 # --------------------------------------------------------------------------------------------
 # One cycle's proposals
 # --------------------------------------------------------------------------------------------
@@ -262,11 +248,11 @@ class _Cycle:
                 f"{self.best_words()}"
             )
             return self.complete("budget-spent", rationale)
-        left = trial_steps_left(self.spec, status)
+        left = guardrails.trial_steps_left(self.spec, status)
         if left is not None:
             rationale = (
                 f"{status.trial_steps_used} trial-steps used (maxTrialSteps {budget.max_trial_steps}): {left} left, "
-                f"less than a trial's {fresh_trial_steps(self.spec)}, and none is running; {self.best_words()}"
+                f"less than a trial's {guardrails.template_steps(self.spec)}, and none is running; {self.best_words()}"
             )
             return self.complete("budget-spent", rationale)
         if exhausted is not None:
@@ -378,7 +364,7 @@ class GridSearch(_Baseline):
             return [min(self.per_dimension, cap) for cap in caps]
         target = spec.budget.max_trials
         if spec.budget.max_trial_steps is not None:
-            target = min(target, max(spec.budget.max_trial_steps // fresh_trial_steps(spec), 1))
+            target = min(target, max(spec.budget.max_trial_steps // guardrails.template_steps(spec), 1))
         counts = [1] * len(caps)
         while True:
             size = math.prod(counts)

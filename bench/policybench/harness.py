@@ -589,16 +589,9 @@ class SimulatedRuntime:
 
 def _evaluate(run: Run) -> float | None:
     """One evaluation at the run's current step, outside its own eval_interval (the trainer's
-    eval_at_steps): the run's evaluate() (the surrogate's is `_evaluate`, which sets val_loss), else
-    none."""
+    eval_at_steps): the run's evaluate(), else none."""
     evaluate = getattr(run, "evaluate", None)
-    if callable(evaluate):
-        return float(evaluate())
-    evaluate = getattr(run, "_evaluate", None)
-    if callable(evaluate):
-        evaluate()
-        return float(run.val_loss) if run.val_loss is not None else None
-    return None
+    return float(evaluate()) if callable(evaluate) else None
 
 
 @dataclass

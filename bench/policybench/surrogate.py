@@ -345,7 +345,7 @@ class SurrogateRun:
         self.checkpoint: Checkpoint | None = None
         self.exit_reason: str | None = "completed" if self.step >= self.max_steps else None
         if self.step >= self.max_steps:  # the trainer evaluates and exits without training
-            self._evaluate()
+            self.evaluate()
 
     @property
     def finished(self) -> bool:
@@ -363,7 +363,9 @@ class SurrogateRun:
     def expected_loss_now(self) -> float:
         return self.model.loss(self._state, self.batch)
 
-    def _evaluate(self) -> None:
+    def evaluate(self) -> float:
+        """One noisy validation evaluation at the current step (the trainer's periodic ones, and its
+        eval_at_steps); sets val_loss and eval_step."""
         noise = self.model.noise
         mean = self.expected_loss_now()
         sd = noise["s0"] + noise["s1"] * max(0.0, mean - self.model.p["l_inf"])
@@ -371,6 +373,7 @@ class SurrogateRun:
         z = math.sqrt(q) * self._z_run + math.sqrt(1.0 - q) * _normal(*self._noise_key, "eval", self.step)
         self.val_loss = mean + sd * z
         self.eval_step = self.step
+        return self.val_loss
 
     def advance(self, steps: int) -> None:
         """Train up to `steps` more optimizer steps (fewer at max_steps or on a fail_fast stop)."""
@@ -391,7 +394,7 @@ class SurrogateRun:
                     self.exit_reason = "diverged"
                     return
             if self.step % self.eval_interval == 0 or self.step == self.max_steps or self.step in self.eval_at:
-                self._evaluate()
+                self.evaluate()
                 if self.step in self.eval_at:
                     self.rung_step, self.rung_val_loss = self.step, self.val_loss
             if (

@@ -99,8 +99,26 @@ def launch_capacity(
     `releasing`: trials about to be stopped in the same cycle, whose slots and GPUs count as free.
     """
     gpus = spec.trial_template.nodes * spec.trial_template.gpus_per_node
-    steps = planned_steps(spec, TrialStatus(name="", index=0))
+    steps = template_steps(spec)
     return min(allowance.room for allowance in _allowances(spec, status, limits, gpus, releasing, steps))
+
+
+# A trial as the template defines it, not yet started: what one more launch costs.
+_TEMPLATE = TrialStatus(name="", index=0)
+
+
+def template_steps(spec: AgentExperimentSpec) -> int:
+    """What a fresh trial of the template costs of spec.budget.maxTrialSteps."""
+    return planned_steps(spec, _TEMPLATE)
+
+
+def trial_steps_left(spec: AgentExperimentSpec, status: AgentExperimentStatus) -> int | None:
+    """What maxTrialSteps leaves once it no longer pays for a fresh trial; None while it does (or is unset)."""
+    limit = spec.budget.max_trial_steps
+    if limit is None:
+        return None
+    left = limit - status.trial_steps_used
+    return left if left < template_steps(spec) else None
 
 
 def planned_steps(spec: AgentExperimentSpec, trial: TrialStatus, start: int | None = None) -> int:

@@ -39,9 +39,6 @@ from trainpilot.core.state import (
     rung_step,
 )
 
-# A trial as the template defines it: what one more launch would cost.
-_TEMPLATE = TrialStatus(name="", index=0)
-
 
 class HeuristicPolicy:
     name = "heuristic"
@@ -357,11 +354,11 @@ class _Cycle:
                 f"all {status.trials_launched} trials launched (maxTrials {budget.max_trials}) "
                 f"and none is running; {best_text}"
             )
-        elif (steps_left := self.trial_steps_left()) is not None and not self.running():
+        elif (steps_left := guardrails.trial_steps_left(self.spec, status)) is not None and not self.running():
             outcome, reason = budget_outcome, "budget-spent"
             rationale = (
                 f"{status.trial_steps_used} trial-steps used (maxTrialSteps {budget.max_trial_steps}): "
-                f"{steps_left} left, less than a trial's {guardrails.planned_steps(self.spec, _TEMPLATE)}, "
+                f"{steps_left} left, less than a trial's {guardrails.template_steps(self.spec)}, "
                 f"and none is running; {best_text}"
             )
         else:
@@ -372,14 +369,6 @@ class _Cycle:
             self.terminate(trial, COMPLETE_REASON, f"the experiment is completing ({reason})")
         self.propose("complete", reason, rationale, outcome=outcome)
         return True
-
-    def trial_steps_left(self) -> int | None:
-        """What maxTrialSteps leaves once it no longer pays for a whole trial; None while it does (or is unset)."""
-        limit = self.spec.budget.max_trial_steps
-        if limit is None:
-            return None
-        left = limit - self.status.trial_steps_used
-        return left if left < guardrails.planned_steps(self.spec, _TEMPLATE) else None
 
     # ---- 7. launch --------------------------------------------------------------------------
 
