@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The Prometheus tests run a real server: Debian's package (tests/support/prometheus.py).
+if ! command -v prometheus >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing Debian's prometheus for the tests"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+    else
+        echo "scripts/test.sh: the tests need Prometheus on PATH (as root: apt-get install prometheus)" >&2
+    fi
+fi
 echo "house rules: import layers (lint-imports), ruff, mypy on api/ and core/"
 .venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 .venv/bin/ruff check --quiet .

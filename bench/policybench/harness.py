@@ -157,6 +157,7 @@ class SimTrial:
     best_loss: float | None = None
     smoothed_loss: float | None = None
     nonfinite: int = 0
+    spikes: int = 0  # steps at which the trainer's spike rule held (trainpilot_loss_spikes_total)
     # The benchmark's reading (BAD_SIGN_FACTOR), on raw losses.
     first_bad_step: int | None = None
     first_bad_cycle: int | None = None
@@ -324,6 +325,7 @@ class SimulatedRuntime:
         factor = config.loss_spike_factor
         if factor is not None and trial.best_loss > 0 and smoothed > factor * trial.best_loss:
             trial.bad = True
+            trial.spikes += 1
 
     def _read_evaluation(self, trial: SimTrial, run: Run, step: int) -> None:
         """The run's own evaluations (every eval_interval), and the trainer's extra ones: at each of
@@ -426,6 +428,7 @@ class SimulatedRuntime:
             contract.METRIC_RUNG_STEP: float(trial.rung_step),
             contract.METRIC_RUNG_VAL_LOSS: trial.rung_val_loss if trial.rung_val_loss is not None else nan,
             contract.METRIC_NONFINITE_LOSS: float(trial.nonfinite),
+            contract.METRIC_LOSS_SPIKES: float(trial.spikes),
             contract.METRIC_CHECKPOINT_STEP: float(trial.checkpoint_step if trial.checkpoint_step is not None else -1),
             contract.METRIC_CONTROL_GENERATION: float(trial.control_generation),
         }

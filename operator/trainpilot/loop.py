@@ -24,7 +24,7 @@ from functools import partial
 from trainpilot.api import contract
 from trainpilot.api.experiment import AgentExperimentSpec, AgentExperimentStatus, TrialStatus
 from trainpilot.api.trial import ControlFile
-from trainpilot.core import approvals, cycle_log, quota_waits, retention, spec_edits
+from trainpilot.core import approvals, cycle_log, log_context, quota_waits, retention, spec_edits
 from trainpilot.core.conditions import MAX_CONDITION_MESSAGE, ConditionValue, set_condition
 from trainpilot.core.decision import CLEAN_UP, DecisionRecord, decision_id, decision_seq
 from trainpilot.core.engine import (
@@ -327,7 +327,7 @@ class _Cycle:
         )
 
     async def _metrics_reachability(self, status: AgentExperimentStatus) -> AgentExperimentStatus:
-        why = unreachable(status, self.observation, self.now)
+        why = unreachable(status, self.observation, self.now, self.spec.metrics.source)
         if why is not None:
             return await self._report(
                 status, contract.CONDITION_METRICS_REACHABLE, contract.REASON_METRICS_UNREACHABLE, why
@@ -406,8 +406,9 @@ class _Cycle:
     async def carry_out(self, status: AgentExperimentStatus, records: list[DecisionRecord]) -> AgentExperimentStatus:
         """Record first (write-ahead), then act, then fold the effect into status."""
         for record in records:
-            await self._record(record, status)
-            status = await self._act(status, record)
+            with log_context.about(trial=record.decision.trial or record.new_trial, decision=record.id):
+                await self._record(record, status)
+                status = await self._act(status, record)
             self.result.records.append(record)
         return await self._write_follow_ups(status)
 

@@ -34,9 +34,8 @@ def test_the_application_respects_its_ignore_differences() -> None:
 @pytest.fixture
 def kopf_settings(monkeypatch: pytest.MonkeyPatch) -> kopf.OperatorSettings:
     """The settings the operator's startup handler really sets (storage prefixes, finalizer)."""
-    monkeypatch.setattr(handlers, "load_credentials", lambda: None)
     settings = kopf.OperatorSettings()
-    handlers.configure(settings=settings, memo=kopf.Memo())
+    handlers.apply_settings(settings)
     return settings
 
 

@@ -100,14 +100,18 @@ async def test_a_diverging_trial_is_stopped_and_the_cycles_of_its_first_bad_sign
     stopped = result.terminated_at["bench-t000"]
     assert stopped - 2 <= 1  # the heuristic stops it within one decision interval
     [stop] = [r for r in result.records if r.decision.action == "terminate" and r.trial == "bench-t000"]
-    assert stop.decision.reason == "nonfinite-loss" and result.trials["bench-t000"].stop_reason == "nonfinite-loss"
+    # the trainer's spike counter, or the non-finite loss, whichever the scrape at the cycle's end sees first
+    assert stop.decision.reason in ("loss-spike", "nonfinite-loss")
+    assert result.trials["bench-t000"].stop_reason == stop.decision.reason
     assert diverged.exit_code == contract.EXIT_STOPPED and diverged.step == 10 * (stopped - 1)  # and no more
     assert diverged.checkpoint_step is None  # nothing saved at or after the bad loss (the first save is due at 25)
     assert "bench-t001" not in result.first_bad_sign  # the sound one never looked bad
 
 
 async def test_a_trainer_with_fail_fast_exits_diverged_by_itself():
-    result = await experiment(HeuristicPolicy(), seeded(DIVERGING, SOUND, fail_fast=True))
+    # no spike rule (the heuristic would stop it at the spike, before its trainer exits)
+    no_spikes = {"heuristic": {"spikeFactor": 1000}}
+    result = await experiment(HeuristicPolicy(), seeded(DIVERGING, SOUND, fail_fast=True), policy_spec=no_spikes)
     assert result.status.trial("bench-t000").state == "Diverged" and "bench-t000" not in result.terminated_at
     first = result.trials["bench-t000"]
     # It exits at its first non-finite loss, a step or two after the spike the benchmark counts as its first bad sign.

@@ -119,7 +119,8 @@ def test_resume_with_edits_through_every_row_of_the_edit_table(tmp_path, monkeyp
     spec["trialTemplate"]["checkpoints"] = {"claimName": "ckpt"}
     allowed = {
         "trialTemplate": {"env": {"FAKE_STEP_SECONDS": "0.01", "FAKE_EDITED": "yes", "FAKE_METRICS_PATH": "/m2"}},
-        "metrics": {"path": "/m2", "scrapeTimeoutSeconds": 0.001},
+        # source prometheus: a cluster's; trainpilot run reads its trainers directly all the same
+        "metrics": {"path": "/m2", "scrapeTimeoutSeconds": 0.001, "source": "prometheus", "maxSampleAgeSeconds": 60},
         "queue": {"name": "team-a"},
         "retention": {"checkpointTags": 1, "checkpointTrials": 0},
         "initialTrials": [{"lr": 0.01}, {"lr": 0.02}],

@@ -104,7 +104,8 @@ async def test_quickstart_runs_to_success_and_records_every_decision(
     records = ledger_of(kube, "quickstart")
     assert [r.seq for r in records] == list(range(len(records))) == list(range(status["decisionsMade"]))
     diverging = next(r for r in records if r.decision.action == "terminate" and r.decision.trial == "quickstart-t000")
-    assert diverging.decision.reason == "nonfinite-loss"
+    # lr 5 blows up within a few steps: the trainer's spike counter, or its first non-finite loss
+    assert diverging.decision.reason in ("nonfinite-loss", "loss-spike")
     relaunch = next(r for r in records if r.decision.parent == "quickstart-t000")
     assert relaunch.decision.hyperparameters["lr"] == pytest.approx(0.5)  # 5.0 x 0.1
     assert records[-1].decision.action == "complete"

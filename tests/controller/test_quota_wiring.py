@@ -63,7 +63,7 @@ def test_gpus_elsewhere_leaves_out_only_the_experiment_asking() -> None:
 async def test_the_daemon_hands_the_loop_limits_with_every_experiments_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     captured: dict[str, Any] = {}
 
-    async def drive(body: Any, stopped: Any, api: Any, quota_limits: Any, pool: Any) -> None:
+    async def drive(body: Any, stopped: Any, api: Any, quota_limits: Any, pool: Any, leader: Any = None) -> None:
         captured["limits"], captured["pool"] = quota_limits, pool
 
     monkeypatch.setattr(handlers.agent, "drive", drive)

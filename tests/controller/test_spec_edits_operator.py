@@ -128,12 +128,13 @@ async def test_every_row_of_the_edit_table_has_its_effect_on_a_running_experimen
             "budget": {"maxTrials": 3},
         },
     )
-    slow_scrapes = {"metrics": {"scrapeTimeoutSeconds": 0.001}}
+    slow_scrapes = {"metrics": {"scrapeTimeoutSeconds": 0.001, "maxSampleAgeSeconds": 60}}
+    through_prometheus = {"metrics": {"source": "prometheus"}}
     pause = {"suspend": True, "queue": {"name": None}, "trialTemplate": {"nodeSelector": {"pool": "none"}}}
     hold_launches = {"policy": {"requireApprovalFor": ["launch"]}}
     time_out = {"trialTemplate": {"pendingTimeoutSeconds": 5}, "budget": {"maxTrials": 5}}
     goal = {"objective": {"goal": 10.0}}
-    assert rows_not_edited([first, slow_scrapes, pause, hold_launches, time_out, goal]) == []
+    assert rows_not_edited([first, slow_scrapes, through_prometheus, pause, hold_launches, time_out, goal]) == []
 
     with running_kueue(kube) as kueue:
         async with run_kopf_operator(HANDLERS, namespace="default"):
@@ -177,6 +178,19 @@ async def test_every_row_of_the_edit_table_has_its_effect_on_a_running_experimen
             assert any("no answer within 0.001 s" in error for error in scrape_errors(kube, T0))
             patch(kube, {"spec": undo(slow_scrapes, spec)})
             await aeventually(lambda: trial(kube, T0).get("failedScrapes") == 0, timeout=20, interval=0.3)
+            await steps_go_on(kube, T0)
+
+            # metrics.source (next cycle): this operator was given no Prometheus server, so the next
+            # cycle says so and decides nothing; set back, the one after goes on.
+            patch(kube, {"spec": through_prometheus})
+            valid = await aeventually(
+                lambda: condition(kube, "Valid").get("status") == "False" and condition(kube, "Valid"),
+                timeout=20,
+                interval=0.3,
+            )
+            assert "set the Helm value prometheus.url" in valid["message"]
+            patch(kube, {"spec": undo(through_prometheus, spec)})
+            await aeventually(lambda: condition(kube, "Valid").get("status") != "False", timeout=20, interval=0.3)
             await steps_go_on(kube, T0)
 
             # T0 done: no trial is active, so the volume edit applies. T1 is initialTrials' new

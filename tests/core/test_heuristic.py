@@ -161,6 +161,17 @@ async def test_a_trial_stopped_for_a_spike_is_relaunched_later_and_counts_agains
     assert by(decisions, "launch", "relaunch-after-divergence") == []  # maxRelaunches 1 is used up
 
 
+async def test_a_spike_the_trainer_saw_between_two_scrapes_stops_the_trial_at_once():
+    """The scraped EMA is still below spikeFactor x best (one sample per cycle); the trainer's
+    counter, kept at every step, says it spiked."""
+    spec = make_spec()  # spikeFactor 3
+    spiking = healthy("a", 0, smoothed_train_loss=2.4, best_train_loss=2.0, loss_spikes=2, step=50)
+    decisions = await heuristic(spec, status_of(spec, spiking))
+    [stop] = by(decisions, "terminate")
+    assert stop.reason == "loss-spike" and "the trainer saw 2 step(s)" in stop.rationale
+    assert by(decisions, "launch", "relaunch-after-divergence")  # relaunched lower, like any spike
+
+
 async def test_loss_below_the_spike_factor_is_fine():
     spec = make_spec()
     status = status_of(spec, healthy("a", smoothed_train_loss=5.9, best_train_loss=2.0))
@@ -298,6 +309,54 @@ async def test_no_exploit_without_a_checkpoint_to_resume_or_when_switched_off():
     status.trials[0].checkpoint_step = 75
     decisions = await heuristic(off, status)
     assert by(decisions, "launch", "pbt-exploit") == [] and len(by(decisions, "launch", "suggested")) == 2
+
+
+# ---- population exploit (PBT's truncation selection among the running trials) ---------------
+
+
+def pbt_spec(**heuristic_settings: object):
+    # max_steps 200: exploitInterval 0.2 is 40 steps of a trial's own; no rungs, so only this rule stops
+    return make_spec(budget={"parallelTrials": 4}, policy={"heuristic": {"rungs": [], **heuristic_settings}})
+
+
+async def test_the_bottom_running_trial_exploits_the_best_ones_checkpoint_once_it_trained_an_interval():
+    spec = pbt_spec()
+    status = status_of(
+        spec,
+        healthy("lead", 0, step=90, objective=2.0, checkpoint_step=75),
+        healthy("second", 1, step=80, objective=2.3, checkpoint_step=75),
+        healthy("third", 2, step=70, objective=2.4, checkpoint_step=50),
+        healthy("last", 3, step=60, objective=2.9, checkpoint_step=50),
+    )
+    decisions = await heuristic(spec, status)
+    # exploitQuantile 0.25 of 4 running: one bottom trial, one top
+    [stop] = by(decisions, "terminate")
+    assert (stop.trial, stop.reason) == ("last", "pbt-exploit")
+    assert "bottom 1 of 4 running trials" in stop.rationale and "exploitInterval 0.2 x max_steps = 40" in stop.rationale
+    [child] = by(decisions, "launch", "pbt-exploit")
+    assert (child.parent, child.resume_from) == ("lead", "lead") and "checkpoint at step 75" in child.rationale
+    assert child.hyperparameters["lr"] in (pytest.approx(0.008), pytest.approx(0.012))
+    assert decisions == await heuristic(spec, status)  # seeded: the same status decides the same
+
+
+async def test_no_population_exploit_before_the_interval_without_a_checkpoint_or_when_off():
+    spec = pbt_spec()
+    lead = healthy("lead", 0, step=90, objective=2.0, checkpoint_step=75)
+    young = healthy("young", 1, step=30, objective=2.9)  # 30 of its own steps < 40
+    assert by(await heuristic(spec, status_of(spec, lead, young)), "terminate") == []
+    child = healthy("child", 1, step=130, objective=2.9, resumed_from_step=100, parent="other")  # 30 since it resumed
+    assert by(await heuristic(spec, status_of(spec, lead, child)), "terminate") == []
+    unsaved = healthy("lead", 0, step=90, objective=2.0)  # nothing to resume
+    old = healthy("old", 1, step=80, objective=2.9)
+    assert by(await heuristic(spec, status_of(spec, unsaved, old)), "terminate") == []
+    for off in (pbt_spec(exploitInterval=0), pbt_spec(exploit=False)):
+        assert by(await heuristic(off, status_of(off, lead, old)), "terminate") == []
+    # a child of the leader copies it again only from a newer checkpoint than the one it came from
+    copy = healthy("copy", 1, step=120, objective=2.9, resumed_from_step=75, parent="lead")
+    assert by(await heuristic(spec, status_of(spec, lead, copy)), "terminate") == []
+    newer = healthy("lead", 0, step=130, objective=2.0, checkpoint_step=125)
+    [stop] = by(await heuristic(spec, status_of(spec, newer, copy)), "terminate")
+    assert stop.trial == "copy"
 
 
 # ---- 5. plateau -----------------------------------------------------------------------------

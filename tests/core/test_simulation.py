@@ -188,7 +188,12 @@ async def test_experiment_without_a_goal_spends_its_budget_and_succeeds():
 
 
 async def test_a_loss_spike_is_relaunched_lower_from_the_checkpoint_before_it():
-    spec = spec_for(initialTrials=[{"lr": 0.15}, {"lr": 0.02}], objective={"goal": 1.6})
+    # No PBT among the running trials: it would replace the lr 0.15 trial, 40 steps in and behind, before it spikes.
+    spec = spec_for(
+        initialTrials=[{"lr": 0.15}, {"lr": 0.02}],
+        objective={"goal": 1.6},
+        policy={"heuristic": {"exploitInterval": 0}},
+    )
     status, records = await simulate(spec)
     executed = [r for r in records if r.outcome == "executed"]
 

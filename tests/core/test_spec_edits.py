@@ -46,6 +46,8 @@ EDITS: dict[str, dict[str, Any]] = {
     "policy": {"policy": {"intervalSeconds": 5}},
     "suspend": {"suspend": True},
     "metrics.scrapeTimeoutSeconds": {"metrics": {"scrapeTimeoutSeconds": 5}},
+    "metrics.source": {"metrics": {"source": "prometheus"}},
+    "metrics.maxSampleAgeSeconds": {"metrics": {"maxSampleAgeSeconds": 60}},
     "metrics": {"metrics": {"port": 9500}},
     "queue": {"queue": {"name": "team-b"}},
     "retention": {"retention": {"checkpointTrials": 1}},

@@ -159,6 +159,18 @@ def test_smoothed_train_loss_is_an_ema_over_new_steps():
     assert t0.best_train_loss == 2.0
 
 
+def test_the_trainers_loss_spike_counter_marks_the_trial_unstable_where_it_first_rises_and_never_goes_back():
+    spec = make_spec()
+    status = status_of(spec, trial("t0"))
+    status = fold(spec, status, seen("t0", step=10, train_loss=2.0, loss_spikes_total=0))
+    assert status.trials[0].loss_spikes == 0 and status.trials[0].unstable_since is None
+    status = fold(spec, status, seen("t0", step=20, train_loss=2.1, loss_spikes_total=3))
+    assert status.trials[0].loss_spikes == 3 and status.trials[0].unstable_since == 20
+    # a restarted process counts from 0 again: status keeps what was seen
+    status = fold(spec, status, seen("t0", step=30, train_loss=2.0, loss_spikes_total=0))
+    assert status.trials[0].loss_spikes == 3 and status.trials[0].unstable_since == 20
+
+
 def test_rung_objective_recorded_the_first_time_the_rung_is_passed():
     spec = make_spec(policy={"heuristic": {"rungs": [0.25, 0.5]}})  # max_steps 200: rungs at 50, 100
     status = status_of(spec, trial("t0"))

@@ -65,8 +65,14 @@ def expand(needs: list[tuple[str, str, set[str]]]) -> set[tuple[str, str, str]]:
 
 
 def one(documents: list[dict], kind: str) -> dict:
-    (found,) = [d for d in documents if d["kind"] == kind]
+    """The one document of `kind`; for Roles and RoleBindings, the one for the watched namespace
+    (the leader-election pair has its own test)."""
+    (found,) = [d for d in documents if d["kind"] == kind and not is_leader_rbac(d)]
     return found
+
+
+def is_leader_rbac(document: dict) -> bool:
+    return document["kind"] in ("Role", "RoleBinding") and document["metadata"]["name"].endswith("-leader")
 
 
 def grants(rules: list[dict], group: str, resource: str, verbs: set[str]) -> bool:
@@ -164,7 +170,7 @@ def test_all_namespaces_mode() -> None:
     container = check_deployment(documents)
     assert "--all-namespaces" in container["args"]
     assert not any(arg.startswith("--namespace") for arg in container["args"])
-    assert not [d for d in documents if d["kind"] in ("Role", "RoleBinding")]
+    assert not [d for d in documents if d["kind"] in ("Role", "RoleBinding") and not is_leader_rbac(d)]
     cluster_role = one(documents, "ClusterRole")
     for group, resource, verbs in NAMESPACED_NEEDS + CLUSTER_NEEDS:
         assert grants(cluster_role["rules"], group, resource, verbs), (group, resource)
@@ -199,6 +205,52 @@ def test_the_operator_serves_its_metrics_where_the_pod_says_prometheus_should_lo
         assert named["metrics"] == port
     else:
         assert "prometheus.io/scrape" not in annotations and "metrics" not in named
+
+
+@pytest.mark.parametrize("values", [{}, {"watchAllNamespaces": True}, {"watchNamespace": "ml-team"}])
+def test_leader_election_gets_one_lease_in_the_release_namespace_and_nothing_else(values: dict) -> None:
+    documents = render(values)
+    role, binding = (d for d in documents if is_leader_rbac(d))
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["trainpilot-operator"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (container,) = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["TRAINPILOT_OPERATOR_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["TRAINPILOT_OPERATOR_IDENTITY"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_replicas_roll_one_at_a_time_and_one_replica_is_recreated() -> None:
+    single = one(render(), "Deployment")["spec"]
+    assert single["replicas"] == 1 and single["strategy"] == {"type": "Recreate"}
+    pair = one(render({"replicas": 2}), "Deployment")["spec"]
+    assert pair["replicas"] == 2
+    assert pair["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+    with pytest.raises(helm.HelmError, match="replicas"):
+        render({"replicas": 0})
+
+
+def test_json_logs_and_the_prometheus_server_reach_the_operator() -> None:
+    cli = pytest.importorskip("trainpilot.cli.main")
+    values = {"logFormat": "json", "prometheus": {"url": "http://prom:9090", "bearerTokenSecret": {"name": "prom"}}}
+    (container,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert cli.build_parser().parse_args(container["args"]).log_format == "json"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRAINPILOT_PROMETHEUS_URL"]["value"] == "http://prom:9090"
+    assert env["TRAINPILOT_PROMETHEUS_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "prom", "key": "token"}}
+    (plain,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "TRAINPILOT_PROMETHEUS_URL" not in {e["name"] for e in plain["env"]}
+    assert cli.build_parser().parse_args(plain["args"]).log_format == "text"
+    with pytest.raises(helm.HelmError, match="logFormat"):
+        render({"logFormat": "yaml"})
 
 
 def test_anthropic_secret_and_log_level() -> None:

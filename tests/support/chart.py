@@ -100,6 +100,19 @@ class OperatorRelease:
         """The namespaces the release needs before it can be installed."""
         return sorted({self.namespace} | ({self.watched_namespace} - {None}))  # type: ignore[operator]
 
+    @property
+    def operator_env(self) -> dict[str, str]:
+        """The Deployment's environment as its pod gets it: plain values, and the downward API's
+        metadata.namespace and metadata.name (the pod's: `<release>-0`); not those from Secrets."""
+        pod = {"metadata.namespace": self.namespace, "metadata.name": f"{self.name}-0"}
+        env: dict[str, str] = {}
+        for entry in self._container().get("env", []):
+            if "value" in entry:
+                env[entry["name"]] = entry["value"]
+            elif (path := entry.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")) in pod:
+                env[entry["name"]] = pod[path]
+        return env
+
     def kopf_options(self) -> dict[str, Any]:
         """run_kopf_operator's scope arguments, as the Deployment's command line sets them."""
         watched = self.watched_namespace

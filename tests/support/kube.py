@@ -207,6 +207,9 @@ class Kube:
     def custom(self) -> kubernetes.client.CustomObjectsApi:
         return kubernetes.client.CustomObjectsApi(self.api_client())
 
+    def coordination_v1(self) -> kubernetes.client.CoordinationV1Api:
+        return kubernetes.client.CoordinationV1Api(self.api_client())
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` inside the emulator's event loop (for direct state access)."""
         return self.server.call(fn)
@@ -417,6 +420,9 @@ def kube_session(
     with emulated_cluster(directory, crd_paths, release, event_ttl) as cluster:
         monkeypatch.setattr(sys.modules[__name__], "_operator_kubeconfig", cluster.operator_kubeconfig)
         monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+        for name, value in release.operator_env.items():  # the Deployment's TrainPilot settings, as its pod gets them
+            if name.startswith("TRAINPILOT_"):
+                monkeypatch.setenv(name, value)
         # The client reads $KUBECONFIG once, at import time: point its default location here too.
         monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(cluster.kubeconfig))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # never the in-cluster config

@@ -154,6 +154,9 @@ def test_no_checkpoint_after_a_loss_spike(tmp_path, start_trainer):
     assert bad is not None and 1 < bad < 60
     assert ratios[bad - 1] > 1.01 - 1e-3 and max(ratios[: bad - 1]) <= 1.01 + 1e-3  # printed to 4 decimals
     assert f"step {bad}: loss spike" in finished.stdout
+    # every step the rule holds is counted (the policy stops a trial at the first scrape that sees it)
+    spikes = sum(ratio > 1.01 + 1e-3 for ratio in ratios)
+    assert spikes >= 1 and finished.result["loss_spikes_total"] >= spikes
     assert sorted(int(p.name[4:]) for p in checkpoints.glob("step*")) == list(range(1, bad))
     assert finished.result["checkpoint_step"] == bad - 1 and finished.result["checkpoint_tag"] == f"step{bad - 1}"
 

@@ -9,6 +9,7 @@ import math
 import os
 import urllib.request
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from trainpilot_trainer.config import (
     control_file_path,
     deepspeed_config,
     metrics_endpoint,
+    pin_checkpoint,
+    remove_tag,
     resolve_device,
     resolve_precision,
     tags_to_remove,
@@ -544,6 +547,7 @@ def test_result_line_is_strict_json():
         grad_norm=math.inf,
         tokens_per_second=1e5,
         nonfinite_loss_total=1,
+        loss_spikes_total=0,
         control_generation=0,
         tokens=1792,
         seconds=0.5,
@@ -711,3 +715,52 @@ def test_tag_rotation_orders_by_step_not_by_name():
     folders = ["step9", "step10", "step100"]
     assert tags_to_remove(folders, "step100", set(folders), keep=2) == ["step9"]
     assert tags_to_remove(folders, "step7", set(folders), keep=1) == []  # the current tag is not there
+
+
+def test_another_trials_checkpoint_is_pinned_by_hard_links_and_the_pin_outlives_the_tags_removal(tmp_path):
+    source = _fake_checkpoint(tmp_path / "ckpt" / "parent", tag="step40")
+    point = check_resume(source, "step40", zero_stage=0, world_size=1)
+    pins = tmp_path / "ckpt" / ".pins" / "child-rank0-1"
+    pinned, note = pin_checkpoint(point, pins, zero_stage=0, world_size=1)
+    assert note is None and (pinned.directory, pinned.tag) == (str(pins), "step40")
+    original = Path(source) / "step40" / "mp_rank_00_model_states.pt"
+    copy = pins / "step40" / "mp_rank_00_model_states.pt"
+    assert copy.stat().st_ino == original.stat().st_ino  # a hard link: nothing copied
+    remove_tag(Path(source) / "step40")  # the parent goes on and drops the tag (keep_checkpoint_tags)
+    assert not (Path(source) / "step40").exists() and copy.is_file() and (pins / "step40" / COMPLETE_MARKER).is_file()
+
+
+def test_a_tag_removed_before_it_is_pinned_falls_back_to_the_newest_complete_one_and_says_so(tmp_path):
+    source = _fake_checkpoint(tmp_path / "parent", tag="step40")
+    point = check_resume(source, "step40", zero_stage=0, world_size=1)
+    _fake_checkpoint(tmp_path / "parent", tag="step65")  # saved since, and `latest` names it
+    (Path(source) / "step40" / COMPLETE_MARKER).unlink()  # remove_tag has begun: its marker goes first
+    pinned, note = pin_checkpoint(point, tmp_path / "pins", zero_stage=0, world_size=1)
+    assert pinned.tag == "step65" and (tmp_path / "pins" / "step65" / COMPLETE_MARKER).is_file()
+    assert note is not None and "step40 was removed by the trial that saved it" in note and "step65" in note
+    assert not (tmp_path / "pins" / "step40").exists()  # the half-pinned tag is not left behind
+    remove_tag(Path(source) / "step65")
+    (Path(source) / "latest").unlink()
+    with pytest.raises(ConfigError, match="resume_from"):  # nothing left to pin: a clear config error
+        pin_checkpoint(point, tmp_path / "pins2", zero_stage=0, world_size=1)
+
+
+def test_a_trials_own_latest_checkpoint_that_is_gone_falls_back_to_the_previous_complete_one(tmp_path, capsys):
+    from trainpilot_trainer.config import own_checkpoint
+
+    own = tmp_path / "own"
+    _fake_checkpoint(own, tag="step40")
+    _fake_checkpoint(own, tag="step80")
+    _fake_checkpoint(own, tag="step60", complete=False, latest=False)  # a save cut short: never resumed
+    (own / "latest").write_text("step80")
+    config = TrialConfig.model_validate(
+        {"experiment": "e", "trial": "t", "checkpoint_dir": str(own), "hyperparameters": {}}
+    )
+    assert own_checkpoint(config, 0, 1).tag == "step80"
+    remove_tag(own / "step80")  # lost (a crash while the tag was replaced, or deleted by hand)
+    point = own_checkpoint(config, 0, 1)
+    assert point is not None and point.tag == "step40"  # not step60: it never finished
+    said = capsys.readouterr().out
+    assert "the trial's latest checkpoint cannot be resumed" in said and "resuming step40" in said
+    remove_tag(own / "step40")
+    assert own_checkpoint(config, 0, 1) is None  # nothing left: resume_from, as on a first start

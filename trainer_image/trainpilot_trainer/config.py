@@ -345,6 +345,13 @@ def layouts_for_stage(zero_stage: int) -> tuple[str, ...]:
 WHOLE_BF16_ZERO0_SINCE = (0, 17, 6)
 
 
+def remove_tag(folder: Path) -> None:
+    """Delete a checkpoint folder, its completion marker first: while another trial's trainer reads
+    it (pin_checkpoint), a marker still there means every file of the tag still is."""
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """A complete checkpoint to resume, and how it was saved (its completion record)."""
@@ -356,10 +363,12 @@ class ResumePoint:
     # Saved by another number of ranks with one optimizer partition each (ZeRO-1/2): loaded through
     # DeepSpeed's universal checkpoint, converted first (Trainer.resume).
     universal: bool = False
+    # Where it was saved, when `directory` is this run's pinned copy of it (pin_checkpoint).
+    origin: str | None = None
 
     @property
     def where(self) -> str:
-        return f"{self.directory}/{self.tag}"
+        return f"{self.origin or self.directory}/{self.tag}"
 
 
 def check_resume(directory: str, tag: str | None, zero_stage: int, world_size: int) -> ResumePoint:
@@ -403,15 +412,42 @@ def check_resume(directory: str, tag: str | None, zero_stage: int, world_size: i
 def own_checkpoint(config: TrialConfig, zero_stage: int, world_size: int) -> ResumePoint | None:
     """The newest checkpoint in the trial's own checkpoint_dir, which comes before resume_from: a
     pod that replaces an evicted or preempted one (the Job's podFailurePolicy ignores such failures)
-    goes on where the trial got to, not back to where it started. None when there is none, or when
-    it cannot be resumed (say, killed while saving): then resume_from applies, as on a first start."""
-    if not config.checkpoint_dir or not (Path(config.checkpoint_dir) / "latest").is_file():
+    goes on where the trial got to, not back to where it started. When the tag `latest` names
+    cannot be resumed (deleted, its marker lost), the newest complete tag below it stands in, and
+    the log says so. None when there is none: then resume_from applies, as on a first start."""
+    directory = config.checkpoint_dir
+    if not directory or not (Path(directory) / "latest").is_file():
         return None
     try:
-        return check_resume(config.checkpoint_dir, None, zero_stage, world_size)
+        return check_resume(directory, None, zero_stage, world_size)
     except ConfigError as error:
-        print(f"trainpilot: not resuming the trial's own checkpoint: {error}", flush=True)
-        return None
+        why = str(error)
+    latest = (Path(directory) / "latest").read_text(encoding="utf-8").strip()
+    below = _tag_step(latest)
+    candidates = sorted(
+        (
+            (step, entry.name)
+            for entry in Path(directory).iterdir()
+            if entry.is_dir()
+            and (step := _tag_step(entry.name)) is not None
+            and (below is None or step < below)
+            and (entry / COMPLETE_MARKER).is_file()
+        ),
+        reverse=True,
+    )
+    for _, tag in candidates:
+        try:
+            point = check_resume(directory, tag, zero_stage, world_size)
+        except ConfigError:
+            continue
+        print(
+            f"trainpilot: the trial's latest checkpoint cannot be resumed ({why}); resuming {tag}, "
+            "the newest complete one before it",
+            flush=True,
+        )
+        return point
+    print(f"trainpilot: not resuming the trial's own checkpoint: {why}", flush=True)
+    return None
 
 
 def check_resume_fits(point: ResumePoint, precision: str, deepspeed_version: str) -> None:
@@ -463,3 +499,48 @@ def metrics_endpoint(env: os._Environ | dict) -> Endpoint:
 
 def control_file_path(config: TrialConfig, env: os._Environ | dict) -> str | None:
     return config.control_file or env.get(contract.ENV_CONTROL_FILE) or None
+
+
+PIN_ATTEMPTS = 3
+# Beside the trials' checkpoint folders: where a trial pins another's checkpoint while it starts.
+PINS_FOLDER = ".pins"
+
+
+def pin_checkpoint(point: ResumePoint, pins: Path, zero_stage: int, world_size: int) -> tuple[ResumePoint, str | None]:
+    """A private snapshot of another trial's checkpoint under `pins` (hard links; copies across
+    filesystems), taken before DeepSpeed opens it: the trial that saved it may still be running and
+    remove that tag (its keep_checkpoint_tags) while this one starts, since PBT children resume the
+    checkpoints of trials that go on training. If the tag goes before it is pinned, the newest
+    complete one (`latest`) stands in, and the note says so. ConfigError when none can be pinned."""
+    wanted, note = point, None
+    for _ in range(PIN_ATTEMPTS):
+        target = pins / point.tag
+        try:
+            _link_tree(Path(point.directory) / point.tag, target)
+            pinned = check_resume(str(pins), point.tag, zero_stage, world_size)
+            return dataclasses.replace(pinned, record=point.record, origin=point.directory), note
+        except (OSError, ConfigError):
+            shutil.rmtree(target, ignore_errors=True)
+        point = check_resume(point.directory, None, zero_stage, world_size)  # what `latest` names now
+        note = (
+            f"resume_from: {wanted.where} was removed by the trial that saved it (keep_checkpoint_tags) before "
+            f"this one could load it; resuming its newest complete checkpoint, {point.tag}, instead"
+        )
+    raise ConfigError(f"resume_from: {wanted.where}: no checkpoint of it could be pinned; try again later")
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Link every file of `source` into `target`, the completion marker last (remove_tag deletes it
+    first): a FileNotFoundError on the way means the tag is being removed."""
+    files = sorted((path for path in source.rglob("*") if path.is_file()), key=lambda p: p.name == COMPLETE_MARKER)
+    if not files or files[-1].name != COMPLETE_MARKER:
+        raise FileNotFoundError(source / COMPLETE_MARKER)
+    for path in files:
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            shutil.copy2(path, destination)  # another filesystem, or no hard links there

@@ -17,13 +17,16 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from trainpilot.api import contract
 
 from .config import (
+    PINS_FOLDER,
     check_resume,
     check_resume_fits,
     control_file_path,
@@ -32,6 +35,7 @@ from .config import (
     metrics_endpoint,
     native_bf16,
     own_checkpoint,
+    pin_checkpoint,
     read_trial_config,
     resolve_device,
     resolve_fast_path,
@@ -119,17 +123,29 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
 
 
 def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
+    pins: list[Path] = []  # this process's pinned copy of another trial's checkpoint, if any
+    try:
+        return _run(config_path, stop, report, pins)
+    finally:
+        for folder in pins:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(config_path: str | None, stop: StopRequest, report: Report, pins_made: list[Path]) -> int:
+    pin_note: str | None = None
     try:
         config = read_trial_config(config_path)
         report.experiment, report.trial = config.experiment, config.trial
         hp = config.hyperparameters
         endpoint = metrics_endpoint(os.environ)
         dist_env = prepare_environment(os.environ)
-        resume = own_checkpoint(config, hp.zero_stage, dist_env.world_size) or (
-            check_resume(config.resume_from, config.resume_tag, hp.zero_stage, dist_env.world_size)
-            if config.resume_from
-            else None
-        )
+        resume = own_checkpoint(config, hp.zero_stage, dist_env.world_size)
+        if resume is None and config.resume_from:
+            resume = check_resume(config.resume_from, config.resume_tag, hp.zero_stage, dist_env.world_size)
+            # Another trial's checkpoint: pinned, since that trial may go on and remove the tag.
+            pinned = Path(config.resume_from).parent / PINS_FOLDER / f"{config.trial}-rank{dist_env.rank}-{os.getpid()}"
+            pins_made.append(pinned)
+            resume, pin_note = pin_checkpoint(resume, pinned, hp.zero_stage, dist_env.world_size)
         if stop.check():
             return report.stopped_during_startup("while checking the config")
         import torch  # only now: the checks above must not wait for torch to import
@@ -184,7 +200,7 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
             flush=True,
         )
         print(f"fast path: {describe_fast_path(fast)}; {_peak_line(device_name, precision, peak)}", flush=True)
-        for note in fast_notes:
+        for note in [*fast_notes, *([pin_note] if pin_note else [])]:
             print(f"trainpilot: {note}", flush=True)
     control = ControlWatcher(control_file_path(config, os.environ))
     trainer = None
@@ -197,7 +213,9 @@ def _main(config_path: str | None, stop: StopRequest, report: Report) -> int:
         if dist_env.is_main:
             print(f"model: {trainer.num_parameters:,} parameters, {hp.n_layer} layers x {hp.n_embd} wide", flush=True)
         if resume is not None:
-            trainer.resume(resume.directory, resume.tag, universal=resume.universal)
+            trainer.resume(resume.directory, resume.tag, universal=resume.universal, origin=resume.origin)
+            for folder in pins_made:  # loaded: the links would only keep the other trial's old tag on disk
+                shutil.rmtree(folder, ignore_errors=True)
         result = trainer.run()
         code = report.finish(result.as_dict(), config.metrics_linger_seconds)
     except ConfigError as error:  # e.g. a checkpoint that does not fit this model (all ranks see it)

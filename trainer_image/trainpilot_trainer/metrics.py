@@ -61,6 +61,11 @@ class Metrics:
             "Steps whose loss was NaN or infinite.",
             registry=registry,
         )
+        self.loss_spikes = Counter(
+            contract.METRIC_LOSS_SPIKES.removesuffix("_total"),
+            "Steps whose smoothed loss was above loss_spike_factor x the run's best.",
+            registry=registry,
+        )
         self.step_seconds = Histogram(
             contract.METRIC_STEP_SECONDS,
             "Wall time of one optimizer step.",

@@ -103,6 +103,7 @@ class RunResult:
     grad_norm: float
     tokens_per_second: float
     nonfinite_loss_total: int
+    loss_spikes_total: int
     control_generation: int
     tokens: int
     seconds: float
@@ -133,6 +134,7 @@ class RunResult:
             "grad_norm": number(self.grad_norm),
             "tokens_per_second": round(self.tokens_per_second, 1),
             "nonfinite_loss_total": self.nonfinite_loss_total,
+            "loss_spikes_total": self.loss_spikes_total,
             "control_generation": self.control_generation,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),

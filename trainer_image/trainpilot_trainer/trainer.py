@@ -47,6 +47,7 @@ from .config import (  # noqa: E402
     deepspeed_config,
     find_compiler,
     fp32_grad_accum,
+    remove_tag,
     resolve_fast_path,
     tags_to_remove,
 )
@@ -187,6 +188,7 @@ class Trainer:
         self.grad_norm = math.nan
         self.lr = math.nan
         self.nonfinite_losses = 0
+        self.loss_spikes = 0
         self._step_seconds_ema: float | None = None
         # DeepSpeed returns the gradient norm from its ZeRO and mixed-precision optimizers, but with
         # plain fp32 at ZeRO-0 it clips without reporting it; then we compute it on log steps only.
@@ -292,7 +294,7 @@ class Trainer:
         complete = {name for name in folders if (directory / name / COMPLETE_MARKER).is_file()}
         removed = tags_to_remove(folders, current, complete, keep)
         for name in removed:
-            shutil.rmtree(directory / name, ignore_errors=True)
+            remove_tag(directory / name)
         if removed:
             self.log(f"checkpoint tags removed (keep_checkpoint_tags {keep}): {', '.join(removed)}", flush=True)
 
@@ -300,16 +302,19 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.barrier()
 
-    def resume(self, directory: str, tag: str, universal: bool = False) -> None:
+    def resume(self, directory: str, tag: str, universal: bool = False, origin: str | None = None) -> None:
         """Continue from a checkpoint: weights, optimizer moments, step and data position. The
         schedule is this run's (possibly changed) one, evaluated from the loaded step on. With
-        `universal` (saved by another number of ZeRO-1/2 ranks), through its universal checkpoint."""
+        `universal` (saved by another number of ZeRO-1/2 ranks), through its universal checkpoint.
+        `origin`: where it was saved, when `directory` is a pinned copy (what the messages name)."""
+        where = f"{origin or directory}/{tag}"
         load = tag
         if universal:
             load = universal_tag(tag)
             if self.dist.is_main:
-                load = convert(directory, tag, self.log)
+                load = convert(directory, tag, self.log, into=origin)
             self._barrier()  # every rank loads what rank 0 has finished converting
+            directory = origin or directory  # the conversion is beside the original
         try:
             with quiet_stdout():
                 path, client_state = self.engine.load_checkpoint(
@@ -319,10 +324,10 @@ class Trainer:
             # torch's load_state_dict error starts with a header line; the first detail says what differs.
             lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
             detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
-            raise ConfigError(f"resume_from: {directory}/{tag} does not fit this model: {detail[:300]}") from None
+            raise ConfigError(f"resume_from: {where} does not fit this model: {detail[:300]}") from None
         state = (client_state or {}).get("trainpilot")
         if path is None or not state:
-            raise ConfigError(f"resume_from: {directory}/{tag} is not a TrainPilot checkpoint")
+            raise ConfigError(f"resume_from: {where} is not a TrainPilot checkpoint")
         self.step = int(state["step"])
         self.data_position = int(state["data_position"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
@@ -336,7 +341,7 @@ class Trainer:
         saved_world = state.get("world_size")
         through = ", through its universal checkpoint" if universal else ""
         self.log(
-            f"resumed from {directory}/{tag} at step {self.step} (saved by {saved_world} rank(s), "
+            f"resumed from {where} at step {self.step} (saved by {saved_world} rank(s), "
             f"now {self.dist.world_size}{through})",
             flush=True,
         )
@@ -449,6 +454,9 @@ class Trainer:
                         f"step {self.step}: {bad.description}; stopping (fail_fast) without a checkpoint", flush=True
                     )
                     return EXIT_DIVERGED
+            if bad is not None and bad.kind == "spike":
+                self.loss_spikes += 1
+                self.metrics.loss_spikes.inc()
             if bad is not None and was_safe:
                 self.log(f"step {self.step}: {bad.description}; no checkpoint is saved from now on", flush=True)
             if self.step % config.log_interval == 0:
@@ -518,6 +526,7 @@ class Trainer:
             grad_norm=self.grad_norm,
             tokens_per_second=self.tokens_per_second,
             nonfinite_loss_total=self.nonfinite_losses,
+            loss_spikes_total=self.loss_spikes,
             control_generation=self.control.applied_generation,
             tokens=self.tokens_seen,
             seconds=time.perf_counter() - self._started,

@@ -29,12 +29,15 @@ def universal_tag(tag: str) -> str:
     return f"{tag}{SUFFIX}"
 
 
-def convert(directory: str, tag: str, log=print) -> str:
-    """The tag of `directory/tag`'s universal checkpoint, converting it first if need be (rank 0)."""
-    target = Path(directory) / universal_tag(tag)
+def convert(directory: str, tag: str, log=print, into: str | None = None) -> str:
+    """The tag of `directory/tag`'s universal checkpoint, converting it first if need be (rank 0).
+    It goes beside the tag, or into `into` (where a pinned copy was saved from: kept for the next
+    trial that resumes it at another world size)."""
+    into = into or directory
+    target = Path(into) / universal_tag(tag)
     if (target / MARKER).is_file():
         return target.name
-    temporary = Path(directory) / f".{target.name}.{os.getpid()}.tmp"
+    temporary = Path(into) / f".{target.name}.{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     started = time.monotonic()
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
@@ -45,7 +48,7 @@ def convert(directory: str, tag: str, log=print) -> str:
         shutil.rmtree(temporary, ignore_errors=True)
         last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
         raise ConfigError(
-            f"resume_from: {directory}/{tag} could not be converted to a universal checkpoint to resume at "
+            f"resume_from: {into}/{tag} could not be converted to a universal checkpoint to resume at "
             f"another world size ({last.strip()[:300]}); resume at the world size that saved it"
         )
     (temporary / MARKER).write_text(json.dumps({"from": tag}), encoding="utf-8")
@@ -53,5 +56,5 @@ def convert(directory: str, tag: str, log=print) -> str:
         os.replace(temporary, target)
     except OSError:  # another trial converted the same tag meanwhile: theirs is as good
         shutil.rmtree(temporary, ignore_errors=True)
-    log(f"converted {directory}/{tag} to a universal checkpoint in {time.monotonic() - started:.1f} s", flush=True)
+    log(f"converted {into}/{tag} to a universal checkpoint in {time.monotonic() - started:.1f} s", flush=True)
     return target.name

@@ -98,6 +98,9 @@ METRIC_LEARNING_RATE = "trainpilot_learning_rate"
 METRIC_GRAD_NORM = "trainpilot_grad_norm"
 METRIC_TOKENS_PER_SECOND = "trainpilot_tokens_per_second"
 METRIC_NONFINITE_LOSS = "trainpilot_nonfinite_loss_total"
+# Steps at which the trainer's loss-spike rule (loss_spike_factor on the smoothed loss) held: it
+# applies the policy's spikeFactor at every step, so a spike between two scrapes is not missed.
+METRIC_LOSS_SPIKES = "trainpilot_loss_spikes_total"
 METRIC_CHECKPOINT_STEP = "trainpilot_checkpoint_step"
 METRIC_LOSS_FLOOR = "trainpilot_loss_floor"
 METRIC_CONTROL_GENERATION = "trainpilot_control_generation"
@@ -143,6 +146,7 @@ TRAINER_METRICS = (
     METRIC_CHECKPOINT_STEP,
     METRIC_CONTROL_GENERATION,
     METRIC_NONFINITE_LOSS,
+    METRIC_LOSS_SPIKES,
     METRIC_LOSS_FLOOR,
     METRIC_ENTROPY_RATE,
     METRIC_GPU_MEMORY,
@@ -243,3 +247,9 @@ METRIC_OPERATOR_LLM_CALLS = "trainpilot_operator_llm_calls_total"
 METRIC_OPERATOR_LLM_SECONDS = "trainpilot_operator_llm_call_seconds"
 METRIC_OPERATOR_LLM_TOKENS = "trainpilot_operator_llm_tokens_total"
 METRIC_OPERATOR_LLM_FALLBACKS = "trainpilot_operator_llm_fallbacks_total"
+METRIC_OPERATOR_CYCLES = "trainpilot_operator_cycles_total"
+METRIC_OPERATOR_API_REQUESTS = "trainpilot_operator_api_requests_total"
+METRIC_OPERATOR_API_ERRORS = "trainpilot_operator_api_errors_total"
+METRIC_OPERATOR_WATCH_RESTARTS = "trainpilot_operator_watch_restarts_total"
+METRIC_OPERATOR_SCRAPE_FAILURES = "trainpilot_operator_scrape_failures_total"
+METRIC_OPERATOR_EXPERIMENTS = "trainpilot_operator_experiments"

@@ -330,6 +330,22 @@ class HeuristicSettings(CamelModel):
         description="PBT exploit/explore at ASHA rungs: a trial stopped at a rung is replaced by a child of the "
         "rung's best trial, resumed from its checkpoint with values perturbed by exploreFactors.",
     )
+    exploit_interval: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="PBT among the running trials, every this fraction of max_steps a trial trains: a running trial "
+        "in the bottom exploitQuantile of the running population (on its latest objective) is replaced by a child "
+        "of one in the top, resumed from its checkpoint with values perturbed by exploreFactors. 0: exploit at "
+        "rungs only. Needs exploit.",
+    )
+    exploit_quantile: float = Field(
+        0.25,
+        gt=0,
+        le=0.5,
+        description="Share of the running population that is the bottom (and the top) of a population exploit: at "
+        "least one trial, at most half.",
+    )
     explore_factors: list[float] = Field(
         default_factory=lambda: [0.8, 1.2],
         min_length=1,
@@ -470,9 +486,25 @@ class PolicySpec(CamelModel):
 
 
 class MetricsEndpoint(CamelModel):
+    """Where the trainers serve their metrics, and how the operator reads them."""
+
     port: int = Field(9400, ge=1, le=65535, description="Port the trainer serves /metrics on.")
     path: str = Field("/metrics", pattern=r"^/", description="Path of the metrics endpoint.")
     scrape_timeout_seconds: float = Field(2.0, gt=0, le=30, description="Give up on a slow scrape after this.")
+    source: Literal["direct", "prometheus"] = Field(
+        "direct",
+        description="direct: the operator scrapes each trial's rank-0 pod at its pod IP. prometheus: it reads them "
+        "from the Prometheus server the operator is given (Helm value prometheus.url), which scrapes the pods "
+        "(the chart's podMonitor) with the experiment, trial, pod and namespace labels; for clusters where the "
+        "operator may not reach pod IPs. trainpilot run always reads its trainers directly.",
+    )
+    max_sample_age_seconds: float = Field(
+        120,
+        ge=5,
+        le=3600,
+        description="source prometheus: a trial whose latest scrape is older than this has no data (the server "
+        "lags, or no longer scrapes it). At least two of the server's scrape intervals.",
+    )
 
 
 class QueueSettings(CamelModel):
@@ -676,6 +708,9 @@ class TrialStatus(CamelModel):
     best_objective: float | None = None
     checkpoint_step: int | None = None
     nonfinite_losses: int = 0
+    loss_spikes: int = Field(
+        0, ge=0, description="trainpilot_loss_spikes_total: steps at which the trainer saw its smoothed loss spike."
+    )
     control_generation: int = 0
     changed_at_step: int | None = Field(
         None, description="Step at which its values last changed in place: a plateau is judged on what came after."

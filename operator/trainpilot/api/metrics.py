@@ -29,6 +29,7 @@ RESULT_ALIASES = {
     "tokens_per_second": contract.METRIC_TOKENS_PER_SECOND,
     "nonfinite_loss_total": contract.METRIC_NONFINITE_LOSS,
     "nonfinite_losses": contract.METRIC_NONFINITE_LOSS,
+    "loss_spikes_total": contract.METRIC_LOSS_SPIKES,
     "checkpoint_step": contract.METRIC_CHECKPOINT_STEP,
     "loss_floor": contract.METRIC_LOSS_FLOOR,
     "max_steps": contract.METRIC_MAX_STEPS,
@@ -120,6 +121,10 @@ class TrialMetrics(BaseModel):
     @property
     def nonfinite_losses(self) -> int:
         return int(self.get(contract.METRIC_NONFINITE_LOSS) or 0)
+
+    @property
+    def loss_spikes(self) -> int:
+        return int(self.get(contract.METRIC_LOSS_SPIKES) or 0)
 
     @property
     def checkpoint_step(self) -> int | None:

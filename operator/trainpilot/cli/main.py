@@ -36,8 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=OPERATOR_METRICS_PORT,
         help="port of the operator's own Prometheus metrics (/metrics), or 0 to disable (default: %(default)s)",
     )
+    operator.add_argument(
+        "--prometheus-url",
+        default=None,
+        help="the Prometheus server experiments with spec.metrics.source prometheus are read from (default: "
+        "$TRAINPILOT_PROMETHEUS_URL); a bearer token comes from $TRAINPILOT_PROMETHEUS_TOKEN only",
+    )
     operator.add_argument("--standalone", action="store_true", help="skip peering with other operator replicas")
     operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    operator.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one object per line, with the experiment, trial and decision it is about (default: text)",
+    )
 
     commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
 

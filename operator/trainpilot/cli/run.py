@@ -199,6 +199,8 @@ def prepare(args: argparse.Namespace, gpus: int | None = None, cores: int | None
         _write_manifest(run_dir, args.experiment)
     spec = _fit_parallel_trials(spec, cores, gpus, notes)
     notes.insert(0, _cluster_fields_note(experiment, _processes_per_trial(spec)))
+    if spec.metrics.source == "prometheus":
+        notes.append("local run: spec.metrics.source prometheus is for clusters; each trainer is read directly here")
     return Prepared(
         run_dir=run_dir.resolve(),
         experiment=experiment,

@@ -28,7 +28,7 @@ from trainpilot.api.experiment import (
 )
 from trainpilot.api.quota import workload_refusal
 from trainpilot.controller import metrics as operator_metrics
-from trainpilot.core import retention
+from trainpilot.core import log_context, retention
 from trainpilot.core.conditions import set_condition
 from trainpilot.core.policy import Policy
 from trainpilot.loop import LoopMemory, run_cycle
@@ -38,17 +38,24 @@ from trainpilot.runtime.kubernetes.api import KubeApi
 from trainpilot.runtime.kubernetes.ownership import LEFTOVER_RECHECK_SECONDS, LeftoverGate
 from trainpilot.runtime.kubernetes.runtime import KubernetesRuntime
 from trainpilot.runtime.policies import make_policy
+from trainpilot.runtime.prometheus import PrometheusServer, check_metrics_source
 
 logger = logging.getLogger(__name__)
 
 INVALID_RECHECK_SECONDS = 5.0
 FINISHED_RECHECK_SECONDS = 60.0
 FAILURE_BACKOFF_SECONDS = 5.0
+STANDBY_RECHECK_SECONDS = 1.0  # a standby replica looks this often whether it leads now
 
 
 class Stopped(Protocol):
     def __bool__(self) -> bool: ...
     def wait(self, timeout: float | None = None) -> Any: ...
+
+
+class Leader(Protocol):
+    @property
+    def leading(self) -> bool: ...
 
 
 def slot_wait(namespace: str, name: str, interval: float, now: float) -> float:
@@ -131,13 +138,16 @@ async def drive(
     api: KubeApi,
     quota_limits: Callable[[str], object | None] | None = None,
     pool: GPUPool | None = None,
+    leader: Leader | None = None,
 ) -> None:
     """Run one experiment's agent loop until kopf stops the daemon (deletion or shutdown).
 
     `quota_limits(namespace)` gives the admins' current QuotaPolicy limits, read fresh each cycle.
+    `leader`: this replica acts only while it leads (controller.leader); a standby only watches.
     """
     name: str = body["metadata"]["name"]
     namespace: str = body["metadata"]["namespace"]
+    log_context.set_experiment(f"{namespace}/{name}")  # this daemon's task: every line it logs is about it
     status = restore_status(body.get("status"))
     runtime: KubernetesRuntime | None = None
     reported_invalid: str | None = None
@@ -155,6 +165,9 @@ async def drive(
 
     try:
         while not stopped:
+            if leader is not None and not leader.leading:
+                await stopped.wait(STANDBY_RECHECK_SECONDS)
+                continue
             generation = body["metadata"].get("generation")
             try:
                 check_experiment_name(name)
@@ -164,12 +177,14 @@ async def drive(
                     policy = make_policy(spec, archive=keep_exchange)
                     policy_spec = spec.policy
                 check_quota_allows(spec, namespace, quota_limits)
+                check_metrics_source(spec.metrics.source, PrometheusServer.from_environment())
             except ValueError as error:
                 message = str(error)
                 if message != reported_invalid:
                     logger.warning("%s/%s is invalid: %s", namespace, name, message)
                     try:
                         status = await mark_invalid(api, namespace, name, status, message, generation)
+                        operator_metrics.experiment_phase(namespace, name, status.phase)
                         reported_invalid = message
                     except RuntimeFailure as failure:
                         logger.warning("could not report invalid spec of %s/%s: %s", namespace, name, failure)
@@ -222,6 +237,7 @@ async def drive(
             await stopped.wait(wait)
     finally:
         pool.forget(namespace, name)
+        operator_metrics.experiment_phase(namespace, name, None)
         if runtime is not None:
             runtime.close()  # its watches of stopping trials end with it
 
@@ -259,15 +275,21 @@ async def _one_cycle(
         status, saved = result.status, result.unrecorded is None
         wait = slot_wait(namespace, name, wait, time.time())
         operator_metrics.count_decisions([*result.recovered, *result.records])
+        operator_metrics.CYCLES.labels("ok").inc()
     except RuntimeFailure as failure:
         logger.warning("cycle of %s/%s failed, retrying: %s", namespace, name, failure)
         operator_metrics.CYCLE_ERRORS.labels("api").inc()
+        operator_metrics.CYCLES.labels("api-error").inc()
         wait = min(wait, FAILURE_BACKOFF_SECONDS)
     except Exception:  # a bug must not kill the daemon for good; it is logged in full
         logger.exception("cycle of %s/%s crashed, retrying", namespace, name)
         operator_metrics.CYCLE_ERRORS.labels("crash").inc()
+        operator_metrics.CYCLES.labels("crash").inc()
         wait = max(wait, FAILURE_BACKOFF_SECONDS)
     operator_metrics.CYCLE_SECONDS.observe(time.monotonic() - started)
+    operator_metrics.count_scrape_failures(runtime.scrape_failures)
+    runtime.scrape_failures = []
+    operator_metrics.experiment_phase(namespace, name, status.phase)
     if status.finished and not runtime.unfinished_clean_ups:  # else: watch it at the policy's pace
         wait = max(wait, _finished_wait(spec, status, cluster_now()))
     return status, wait, saved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -12,23 +13,48 @@ import kopf
 from trainpilot.api import contract
 from trainpilot.api.quota import QuotaLimits, effective_limits, gpus_held, parse_quota_policy, spent
 from trainpilot.controller import agent
+from trainpilot.controller import metrics as operator_metrics
+from trainpilot.controller.leader import ENV_NAMESPACE, LeaderElection
 from trainpilot.core.quota_usage import ExperimentUsage, account
-from trainpilot.runtime.kubernetes.api import KubeApi, load_credentials
+from trainpilot.runtime.kubernetes.api import KubeApi, load_credentials, namespace_of_context
 
 # How often each QuotaPolicy's status adds up what its namespaces spent (the usage its bounds read).
 QUOTA_ACCOUNTING_SECONDS = 10.0
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def apply_settings(settings: kopf.OperatorSettings) -> None:
     # kopf's own bookkeeping goes to annotations, never into the user's spec or our status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.trainpilot.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.trainpilot.dev")
     settings.persistence.finalizer = "trainpilot.dev/daemons"
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    memo.api = KubeApi(load_credentials())
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    apply_settings(settings)
+    memo.api = KubeApi(
+        load_credentials(),
+        observe=operator_metrics.count_api_request,
+        on_watch_restart=operator_metrics.count_watch_restart,
+    )
     memo.gpu_pool = agent.GPUPool()
+    # One replica acts at a time (controller.leader); a test passes its own lease settings in memo.
+    memo.leader = LeaderElection(
+        memo.api,
+        getattr(memo, "leader_namespace", None) or os.environ.get(ENV_NAMESPACE) or namespace_of_context(),
+        identity=getattr(memo, "leader_identity", None),
+        timing=getattr(memo, "leader_timing", None),
+    )
+    memo.leader.start()
+
+
+@kopf.on.cleanup()
+async def release_leadership(memo: kopf.Memo, **_: Any) -> None:
+    leader = getattr(memo, "leader", None)
+    if leader is not None:
+        await leader.stop(release=not getattr(memo, "leader_dies", False))
 
 
 @kopf.on.login()
@@ -98,4 +124,4 @@ async def run_agent(
         held = gpus_elsewhere(experiment_gpus, namespace, name, pool.held)
         return effective_limits(list(quota_policies.get(None, [])), namespace, held)
 
-    await agent.drive(body, stopped, memo.api, limits, pool)
+    await agent.drive(body, stopped, memo.api, limits, pool, leader=getattr(memo, "leader", None))

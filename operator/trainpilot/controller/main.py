@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 
 
@@ -20,10 +20,13 @@ def run_operator(args: argparse.Namespace) -> int:
         print(f"trainpilot operator: {error}", file=sys.stderr)
         return 2
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from trainpilot.controller import logs
+
+    logs.configure(args.log_format, args.verbose)
+    if args.prometheus_url:
+        from trainpilot.runtime import prometheus
+
+        os.environ[prometheus.ENV_URL] = args.prometheus_url  # each experiment's runtime reads it there
     if args.metrics_port:
         from trainpilot.controller import metrics
 

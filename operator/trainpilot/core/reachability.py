@@ -23,11 +23,19 @@ WHAT_TO_DO = (
     "trainer that serves no /metrics (a custom command) needs spec.metrics.port and spec.metrics.path "
     "set to where it does; a slow one, a longer spec.metrics.scrapeTimeoutSeconds"
 )
+WHAT_TO_DO_PROMETHEUS = (
+    "with spec.metrics.source prometheus the operator reads each trial's metrics from its Prometheus server: "
+    "it must scrape the trial's rank-0 pod (the chart's podMonitor.enabled, and the Prometheus' "
+    "podMonitorSelector matching podMonitor.labels) with the experiment, trial, pod and namespace labels, at "
+    "least every spec.metrics.maxSampleAgeSeconds / 2; or use spec.metrics.source direct"
+)
 
 
-def unreachable(status: AgentExperimentStatus, observation: Observation, now: str) -> str | None:
-    """Why MetricsReachable is False (the URLs that failed, and what to do); None when no trial past
-    its start-up failed MAX_FAILED_SCRAPES times in a row."""
+def unreachable(
+    status: AgentExperimentStatus, observation: Observation, now: str, source: str = "direct"
+) -> str | None:
+    """Why MetricsReachable is False (the URLs that failed, and what to do for this spec.metrics.source);
+    None when no trial past its start-up failed MAX_FAILED_SCRAPES times in a row."""
     failing = [
         (trial.name, trial.failed_scrapes, observation.trials[trial.name].scrape_error)
         for trial in status.launched_trials
@@ -40,7 +48,8 @@ def unreachable(status: AgentExperimentStatus, observation: Observation, now: st
         return None
     name, count, error = failing[0]
     others = f" (and {len(failing) - 1} more trial(s))" if len(failing) > 1 else ""
-    return f"{name}: {count} scrapes in a row failed, the last: {error}{others}; {WHAT_TO_DO}"
+    what_to_do = WHAT_TO_DO_PROMETHEUS if source == "prometheus" else WHAT_TO_DO
+    return f"{name}: {count} scrapes in a row failed, the last: {error}{others}; {what_to_do}"
 
 
 def _seconds_since(then: str | None, now: str) -> float:

@@ -63,6 +63,8 @@ RULES: tuple[EditRule, ...] = (
     EditRule("policy", NEXT_CYCLE, "the next decision is the new policy's"),
     EditRule("suspend", NEXT_CYCLE, "the next cycle pauses or resumes deciding; running trials go on"),
     EditRule("metrics.scrapeTimeoutSeconds", NEXT_CYCLE, "the next scrape waits the new time"),
+    EditRule("metrics.source", NEXT_CYCLE, "the next cycle reads every trial's metrics from the new source"),
+    EditRule("metrics.maxSampleAgeSeconds", NEXT_CYCLE, "the next read from Prometheus takes the new window"),
     EditRule("metrics", NEW_TRIALS, "a trainer serves its metrics where it was launched to, and is scraped there"),
     EditRule("queue", NEW_TRIALS, "a Job already created stays in the LocalQueue and priority it was created with"),
     EditRule("retention", NEXT_CYCLE, "the next cycle deletes what the new rules call for; nothing deleted comes back"),

@@ -216,6 +216,11 @@ def _fold_metrics(spec: AgentExperimentSpec, trial: TrialStatus, metrics: TrialM
         if nonfinite > trial.nonfinite_losses:
             _mark_unstable(trial)
         trial.nonfinite_losses = max(trial.nonfinite_losses, int(nonfinite))
+    spikes = _number(metrics, contract.METRIC_LOSS_SPIKES)
+    if spikes is not None:
+        if spikes > trial.loss_spikes:
+            _mark_unstable(trial)
+        trial.loss_spikes = max(trial.loss_spikes, int(spikes))
     _count_evaluation(trial, _number(metrics, contract.METRIC_EVAL_STEP))
     generation = _number(metrics, contract.METRIC_CONTROL_GENERATION)
     if generation is not None:

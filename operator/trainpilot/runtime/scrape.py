@@ -57,6 +57,18 @@ def parse_metrics(text: str) -> TrialMetrics:
     return TrialMetrics(values=values)
 
 
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` bytes (and one more, so a caller can tell it was longer). A single
+    read returns what has arrived so far: a body that comes in pieces is read to its end."""
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await content.read(limit + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 async def scrape(
     session: aiohttp.ClientSession, url: str, timeout: float, errors: dict[str, str] | None = None
 ) -> TrialMetrics | None:
@@ -68,13 +80,13 @@ async def scrape(
                     if errors is not None:
                         errors[url] = f"HTTP {response.status}"
                     return None
-                body = await response.content.read(MAX_BODY_BYTES)
+                body = await read_bounded(response.content, MAX_BODY_BYTES)
     except (aiohttp.ClientError, TimeoutError, OSError) as error:
         logger.debug("scrape of %s gave no data: %s", url, type(error).__name__)
         if errors is not None:
             errors[url] = f"no answer within {timeout:g} s" if isinstance(error, TimeoutError) else type(error).__name__
         return None
-    return parse_metrics(body.decode("utf-8", errors="replace"))
+    return parse_metrics(body[:MAX_BODY_BYTES].decode("utf-8", errors="replace"))
 
 
 async def scrape_all(
@@ -88,3 +100,24 @@ async def scrape_all(
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
         results = await asyncio.gather(*(scrape(session, url, timeout, errors) for url in urls.values()))
     return dict(zip(urls.keys(), results, strict=True))
+
+
+def failure_reason(error: str) -> str:
+    """A bounded label for why a read of a trial's metrics gave nothing (the operator's
+    trainpilot_operator_scrape_failures_total), from the error this module or runtime.prometheus
+    wrote: timeout, http, connection; prometheus-unreachable, prometheus-auth, prometheus-not-scraped,
+    prometheus-lagging, prometheus-scrape-failed, no-prometheus."""
+    if "no Prometheus server" in error:
+        return "no-prometheus"
+    if error.startswith("Prometheus at "):
+        return "prometheus-auth" if "HTTP 401" in error or "HTTP 403" in error else "prometheus-unreachable"
+    if error.startswith("Prometheus has no scrape"):
+        return "prometheus-not-scraped"
+    if error.startswith("Prometheus's latest scrape"):
+        return "prometheus-scrape-failed" if error.endswith("failed (up 0)") else "prometheus-lagging"
+    what = error.rsplit(": ", 1)[-1]  # direct: "<url>: <why>"
+    if what.startswith("no answer within"):
+        return "timeout"
+    if what.startswith("HTTP "):
+        return "http"
+    return "connection"

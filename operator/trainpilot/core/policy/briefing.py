@@ -141,6 +141,7 @@ def curve_summary(trial: TrialStatus, points: int) -> dict[str, Any]:
         "train_loss": _number(trial.train_loss),
         "best_train_loss": _number(trial.best_train_loss),
         "nonfinite_losses": trial.nonfinite_losses,
+        "loss_spikes": trial.loss_spikes,
         "checkpoint_step": trial.checkpoint_step,
         "loss_floor": _number(trial.loss_floor),
     }

@@ -2,7 +2,8 @@
 
 Per cycle, in this order: stop what diverged (and relaunch it with a lower learning rate), stop
 loss spikes (a divergence too: relaunched the same way), stop oscillating validation curves,
-stop losers at ASHA rungs (each replaced by a perturbed child of the rung's best, PBT-style), cut
+stop losers at ASHA rungs (each replaced by a perturbed child of the rung's best, PBT-style),
+replace the bottom of the running trials by children of the top every exploitInterval (PBT), cut
 the lr of a trial on a plateau in place and stop one still stuck after it, finish when the goal is
 reached or the budget is spent, and otherwise fill free slots (relaunches first, then exploit
 children, then the spec's initial trials, then Optuna's suggestions, which learn from divergence).
@@ -82,6 +83,7 @@ class _Cycle:
             self.stop_oscillating(trial)
         for trial in self.running():
             self.stop_asha_loser(trial)
+        self.exploit_population()
         for trial in self.running():
             self.handle_plateau(trial)
         if not self.finish():
@@ -179,14 +181,23 @@ class _Cycle:
         if smoothed is None or best is None or best <= 0:
             return
         factor = self.settings.spike_factor
-        if smoothed > factor * best:
+        if trial.loss_spikes > 0:
+            # The trainer applies the same rule at every step: a spike between two scrapes is seen
+            # at the first scrape after it, not when the scraped EMA catches up cycles later.
+            symptom = (
+                f"the trainer saw {trial.loss_spikes} step(s) with a smoothed train loss above spikeFactor "
+                f"{factor:g} x its best, by step {trial.step}"
+            )
+        elif smoothed > factor * best:
             symptom = (
                 f"smoothed train loss {smoothed:.4g} is {smoothed / best:.2f}x its best {best:.4g} "
                 f"(spikeFactor {factor:g}) at step {trial.step}"
             )
-            self.terminate(trial, SPIKE_REASON, symptom)
-            if trial.name in self.stopping:  # stopped, not held for approval: relaunch it lower, like a NaN
-                self.plan_relaunch(trial, symptom)
+        else:
+            return
+        self.terminate(trial, SPIKE_REASON, symptom)
+        if trial.name in self.stopping:  # stopped, not held for approval: relaunch it lower, like a NaN
+            self.plan_relaunch(trial, symptom)
 
     # ---- 3. oscillation ---------------------------------------------------------------------
 
@@ -250,19 +261,34 @@ class _Cycle:
             (value, peer)
             for peer in self.status.trials
             if peer.name != loser.name
-            and peer.name not in self.stopping
-            and peer.checkpoint_step is not None
-            and peer.checkpoint_step < max_steps(self.spec, peer)  # a finished run's last checkpoint has nothing left
-            and "checkpoints" not in peer.removed  # spec.retention deleted them
-            and comparable(peer, reference)
-            and not is_diverged(peer)
-            and peer.state != "Failed"
+            and self.can_be_exploited(peer, reference)
             and (value := peer.rung_objectives.get(str(rung_step(self.spec, peer, fraction)))) is not None
         ]
         if not candidates:
             return
         direction = self.spec.objective.direction
         value, winner = sorted(candidates, key=lambda pair: pair[0], reverse=direction == "maximize")[0]
+        self.plan_child(
+            loser,
+            winner,
+            f"{loser.name} stopped at rung {fraction:g}; exploit {winner.name}, the best there with a checkpoint "
+            f"({self.metric} {value:.4g})",
+        )
+
+    def can_be_exploited(self, peer: TrialStatus, reference: str | None) -> bool:
+        """Whether a child may resume this trial's checkpoint: a sound trial with steps left after it."""
+        return (
+            peer.name not in self.stopping
+            and peer.checkpoint_step is not None
+            and peer.checkpoint_step < max_steps(self.spec, peer)  # a finished run's last checkpoint has nothing left
+            and "checkpoints" not in peer.removed  # spec.retention deleted them
+            and comparable(peer, reference)
+            and not is_diverged(peer)
+            and peer.state != "Failed"
+        )
+
+    def plan_child(self, loser: TrialStatus, winner: TrialStatus, why: str) -> None:
+        """A child of the winner in the loser's place: its checkpoint, its values perturbed."""
         draw = random.Random(f"{self.settings.seed}:{loser.name}")
         explored, moves = {}, []
         for parameter in self.spec.search_space:
@@ -274,13 +300,61 @@ class _Cycle:
             explored[parameter.name] = new
             moves.append(f"{parameter.name} {old:g} x {factor:g} -> {new:g}")
         rationale = (
-            f"{loser.name} stopped at rung {fraction:g}; exploit {winner.name}, the best there with a checkpoint "
-            f"({self.metric} {value:.4g}), resuming its checkpoint at step {winner.checkpoint_step}, and explore: "
+            f"{why}, resuming its checkpoint at step {winner.checkpoint_step}, and explore: "
             f"{', '.join(moves)} (exploreFactors {self.settings.explore_factors})"
         )
         self.exploits.append(_Relaunch(winner, explored, winner.name, rationale, reason="pbt-exploit"))
 
-    # ---- 5. plateau -------------------------------------------------------------------------
+    # ---- 5. population exploit ---------------------------------------------------------------
+
+    def exploit_population(self) -> None:
+        """PBT's truncation selection among the running trials (Jaderberg et al. 2017): a trial that has
+        trained exploitInterval of max_steps since it started and ranks in the bottom exploitQuantile
+        on its latest objective is replaced by a child of the best in the top with a checkpoint."""
+        interval = self.settings.exploit_interval
+        if not self.settings.exploit or interval <= 0:
+            return
+        reference = reference_fingerprint(self.status.trials)
+        measured = [
+            (trial.objective, trial)
+            for trial in self.running()
+            if trial.objective is not None and math.isfinite(trial.objective) and comparable(trial, reference)
+        ]
+        if len(measured) < 2:
+            return
+        maximize = self.spec.objective.direction == "maximize"
+        ranked = [trial for _, trial in sorted(measured, key=lambda pair: pair[0], reverse=maximize)]
+        count = max(1, min(math.ceil(len(ranked) * self.settings.exploit_quantile), len(ranked) // 2))
+        top, bottom = ranked[:count], ranked[-count:]
+        for loser in bottom:
+            every = max(1, round(interval * max_steps(self.spec, loser)))
+            trained = loser.step - (loser.resumed_from_step or 0)
+            winners = [
+                winner
+                for winner in top
+                if self.can_be_exploited(winner, reference)
+                # a child of this winner copies it again only once it has a newer checkpoint
+                and not (
+                    loser.parent == winner.name and (winner.checkpoint_step or 0) <= (loser.resumed_from_step or 0)
+                )
+            ]
+            if trained < every or not winners:
+                continue
+            winner = winners[0]
+            standing = (
+                f"{self.metric} {loser.objective:.4g} at step {loser.step} is in the bottom {len(bottom)} of "
+                f"{len(ranked)} running trials (exploitQuantile {self.settings.exploit_quantile:g}) after {trained} "
+                f"steps of its own (exploitInterval {interval:g} x max_steps = {every})"
+            )
+            self.terminate(loser, "pbt-exploit", f"{standing}; {winner.name} leads with {winner.objective:.4g}")
+            if loser.name in self.stopping:
+                self.plan_child(
+                    loser,
+                    winner,
+                    f"{loser.name}: {standing}; exploit {winner.name} ({self.metric} {winner.objective:.4g})",
+                )
+
+    # ---- 6. plateau -------------------------------------------------------------------------
 
     def handle_plateau(self, trial: TrialStatus) -> None:
         """A running trial whose best has not improved for stagnationEvaluations evaluations: its lr
@@ -329,7 +403,7 @@ class _Cycle:
             f"{symptom} at step {trial.step}, after {cuts} in-place change(s) (maxLrCuts {self.settings.max_lr_cuts})",
         )
 
-    # ---- 6. finish --------------------------------------------------------------------------
+    # ---- 7. finish --------------------------------------------------------------------------
 
     def finish(self) -> bool:
         status, budget, objective = self.status, self.spec.budget, self.spec.objective
@@ -370,7 +444,7 @@ class _Cycle:
         self.propose("complete", reason, rationale, outcome=outcome)
         return True
 
-    # ---- 7. launch --------------------------------------------------------------------------
+    # ---- 8. launch --------------------------------------------------------------------------
 
     def launch(self) -> None:
         capacity = guardrails.launch_capacity(self.spec, self.status, self.context.limits, releasing=self.stopping)
@@ -410,7 +484,7 @@ class _Cycle:
                 )
             self.propose_launch(reason, rationale, point)
 
-    # ---- 8. scale the leader --------------------------------------------------------------
+    # ---- 9. scale the leader --------------------------------------------------------------
 
     def scale_leader(self) -> None:
         """Idle capacity goes to the trial that clearly leads, once no new trial can be launched."""

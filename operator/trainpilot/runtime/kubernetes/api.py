@@ -110,25 +110,75 @@ def _translate(error: ApiException, what: str) -> ApiError:
     return (PermanentApiError if is_permanent(status) else ApiError)(what, status, message)
 
 
+# (verb, resource, outcome) of each request: outcome "ok", the HTTP status of an error, "no-answer"
+# or "refused-by-client". For the operator's own metrics.
+RequestObserver = Callable[[str, str, str], None]
+# (resource, reason) of a watch that had to start again: "expired" (its timeout passed) or "gone" (410).
+WatchRestartObserver = Callable[[str, str], None]
+_VERBS = ("delete_collection", "list", "read", "create", "patch", "replace", "delete", "watch")
+_SCOPES = ("namespaced_", "cluster_")
+_CUSTOM_PLURALS = frozenset({contract.EXPERIMENT_PLURAL, contract.QUOTA_PLURAL, "workloads", "localqueues"})
+
+
+def request_kind(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, str]:
+    """(verb, resource) of a call to a kubernetes client method, a bounded pair for metric labels:
+    list_namespaced_job -> (list, jobs), patch_namespaced_custom_object_status with plural
+    agentexperiments -> (patch, agentexperiments/status), read_namespaced_pod_log -> (read, pods/log)."""
+    name = getattr(fn, "__name__", "").lstrip("_")
+    verb = next((v for v in _VERBS if name.startswith(v + "_")), "")
+    if not verb:
+        return "other", "other"
+    rest = name[len(verb) + 1 :]
+    rest = next((rest[len(scope) :] for scope in _SCOPES if rest.startswith(scope)), rest)
+    subresource = ""
+    for suffix in ("_status", "_log"):
+        if rest.endswith(suffix):
+            rest, subresource = rest[: -len(suffix)], suffix[1:]
+    if rest == "custom_object":  # (group, version, [namespace,] plural, ...)
+        resource = next((a for a in args[2:4] if a in _CUSTOM_PLURALS), "other")
+    else:
+        resource = rest.replace("_", "") + "s"
+    return verb, f"{resource}/{subresource}" if subresource else resource
+
+
 class KubeApi:
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient | None = None,
+        observe: RequestObserver | None = None,
+        on_watch_restart: WatchRestartObserver | None = None,
+    ) -> None:
         self.api_client = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
+        self.coordination = client.CoordinationV1Api(self.api_client)
         self.calls = 0  # for benchmarks: API requests made through this object
+        self.observe = observe
+        self.on_watch_restart = on_watch_restart
+
+    def watch_restarted(self, resource: str, reason: str) -> None:
+        if self.on_watch_restart is not None:
+            self.on_watch_restart(resource, reason)
 
     async def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         self.calls += 1
         loop = asyncio.get_running_loop()
+        outcome = "ok"
         try:
             return await loop.run_in_executor(_EXECUTOR, functools.partial(fn, *args, **kwargs))
         except ApiException as error:
+            outcome = str(error.status or "no-answer")
             raise _translate(error, what) from None
         except (ApiTypeError, ApiValueError) as error:  # the client refused the body: sending it again cannot help
+            outcome = "refused-by-client"
             raise PermanentApiError(what, None, f"request refused by the client: {error}") from None
         except (urllib3.exceptions.HTTPError, OSError) as error:  # refused, reset, timed out: try again later
+            outcome = "no-answer"
             raise ApiError(what, None, f"no answer from the API server ({type(error).__name__}: {error})") from None
+        finally:
+            if self.observe is not None:
+                self.observe(*request_kind(fn, args), outcome)
 
     async def create_if_absent(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
         """Create; True if created now, False if it already existed (a retried cycle)."""

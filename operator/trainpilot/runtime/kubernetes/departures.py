@@ -102,10 +102,15 @@ class Departures:
         version = listed.metadata.resource_version
         while follow.pods:
             try:
-                version = await self.api.call(f"watch of the pods of {trial}", self._stream, selector, version, follow)
+                version = await self.api.call(
+                    f"watch of the pods of {trial}", self.watch_namespaced_pod, selector, version, follow
+                )
+                if follow.pods:
+                    self.api.watch_restarted("pods", "expired")  # WATCH_SECONDS passed: the next one goes on
             except ApiError as error:
                 if error.status != 410:
                     raise
+                self.api.watch_restarted("pods", "gone")
                 # Too old to resume (410 Gone): list again; a pod deleted meanwhile is simply absent.
                 listed = await self.api.call(
                     f"pods of {trial}", self.api.core.list_namespaced_pod, self.namespace, label_selector=selector
@@ -115,7 +120,7 @@ class Departures:
                 version = listed.metadata.resource_version
         logger.info("%s/%s: every pod of %s is gone", self.namespace, self.experiment, trial)
 
-    def _stream(self, selector: str, version: str, follow: _Follow) -> str:
+    def watch_namespaced_pod(self, selector: str, version: str, follow: _Follow) -> str:
         """One watch request (in a worker thread): until every pod is gone or WATCH_SECONDS pass."""
         stream = watch.Watch()
         for event in stream.stream(

@@ -31,6 +31,7 @@ from trainpilot.runtime.kubernetes.ledger import ConfigMapLedger
 from trainpilot.runtime.kubernetes.logs import ConfigMapLog
 from trainpilot.runtime.kubernetes.sign_off import approvals_in
 from trainpilot.runtime.kubernetes.termination import final_metrics, trainer_exit
+from trainpilot.runtime.prometheus import NO_PROMETHEUS, PrometheusServer
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,16 @@ class KubernetesRuntime:
     name = "kubernetes"
     removable: frozenset[RetainedPart] = frozenset({"checkpoints", "children"})
 
-    def __init__(self, api: KubeApi, experiment: dict[str, Any], spec: AgentExperimentSpec) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        experiment: dict[str, Any],
+        spec: AgentExperimentSpec,
+        prometheus: PrometheusServer | None = None,
+    ) -> None:
         self.api = api
+        # spec.metrics.source prometheus reads through this server (the operator's --prometheus-url).
+        self.prometheus = prometheus if prometheus is not None else PrometheusServer.from_environment()
         self.owner = experiment
         self.spec = spec
         self.namespace: str = experiment["metadata"]["namespace"]
@@ -73,6 +82,8 @@ class KubernetesRuntime:
         # Whether the last cycle saw a checkpoint clean-up not done yet: a finished experiment keeps
         # cycling until it is, so that one that cannot run is said (RetentionApplied).
         self.unfinished_clean_ups = False
+        # Why each running trial's metrics could not be read in the last cycle (scrape.failure_reason).
+        self.scrape_failures: list[str] = []
         # The status as last saved (the object's own at first), so a save can clear what became empty.
         stored = experiment.get("status")
         self.saved: dict[str, Any] | None = dict(stored) if isinstance(stored, dict) and stored else None
@@ -114,22 +125,20 @@ class KubernetesRuntime:
             if trial:
                 pods_by_trial.setdefault(trial, []).append(pod)
 
-        urls: dict[str, str] = {}
+        serving = {}
         for trial in active:
             rank0 = self._rank0(pods_by_trial.get(trial, []))
             if rank0 is not None and rank0.status and rank0.status.pod_ip and rank0.status.phase == "Running":
-                # Where it was launched to serve: an edit of spec.metrics applies to new trials only.
-                endpoint = status.spec_for(self.spec, trial).metrics
-                urls[trial] = scrape.metrics_url(rank0.status.pod_ip, endpoint.port, endpoint.path)
-        errors: dict[str, str] = {}
-        scraped = await scrape.scrape_all(urls, self.spec.metrics.scrape_timeout_seconds, errors)
+                serving[trial] = rank0
+        scraped, errors = await self._read_metrics(status, serving)
+        self.scrape_failures = [scrape.failure_reason(error) for error in errors.values()]
 
         for trial in active:
             observation.trials[trial] = self._observe_trial(
                 trial, jobs_by_trial.get(trial), pods_by_trial.get(trial, []), scraped.get(trial)
             )
-            if trial in urls and urls[trial] in errors:
-                observation.trials[trial].scrape_error = f"{urls[trial]}: {errors[urls[trial]]}"
+            if trial in errors:
+                observation.trials[trial].scrape_error = errors[trial]
         # Kueue's reasons for suspended Jobs (and admission times): one list, only when some Job needs it.
         queued = [
             job for name, job in jobs_by_trial.items() if name in active and waiting.wants_workload(job, pods.items)
@@ -139,6 +148,28 @@ class KubernetesRuntime:
         # For spec.trialTemplate.pendingTimeoutSeconds, which counts only while a Job may run.
         waiting.note_pending(observation, jobs_by_trial, pods.items, workloads, checkpoints)
         return observation
+
+    async def _read_metrics(
+        self, status: AgentExperimentStatus, serving: dict[str, Any]
+    ) -> tuple[dict[str, TrialMetrics | None], dict[str, str]]:
+        """Each serving trial's metrics (trial -> its running rank-0 pod), and why each that gave
+        none failed: scraped at the pod IP, or read from Prometheus (spec.metrics.source)."""
+        if self.spec.metrics.source == "prometheus":
+            if self.prometheus is None:
+                return dict.fromkeys(serving), dict.fromkeys(serving, NO_PROMETHEUS)
+            pods = {trial: pod.metadata.name for trial, pod in serving.items()}
+            return await self.prometheus.trial_metrics(
+                self.namespace, self.experiment, pods, self.spec.metrics.max_sample_age_seconds
+            )
+        urls = {}
+        for trial, pod in serving.items():
+            # Where it was launched to serve: an edit of spec.metrics applies to new trials only.
+            endpoint = status.spec_for(self.spec, trial).metrics
+            urls[trial] = scrape.metrics_url(pod.status.pod_ip, endpoint.port, endpoint.path)
+        failed: dict[str, str] = {}
+        scraped = await scrape.scrape_all(urls, self.spec.metrics.scrape_timeout_seconds, failed)
+        errors = {trial: f"{url}: {failed[url]}" for trial, url in urls.items() if url in failed}
+        return scraped, errors
 
     @staticmethod
     def _rank0(pods: list[Any]) -> Any | None:
