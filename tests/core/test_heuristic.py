@@ -351,6 +351,9 @@ async def test_no_population_exploit_before_the_interval_without_a_checkpoint_or
     assert by(await heuristic(spec, status_of(spec, unsaved, old)), "terminate") == []
     for off in (pbt_spec(exploitInterval=0), pbt_spec(exploit=False)):
         assert by(await heuristic(off, status_of(off, lead, old)), "terminate") == []
+    # no launch left (maxTrials): nothing could take its place, so it trains on
+    spent = make_spec(budget={"maxTrials": 2, "parallelTrials": 2}, policy={"heuristic": {"rungs": []}})
+    assert by(await heuristic(spent, status_of(spent, lead, old)), "terminate") == []
     # a child of the leader copies it again only from a newer checkpoint than the one it came from
     copy = healthy("copy", 1, step=120, objective=2.9, resumed_from_step=75, parent="lead")
     assert by(await heuristic(spec, status_of(spec, lead, copy)), "terminate") == []

@@ -340,6 +340,11 @@ class _Cycle:
             ]
             if trained < every or not winners:
                 continue
+            room = guardrails.launch_capacity(
+                self.spec, self.status, self.context.limits, releasing={*self.stopping, loser.name}
+            ) - len(self.relaunches + self.exploits)
+            if room < 1:
+                continue  # no child could take its place (budget, quota): it trains on, as in PBT
             winner = winners[0]
             standing = (
                 f"{self.metric} {loser.objective:.4g} at step {loser.step} is in the bottom {len(bottom)} of "
